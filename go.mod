@@ -1,0 +1,3 @@
+module atomkv
+
+go 1.24

@@ -1,0 +1,546 @@
+// Command atomkv is an in-memory JSON key-value server with per-key
+// revisions, compare-and-swap, expiring keys and live change streams over
+// Server-Sent Events and WebSocket. It is open to every web page (CORS)
+// and serves its own JavaScript client at "/".
+//
+// The contract is SPEC.md; README.md tells how to use it.
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	_ "embed"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+//go:embed client.js
+var clientJS []byte
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Getenv, os.Stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return
+		}
+		fmt.Fprintln(os.Stderr, "atomkv:", err)
+		os.Exit(1)
+	}
+}
+
+// config is what the flags set.
+type config struct {
+	addr          string
+	maxKeyBytes   int
+	maxValueBytes int64
+	maxKeys       int64
+	heartbeat     time.Duration
+	writeTimeout  time.Duration
+	origins       string
+	logRequests   bool
+}
+
+// parseConfig reads the flags from args, each defaulting to the
+// environment variable ATOMKV_<NAME> (dashes as underscores) if set.
+func parseConfig(args []string, getenv func(string) string, output io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("atomkv", flag.ContinueOnError)
+	fs.SetOutput(output)
+	fs.StringVar(&c.addr, "addr", ":8000", "listen `address`")
+	fs.IntVar(&c.maxKeyBytes, "max-key-bytes", 4096, "longest key in bytes")
+	fs.Int64Var(&c.maxValueBytes, "max-value-bytes", 1<<20, "largest value in bytes (413 past it)")
+	fs.Int64Var(&c.maxKeys, "max-keys", 0, "most keys the store holds, 0 for no limit (507 past it)")
+	fs.DurationVar(&c.heartbeat, "heartbeat", 15*time.Second, "interval of the comment line that keeps event streams alive")
+	fs.DurationVar(&c.writeTimeout, "write-timeout", 30*time.Second, "close a stream whose client accepts no write for this long")
+	fs.StringVar(&c.origins, "origins", "*", "comma-separated `origins` allowed by CORS and WebSocket, or *")
+	fs.BoolVar(&c.logRequests, "log-requests", false, "log one line per request")
+
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		name := "ATOMKV_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v := getenv(name); v != "" && envErr == nil {
+			if err := f.Value.Set(v); err != nil {
+				envErr = fmt.Errorf("invalid value %q for %s: %v", v, name, err)
+			}
+		}
+	})
+	if envErr != nil {
+		return c, envErr
+	}
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	switch {
+	case c.maxKeyBytes < 2:
+		return c, errors.New("-max-key-bytes must be at least 2")
+	case c.maxValueBytes < 4:
+		return c, errors.New("-max-value-bytes must be at least 4 (the size of null)")
+	case c.maxKeys < 0:
+		return c, errors.New("-max-keys must not be negative")
+	case c.heartbeat <= 0 || c.writeTimeout <= 0:
+		return c, errors.New("-heartbeat and -write-timeout must be positive")
+	}
+	return c, nil
+}
+
+// run starts the server and serves until ctx is done, then shuts down.
+func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+	cfg, err := parseConfig(args, getenv, stdout)
+	if err != nil {
+		return err
+	}
+	log := slog.New(slog.NewTextHandler(stdout, nil))
+	srv := newServer(cfg, log)
+
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return err
+	}
+	hs := &http.Server{
+		Handler:           srv.routes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		// A whole request, body included, must arrive within a minute.
+		// Streams are not bound by it: they clear their own deadlines.
+		ReadTimeout:    time.Minute,
+		IdleTimeout:    2 * time.Minute,
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelError),
+	}
+	log.Info("listening", "addr", ln.Addr().String(),
+		"max_key_bytes", cfg.maxKeyBytes, "max_value_bytes", cfg.maxValueBytes,
+		"max_keys", cfg.maxKeys, "origins", cfg.origins)
+
+	served := make(chan error, 1)
+	go func() { served <- hs.Serve(ln) }()
+	select {
+	case err := <-served:
+		return err
+	case <-ctx.Done():
+	}
+
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	err = hs.Shutdown(shutdownCtx)
+	srv.close()
+	<-served
+	log.Info("stopped")
+	return err
+}
+
+// server answers the HTTP API for one store.
+type server struct {
+	cfg   config
+	log   *slog.Logger
+	store *Store
+
+	clientETag string
+	origins    map[string]bool // nil: any origin
+}
+
+func newServer(cfg config, log *slog.Logger) *server {
+	sum := sha256.Sum256(clientJS)
+	s := &server{
+		cfg:        cfg,
+		log:        log,
+		store:      NewStore(cfg.maxKeys),
+		clientETag: `"` + hex.EncodeToString(sum[:8]) + `"`,
+	}
+	if cfg.origins != "*" {
+		s.origins = make(map[string]bool)
+		for _, o := range strings.Split(cfg.origins, ",") {
+			s.origins[strings.TrimSpace(o)] = true
+		}
+	}
+	return s
+}
+
+// close ends what the HTTP server's Shutdown does not: nothing yet.
+func (s *server) close() {}
+
+// routes returns the handler of every route; this is the one place they
+// are listed.
+func (s *server) routes() http.Handler {
+	// The key is the whole path, so the patterns are subtrees ("GET /")
+	// and handlers read r.URL.Path: a "{key...}" wildcard would cost the
+	// router four allocations per request for a value we already have.
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", s.handleRoot)
+	mux.HandleFunc("GET /", s.handleGet)
+	mux.HandleFunc("POST /", s.handleSet)
+	mux.HandleFunc("PUT /", s.handleUpdate)
+	mux.HandleFunc("DELETE /", s.handleDelete)
+	mux.HandleFunc("OPTIONS /", s.handlePreflight)
+	// Every other method: ServeMux would answer 405 itself, but with a
+	// plain-text body, and every error here is JSON.
+	mux.HandleFunc("/", s.handleMethodNotAllowed)
+
+	var h http.Handler = s.cors(mux)
+	if s.cfg.logRequests {
+		h = logRequests(s.log, h)
+	}
+	return h
+}
+
+// Header values shared by every response. Assigning these slices to the
+// header map directly, rather than through Header.Set, saves an allocation
+// per header per request; net/http never modifies them.
+var (
+	hdrAnyOrigin     = []string{"*"}
+	hdrExposed       = []string{"X-Revision, X-TTL"}
+	hdrVaryOrigin    = []string{"Origin"}
+	hdrJSON          = []string{"application/json"}
+	hdrAllowMethods  = []string{"GET, POST, PUT, DELETE, OPTIONS"}
+	hdrAllowHeaders  = []string{"Content-Type, X-Revision, X-TTL, Last-Event-ID"}
+	hdrAllow         = []string{"GET, HEAD, POST, PUT, DELETE, OPTIONS"}
+	hdrPreflightLife = []string{"86400"}
+)
+
+// cors applies the origin policy to every response. It also refuses paths
+// that are not in canonical form: ServeMux would redirect "/a//b" to
+// "/a/b", but such a path is an invalid key, not another spelling of one.
+func (s *server) cors(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h := w.Header()
+		if s.origins == nil {
+			h["Access-Control-Allow-Origin"] = hdrAnyOrigin
+		} else {
+			h["Vary"] = hdrVaryOrigin
+			if o := r.Header.Get("Origin"); s.origins[o] {
+				h.Set("Access-Control-Allow-Origin", o)
+			}
+		}
+		h["Access-Control-Expose-Headers"] = hdrExposed
+		if p := r.URL.Path; p != "/" && path.Clean(p) != strings.TrimSuffix(p, "/") {
+			serveError(w, http.StatusBadRequest, fmt.Sprintf("invalid key %s", quoteKey(p)))
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+// handlePreflight answers a CORS preflight request.
+func (s *server) handlePreflight(w http.ResponseWriter, r *http.Request) {
+	h := w.Header()
+	h["Access-Control-Allow-Methods"] = hdrAllowMethods
+	h["Access-Control-Allow-Headers"] = hdrAllowHeaders
+	h["Access-Control-Max-Age"] = hdrPreflightLife
+	h["Allow"] = hdrAllow
+	w.WriteHeader(http.StatusNoContent)
+}
+
+// handleMethodNotAllowed answers a method the API does not have.
+func (s *server) handleMethodNotAllowed(w http.ResponseWriter, r *http.Request) {
+	w.Header()["Allow"] = hdrAllow
+	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed", r.Method))
+}
+
+// handleRoot answers GET /: the JavaScript client, or with Accept:
+// application/json the listing of every key.
+func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
+	if accepts(r, "application/json") {
+		s.serveList(w, "/")
+		return
+	}
+	h := w.Header()
+	h.Set("ETag", s.clientETag)
+	h.Set("Cache-Control", "no-cache")
+	if inm := r.Header.Get("If-None-Match"); inm != "" && strings.Contains(inm, s.clientETag) {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	h.Set("Content-Type", "text/javascript; charset=utf-8")
+	h.Set("Content-Length", strconv.Itoa(len(clientJS)))
+	w.Write(clientJS)
+}
+
+// handleGet answers GET of a key (its value) or of a prefix ending with
+// "/" (the listing of the keys under it).
+func (s *server) handleGet(w http.ResponseWriter, r *http.Request) {
+	key := r.URL.Path
+	if strings.HasSuffix(key, "/") {
+		if err := checkPath(key, s.cfg.maxKeyBytes); err != nil {
+			serveError(w, http.StatusBadRequest, err.Error())
+			return
+		}
+		s.serveList(w, key)
+		return
+	}
+	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
+		serveError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	e := s.store.Get(key)
+	if e == nil {
+		w.Header()["X-Revision"] = hdrNoRevision
+		serveError(w, http.StatusNotFound, "no such key")
+		return
+	}
+	serveEntry(w, http.StatusOK, e)
+}
+
+var hdrNoRevision = []string{"-1"}
+
+// serveEntry answers with a version of a key: its value as the body and
+// its revision in X-Revision. A nil e answers null and revision -1.
+func serveEntry(w http.ResponseWriter, code int, e *entry) {
+	h := w.Header()
+	h["Content-Type"] = hdrJSON
+	if e == nil {
+		h["X-Revision"] = hdrNoRevision
+		w.WriteHeader(code)
+		io.WriteString(w, "null")
+		return
+	}
+	h["X-Revision"] = []string{strconv.FormatInt(e.revision, 10)}
+	w.WriteHeader(code)
+	io.WriteString(w, e.value)
+}
+
+// serveList answers the listing of every key under prefix.
+func (s *server) serveList(w http.ResponseWriter, prefix string) {
+	items := s.store.List(prefix)
+	buf := getBuffer()
+	defer putBuffer(buf)
+	b := append(buf.AvailableBuffer(), '[')
+	for i, it := range items {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		b = appendItem(b, it)
+	}
+	b = append(b, ']')
+	w.Header()["Content-Type"] = hdrJSON
+	w.Write(b)
+}
+
+// appendItem appends the JSON object {"key","value","revision"} of it.
+func appendItem(b []byte, it item) []byte {
+	b = append(b, `{"key":`...)
+	b = strconv.AppendQuote(b, it.key) // keys are letters, digits, - _ and /: Go and JSON quote them alike
+	b = append(b, `,"value":`...)
+	b = append(b, it.value...)
+	b = append(b, `,"revision":`...)
+	b = strconv.AppendInt(b, it.revision, 10)
+	return append(b, '}')
+}
+
+// handleSet answers POST: set a key unconditionally.
+func (s *server) handleSet(w http.ResponseWriter, r *http.Request) {
+	key, value, ok := s.readWrite(w, r)
+	if !ok {
+		return
+	}
+	e, err := s.store.Set(key, value)
+	s.serveWritten(w, e, err)
+}
+
+// handleUpdate answers PUT: compare-and-swap a key. X-Revision is the
+// revision the write will have.
+func (s *server) handleUpdate(w http.ResponseWriter, r *http.Request) {
+	rev, ok := revisionHeader(w, r, true)
+	if !ok {
+		return
+	}
+	key, value, ok := s.readWrite(w, r)
+	if !ok {
+		return
+	}
+	e, err := s.store.CompareAndSwap(key, value, rev)
+	s.serveWritten(w, e, err)
+}
+
+// handleDelete answers DELETE: remove a key, if X-Revision is given only
+// at that revision.
+func (s *server) handleDelete(w http.ResponseWriter, r *http.Request) {
+	key := r.URL.Path
+	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
+		serveError(w, http.StatusBadRequest, err.Error())
+		return
+	}
+	rev, ok := revisionHeader(w, r, false)
+	if !ok {
+		return
+	}
+	existed, err := s.store.Delete(key, rev)
+	if err != nil {
+		s.serveWritten(w, nil, err)
+		return
+	}
+	w.Header()["Content-Type"] = hdrJSON
+	fmt.Fprintf(w, `{"deleted":%t}`, existed)
+}
+
+// revisionHeader parses X-Revision. Without the header it returns -1, or
+// answers 400 if required.
+func revisionHeader(w http.ResponseWriter, r *http.Request, required bool) (int64, bool) {
+	h := r.Header.Get("X-Revision")
+	if h == "" {
+		if required {
+			serveError(w, http.StatusBadRequest, "missing X-Revision header: the revision the write will have (0 to create)")
+			return 0, false
+		}
+		return -1, true
+	}
+	rev, err := strconv.ParseInt(h, 10, 64)
+	if err != nil || rev < 0 {
+		serveError(w, http.StatusBadRequest, fmt.Sprintf("invalid X-Revision %q: want a revision number >= 0", h))
+		return 0, false
+	}
+	return rev, true
+}
+
+// readWrite checks the key of a write and reads its value. On failure it
+// has answered the request.
+func (s *server) readWrite(w http.ResponseWriter, r *http.Request) (key, value string, ok bool) {
+	key = r.URL.Path
+	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
+		serveError(w, http.StatusBadRequest, err.Error())
+		return "", "", false
+	}
+	value, err := readValue(w, r, s.cfg.maxValueBytes)
+	if err != nil {
+		code := http.StatusBadRequest
+		if errors.As(err, new(*http.MaxBytesError)) {
+			code = http.StatusRequestEntityTooLarge
+			err = fmt.Errorf("value larger than %d bytes", s.cfg.maxValueBytes)
+		}
+		serveError(w, code, err.Error())
+		return "", "", false
+	}
+	return key, value, true
+}
+
+// readValue reads a request body of at most max bytes that must be one
+// JSON value, and returns it compacted. json.Compact validates as it goes,
+// so the value is scanned once; it is never decoded, which keeps numbers
+// and member order exactly as written.
+func readValue(w http.ResponseWriter, r *http.Request, max int64) (string, error) {
+	if r.ContentLength > max {
+		return "", &http.MaxBytesError{Limit: max}
+	}
+	body := getBuffer()
+	defer putBuffer(body)
+	src := r.Body
+	if r.ContentLength < 0 {
+		// Chunked: only the reader can enforce the limit. With a known
+		// length net/http already stops the body there.
+		src = http.MaxBytesReader(w, r.Body, max)
+	}
+	if _, err := body.ReadFrom(src); err != nil {
+		return "", err
+	}
+	return compactValue(body.Bytes())
+}
+
+// compactValue checks that src is one JSON value and returns it compacted.
+func compactValue(src []byte) (string, error) {
+	out := getBuffer()
+	defer putBuffer(out)
+	if err := json.Compact(out, src); err != nil {
+		return "", fmt.Errorf("invalid JSON value: %v", err)
+	}
+	return out.String(), nil
+}
+
+// serveWritten answers a write: the new revision, or the error.
+func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
+	var conflict *conflictError
+	switch {
+	case errors.As(err, &conflict):
+		serveEntry(w, http.StatusConflict, conflict.cur)
+	case errors.Is(err, errFull):
+		serveError(w, http.StatusInsufficientStorage, fmt.Sprintf("store is full: at most %d keys", s.cfg.maxKeys))
+	case err != nil:
+		s.log.Error("write failed", "err", err)
+		serveError(w, http.StatusInternalServerError, "internal error")
+	default:
+		rev := strconv.FormatInt(e.revision, 10)
+		h := w.Header()
+		h["Content-Type"] = hdrJSON
+		h["X-Revision"] = []string{rev}
+		io.WriteString(w, `{"revision":`)
+		io.WriteString(w, rev)
+		io.WriteString(w, `}`)
+	}
+}
+
+// serveError answers an error: status code and {"error": msg}.
+func serveError(w http.ResponseWriter, code int, msg string) {
+	body, _ := json.Marshal(struct {
+		Error string `json:"error"`
+	}{msg})
+	h := w.Header()
+	h["Content-Type"] = hdrJSON
+	h.Del("Content-Length")
+	w.WriteHeader(code)
+	w.Write(body)
+}
+
+// accepts reports whether the Accept header of r lists the media type.
+func accepts(r *http.Request, mediaType string) bool {
+	for _, v := range r.Header.Values("Accept") {
+		for part := range strings.SplitSeq(v, ",") {
+			if mt, _, _ := strings.Cut(part, ";"); strings.EqualFold(strings.TrimSpace(mt), mediaType) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// Request bodies and encoded answers reuse buffers.
+var buffers = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
+func getBuffer() *bytes.Buffer { return buffers.Get().(*bytes.Buffer) }
+
+func putBuffer(b *bytes.Buffer) {
+	if b.Cap() > 64<<10 {
+		return // let the GC have large ones rather than pin them
+	}
+	b.Reset()
+	buffers.Put(b)
+}
+
+// logRequests logs one line per request.
+func logRequests(log *slog.Logger, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w, code: http.StatusOK}
+		next.ServeHTTP(rec, r)
+		log.Info("request", "method", r.Method, "path", r.URL.Path, "status", rec.code, "duration", time.Since(start))
+	})
+}
+
+// statusRecorder remembers the status code of a response. Unwrap lets
+// http.ResponseController reach the connection beneath it.
+type statusRecorder struct {
+	http.ResponseWriter
+	code int
+}
+
+func (r *statusRecorder) WriteHeader(code int) {
+	r.code = code
+	r.ResponseWriter.WriteHeader(code)
+}
+
+func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }

@@ -1,0 +1,277 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+)
+
+func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+func TestCheckKey(t *testing.T) {
+	good := []string{"/a", "/a/b", "/A_b-9", "/ключ", "/日本/語", "/a1/2/3", "/" + strings.Repeat("x", 4095)}
+	bad := []string{"", "/", "a", "/a/", "/a//b", "//a", "/a b", "/a:b", "/a.b", "/a/./b", "/a\x00", "/\xff",
+		"/" + strings.Repeat("x", 4096), "/a?b", "/a%20b", "/😀"}
+	for _, k := range good {
+		if err := checkKey(k, 4096); err != nil {
+			t.Errorf("checkKey(%q): %v; want ok", k, err)
+		}
+	}
+	for _, k := range bad {
+		if err := checkKey(k, 4096); err == nil {
+			t.Errorf("checkKey(%q): ok; want an error", k)
+		}
+	}
+	for _, p := range []string{"/", "/a/", "/a/b/", "/a"} {
+		if err := checkPath(p, 4096); err != nil {
+			t.Errorf("checkPath(%q): %v; want ok", p, err)
+		}
+	}
+	for _, p := range []string{"", "a/", "//", "/a//", "/a:b/", "a"} {
+		if err := checkPath(p, 4096); err == nil {
+			t.Errorf("checkPath(%q): ok; want an error", p)
+		}
+	}
+}
+
+func FuzzCheckKey(f *testing.F) {
+	for _, k := range []string{"/a", "/a/b", "/a//b", "/ключ", "/a/", "/\xff"} {
+		f.Add(k)
+	}
+	f.Fuzz(func(t *testing.T, key string) {
+		if checkKey(key, 4096) != nil {
+			return
+		}
+		// An accepted key must survive the router: canonical, no dots,
+		// and its components non-empty.
+		if !strings.HasPrefix(key, "/") || strings.HasSuffix(key, "/") || strings.Contains(key, "//") ||
+			strings.ContainsAny(key, ".: ?#%") {
+			t.Errorf("checkKey accepted %q", key)
+		}
+		if checkPath(key, 4096) != nil || checkPath(key+"/", 4097) != nil {
+			t.Errorf("key %q accepted, but not as a path or prefix", key)
+		}
+	})
+}
+
+func TestStoreRevisions(t *testing.T) {
+	s := NewStore(0)
+	for want := int64(0); want < 3; want++ {
+		e, err := s.Set("/k", strconv.FormatInt(want, 10))
+		if err != nil || e.revision != want {
+			t.Fatalf("Set: got %v, %v; want revision %d", e, err, want)
+		}
+	}
+	if _, err := s.CompareAndSwap("/k", "x", 2); !errors.Is(err, errConflict) {
+		t.Errorf("CAS at the current revision: got %v; want a conflict", err)
+	}
+	var c *conflictError
+	if _, err := s.CompareAndSwap("/k", "x", 9); !errors.As(err, &c) || c.cur.revision != 2 {
+		t.Errorf("CAS conflict: got %v; want one holding revision 2", err)
+	}
+	if existed, err := s.Delete("/k", -1); !existed || err != nil {
+		t.Errorf("Delete: got %v, %v", existed, err)
+	}
+	if e := s.Get("/k"); e != nil {
+		t.Errorf("Get after Delete: got %v; want nil", e)
+	}
+	if e, _ := s.Set("/k", "1"); e.revision != 0 {
+		t.Errorf("Set after Delete: revision %d; want 0", e.revision)
+	}
+	if s.Len() != 1 {
+		t.Errorf("Len: got %d; want 1", s.Len())
+	}
+}
+
+// TestStoreReleasesSlots checks that missing keys leave nothing behind:
+// a failed CAS or a delete must not keep a slot in the map.
+func TestStoreReleasesSlots(t *testing.T) {
+	s := NewStore(0)
+	s.CompareAndSwap("/a", "1", 5)
+	s.Delete("/b", 3)
+	s.Set("/c", "1")
+	s.Delete("/c", -1)
+	n := 0
+	s.keys.Range(func(any, any) bool { n++; return true })
+	if n != 0 {
+		t.Errorf("slots left in the map: %d; want 0", n)
+	}
+}
+
+// checkSequential checks that revs, in any order, are exactly 1..len(revs).
+func checkSequential(t *testing.T, revs []int64) {
+	t.Helper()
+	revs = slices.Clone(revs)
+	slices.Sort(revs)
+	for i, r := range revs {
+		if r != int64(i+1) {
+			t.Fatalf("successful revisions are not 1..%d: position %d holds %d", len(revs), i, r)
+		}
+	}
+}
+
+// TestConcurrentCAS races 32 goroutines, each trying 200 increments of one
+// counter by compare-and-swap, interleaved with deletes and sets of other
+// keys. Every success must have a distinct revision, with no gaps, and the
+// counter must equal the number of successes: no update lost.
+func TestConcurrentCAS(t *testing.T) {
+	s := NewStore(0)
+	s.Set("/counter", "0")
+	var mu sync.Mutex
+	var revs []int64
+	var wg sync.WaitGroup
+	for g := range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			other := fmt.Sprintf("/other/%d", g%4)
+			for i := range 200 {
+				cur := s.Get("/counter")
+				n, _ := strconv.Atoi(cur.value)
+				if _, err := s.CompareAndSwap("/counter", strconv.Itoa(n+1), cur.revision+1); err == nil {
+					mu.Lock()
+					revs = append(revs, cur.revision+1)
+					mu.Unlock()
+				} else if !errors.Is(err, errConflict) {
+					t.Error(err)
+				}
+				if i%3 == 0 {
+					s.Delete(other, -1)
+				} else {
+					s.Set(other, "1")
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	checkSequential(t, revs)
+	final := s.Get("/counter")
+	if final.value != strconv.Itoa(len(revs)) || final.revision != int64(len(revs)) {
+		t.Errorf("final: value %s revision %d; want %d successful CAS", final.value, final.revision, len(revs))
+	}
+}
+
+// TestStorePublishOrder checks the publish hook sees each key's changes
+// in revision order, even with many writers.
+func TestStorePublishOrder(t *testing.T) {
+	s := NewStore(0)
+	last := make(map[string]int64)
+	var mu sync.Mutex
+	var bad atomic.Int64
+	s.publish = func(key string, e *entry, why reason) {
+		mu.Lock()
+		defer mu.Unlock()
+		rev := int64(noRevision)
+		if e != nil {
+			rev = e.revision
+		}
+		if prev, ok := last[key]; ok && rev != noRevision && rev != prev+1 {
+			bad.Add(1)
+		}
+		last[key] = rev
+	}
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 500 {
+				key := fmt.Sprintf("/k%d", i%5)
+				if (i+g)%50 == 0 {
+					s.Delete(key, -1)
+				} else {
+					s.Set(key, "1")
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if bad.Load() != 0 {
+		t.Errorf("%d changes published out of revision order", bad.Load())
+	}
+}
+
+func BenchmarkStoreGet(b *testing.B) {
+	s := NewStore(0)
+	keys := benchKeys(10000)
+	for _, k := range keys {
+		s.Set(k, `{"v":1}`)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			if s.Get(keys[i%len(keys)]) == nil {
+				b.Fatal("missing")
+			}
+			i++
+		}
+	})
+}
+
+func BenchmarkStoreSet(b *testing.B) {
+	s := NewStore(0)
+	keys := benchKeys(10000)
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			if _, err := s.Set(keys[i%len(keys)], `{"v":1}`); err != nil {
+				b.Fatal(err)
+			}
+			i++
+		}
+	})
+}
+
+func benchKeys(n int) []string {
+	keys := make([]string, n)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("/k/%06d", i)
+	}
+	return keys
+}
+
+// BenchmarkMemoryPerKey stores 1,000,000 keys like /k/123456 with value
+// {"v":1} and reports the heap they take beyond their key and value bytes.
+// Run it with -benchtime=1x.
+func BenchmarkMemoryPerKey(b *testing.B) {
+	const n = 1_000_000
+	for range b.N {
+		b.StopTimer()
+		value := `{"v":1}`
+		payload := 0
+		before := heapInUse()
+		b.StartTimer()
+		s := NewStore(0)
+		for i := range n {
+			// a fresh key and value per write, as a request would bring
+			k := fmt.Sprintf("/k/%06d", i)
+			payload += len(k) + len(value)
+			s.Set(k, strings.Clone(value))
+		}
+		b.StopTimer()
+		after := heapInUse()
+		b.ReportMetric(float64(after-before)/n, "heap-B/key")
+		b.ReportMetric(float64(after-before-uint64(payload))/n, "overhead-B/key")
+		runtime.KeepAlive(s)
+	}
+}
+
+func heapInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return m.HeapInuse
+}
