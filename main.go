@@ -55,6 +55,22 @@ type config struct {
 	writeTimeout  time.Duration
 	origins       string
 	logRequests   bool
+	defaultTTL    ttlFlag
+}
+
+// ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
+type ttlFlag time.Duration
+
+func (f *ttlFlag) String() string { return time.Duration(*f).String() }
+
+func (f *ttlFlag) Set(s string) error {
+	if s == "0" || s == "off" {
+		*f = 0
+		return nil
+	}
+	d, err := parseTTL(s)
+	*f = ttlFlag(d)
+	return err
 }
 
 // parseConfig reads the flags from args, each defaulting to the
@@ -71,6 +87,7 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.DurationVar(&c.writeTimeout, "write-timeout", 30*time.Second, "close a stream whose client accepts no write for this long")
 	fs.StringVar(&c.origins, "origins", "*", "comma-separated `origins` allowed by CORS and WebSocket, or *")
 	fs.BoolVar(&c.logRequests, "log-requests", false, "log one line per request")
+	fs.Var(&c.defaultTTL, "default-ttl", "TTL of every key written without one, e.g. 24h (0: keys without a TTL never expire)")
 
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -128,7 +145,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	log.Info("listening", "addr", ln.Addr().String(),
 		"max_key_bytes", cfg.maxKeyBytes, "max_value_bytes", cfg.maxValueBytes,
-		"max_keys", cfg.maxKeys, "origins", cfg.origins)
+		"max_keys", cfg.maxKeys, "default_ttl", time.Duration(cfg.defaultTTL), "origins", cfg.origins)
 
 	served := make(chan error, 1)
 	go func() { served <- hs.Serve(ln) }()
@@ -162,9 +179,10 @@ func newServer(cfg config, log *slog.Logger) *server {
 	s := &server{
 		cfg:        cfg,
 		log:        log,
-		store:      NewStore(cfg.maxKeys),
+		store:      NewStore(cfg.maxKeys, nil),
 		clientETag: `"` + hex.EncodeToString(sum[:8]) + `"`,
 	}
+	s.store.defaultTTL = time.Duration(cfg.defaultTTL)
 	if cfg.origins != "*" {
 		s.origins = make(map[string]bool)
 		for _, o := range strings.Split(cfg.origins, ",") {
@@ -295,14 +313,15 @@ func (s *server) handleGet(w http.ResponseWriter, r *http.Request) {
 		serveError(w, http.StatusNotFound, "no such key")
 		return
 	}
-	serveEntry(w, http.StatusOK, e)
+	s.serveEntry(w, http.StatusOK, e)
 }
 
 var hdrNoRevision = []string{"-1"}
 
-// serveEntry answers with a version of a key: its value as the body and
-// its revision in X-Revision. A nil e answers null and revision -1.
-func serveEntry(w http.ResponseWriter, code int, e *entry) {
+// serveEntry answers with a version of a key: its value as the body, its
+// revision in X-Revision and the milliseconds it has left in X-TTL. A nil
+// e answers null and revision -1.
+func (s *server) serveEntry(w http.ResponseWriter, code int, e *entry) {
 	h := w.Header()
 	h["Content-Type"] = hdrJSON
 	if e == nil {
@@ -312,6 +331,9 @@ func serveEntry(w http.ResponseWriter, code int, e *entry) {
 		return
 	}
 	h["X-Revision"] = []string{strconv.FormatInt(e.revision, 10)}
+	if ms, ok := e.ttlLeft(s.store.now()); ok {
+		h["X-Ttl"] = []string{strconv.FormatInt(ms, 10)}
+	}
 	w.WriteHeader(code)
 	io.WriteString(w, e.value)
 }
@@ -319,6 +341,7 @@ func serveEntry(w http.ResponseWriter, code int, e *entry) {
 // serveList answers the listing of every key under prefix.
 func (s *server) serveList(w http.ResponseWriter, prefix string) {
 	items := s.store.List(prefix)
+	now := s.store.now()
 	buf := getBuffer()
 	defer putBuffer(buf)
 	b := append(buf.AvailableBuffer(), '[')
@@ -326,31 +349,44 @@ func (s *server) serveList(w http.ResponseWriter, prefix string) {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = appendItem(b, it)
+		b = appendItem(b, it, now)
 	}
 	b = append(b, ']')
 	w.Header()["Content-Type"] = hdrJSON
 	w.Write(b)
 }
 
-// appendItem appends the JSON object {"key","value","revision"} of it.
-func appendItem(b []byte, it item) []byte {
+// appendItem appends the JSON object {"key","value","revision"[,"ttl"]}
+// of it; ttl is the milliseconds it has left at now.
+func appendItem(b []byte, it item, now int64) []byte {
 	b = append(b, `{"key":`...)
-	b = strconv.AppendQuote(b, it.key) // keys are letters, digits, - _ and /: Go and JSON quote them alike
+	b = appendKey(b, it.key)
 	b = append(b, `,"value":`...)
 	b = append(b, it.value...)
 	b = append(b, `,"revision":`...)
 	b = strconv.AppendInt(b, it.revision, 10)
+	if ms, ok := it.ttlLeft(now); ok {
+		b = append(b, `,"ttl":`...)
+		b = strconv.AppendInt(b, ms, 10)
+	}
 	return append(b, '}')
+}
+
+// appendKey appends a valid key as a JSON string. A key holds only
+// letters, digits, "-", "_" and "/", none of which JSON escapes.
+func appendKey(b []byte, key string) []byte {
+	b = append(b, '"')
+	b = append(b, key...)
+	return append(b, '"')
 }
 
 // handleSet answers POST: set a key unconditionally.
 func (s *server) handleSet(w http.ResponseWriter, r *http.Request) {
-	key, value, ok := s.readWrite(w, r)
+	key, value, ttl, ok := s.readWrite(w, r)
 	if !ok {
 		return
 	}
-	e, err := s.store.Set(key, value)
+	e, err := s.store.Set(key, value, ttl)
 	s.serveWritten(w, e, err)
 }
 
@@ -361,11 +397,11 @@ func (s *server) handleUpdate(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	key, value, ok := s.readWrite(w, r)
+	key, value, ttl, ok := s.readWrite(w, r)
 	if !ok {
 		return
 	}
-	e, err := s.store.CompareAndSwap(key, value, rev)
+	e, err := s.store.CompareAndSwap(key, value, rev, ttl)
 	s.serveWritten(w, e, err)
 }
 
@@ -409,13 +445,26 @@ func revisionHeader(w http.ResponseWriter, r *http.Request, required bool) (int6
 	return rev, true
 }
 
-// readWrite checks the key of a write and reads its value. On failure it
-// has answered the request.
-func (s *server) readWrite(w http.ResponseWriter, r *http.Request) (key, value string, ok bool) {
+// readWrite checks the key and TTL of a write and reads its value. On
+// failure it has answered the request.
+func (s *server) readWrite(w http.ResponseWriter, r *http.Request) (key, value string, ttl time.Duration, ok bool) {
 	key = r.URL.Path
 	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
 		serveError(w, http.StatusBadRequest, err.Error())
-		return "", "", false
+		return "", "", 0, false
+	}
+	// X-TTL wins over ?ttl=. The query is looked at only when the raw
+	// query is not empty, so a plain write parses nothing.
+	t := r.Header.Get("X-TTL")
+	if t == "" && r.URL.RawQuery != "" {
+		t = r.URL.Query().Get("ttl")
+	}
+	if t != "" {
+		var err error
+		if ttl, err = parseTTL(t); err != nil {
+			serveError(w, http.StatusBadRequest, err.Error())
+			return "", "", 0, false
+		}
 	}
 	value, err := readValue(w, r, s.cfg.maxValueBytes)
 	if err != nil {
@@ -425,9 +474,9 @@ func (s *server) readWrite(w http.ResponseWriter, r *http.Request) (key, value s
 			err = fmt.Errorf("value larger than %d bytes", s.cfg.maxValueBytes)
 		}
 		serveError(w, code, err.Error())
-		return "", "", false
+		return "", "", 0, false
 	}
-	return key, value, true
+	return key, value, ttl, true
 }
 
 // readValue reads a request body of at most max bytes that must be one
@@ -467,7 +516,7 @@ func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):
-		serveEntry(w, http.StatusConflict, conflict.cur)
+		s.serveEntry(w, http.StatusConflict, conflict.cur)
 	case errors.Is(err, errFull):
 		serveError(w, http.StatusInsufficientStorage, fmt.Sprintf("store is full: at most %d keys", s.cfg.maxKeys))
 	case err != nil:

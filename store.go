@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 	"unicode"
 	"unicode/utf8"
 )
@@ -17,6 +18,7 @@ import (
 type entry struct {
 	value    string // compact JSON text
 	revision int64
+	ttl      *deadline // nil: never expires
 }
 
 // slot holds the current version of one key. Writers to the key serialise
@@ -81,9 +83,12 @@ func (e *conflictError) Unwrap() error { return errConflict }
 // Store is the in-memory key-value store: keys, their current versions,
 // and the hook through which every change is published.
 type Store struct {
-	keys    sync.Map     // key string -> *slot
-	live    atomic.Int64 // keys that currently hold a value
-	maxKeys int64        // 0: unlimited
+	keys       sync.Map     // key string -> *slot
+	live       atomic.Int64 // keys that currently hold a value
+	maxKeys    int64        // 0: unlimited
+	defaultTTL time.Duration
+	clock      clock
+	expiry     *expiry
 
 	// publish is called for every change, with the key's slot locked, so
 	// calls for one key happen in revision order. It must not block.
@@ -91,24 +96,41 @@ type Store struct {
 }
 
 // NewStore returns an empty store that holds at most maxKeys keys (0: no
-// limit).
-func NewStore(maxKeys int64) *Store {
-	return &Store{maxKeys: maxKeys, publish: func(string, *entry, reason) {}}
+// limit) and expires keys by clk (nil: the real clock).
+func NewStore(maxKeys int64, clk clock) *Store {
+	if clk == nil {
+		clk = realClock{}
+	}
+	s := &Store{maxKeys: maxKeys, clock: clk, publish: func(string, *entry, reason) {}}
+	s.expiry = &expiry{clock: clk, expire: s.expire}
+	return s
 }
 
-// Get returns the current version of key, or nil if it is missing.
+// Get returns the current version of key, or nil if it is missing or
+// expired. It checks the deadline itself: the timer may not have run yet.
 func (s *Store) Get(key string) *entry {
 	v, ok := s.keys.Load(key)
 	if !ok {
 		return nil
 	}
-	return v.(*slot).load()
+	return s.unexpired(v.(*slot).load())
 }
 
+// unexpired returns e, or nil if it has expired.
+func (s *Store) unexpired(e *entry) *entry {
+	if e != nil && e.ttl != nil && e.ttl.at <= s.now() {
+		return nil
+	}
+	return e
+}
+
+func (s *Store) now() int64 { return s.clock.Now().UnixNano() }
+
 // Set stores value under key unconditionally and returns the new version.
-func (s *Store) Set(key, value string) (*entry, error) {
+// A ttl of 0 makes the key permanent (or gives it the default TTL).
+func (s *Store) Set(key, value string, ttl time.Duration) (*entry, error) {
 	return s.write(key, func(cur *entry) (*entry, error) {
-		return &entry{value: value, revision: cur.next()}, nil
+		return s.newEntry(key, value, cur.next(), ttl), nil
 	})
 }
 
@@ -116,13 +138,26 @@ func (s *Store) Set(key, value string) (*entry, error) {
 // revision rev: the current revision is rev-1, or the key is missing and
 // rev is 0. On a mismatch it returns a *conflictError holding the current
 // version.
-func (s *Store) CompareAndSwap(key, value string, rev int64) (*entry, error) {
+func (s *Store) CompareAndSwap(key, value string, rev int64, ttl time.Duration) (*entry, error) {
 	return s.write(key, func(cur *entry) (*entry, error) {
 		if cur.next() != rev {
 			return nil, &conflictError{cur}
 		}
-		return &entry{value: value, revision: rev}, nil
+		return s.newEntry(key, value, rev, ttl), nil
 	})
+}
+
+// newEntry returns a version of key that expires after ttl (0: never, or
+// after the default TTL).
+func (s *Store) newEntry(key, value string, rev int64, ttl time.Duration) *entry {
+	e := &entry{value: value, revision: rev}
+	if ttl == 0 {
+		ttl = s.defaultTTL
+	}
+	if ttl > 0 {
+		e.ttl = &deadline{at: s.now() + int64(ttl), key: key, index: -1}
+	}
+	return e
 }
 
 // Delete removes key and reports whether it held a value. With rev >= 0
@@ -159,6 +194,12 @@ func (s *Store) write(key string, change func(cur *entry) (*entry, error)) (*ent
 			sl.mu.Unlock()
 			continue
 		}
+		if cur != nil && s.unexpired(cur) == nil {
+			// Expired, but its timer has not run yet: expire it now, so
+			// subscribers see the expiry before the key starts again at 0.
+			s.install(key, sl, cur, nil, expired)
+			cur = nil
+		}
 		next, err := change(cur)
 		if err == nil && cur == nil && next != nil && !s.reserve() {
 			err = errFull
@@ -179,12 +220,35 @@ func (s *Store) write(key string, change func(cur *entry) (*entry, error)) (*ent
 // change. why says what a nil next means. The slot must be locked.
 func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 	sl.cur.Store(next)
+	if cur != nil && cur.ttl != nil {
+		s.expiry.remove(cur.ttl)
+	}
+	if next != nil && next.ttl != nil {
+		s.expiry.add(next.ttl)
+	}
 	switch {
 	case next != nil:
 		s.publish(key, next, changed)
 	case cur != nil:
 		s.live.Add(-1)
 		s.publish(key, nil, why)
+	}
+}
+
+// expire deletes the key of d if its current version is still the one d
+// was made for: a write that raced the timer replaced the version, and
+// wins.
+func (s *Store) expire(d *deadline) {
+	v, ok := s.keys.Load(d.key)
+	if !ok {
+		return
+	}
+	sl := v.(*slot)
+	sl.mu.Lock()
+	defer sl.mu.Unlock()
+	if cur := sl.cur.Load(); cur != nil && cur != tombstone && cur.ttl == d {
+		s.install(d.key, sl, cur, nil, expired)
+		s.release(d.key, sl)
 	}
 }
 
@@ -232,7 +296,7 @@ func (s *Store) List(prefix string) []item {
 	s.keys.Range(func(k, v any) bool {
 		key := k.(string)
 		if strings.HasPrefix(key, prefix) {
-			if e := v.(*slot).load(); e != nil {
+			if e := s.unexpired(v.(*slot).load()); e != nil {
 				items = append(items, item{key, e})
 			}
 		}

@@ -12,6 +12,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
@@ -63,18 +64,18 @@ func FuzzCheckKey(f *testing.F) {
 }
 
 func TestStoreRevisions(t *testing.T) {
-	s := NewStore(0)
+	s := NewStore(0, nil)
 	for want := int64(0); want < 3; want++ {
-		e, err := s.Set("/k", strconv.FormatInt(want, 10))
+		e, err := s.Set("/k", strconv.FormatInt(want, 10), 0)
 		if err != nil || e.revision != want {
 			t.Fatalf("Set: got %v, %v; want revision %d", e, err, want)
 		}
 	}
-	if _, err := s.CompareAndSwap("/k", "x", 2); !errors.Is(err, errConflict) {
+	if _, err := s.CompareAndSwap("/k", "x", 2, 0); !errors.Is(err, errConflict) {
 		t.Errorf("CAS at the current revision: got %v; want a conflict", err)
 	}
 	var c *conflictError
-	if _, err := s.CompareAndSwap("/k", "x", 9); !errors.As(err, &c) || c.cur.revision != 2 {
+	if _, err := s.CompareAndSwap("/k", "x", 9, 0); !errors.As(err, &c) || c.cur.revision != 2 {
 		t.Errorf("CAS conflict: got %v; want one holding revision 2", err)
 	}
 	if existed, err := s.Delete("/k", -1); !existed || err != nil {
@@ -83,7 +84,7 @@ func TestStoreRevisions(t *testing.T) {
 	if e := s.Get("/k"); e != nil {
 		t.Errorf("Get after Delete: got %v; want nil", e)
 	}
-	if e, _ := s.Set("/k", "1"); e.revision != 0 {
+	if e, _ := s.Set("/k", "1", 0); e.revision != 0 {
 		t.Errorf("Set after Delete: revision %d; want 0", e.revision)
 	}
 	if s.Len() != 1 {
@@ -94,10 +95,10 @@ func TestStoreRevisions(t *testing.T) {
 // TestStoreReleasesSlots checks that missing keys leave nothing behind:
 // a failed CAS or a delete must not keep a slot in the map.
 func TestStoreReleasesSlots(t *testing.T) {
-	s := NewStore(0)
-	s.CompareAndSwap("/a", "1", 5)
+	s := NewStore(0, nil)
+	s.CompareAndSwap("/a", "1", 5, 0)
 	s.Delete("/b", 3)
-	s.Set("/c", "1")
+	s.Set("/c", "1", 0)
 	s.Delete("/c", -1)
 	n := 0
 	s.keys.Range(func(any, any) bool { n++; return true })
@@ -123,8 +124,8 @@ func checkSequential(t *testing.T, revs []int64) {
 // keys. Every success must have a distinct revision, with no gaps, and the
 // counter must equal the number of successes: no update lost.
 func TestConcurrentCAS(t *testing.T) {
-	s := NewStore(0)
-	s.Set("/counter", "0")
+	s := NewStore(0, nil)
+	s.Set("/counter", "0", 0)
 	var mu sync.Mutex
 	var revs []int64
 	var wg sync.WaitGroup
@@ -136,7 +137,7 @@ func TestConcurrentCAS(t *testing.T) {
 			for i := range 200 {
 				cur := s.Get("/counter")
 				n, _ := strconv.Atoi(cur.value)
-				if _, err := s.CompareAndSwap("/counter", strconv.Itoa(n+1), cur.revision+1); err == nil {
+				if _, err := s.CompareAndSwap("/counter", strconv.Itoa(n+1), cur.revision+1, 0); err == nil {
 					mu.Lock()
 					revs = append(revs, cur.revision+1)
 					mu.Unlock()
@@ -146,7 +147,7 @@ func TestConcurrentCAS(t *testing.T) {
 				if i%3 == 0 {
 					s.Delete(other, -1)
 				} else {
-					s.Set(other, "1")
+					s.Set(other, "1", 0)
 				}
 			}
 		}()
@@ -162,7 +163,7 @@ func TestConcurrentCAS(t *testing.T) {
 // TestStorePublishOrder checks the publish hook sees each key's changes
 // in revision order, even with many writers.
 func TestStorePublishOrder(t *testing.T) {
-	s := NewStore(0)
+	s := NewStore(0, nil)
 	last := make(map[string]int64)
 	var mu sync.Mutex
 	var bad atomic.Int64
@@ -188,7 +189,7 @@ func TestStorePublishOrder(t *testing.T) {
 				if (i+g)%50 == 0 {
 					s.Delete(key, -1)
 				} else {
-					s.Set(key, "1")
+					s.Set(key, "1", 0)
 				}
 			}
 		}()
@@ -200,10 +201,10 @@ func TestStorePublishOrder(t *testing.T) {
 }
 
 func BenchmarkStoreGet(b *testing.B) {
-	s := NewStore(0)
+	s := NewStore(0, nil)
 	keys := benchKeys(10000)
 	for _, k := range keys {
-		s.Set(k, `{"v":1}`)
+		s.Set(k, `{"v":1}`, 0)
 	}
 	b.ReportAllocs()
 	b.ResetTimer()
@@ -219,14 +220,14 @@ func BenchmarkStoreGet(b *testing.B) {
 }
 
 func BenchmarkStoreSet(b *testing.B) {
-	s := NewStore(0)
+	s := NewStore(0, nil)
 	keys := benchKeys(10000)
 	b.ReportAllocs()
 	b.ResetTimer()
 	b.RunParallel(func(pb *testing.PB) {
 		i := 0
 		for pb.Next() {
-			if _, err := s.Set(keys[i%len(keys)], `{"v":1}`); err != nil {
+			if _, err := s.Set(keys[i%len(keys)], `{"v":1}`, 0); err != nil {
 				b.Fatal(err)
 			}
 			i++
@@ -243,28 +244,29 @@ func benchKeys(n int) []string {
 }
 
 // BenchmarkMemoryPerKey stores 1,000,000 keys like /k/123456 with value
-// {"v":1} and reports the heap they take beyond their key and value bytes.
-// Run it with -benchtime=1x.
+// {"v":1}, without and with a TTL, and reports the heap they take beyond
+// their key and value bytes. Run it with -benchtime=1x.
 func BenchmarkMemoryPerKey(b *testing.B) {
-	const n = 1_000_000
-	for range b.N {
-		b.StopTimer()
-		value := `{"v":1}`
-		payload := 0
-		before := heapInUse()
-		b.StartTimer()
-		s := NewStore(0)
-		for i := range n {
-			// a fresh key and value per write, as a request would bring
-			k := fmt.Sprintf("/k/%06d", i)
-			payload += len(k) + len(value)
-			s.Set(k, strings.Clone(value))
-		}
-		b.StopTimer()
-		after := heapInUse()
-		b.ReportMetric(float64(after-before)/n, "heap-B/key")
-		b.ReportMetric(float64(after-before-uint64(payload))/n, "overhead-B/key")
-		runtime.KeepAlive(s)
+	for _, ttl := range []time.Duration{0, time.Hour} {
+		b.Run(fmt.Sprintf("ttl=%v", ttl), func(b *testing.B) {
+			const n = 1_000_000
+			for range b.N {
+				value := `{"v":1}`
+				payload := 0
+				before := heapInUse()
+				s := NewStore(0, nil)
+				for i := range n {
+					// a fresh key and value per write, as a request would bring
+					k := fmt.Sprintf("/k/%06d", i)
+					payload += len(k) + len(value)
+					s.Set(k, strings.Clone(value), ttl)
+				}
+				after := heapInUse()
+				b.ReportMetric(float64(after-before)/n, "heap-B/key")
+				b.ReportMetric(float64(after-before-uint64(payload))/n, "overhead-B/key")
+				runtime.KeepAlive(s)
+			}
+		})
 	}
 }
 
