@@ -87,5 +87,74 @@ var AtomKV = (function () {
         return resp.json();
     };
 
+    /**
+     * subscribe(path, {initial}?) → an async generator of [key, value,
+     * revision] for every change of a key, of every key under a prefix
+     * ending with '/', or of every key ('/'). A delete or expiry is
+     * [key, null, -1]. With {initial: true} it first yields the current
+     * state. Events are queued as they arrive, so none is lost while the
+     * loop body awaits; EventSource reconnects by itself, and the server
+     * then sends the current state again (Last-Event-ID). Leaving the loop
+     * closes the stream.
+     */
+    self.subscribe = async function* (path, options) {
+        const url = new URL(self.BASE + path, location.href);
+        if (options && options.initial) {
+            url.searchParams.set('initial', '1');
+        }
+        const queue = [];
+        let head = 0;
+        let wake = null;
+        let failed = false;
+        const notify = () => {
+            if (wake) {
+                wake();
+                wake = null;
+            }
+        };
+        const source = new EventSource(url);
+        source.onmessage = (msg) => {
+            const id = msg.lastEventId;
+            const colon = id.lastIndexOf(':');
+            queue.push([id.slice(0, colon), JSON.parse(msg.data), Number(id.slice(colon + 1))]);
+            notify();
+        };
+        source.onerror = () => {
+            // While CONNECTING, EventSource is retrying by itself; CLOSED
+            // means the server refused the stream.
+            if (source.readyState === EventSource.CLOSED) {
+                failed = true;
+                notify();
+            }
+        };
+        try {
+            for (;;) {
+                while (head < queue.length) {
+                    const ev = queue[head];
+                    queue[head++] = undefined;
+                    yield ev;
+                }
+                queue.length = head = 0;
+                if (failed) {
+                    throw await streamError(path);
+                }
+                await new Promise((resolve) => { wake = resolve; });
+            }
+        } finally {
+            source.close();
+        }
+    };
+
+    // streamError finds out why the server refused a stream: EventSource
+    // does not show the answer, so ask the same path as a plain request.
+    async function streamError(path) {
+        try {
+            await request('GET', path, {headers: {Accept: 'application/json'}, ok: [404]});
+        } catch (err) {
+            return err;
+        }
+        return new Error(`subscribe ${path}: the server refused the event stream`);
+    }
+
     return self;
 })();

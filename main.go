@@ -56,6 +56,7 @@ type config struct {
 	origins       string
 	logRequests   bool
 	defaultTTL    ttlFlag
+	maxSubs       int64
 }
 
 // ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
@@ -87,6 +88,7 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.DurationVar(&c.writeTimeout, "write-timeout", 30*time.Second, "close a stream whose client accepts no write for this long")
 	fs.StringVar(&c.origins, "origins", "*", "comma-separated `origins` allowed by CORS and WebSocket, or *")
 	fs.BoolVar(&c.logRequests, "log-requests", false, "log one line per request")
+	fs.Int64Var(&c.maxSubs, "max-subscribers", 0, "most open event streams and WebSockets, 0 for no limit (503 past it)")
 	fs.Var(&c.defaultTTL, "default-ttl", "TTL of every key written without one, e.g. 24h (0: keys without a TTL never expire)")
 
 	var envErr error
@@ -112,8 +114,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 		return c, errors.New("-max-key-bytes must be at least 2")
 	case c.maxValueBytes < 4:
 		return c, errors.New("-max-value-bytes must be at least 4 (the size of null)")
-	case c.maxKeys < 0:
-		return c, errors.New("-max-keys must not be negative")
+	case c.maxKeys < 0 || c.maxSubs < 0:
+		return c, errors.New("-max-keys and -max-subscribers must not be negative")
 	case c.heartbeat <= 0 || c.writeTimeout <= 0:
 		return c, errors.New("-heartbeat and -write-timeout must be positive")
 	}
@@ -157,8 +159,8 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	err = hs.Shutdown(shutdownCtx)
-	srv.close()
+	err = hs.Shutdown(shutdownCtx) // stops accepting, waits for plain requests
+	srv.close()                    // ends the streams Shutdown does not know of
 	<-served
 	log.Info("stopped")
 	return err
@@ -166,9 +168,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 
 // server answers the HTTP API for one store.
 type server struct {
-	cfg   config
-	log   *slog.Logger
-	store *Store
+	cfg     config
+	log     *slog.Logger
+	store   *Store
+	streams *streams // event streams and WebSockets
 
 	clientETag string
 	origins    map[string]bool // nil: any origin
@@ -180,6 +183,7 @@ func newServer(cfg config, log *slog.Logger) *server {
 		cfg:        cfg,
 		log:        log,
 		store:      NewStore(cfg.maxKeys, nil),
+		streams:    &streams{max: cfg.maxSubs, closing: make(chan struct{})},
 		clientETag: `"` + hex.EncodeToString(sum[:8]) + `"`,
 	}
 	s.store.defaultTTL = time.Duration(cfg.defaultTTL)
@@ -192,8 +196,9 @@ func newServer(cfg config, log *slog.Logger) *server {
 	return s
 }
 
-// close ends what the HTTP server's Shutdown does not: nothing yet.
-func (s *server) close() {}
+// close ends what http.Server.Shutdown does not: the event streams and
+// WebSockets, whose connections were hijacked. It returns when they have.
+func (s *server) close() { s.streams.close() }
 
 // routes returns the handler of every route; this is the one place they
 // are listed.
@@ -273,8 +278,13 @@ func (s *server) handleMethodNotAllowed(w http.ResponseWriter, r *http.Request) 
 }
 
 // handleRoot answers GET /: the JavaScript client, or with Accept:
-// application/json the listing of every key.
+// application/json the listing of every key, or with Accept:
+// text/event-stream the changes of every key.
 func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
+	if accepts(r, "text/event-stream") {
+		s.handleEvents(w, r, "/")
+		return
+	}
 	if accepts(r, "application/json") {
 		s.serveList(w, "/")
 		return
@@ -292,9 +302,14 @@ func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
 }
 
 // handleGet answers GET of a key (its value) or of a prefix ending with
-// "/" (the listing of the keys under it).
+// "/" (the listing of the keys under it), or with Accept:
+// text/event-stream the changes of either.
 func (s *server) handleGet(w http.ResponseWriter, r *http.Request) {
 	key := r.URL.Path
+	if accepts(r, "text/event-stream") {
+		s.handleEvents(w, r, key)
+		return
+	}
 	if strings.HasSuffix(key, "/") {
 		if err := checkPath(key, s.cfg.maxKeyBytes); err != nil {
 			serveError(w, http.StatusBadRequest, err.Error())

@@ -91,8 +91,10 @@ type Store struct {
 	expiry     *expiry
 
 	// publish is called for every change, with the key's slot locked, so
-	// calls for one key happen in revision order. It must not block.
+	// calls for one key happen in revision order. It must not block. It
+	// is subs.publish; tests may watch changes through it instead.
 	publish func(key string, e *entry, why reason)
+	subs    registry
 }
 
 // NewStore returns an empty store that holds at most maxKeys keys (0: no
@@ -101,7 +103,9 @@ func NewStore(maxKeys int64, clk clock) *Store {
 	if clk == nil {
 		clk = realClock{}
 	}
-	s := &Store{maxKeys: maxKeys, clock: clk, publish: func(string, *entry, reason) {}}
+	s := &Store{maxKeys: maxKeys, clock: clk}
+	s.publish = s.subs.publish
+	s.subs.paths = make(map[string]map[*coalescer]struct{})
 	s.expiry = &expiry{clock: clk, expire: s.expire}
 	return s
 }
@@ -186,33 +190,38 @@ func (e *entry) next() int64 {
 // write runs change on the current version of key with the key locked,
 // installs what it returns (nil deletes the key) and publishes it.
 func (s *Store) write(key string, change func(cur *entry) (*entry, error)) (*entry, error) {
+	sl := s.lock(key)
+	defer sl.mu.Unlock()
+	cur := sl.cur.Load()
+	if cur != nil && s.unexpired(cur) == nil {
+		// Expired, but its timer has not run yet: expire it now, so
+		// subscribers see the expiry before the key starts again at 0.
+		s.install(key, sl, cur, nil, expired)
+		cur = nil
+	}
+	next, err := change(cur)
+	if err == nil && cur == nil && next != nil && !s.reserve() {
+		err = errFull
+	}
+	if err == nil {
+		s.install(key, sl, cur, next, deleted)
+	}
+	s.release(key, sl)
+	if err != nil {
+		return nil, err
+	}
+	return next, nil
+}
+
+// lock returns the slot of key, locked, creating it if needed.
+func (s *Store) lock(key string) *slot {
 	for {
 		sl := s.slot(key)
 		sl.mu.Lock()
-		cur := sl.cur.Load()
-		if cur == tombstone {
-			sl.mu.Unlock()
-			continue
+		if sl.cur.Load() != tombstone {
+			return sl
 		}
-		if cur != nil && s.unexpired(cur) == nil {
-			// Expired, but its timer has not run yet: expire it now, so
-			// subscribers see the expiry before the key starts again at 0.
-			s.install(key, sl, cur, nil, expired)
-			cur = nil
-		}
-		next, err := change(cur)
-		if err == nil && cur == nil && next != nil && !s.reserve() {
-			err = errFull
-		}
-		if err == nil {
-			s.install(key, sl, cur, next, deleted)
-		}
-		s.release(key, sl)
-		sl.mu.Unlock()
-		if err != nil {
-			return nil, err
-		}
-		return next, nil
+		sl.mu.Unlock() // deleted meanwhile: take the fresh slot
 	}
 }
 
@@ -304,6 +313,104 @@ func (s *Store) List(prefix string) []item {
 	})
 	sort.Slice(items, func(i, j int) bool { return items[i].key < items[j].key })
 	return items
+}
+
+// Subscribe registers q for the changes of path (a key, a prefix ending
+// with "/", or "/") and, if initial, first queues the current state of
+// what it watches: a key's version or its absence, or every existing key
+// under a prefix, in key order.
+//
+// Registering comes first, and each key's state is queued with the key
+// locked. A change published before that is replaced in q by the state
+// (q keeps one pending event per key); one published after comes after
+// it. So no change falls between the state and the live events, and a
+// key's revisions only go up, provided nothing drains q until Subscribe
+// returns.
+func (s *Store) Subscribe(path string, q *coalescer, initial bool) {
+	s.subs.add(path, q)
+	if !initial {
+		return
+	}
+	if !strings.HasSuffix(path, "/") {
+		sl := s.lock(path)
+		q.push(event{key: path, e: s.unexpired(sl.load()), why: deleted})
+		s.release(path, sl)
+		sl.mu.Unlock()
+		return
+	}
+	for _, it := range s.List(path) {
+		v, ok := s.keys.Load(it.key)
+		if !ok {
+			continue // deleted since: its delete is already queued
+		}
+		sl := v.(*slot)
+		sl.mu.Lock()
+		if e := s.unexpired(sl.load()); e != nil {
+			q.push(event{key: it.key, e: e})
+		}
+		sl.mu.Unlock()
+	}
+}
+
+// Unsubscribe removes the registration of q for path.
+func (s *Store) Unsubscribe(path string, q *coalescer) { s.subs.remove(path, q) }
+
+// registry maps each watched path to the queues of its subscribers.
+type registry struct {
+	mu    sync.RWMutex
+	paths map[string]map[*coalescer]struct{}
+	count atomic.Int64 // registrations, so that publishing to nobody costs one load
+}
+
+func (r *registry) add(path string, q *coalescer) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	set := r.paths[path]
+	if set == nil {
+		set = make(map[*coalescer]struct{})
+		r.paths[path] = set
+	}
+	if _, ok := set[q]; !ok {
+		set[q] = struct{}{}
+		r.count.Add(1)
+	}
+}
+
+func (r *registry) remove(path string, q *coalescer) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if set := r.paths[path]; set != nil {
+		if _, ok := set[q]; ok {
+			delete(set, q)
+			r.count.Add(-1)
+		}
+		if len(set) == 0 {
+			delete(r.paths, path)
+		}
+	}
+}
+
+// publish queues a change of key for the subscribers of the key itself and
+// of every prefix above it: /a/b/c, /a/b/, /a/, /. The cost is the depth
+// of the key plus the subscribers found; the prefixes are substrings of
+// key, so finding them allocates nothing.
+func (r *registry) publish(key string, e *entry, why reason) {
+	if r.count.Load() == 0 {
+		return
+	}
+	ev := event{key: key, e: e, why: why}
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	for q := range r.paths[key] {
+		q.push(ev)
+	}
+	for i := len(key) - 1; i >= 0; i-- {
+		if key[i] == '/' {
+			for q := range r.paths[key[:i+1]] {
+				q.push(ev)
+			}
+		}
+	}
 }
 
 // Len returns the number of keys that hold a value.

@@ -1,0 +1,482 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// sseEvent is one parsed event of a stream.
+type sseEvent struct {
+	key  string
+	rev  int64
+	data string
+}
+
+// subscribe opens an event stream of path (which may carry a query) and
+// returns its events as they arrive; the channel closes with the stream.
+func subscribe(t testing.TB, url, path string, headers ...string) <-chan sseEvent {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "GET", url+path, nil)
+	req.Header.Set("Accept", "text/event-stream")
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		cancel()
+		t.Fatalf("subscribe %s: %v", path, err)
+	}
+	if resp.StatusCode != 200 || resp.Header.Get("Content-Type") != "text/event-stream" {
+		b, _ := io.ReadAll(resp.Body)
+		cancel()
+		t.Fatalf("subscribe %s: got %d %s %s", path, resp.StatusCode, resp.Header.Get("Content-Type"), b)
+	}
+	ch := make(chan sseEvent, 1024)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		defer close(ch)
+		defer resp.Body.Close()
+		sc := bufio.NewScanner(resp.Body)
+		sc.Buffer(nil, 4<<20)
+		var ev sseEvent
+		for sc.Scan() {
+			line := sc.Text()
+			switch {
+			case strings.HasPrefix(line, "id: "):
+				id := line[4:]
+				i := strings.LastIndexByte(id, ':')
+				ev.key = id[:i]
+				ev.rev, _ = strconv.ParseInt(id[i+1:], 10, 64)
+			case strings.HasPrefix(line, "data: "):
+				ev.data = line[6:]
+			case line == "" && ev.key != "":
+				ch <- ev
+				ev = sseEvent{}
+			}
+		}
+	}()
+	t.Cleanup(func() { cancel(); <-done })
+	return ch
+}
+
+// next returns the next event, failing the test if none comes.
+func next(t testing.TB, ch <-chan sseEvent) sseEvent {
+	t.Helper()
+	select {
+	case ev, ok := <-ch:
+		if !ok {
+			t.Fatal("stream closed")
+		}
+		return ev
+	case <-time.After(10 * time.Second):
+		t.Fatal("no event")
+	}
+	return sseEvent{}
+}
+
+// TestSubscriptionMatching checks who sees what: a table of watched paths
+// against writes, through the registry itself.
+func TestSubscriptionMatching(t *testing.T) {
+	s := NewStore(0, nil)
+	watchers := map[string][]string{
+		"/a/b":   {"/a/b"},
+		"/a/":    {"/a/b", "/a/c", "/a/b/c"},
+		"/a/b/":  {"/a/b/c"},
+		"/ab/":   {"/ab/x"},
+		"/":      {"/a/b", "/a/c", "/ab", "/a/b/c", "/ab/x", "/x"},
+		"/x":     {"/x"},
+		"/nope/": nil,
+	}
+	queues := map[string]*coalescer{}
+	for path := range watchers {
+		queues[path] = newCoalescer()
+		s.Subscribe(path, queues[path], false)
+	}
+	for _, key := range []string{"/a/b", "/a/c", "/ab", "/a/b/c", "/ab/x", "/x"} {
+		s.Set(key, "1", 0)
+	}
+	for path, want := range watchers {
+		var got []string
+		for _, ev := range queues[path].drain() {
+			got = append(got, ev.key)
+		}
+		slices.Sort(got)
+		slices.Sort(want)
+		if !slices.Equal(got, want) {
+			t.Errorf("watching %s: got %v; want %v", path, got, want)
+		}
+	}
+	for path, q := range queues {
+		s.Unsubscribe(path, q)
+	}
+	if n := s.subs.count.Load(); n != 0 || len(s.subs.paths) != 0 {
+		t.Errorf("after unsubscribing all: %d registrations, %d paths; want 0", n, len(s.subs.paths))
+	}
+}
+
+func TestCoalescer(t *testing.T) {
+	q := newCoalescer()
+	e := func(rev int64) *entry { return &entry{value: "1", revision: rev} }
+	q.push(event{key: "/a", e: e(0)})
+	q.push(event{key: "/b", e: e(0)})
+	q.push(event{key: "/a", e: e(1)})
+	q.push(event{key: "/a", e: nil, why: deleted})
+	q.push(event{raw: []byte("reply")})
+	q.push(event{raw: []byte("reply")})
+	batch := q.drain()
+	var got []string
+	for _, ev := range batch {
+		got = append(got, fmt.Sprintf("%s%s:%v", ev.key, ev.raw, ev.e != nil))
+	}
+	if want := []string{"/a:false", "/b:true", "reply:false", "reply:false"}; !slices.Equal(got, want) {
+		t.Errorf("batch: got %v; want %v (one event per key, the latest, in first-queued order; replies all kept)", got, want)
+	}
+	q.recycle(batch)
+	// Warm: pushing and draining again allocates nothing.
+	allocs := testing.AllocsPerRun(100, func() {
+		q.push(event{key: "/a", e: e0})
+		q.push(event{key: "/b", e: e0})
+		q.push(event{key: "/a", e: e0})
+		q.recycle(q.drain())
+	})
+	if allocs != 0 {
+		t.Errorf("warm push/drain: %v allocations; want 0", allocs)
+	}
+}
+
+var e0 = &entry{value: "1"}
+
+// TestSSE checks the stream's headers and wire format end to end,
+// including deletes and expiries as null/-1 and heartbeats.
+func TestSSE(t *testing.T) {
+	url := startServer(t, "-heartbeat", "20ms")
+	req, _ := http.NewRequest("GET", url+"/a/", nil)
+	req.Header.Set("Accept", "text/html;q=0.5, text/event-stream")
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	for h, want := range map[string]string{
+		"Content-Type":                "text/event-stream",
+		"Cache-Control":               "no-cache",
+		"X-Accel-Buffering":           "no",
+		"Access-Control-Allow-Origin": "*",
+	} {
+		if got := resp.Header.Get(h); got != want {
+			t.Errorf("%s: got %q; want %q", h, got, want)
+		}
+	}
+	r := bufio.NewReader(resp.Body)
+	readUntil := func(want string) {
+		t.Helper()
+		var seen strings.Builder
+		for !strings.Contains(seen.String(), want) {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("reading for %q: %v; got %q", want, err, seen.String())
+			}
+			seen.WriteString(line)
+		}
+	}
+	readUntil("retry: 2000\n\n")
+	readUntil(":\n") // a heartbeat
+	do(t, "POST", url+"/a/k", `{"x": [1, 2]}`)
+	readUntil("id: /a/k:0\ndata: {\"x\":[1,2]}\n\n")
+	do(t, "DELETE", url+"/a/k", "")
+	readUntil("id: /a/k:-1\ndata: null\n\n")
+	do(t, "POST", url+"/a/t?ttl=30ms", `7`)
+	readUntil("id: /a/t:0\ndata: 7\n\n")
+	readUntil("id: /a/t:-1\ndata: null\n\n") // expired
+}
+
+func TestSSEInitial(t *testing.T) {
+	url := startServer(t)
+	do(t, "POST", url+"/p/a", `1`)
+	do(t, "POST", url+"/p/a", `2`)
+	do(t, "POST", url+"/p/c", `3`)
+	do(t, "POST", url+"/p/b", `4`)
+	do(t, "POST", url+"/other", `5`)
+
+	t.Run("key", func(t *testing.T) {
+		ch := subscribe(t, url, "/p/a?initial")
+		if ev := next(t, ch); ev != (sseEvent{"/p/a", 1, "2"}) {
+			t.Errorf("initial: got %v; want /p/a rev 1 = 2", ev)
+		}
+		do(t, "POST", url+"/p/a", `3`)
+		if ev := next(t, ch); ev != (sseEvent{"/p/a", 2, "3"}) {
+			t.Errorf("live: got %v; want /p/a rev 2", ev)
+		}
+	})
+	t.Run("missing key", func(t *testing.T) {
+		ch := subscribe(t, url, "/p/none?initial=1")
+		if ev := next(t, ch); ev != (sseEvent{"/p/none", -1, "null"}) {
+			t.Errorf("initial: got %v; want null/-1", ev)
+		}
+	})
+	t.Run("prefix", func(t *testing.T) {
+		ch := subscribe(t, url, "/p/?initial")
+		var got []string
+		for range 3 {
+			ev := next(t, ch)
+			got = append(got, fmt.Sprintf("%s:%d=%s", ev.key, ev.rev, ev.data))
+		}
+		if want := []string{"/p/a:2=3", "/p/b:0=4", "/p/c:0=3"}; !slices.Equal(got, want) {
+			t.Errorf("initial: got %v; want %v", got, want)
+		}
+		do(t, "POST", url+"/p/d", `6`)
+		if ev := next(t, ch); ev.key != "/p/d" {
+			t.Errorf("live: got %v; want /p/d", ev)
+		}
+	})
+	t.Run("Last-Event-ID resumes with the current state", func(t *testing.T) {
+		ch := subscribe(t, url, "/p/a")
+		do(t, "POST", url+"/p/a", `10`)
+		last := next(t, ch)
+		// The stream drops; writes happen meanwhile; EventSource reconnects
+		// with the last id it saw.
+		do(t, "POST", url+"/p/a", `11`)
+		do(t, "POST", url+"/p/a", `12`)
+		ch = subscribe(t, url, "/p/a", "Last-Event-ID", fmt.Sprintf("%s:%d", last.key, last.rev))
+		if ev := next(t, ch); ev != (sseEvent{"/p/a", last.rev + 2, "12"}) {
+			t.Errorf("after resume: got %v; want the current state, rev %d = 12", ev, last.rev+2)
+		}
+	})
+	t.Run("bad path", func(t *testing.T) {
+		resp := do(t, "GET", url+"/a:b/", "", "Accept", "text/event-stream")
+		if resp.code != 400 || !strings.Contains(errorMessage(resp), `invalid path "/a:b/"`) {
+			t.Errorf("got %d %s; want 400", resp.code, resp.body)
+		}
+	})
+}
+
+// TestSSEOrderAndFinalState: 8 writers hammer 50 keys over HTTP while 20
+// subscribers watch "/". Every subscriber's revisions of each key must
+// strictly increase, and every subscriber must end holding the final
+// revision of every key.
+func TestSSEOrderAndFinalState(t *testing.T) {
+	url := startServer(t)
+	const keys, writers, writes, subscribers = 50, 8, 150, 20
+	var streams []<-chan sseEvent
+	for range subscribers {
+		streams = append(streams, subscribe(t, url, "/"))
+	}
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range writes {
+				key := fmt.Sprintf("/k/%d", (i*7+w)%keys)
+				if resp := do(t, "POST", url+key, strconv.Itoa(i)); resp.code != 200 {
+					t.Errorf("POST: %d", resp.code)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	final := map[string]int64{}
+	for _, it := range listAll(t, url) {
+		final[it.Key] = it.Revision
+	}
+	if len(final) != keys {
+		t.Fatalf("%d keys; want %d", len(final), keys)
+	}
+	for i, ch := range streams {
+		last := map[string]int64{}
+		for !sameRevisions(last, final) {
+			ev := next(t, ch)
+			if prev, ok := last[ev.key]; ok && ev.rev <= prev {
+				t.Fatalf("subscriber %d: %s went from revision %d to %d", i, ev.key, prev, ev.rev)
+			}
+			last[ev.key] = ev.rev
+		}
+	}
+}
+
+func sameRevisions(a, b map[string]int64) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for k, v := range b {
+		if a[k] != v {
+			return false
+		}
+	}
+	return true
+}
+
+type listed struct {
+	Key      string
+	Revision int64
+}
+
+func listAll(t testing.TB, url string) []listed {
+	t.Helper()
+	var items []listed
+	if err := jsonUnmarshal(do(t, "GET", url+"/", "", "Accept", "application/json").body, &items); err != nil {
+		t.Fatal(err)
+	}
+	return items
+}
+
+// newTestServer serves cfg's server with httptest, so a test can look
+// inside it. It closes the server's streams when the test ends.
+func newTestServer(t *testing.T, args ...string) (*server, string) {
+	t.Helper()
+	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := newServer(cfg, discardLogger())
+	hs := httptest.NewServer(srv.routes())
+	t.Cleanup(func() { hs.Close(); srv.close() })
+	return srv, hs.URL
+}
+
+// waitFor polls cond until it holds; it fails the test after a long
+// guard, which is not a timing assertion but a hang breaker.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("gave up waiting for %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// TestStalledSubscriber: a subscriber that never reads does not slow
+// writers, holds at most one pending event per key, and is closed after
+// the write timeout.
+func TestStalledSubscriber(t *testing.T) {
+	srv, url := newTestServer(t, "-write-timeout", "300ms")
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.(*net.TCPConn).SetReadBuffer(4096)
+	fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
+	var q *coalescer
+	srv.store.subs.mu.RLock()
+	for q = range srv.store.subs.paths["/"] {
+	}
+	srv.store.subs.mu.RUnlock()
+
+	const keys = 20
+	big := `"` + strings.Repeat("x", 256<<10) + `"`
+	maxPending, writes := 0, 0
+	for i := 0; srv.streams.Len() > 0; i++ {
+		writes++
+		if resp := do(t, "POST", fmt.Sprintf("%s/k/%d", url, i%keys), big); resp.code != 200 {
+			t.Fatalf("write %d while a subscriber stalls: %d", i, resp.code)
+		}
+		maxPending = max(maxPending, q.Len())
+		if i > 5000 { // about 1.3 GB written: far past any socket buffer
+			t.Fatal("the stalled stream was never closed")
+		}
+	}
+	t.Logf("the stalled stream was closed after %d writes", writes)
+	if maxPending > keys {
+		t.Errorf("pending events reached %d; want at most %d, one per key", maxPending, keys)
+	}
+	waitFor(t, "the subscription to go", func() bool { return srv.store.subs.count.Load() == 0 })
+}
+
+func TestMaxSubscribers(t *testing.T) {
+	url := startServer(t, "-max-subscribers", "2")
+	subscribe(t, url, "/a")
+	subscribe(t, url, "/")
+	resp := do(t, "GET", url+"/b", "", "Accept", "text/event-stream")
+	if resp.code != 503 || !strings.Contains(errorMessage(resp), "too many subscribers") {
+		t.Errorf("third subscriber: got %d %s; want 503", resp.code, resp.body)
+	}
+	if resp := do(t, "GET", url+"/b", ""); resp.code != 404 {
+		t.Errorf("plain GET while full: got %d; want 404", resp.code)
+	}
+}
+
+// TestShutdownClosesStreams: with 100 open streams, stopping the server
+// returns promptly and leaves no goroutine behind.
+func TestShutdownClosesStreams(t *testing.T) {
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+	before := runtime.NumGoroutine()
+	ctx, cancel := context.WithCancel(context.Background())
+	pr, pw := io.Pipe()
+	done := make(chan error, 1)
+	go func() {
+		done <- run(ctx, []string{"-addr", "127.0.0.1:0"}, func(string) string { return "" }, pw)
+		pw.Close()
+	}()
+	sc := bufio.NewScanner(pr)
+	sc.Scan()
+	go io.Copy(io.Discard, pr)
+	url := "http://" + strings.Fields(strings.SplitN(sc.Text(), "addr=", 2)[1])[0]
+
+	var bodies []io.ReadCloser
+	for i := range 100 {
+		req, _ := http.NewRequest("GET", fmt.Sprintf("%s/s/%d", url, i), nil)
+		req.Header.Set("Accept", "text/event-stream")
+		resp, err := http.DefaultTransport.RoundTrip(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bodies = append(bodies, resp.Body)
+	}
+	start := time.Now()
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Errorf("run: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("run did not return")
+	}
+	t.Logf("shutdown with 100 streams took %v", time.Since(start))
+	for _, b := range bodies {
+		if _, err := io.Copy(io.Discard, b); err != nil {
+			t.Errorf("stream did not end cleanly: %v", err)
+		}
+		b.Close()
+	}
+	http.DefaultTransport.(*http.Transport).CloseIdleConnections()
+	waitFor(t, "goroutines to end", func() bool { return runtime.NumGoroutine() <= before })
+}
+
+func BenchmarkPublish(b *testing.B) {
+	for _, n := range []int{1, 100, 10000} {
+		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) {
+			s := NewStore(0, nil)
+			for range n {
+				s.Subscribe("/k", newCoalescer(), false)
+			}
+			s.Set("/k", "1", 0) // warm every queue
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				s.Set("/k", `{"v":1}`, 0)
+			}
+		})
+	}
+}
+
+func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }

@@ -1,0 +1,307 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"runtime"
+	"runtime/pprof"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// TestMain lets the fan-out load test run each server in a child process
+// of its own (this test binary again), so that the server's memory is
+// measured apart from the 5,000 clients'.
+func TestMain(m *testing.M) {
+	if mode := os.Getenv("ATOMKV_CHILD"); mode != "" {
+		childServer(mode)
+		return
+	}
+	os.Exit(m.Run())
+}
+
+// childServer serves on 127.0.0.1, prints "addr=<address>", then answers
+// each "mem" line on stdin with "mem <heap+stack bytes in use>", and exits
+// when stdin closes.
+func childServer(mode string) {
+	if path := os.Getenv("ATOMKV_CPUPROFILE"); path != "" {
+		f, err := os.Create(path + "." + mode)
+		if err == nil && pprof.StartCPUProfile(f) == nil {
+			defer pprof.StopCPUProfile()
+		}
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	out := &lockedWriter{w: os.Stdout}
+	done := make(chan struct{})
+	if mode == "atomkv" {
+		go func() {
+			defer close(done)
+			if err := run(ctx, []string{"-addr", "127.0.0.1:0"}, os.Getenv, out); err != nil {
+				fmt.Fprintln(os.Stderr, err)
+			}
+		}()
+	} else {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			panic(err)
+		}
+		hs := &http.Server{Handler: newBareBroadcast()}
+		go hs.Serve(ln)
+		fmt.Fprintf(out, "msg=listening addr=%s\n", ln.Addr())
+		go func() { <-ctx.Done(); hs.Close(); close(done) }()
+	}
+	sc := bufio.NewScanner(os.Stdin)
+	for sc.Scan() {
+		runtime.GC()
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		fmt.Fprintf(out, "mem %d\n", ms.HeapInuse+ms.StackInuse)
+	}
+	cancel()
+	<-done
+}
+
+type lockedWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (l *lockedWriter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.Write(p)
+}
+
+// bareBroadcast is the yardstick: the plain net/http SSE broadcast loop,
+// one goroutine per stream and one write + flush per event. POST sends
+// the body to every stream; a stream whose buffer is full misses it.
+type bareBroadcast struct {
+	mu   sync.Mutex
+	subs map[chan []byte]bool
+}
+
+func newBareBroadcast() *bareBroadcast { return &bareBroadcast{subs: map[chan []byte]bool{}} }
+
+func (b *bareBroadcast) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == "POST" {
+		body, _ := io.ReadAll(r.Body)
+		b.mu.Lock()
+		for ch := range b.subs {
+			select {
+			case ch <- body:
+			default:
+			}
+		}
+		b.mu.Unlock()
+		return
+	}
+	ch := make(chan []byte, 64)
+	b.mu.Lock()
+	b.subs[ch] = true
+	b.mu.Unlock()
+	defer func() { b.mu.Lock(); delete(b.subs, ch); b.mu.Unlock() }()
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Write([]byte("retry: 2000\n\n"))
+	rc := http.NewResponseController(w)
+	rc.Flush()
+	for {
+		select {
+		case data := <-ch:
+			fmt.Fprintf(w, "id: /k:0\ndata: %s\n\n", data)
+			if rc.Flush() != nil {
+				return
+			}
+		case <-r.Context().Done():
+			return
+		}
+	}
+}
+
+// child is a server running in a child process.
+type child struct {
+	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	lines *bufio.Scanner
+	addr  string
+}
+
+func startChild(t *testing.T, mode string) *child {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "ATOMKV_CHILD="+mode)
+	stdin, _ := cmd.StdinPipe()
+	stdout, _ := cmd.StdoutPipe()
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := &child{cmd: cmd, stdin: stdin, lines: bufio.NewScanner(stdout)}
+	for c.lines.Scan() {
+		if _, a, ok := strings.Cut(c.lines.Text(), "addr="); ok {
+			c.addr = strings.Fields(a)[0]
+			break
+		}
+	}
+	if c.addr == "" {
+		t.Fatal("child server did not start")
+	}
+	t.Cleanup(func() { stdin.Close(); cmd.Wait() })
+	return c
+}
+
+func (c *child) mem() uint64 {
+	fmt.Fprintln(c.stdin, "mem")
+	for c.lines.Scan() {
+		var n uint64
+		if _, err := fmt.Sscanf(c.lines.Text(), "mem %d", &n); err == nil {
+			return n
+		}
+	}
+	return 0
+}
+
+// fanout is what one run of the load measured.
+type fanout struct {
+	delivered, expected int64
+	converged           int
+	p50, p99            time.Duration
+	memPerSub           float64
+}
+
+// runFanout connects subs SSE clients to the child's /k, sends updates
+// POSTs of {"t": <send time>, "i": <n>} to /k, and waits for every client
+// to see the last one (or gives up after a while).
+func runFanout(t *testing.T, c *child, subs, updates int) fanout {
+	base := c.mem()
+	type client struct {
+		last      atomic.Int64
+		delivered atomic.Int64
+		latencies []time.Duration
+	}
+	clients := make([]*client, subs)
+	var ready, wg sync.WaitGroup
+	var conns []net.Conn
+	for i := range clients {
+		cl := &client{}
+		cl.last.Store(-1)
+		clients[i] = cl
+		conn, err := net.Dial("tcp", c.addr)
+		if err != nil {
+			t.Fatalf("client %d: %v", i, err)
+		}
+		conns = append(conns, conn)
+		fmt.Fprintf(conn, "GET /k HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+		ready.Add(1)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := bufio.NewReaderSize(conn, 4096)
+			started := false
+			for {
+				line, err := r.ReadSlice('\n')
+				if err != nil {
+					if !started {
+						ready.Done()
+					}
+					return
+				}
+				if !started && strings.HasPrefix(string(line), "retry:") {
+					started = true
+					ready.Done()
+				}
+				// data: {"t":<ns>,"i":<n>}, parsed by hand: the clients
+				// share the CPU with the server and must cost little.
+				if data, ok := bytes.CutPrefix(line, []byte(`data: {"t":`)); ok {
+					tpart, ipart, _ := bytes.Cut(data, []byte(`,"i":`))
+					sent, _ := strconv.ParseInt(string(tpart), 10, 64)
+					n, _ := strconv.ParseInt(string(bytes.TrimRight(ipart, "}\n")), 10, 64)
+					cl.latencies = append(cl.latencies, time.Duration(time.Now().UnixNano()-sent))
+					cl.delivered.Add(1)
+					cl.last.Store(n)
+				}
+			}
+		}()
+	}
+	ready.Wait()
+	idle := c.mem()
+
+	post := &http.Client{}
+	for i := range updates {
+		body := fmt.Sprintf(`{"t":%d,"i":%d}`, time.Now().UnixNano(), i)
+		resp, err := post.Post("http://"+c.addr+"/k", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		time.Sleep(10 * time.Millisecond)
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	converged := 0
+	for time.Now().Before(deadline) {
+		converged = 0
+		for _, cl := range clients {
+			if cl.last.Load() == int64(updates-1) {
+				converged++
+			}
+		}
+		if converged == subs {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	for _, conn := range conns {
+		conn.Close()
+	}
+	wg.Wait()
+	var f fanout
+	var all []time.Duration
+	for _, cl := range clients {
+		f.delivered += cl.delivered.Load()
+		all = append(all, cl.latencies...)
+	}
+	slices.Sort(all)
+	f.expected = int64(subs * updates)
+	f.converged = converged
+	if len(all) > 0 {
+		f.p50, f.p99 = all[len(all)/2], all[len(all)*99/100]
+	}
+	f.memPerSub = float64(int64(idle)-int64(base)) / float64(subs)
+	return f
+}
+
+// TestLoadFanout: 5,000 SSE subscribers of one key over loopback, 300
+// updates 10 ms apart, against AtomKV and against the bare broadcast loop
+// in the same run. It reports and checks convergence (every subscriber
+// must end at the final revision: that is correctness, not speed) and
+// prints the latency and memory figures for README.md.
+func TestLoadFanout(t *testing.T) {
+	needLoad(t)
+	const subs, updates = 5000, 300
+	results := map[string]fanout{}
+	for _, mode := range []string{"bare", "atomkv"} {
+		c := startChild(t, mode)
+		f := runFanout(t, c, subs, updates)
+		results[mode] = f
+		fmt.Printf("%-6s: delivered %d/%d, %d/%d subscribers at the final update, latency p50 %v p99 %v, %.0f B per idle subscriber\n",
+			mode, f.delivered, f.expected, f.converged, subs, f.p50.Round(time.Microsecond), f.p99.Round(time.Microsecond), f.memPerSub)
+	}
+	a, b := results["atomkv"], results["bare"]
+	fmt.Printf("atomkv / bare: p99 latency %.2f×, memory per idle subscriber %.2f×\n",
+		float64(a.p99)/float64(b.p99), a.memPerSub/b.memPerSub)
+	if a.converged != subs {
+		t.Errorf("%d of %d AtomKV subscribers ended at the final revision; want all", a.converged, subs)
+	}
+}
