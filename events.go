@@ -1,6 +1,7 @@
 package main
 
 import (
+	"io"
 	"net"
 	"net/http"
 	"strconv"
@@ -26,7 +27,8 @@ type event struct {
 // blocks, and once the pending set has grown to its working size it does
 // not allocate.
 type coalescer struct {
-	wake chan struct{} // signalled when pending goes from empty to not
+	wake   chan struct{} // signalled after a push, unless notify is set
+	notify func()        // called after a push instead, if not nil
 
 	mu      sync.Mutex
 	pending []event
@@ -53,6 +55,10 @@ func (q *coalescer) push(ev event) {
 		q.pending = append(q.pending, ev)
 	}
 	q.mu.Unlock()
+	if q.notify != nil {
+		q.notify()
+		return
+	}
 	select {
 	case q.wake <- struct{}{}:
 	default: // already signalled
@@ -216,10 +222,13 @@ func appendSSE(b []byte, ev event) []byte {
 
 // streams counts and stops the long-lived connections (event streams and
 // WebSockets), which http.Server.Shutdown does not wait for or close.
+// Event streams watch closing; idle WebSockets have no goroutine that
+// could, so their connections are closed for them.
 type streams struct {
 	max     int64 // 0: unlimited
 	mu      sync.Mutex
 	n       int64
+	conns   map[io.Closer]bool // closed on shutdown
 	wg      sync.WaitGroup
 	closing chan struct{}
 }
@@ -257,10 +266,34 @@ func (c *streams) Len() int64 {
 	return c.n
 }
 
+// track has conn closed on shutdown until untrack is called. It reports
+// false, and does not track conn, if the server is already closing.
+func (c *streams) track(conn io.Closer) (untrack func(), ok bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	select {
+	case <-c.closing:
+		return nil, false
+	default:
+	}
+	if c.conns == nil {
+		c.conns = make(map[io.Closer]bool)
+	}
+	c.conns[conn] = true
+	return func() {
+		c.mu.Lock()
+		delete(c.conns, conn)
+		c.mu.Unlock()
+	}, true
+}
+
 // close tells every stream to end and waits until they have.
 func (c *streams) close() {
 	c.mu.Lock()
 	close(c.closing)
+	for conn := range c.conns {
+		conn.Close()
+	}
 	c.mu.Unlock()
 	c.wg.Wait()
 }

@@ -68,7 +68,7 @@ func childServer(mode string) {
 		runtime.GC()
 		var ms runtime.MemStats
 		runtime.ReadMemStats(&ms)
-		fmt.Fprintf(out, "mem %d\n", ms.HeapInuse+ms.StackInuse)
+		fmt.Fprintf(out, "mem %d heap %d stack %d goroutines %d\n", ms.HeapInuse+ms.StackInuse, ms.HeapInuse, ms.StackInuse, runtime.NumGoroutine())
 	}
 	cancel()
 	<-done

@@ -7,6 +7,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/sha256"
@@ -57,6 +58,7 @@ type config struct {
 	logRequests   bool
 	defaultTTL    ttlFlag
 	maxSubs       int64
+	kvserverREST  string
 }
 
 // ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
@@ -89,6 +91,7 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.StringVar(&c.origins, "origins", "*", "comma-separated `origins` allowed by CORS and WebSocket, or *")
 	fs.BoolVar(&c.logRequests, "log-requests", false, "log one line per request")
 	fs.Int64Var(&c.maxSubs, "max-subscribers", 0, "most open event streams and WebSockets, 0 for no limit (503 past it)")
+	fs.StringVar(&c.kvserverREST, "kvserver-rest", "", "serve KvServer's REST shape under this `path`, e.g. /storage (off if empty)")
 	fs.Var(&c.defaultTTL, "default-ttl", "TTL of every key written without one, e.g. 24h (0: keys without a TTL never expire)")
 
 	var envErr error
@@ -118,6 +121,9 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 		return c, errors.New("-max-keys and -max-subscribers must not be negative")
 	case c.heartbeat <= 0 || c.writeTimeout <= 0:
 		return c, errors.New("-heartbeat and -write-timeout must be positive")
+	}
+	if err := checkRESTPrefix(c.kvserverREST); err != nil {
+		return c, err
 	}
 	return c, nil
 }
@@ -157,13 +163,20 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	case <-ctx.Done():
 	}
 
+	// Streams first: Shutdown does not know of them (their connections
+	// were hijacked), and they must not wait behind it.
+	srv.close()
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	err = hs.Shutdown(shutdownCtx) // stops accepting, waits for plain requests
-	srv.close()                    // ends the streams Shutdown does not know of
+	if err := hs.Shutdown(shutdownCtx); err != nil {
+		// A request still running, or a connection that never sent one
+		// (Shutdown waits 5 s for those): stop waiting.
+		log.Warn("shutdown timed out; closing the remaining connections", "err", err)
+		hs.Close()
+	}
 	<-served
 	log.Info("stopped")
-	return err
+	return nil
 }
 
 // server answers the HTTP API for one store.
@@ -213,6 +226,11 @@ func (s *server) routes() http.Handler {
 	mux.HandleFunc("PUT /", s.handleUpdate)
 	mux.HandleFunc("DELETE /", s.handleDelete)
 	mux.HandleFunc("OPTIONS /", s.handlePreflight)
+	if p := s.cfg.kvserverREST; p != "" {
+		mux.HandleFunc("GET "+p+"/", s.handleRESTGet)
+		mux.HandleFunc("POST "+p+"/", s.handleRESTSet)
+		mux.HandleFunc("DELETE "+p+"/", s.handleRESTDelete)
+	}
 	// Every other method: ServeMux would answer 405 itself, but with a
 	// plain-text body, and every error here is JSON.
 	mux.HandleFunc("/", s.handleMethodNotAllowed)
@@ -277,10 +295,14 @@ func (s *server) handleMethodNotAllowed(w http.ResponseWriter, r *http.Request) 
 	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed", r.Method))
 }
 
-// handleRoot answers GET /: the JavaScript client, or with Accept:
-// application/json the listing of every key, or with Accept:
-// text/event-stream the changes of every key.
+// handleRoot answers GET /: the JavaScript client; or, upgraded, the
+// WebSocket API; or with Accept: application/json the listing of every
+// key; or with Accept: text/event-stream the changes of every key.
 func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
+	if isWebSocket(r) {
+		s.handleWebSocket(w, r)
+		return
+	}
 	if accepts(r, "text/event-stream") {
 		s.handleEvents(w, r, "/")
 		return
@@ -608,3 +630,10 @@ func (r *statusRecorder) WriteHeader(code int) {
 }
 
 func (r *statusRecorder) Unwrap() http.ResponseWriter { return r.ResponseWriter }
+
+// Hijack passes the connection on: x/net/websocket asserts http.Hijacker
+// rather than using http.ResponseController.
+func (r *statusRecorder) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+	r.code = http.StatusSwitchingProtocols
+	return http.NewResponseController(r.ResponseWriter).Hijack()
+}

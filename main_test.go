@@ -19,6 +19,14 @@ import (
 // given flags and returns its base URL. It stops when the test ends.
 func startServer(t testing.TB, args ...string) string {
 	t.Helper()
+	url, _ := startStoppable(t, args...)
+	return url
+}
+
+// startStoppable is startServer that also returns a stop function, which
+// returns once run has; the test's end calls it too.
+func startStoppable(t testing.TB, args ...string) (url string, stop func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	pr, pw := io.Pipe()
 	done := make(chan error, 1)
@@ -29,7 +37,6 @@ func startServer(t testing.TB, args ...string) string {
 	}()
 	addr := regexp.MustCompile(`msg=listening addr=(\S+)`)
 	sc := bufio.NewScanner(pr)
-	var url string
 	for sc.Scan() {
 		if m := addr.FindStringSubmatch(sc.Text()); m != nil {
 			url = "http://" + m[1]
@@ -41,13 +48,18 @@ func startServer(t testing.TB, args ...string) string {
 		cancel()
 		t.Fatalf("server did not start: %v", <-done)
 	}
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("run: %v", err)
-		}
-	})
-	return url
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			client.CloseIdleConnections()
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("run: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
+	return url, stop
 }
 
 // client is shared by the tests so they reuse connections.

@@ -333,7 +333,7 @@ func (s *Store) Subscribe(path string, q *coalescer, initial bool) {
 	}
 	if !strings.HasSuffix(path, "/") {
 		sl := s.lock(path)
-		q.push(event{key: path, e: s.unexpired(sl.load()), why: deleted})
+		q.push(event{key: path, e: s.unexpired(sl.load()), why: changed}) // nil e: missing, for no reason
 		s.release(path, sl)
 		sl.mu.Unlock()
 		return

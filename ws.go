@@ -1,0 +1,513 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// The WebSocket API is KvServer's protocol, extended: text frames holding
+// one JSON message each, {"type": T, "payload": P} plus an optional "id"
+// that the direct reply echoes. See README.md for every message.
+
+// isWebSocket reports whether r asks to upgrade to a WebSocket.
+func isWebSocket(r *http.Request) bool {
+	return strings.EqualFold(r.Header.Get("Upgrade"), "websocket") &&
+		headerHasToken(r.Header, "Connection", "upgrade")
+}
+
+// headerHasToken reports whether a comma-separated header lists token.
+func headerHasToken(h http.Header, name, token string) bool {
+	for _, v := range h.Values(name) {
+		for t := range strings.SplitSeq(v, ",") {
+			if strings.EqualFold(strings.TrimSpace(t), token) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// handleWebSocket answers GET / with Upgrade: websocket.
+//
+// websocket.Server would run the connection on net/http's goroutine for
+// it, which keeps that goroutine's deep stack, its 4 KB read and write
+// buffers and the request's state alive as long as the socket lives. So
+// the handler hijacks the connection itself, hands it to websocket.Server
+// on a fresh goroutine with small buffers, and returns. An idle WebSocket
+// then costs about a third as much.
+func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
+	if !s.streams.reserve() {
+		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
+		return
+	}
+	conn, buf, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		s.streams.done()
+		serveError(w, http.StatusHTTPVersionNotSupported, "WebSocket needs HTTP/1.1")
+		return
+	}
+	rw := bufio.NewReadWriter(buf.Reader, bufio.NewWriterSize(conn, 1024))
+	if buf.Reader.Buffered() == 0 { // else keep it: it holds the client's first bytes
+		rw.Reader = bufio.NewReaderSize(conn, 512)
+	}
+	go func() {
+		defer s.streams.done()
+		ws := websocket.Server{Handshake: s.checkOrigin, Handler: s.serveWebSocket}
+		ws.ServeHTTP(&hijacked{conn, rw}, r)
+	}()
+}
+
+// hijacked is the http.ResponseWriter websocket.Server gets: a connection
+// already hijacked, which its Hijack hands over. Everything it writes goes
+// through the ReadWriter.
+type hijacked struct {
+	conn net.Conn
+	rw   *bufio.ReadWriter
+}
+
+func (h *hijacked) Header() http.Header                          { return http.Header{} }
+func (h *hijacked) Write([]byte) (int, error)                    { return 0, http.ErrHijacked }
+func (h *hijacked) WriteHeader(int)                              {}
+func (h *hijacked) Hijack() (net.Conn, *bufio.ReadWriter, error) { return h.conn, h.rw, nil }
+
+// checkOrigin applies the -origins policy to a WebSocket handshake. A
+// client that sends no Origin (not a browser: a CLI tool, a server) is
+// accepted: the policy protects browser users from other pages.
+func (s *server) checkOrigin(cfg *websocket.Config, r *http.Request) error {
+	origin := r.Header.Get("Origin")
+	if origin != "" {
+		u, err := url.Parse(origin)
+		if err != nil {
+			return fmt.Errorf("bad Origin %q", origin)
+		}
+		cfg.Origin = u
+	}
+	if origin == "" || s.origins == nil || s.origins[origin] {
+		return nil
+	}
+	return fmt.Errorf("origin %q not allowed", origin)
+}
+
+// wsConn is one WebSocket client. The reader (the connection's goroutine)
+// answers messages; replies and events leave, in the order they were
+// queued, from one coalescing queue, so a slow client skips intermediate
+// revisions of a key as a slow event stream does. A writer goroutine runs
+// only while there is something to send: an idle connection has just its
+// parked reader.
+type wsConn struct {
+	s    *server
+	ws   *websocket.Conn
+	q    *coalescer
+	subs map[string]bool // watched paths; only the reader touches it
+
+	mu      sync.Mutex
+	writing bool // a flush goroutine runs; guarded by mu
+	closed  bool // no more flushes may start; guarded by mu
+	flushes sync.WaitGroup
+}
+
+func newWSConn(s *server, ws *websocket.Conn) *wsConn {
+	c := &wsConn{s: s, ws: ws, subs: make(map[string]bool)}
+	c.q = &coalescer{notify: c.wake}
+	return c
+}
+
+// serveWebSocket runs one connection until the client leaves, a write
+// fails or stalls for -write-timeout, or the server shuts down.
+func (s *server) serveWebSocket(ws *websocket.Conn) {
+	// The envelope, the key and an id need room beside the largest value.
+	ws.MaxPayloadBytes = int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096
+	// The HTTP server's ReadTimeout set a deadline for the request; a
+	// WebSocket lives as long as its client wants.
+	ws.SetReadDeadline(time.Time{})
+	untrack, ok := s.streams.track(ws)
+	if !ok {
+		return // shutting down
+	}
+	defer untrack()
+	c := newWSConn(s, ws)
+	defer c.close()
+	for {
+		var msg []byte
+		err := websocket.Message.Receive(ws, &msg)
+		switch {
+		case errors.Is(err, websocket.ErrFrameTooLarge):
+			c.reply(nil, "error", appendJSONString(nil, fmt.Sprintf("message larger than %d bytes", ws.MaxPayloadBytes)))
+			continue
+		case err != nil:
+			return
+		}
+		c.handle(msg)
+	}
+}
+
+// close ends the connection: no more events, no more flushes, and it
+// returns when the last flush has.
+func (c *wsConn) close() {
+	for path := range c.subs {
+		c.s.store.Unsubscribe(path, c.q)
+	}
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.ws.Close() // ends a flush stuck in a write
+	c.flushes.Wait()
+}
+
+// wake starts a flush unless one is running. The queue calls it after
+// every push, so it must not block.
+func (c *wsConn) wake() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.writing || c.closed {
+		return
+	}
+	c.writing = true
+	c.flushes.Add(1)
+	go c.flush()
+}
+
+// flush sends what is queued until the queue is empty, then ends. On a
+// failed or stalled write it closes the connection, which ends the reader.
+func (c *wsConn) flush() {
+	defer c.flushes.Done()
+	for {
+		batch := c.q.drain()
+		if len(batch) == 0 {
+			c.mu.Lock()
+			// A push after drain saw writing set and started nothing:
+			// look again before leaving.
+			if c.q.Len() == 0 {
+				c.writing = false
+				c.mu.Unlock()
+				return
+			}
+			c.mu.Unlock()
+			continue
+		}
+		err := c.send(batch)
+		c.q.recycle(batch)
+		if err != nil {
+			c.ws.Close() // writing stays set: this connection is done
+			return
+		}
+	}
+}
+
+// send writes a batch, one frame per message.
+func (c *wsConn) send(batch []event) error {
+	buf := getBuffer()
+	defer putBuffer(buf)
+	c.ws.SetWriteDeadline(time.Now().Add(c.s.cfg.writeTimeout))
+	for _, ev := range batch {
+		msg := ev.raw
+		if msg == nil {
+			buf.Reset()
+			buf.Write(appendWSEvent(buf.AvailableBuffer(), ev))
+			msg = buf.Bytes()
+		}
+		if _, err := c.ws.Write(msg); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// appendWSEvent appends a change as a WebSocket event: value {key, value,
+// revision}, or no-value {key, reason} for a delete or expiry.
+func appendWSEvent(b []byte, ev event) []byte {
+	if ev.e == nil {
+		b = append(b, `{"type":"no-value","payload":{"key":`...)
+		b = appendKey(b, ev.key)
+		if ev.why != changed {
+			b = append(b, `,"reason":"`...)
+			b = append(b, ev.why.String()...)
+			b = append(b, '"')
+		}
+		return append(b, "}}"...)
+	}
+	b = append(b, `{"type":"value","payload":{"key":`...)
+	b = appendKey(b, ev.key)
+	b = append(b, `,"value":`...)
+	b = append(b, ev.e.value...)
+	b = append(b, `,"revision":`...)
+	b = strconv.AppendInt(b, ev.e.revision, 10)
+	return append(b, "}}"...)
+}
+
+// wsMessage is a client's message. Fields stay raw until the type says
+// what they must be, so that a value is never decoded.
+type wsMessage struct {
+	Type    string          `json:"type"`
+	Payload json.RawMessage `json:"payload"`
+	ID      json.RawMessage `json:"id"`
+}
+
+// wsPayload holds every payload field of every message type.
+type wsPayload struct {
+	Key      *string         `json:"key"`
+	Prefix   *string         `json:"prefix"`
+	Value    json.RawMessage `json:"value"`
+	Revision *int64          `json:"revision"`
+	TTL      json.RawMessage `json:"ttl"`
+	Initial  bool            `json:"initial"`
+}
+
+// handle answers one message.
+func (c *wsConn) handle(data []byte) {
+	msg, p, err := decodeMessage(data)
+	if err != nil {
+		c.reply(msg.ID, "error", appendJSONString(nil, err.Error()))
+		return
+	}
+	fail := func(err error) { c.reply(msg.ID, "error", appendJSONString(nil, err.Error())) }
+	s := c.s
+	switch msg.Type {
+	case "get":
+		key, err := c.key(p.Key)
+		if err != nil {
+			fail(err)
+			return
+		}
+		if e := s.store.Get(key); e != nil {
+			c.reply(msg.ID, "value", s.appendValuePayload(nil, key, e))
+		} else {
+			c.reply(msg.ID, "no-value", appendKeyPayload(nil, key))
+		}
+	case "set", "update":
+		key, value, ttl, err := c.write(p)
+		if err != nil {
+			fail(err)
+			return
+		}
+		var e *entry
+		if msg.Type == "set" {
+			e, err = s.store.Set(key, value, ttl)
+		} else if p.Revision == nil {
+			fail(errors.New(`update: missing "revision": the revision the write will have (0 to create)`))
+			return
+		} else {
+			e, err = s.store.CompareAndSwap(key, value, *p.Revision, ttl)
+		}
+		var conflict *conflictError
+		switch {
+		case errors.As(err, &conflict):
+			c.replyConflict(msg.ID, key, conflict.cur)
+		case err != nil:
+			fail(c.storeError(err))
+		case msg.Type == "update" || msg.ID != nil:
+			c.reply(msg.ID, "ok", appendRevisionPayload(nil, key, e.revision))
+		}
+	case "delete":
+		key, err := c.key(p.Key)
+		if err != nil {
+			fail(err)
+			return
+		}
+		rev := int64(-1)
+		if p.Revision != nil {
+			rev = *p.Revision
+		}
+		_, err = s.store.Delete(key, rev)
+		var conflict *conflictError
+		switch {
+		case errors.As(err, &conflict):
+			c.replyConflict(msg.ID, key, conflict.cur)
+		case err != nil:
+			fail(c.storeError(err))
+		case msg.ID != nil:
+			c.reply(msg.ID, "ok", appendKeyPayload(nil, key))
+		}
+	case "subscribe", "unsubscribe":
+		if p.Key == nil {
+			fail(fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, msg.Type))
+			return
+		}
+		path := *p.Key
+		if err := checkPath(path, s.cfg.maxKeyBytes); err != nil {
+			fail(err)
+			return
+		}
+		// The reply is queued before any event, so it arrives first.
+		if msg.ID != nil {
+			c.reply(msg.ID, "ok", appendKeyPayload(nil, path))
+		}
+		if msg.Type == "subscribe" {
+			c.subs[path] = true
+			s.store.Subscribe(path, c.q, p.Initial)
+		} else if c.subs[path] {
+			delete(c.subs, path)
+			s.store.Unsubscribe(path, c.q)
+		}
+	case "list":
+		prefix := "/"
+		if p.Prefix != nil {
+			prefix = *p.Prefix
+		}
+		if !strings.HasSuffix(prefix, "/") {
+			prefix += "/"
+		}
+		if err := checkPath(prefix, s.cfg.maxKeyBytes); err != nil {
+			fail(err)
+			return
+		}
+		now := s.store.now()
+		b := []byte{'['}
+		for i, it := range s.store.List(prefix) {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendItem(b, it, now)
+		}
+		c.reply(msg.ID, "values", append(b, ']'))
+	default:
+		fail(fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+	}
+}
+
+// decodeMessage parses a message and its payload. On error the message
+// holds whatever id could be read, so the error can echo it.
+func decodeMessage(data []byte) (wsMessage, wsPayload, error) {
+	var msg wsMessage
+	var p wsPayload
+	if err := json.Unmarshal(data, &msg); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			return msg, p, fmt.Errorf("invalid message: %q must be %s", typeErr.Field, wantType(typeErr.Field))
+		}
+		if errors.As(err, &typeErr) {
+			return msg, p, errors.New(`invalid message: want a JSON object {"type": …, "payload": …}`)
+		}
+		return msg, p, fmt.Errorf("invalid message: not JSON: %v", err)
+	}
+	if msg.Type == "" {
+		return msg, p, errors.New(`invalid message: missing "type"`)
+	}
+	if len(msg.Payload) == 0 || string(msg.Payload) == "null" {
+		return msg, p, fmt.Errorf(`%s: missing "payload"`, msg.Type)
+	}
+	if err := json.Unmarshal(msg.Payload, &p); err != nil {
+		var typeErr *json.UnmarshalTypeError
+		if errors.As(err, &typeErr) && typeErr.Field != "" {
+			return msg, p, fmt.Errorf("%s: %q must be %s", msg.Type, typeErr.Field, wantType(typeErr.Field))
+		}
+		return msg, p, fmt.Errorf(`%s: "payload" must be an object`, msg.Type)
+	}
+	return msg, p, nil
+}
+
+func wantType(field string) string {
+	switch field {
+	case "revision":
+		return "an integer"
+	case "initial":
+		return "true or false"
+	}
+	return "a string"
+}
+
+// key checks a payload's key.
+func (c *wsConn) key(k *string) (string, error) {
+	if k == nil {
+		return "", errors.New(`missing "key"`)
+	}
+	return *k, checkKey(*k, c.s.cfg.maxKeyBytes)
+}
+
+// write checks the key, value and TTL of a set or update.
+func (c *wsConn) write(p wsPayload) (key, value string, ttl time.Duration, err error) {
+	if key, err = c.key(p.Key); err != nil {
+		return "", "", 0, err
+	}
+	if p.Value == nil {
+		return "", "", 0, errors.New(`missing "value" (null is a value: send "value": null)`)
+	}
+	if value, err = compactValue(p.Value); err != nil {
+		return "", "", 0, err
+	}
+	if int64(len(value)) > c.s.cfg.maxValueBytes {
+		return "", "", 0, fmt.Errorf("value larger than %d bytes", c.s.cfg.maxValueBytes)
+	}
+	if p.TTL != nil && string(p.TTL) != "null" {
+		if ttl, err = ttlFromJSON(p.TTL); err != nil {
+			return "", "", 0, err
+		}
+	}
+	return key, value, ttl, nil
+}
+
+// storeError is the message for a store error other than a conflict.
+func (c *wsConn) storeError(err error) error {
+	if errors.Is(err, errFull) {
+		return fmt.Errorf("store is full: at most %d keys", c.s.cfg.maxKeys)
+	}
+	c.s.log.Error("write failed", "err", err)
+	return errors.New("internal error")
+}
+
+// reply queues {"type": typ, "payload": payload[, "id": id]}.
+func (c *wsConn) reply(id json.RawMessage, typ string, payload []byte) {
+	b := make([]byte, 0, len(payload)+len(typ)+len(id)+32)
+	b = append(b, `{"type":"`...)
+	b = append(b, typ...)
+	b = append(b, `","payload":`...)
+	b = append(b, payload...)
+	if id != nil {
+		b = append(b, `,"id":`...)
+		var compact bytes.Buffer
+		json.Compact(&compact, id) // id came from a message that parsed
+		b = append(b, compact.Bytes()...)
+	}
+	c.q.push(event{raw: append(b, '}')})
+}
+
+// replyConflict queues conflict {key, value, revision}: the current state.
+func (c *wsConn) replyConflict(id json.RawMessage, key string, cur *entry) {
+	b := append(append([]byte(`{"key":`), appendKey(nil, key)...), `,"value":`...)
+	rev := int64(noRevision)
+	if cur != nil {
+		b = append(b, cur.value...)
+		rev = cur.revision
+	} else {
+		b = append(b, "null"...)
+	}
+	b = append(b, `,"revision":`...)
+	b = strconv.AppendInt(b, rev, 10)
+	c.reply(id, "conflict", append(b, '}'))
+}
+
+// appendValuePayload appends {key, value, revision[, ttl]}.
+func (s *server) appendValuePayload(b []byte, key string, e *entry) []byte {
+	return appendItem(b, item{key, e}, s.store.now())
+}
+
+func appendKeyPayload(b []byte, key string) []byte {
+	b = append(b, `{"key":`...)
+	b = appendKey(b, key)
+	return append(b, '}')
+}
+
+func appendRevisionPayload(b []byte, key string, rev int64) []byte {
+	b = append(b, `{"key":`...)
+	b = appendKey(b, key)
+	b = append(b, `,"revision":`...)
+	b = strconv.AppendInt(b, rev, 10)
+	return append(b, '}')
+}
+
+func appendJSONString(b []byte, s string) []byte {
+	q, _ := json.Marshal(s)
+	return append(b, q...)
+}

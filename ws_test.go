@@ -1,0 +1,516 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// wsClient is a test's WebSocket connection.
+type wsClient struct {
+	t  testing.TB
+	ws *websocket.Conn
+}
+
+// dialWS connects to the server at url, sending origin (by default a page
+// on localhost: x/net's client always sends one).
+func dialWS(t testing.TB, url string, origin string) *wsClient {
+	t.Helper()
+	if origin == "" {
+		origin = "http://localhost/"
+	}
+	cfg, err := websocket.NewConfig(strings.Replace(url, "http://", "ws://", 1)+"/", origin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	return &wsClient{t, ws}
+}
+
+func (c *wsClient) send(msg string) {
+	c.t.Helper()
+	if err := websocket.Message.Send(c.ws, msg); err != nil {
+		c.t.Fatalf("send %s: %v", msg, err)
+	}
+}
+
+// recv returns the next message as compact JSON text.
+func (c *wsClient) recv() string {
+	c.t.Helper()
+	c.ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var msg string
+	if err := websocket.Message.Receive(c.ws, &msg); err != nil {
+		c.t.Fatalf("receive: %v", err)
+	}
+	return msg
+}
+
+// roundTrip sends msg and checks the next message is want.
+func (c *wsClient) roundTrip(msg, want string) {
+	c.t.Helper()
+	c.send(msg)
+	if got := c.recv(); got != want {
+		c.t.Errorf("sent %s\n got %s\nwant %s", msg, got, want)
+	}
+}
+
+// sync sends a get and reads up to its reply, which proves every message
+// sent before it was handled.
+func (c *wsClient) sync() {
+	c.t.Helper()
+	c.send(`{"type":"get","payload":{"key":"/sync"},"id":"sync"}`)
+	for c.recv() != `{"type":"no-value","payload":{"key":"/sync"},"id":"sync"}` {
+	}
+}
+
+// TestWebSocketMessages walks every message type, with and without id,
+// over a real connection. Each step lists the messages it must bring, in
+// order; a step that must bring none is proved silent by the next step's
+// reply coming first.
+func TestWebSocketMessages(t *testing.T) {
+	url := startServer(t)
+	c := dialWS(t, url, "")
+	steps := []struct{ send, want string }{
+		{`{"type":"get","payload":{"key":"/a"}}`, `{"type":"no-value","payload":{"key":"/a"}}`},
+		{`{"type":"get","payload":{"key":"/a"},"id":1}`, `{"type":"no-value","payload":{"key":"/a"},"id":1}`},
+		{`{"type":"set","payload":{"key":"/a","value":{"b":[1, 2]}}}`, ""},
+		{`{"type":"get","payload":{"key":"/a"}}`, `{"type":"value","payload":{"key":"/a","value":{"b":[1,2]},"revision":0}}`},
+		{`{"type":"set","payload":{"key":"/a","value":12345678901234567890},"id":"s1"}`, `{"type":"ok","payload":{"key":"/a","revision":1},"id":"s1"}`},
+		{`{"type":"update","payload":{"key":"/a","value":3,"revision":2}}`, `{"type":"ok","payload":{"key":"/a","revision":2}}`},
+		{`{"type":"update","payload":{"key":"/a","value":4,"revision":2},"id":{"n":[1]}}`, `{"type":"conflict","payload":{"key":"/a","value":3,"revision":2},"id":{"n":[1]}}`},
+		{`{"type":"update","payload":{"key":"/new","value":null,"revision":0}}`, `{"type":"ok","payload":{"key":"/new","revision":0}}`},
+		{`{"type":"update","payload":{"key":"/none","value":1,"revision":5}}`, `{"type":"conflict","payload":{"key":"/none","value":null,"revision":-1}}`},
+		{`{"type":"delete","payload":{"key":"/a","revision":7}}`, `{"type":"conflict","payload":{"key":"/a","value":3,"revision":2}}`},
+		{`{"type":"delete","payload":{"key":"/a"}}`, ""},
+		{`{"type":"get","payload":{"key":"/a"}}`, `{"type":"no-value","payload":{"key":"/a"}}`},
+		{`{"type":"delete","payload":{"key":"/new","revision":0},"id":2}`, `{"type":"ok","payload":{"key":"/new"},"id":2}`},
+		{`{"type":"set","payload":{"key":"/t/x","value":1,"ttl":"1h"}}`, ""},
+		{`{"type":"set","payload":{"key":"/t/y","value":2,"ttl":60000}}`, ""},
+		{`{"type":"list","payload":{"prefix":"/t/"},"id":3}`, ""}, // checked below: ttl counts down
+		{`{"type":"list","payload":{"prefix":"/nothing/"}}`, `{"type":"values","payload":[]}`},
+		{`{"type":"subscribe","payload":{"key":"/s/"}}`, ""},
+		{`{"type":"set","payload":{"key":"/s/1","value":"x"}}`, `{"type":"value","payload":{"key":"/s/1","value":"x","revision":0}}`},
+		{`{"type":"delete","payload":{"key":"/s/1"}}`, `{"type":"no-value","payload":{"key":"/s/1","reason":"deleted"}}`},
+		{`{"type":"unsubscribe","payload":{"key":"/s/"},"id":4}`, `{"type":"ok","payload":{"key":"/s/"},"id":4}`},
+		{`{"type":"set","payload":{"key":"/s/2","value":"unseen"}}`, ""},
+		{`{"type":"unsubscribe","payload":{"key":"/s/"}}`, ""},
+		// The reply is queued before the initial state, so it comes first.
+		{`{"type":"subscribe","payload":{"key":"/s/2","initial":true},"id":5}`,
+			`{"type":"ok","payload":{"key":"/s/2"},"id":5}` + "\n" + `{"type":"value","payload":{"key":"/s/2","value":"unseen","revision":0}}`},
+		{`{"type":"subscribe","payload":{"key":"/missing","initial":true}}`, `{"type":"no-value","payload":{"key":"/missing"}}`},
+		{`{"type":"get","payload":{"key":"/zzz"}}`, `{"type":"no-value","payload":{"key":"/zzz"}}`},
+	}
+	for _, st := range steps {
+		c.send(st.send)
+		if strings.Contains(st.send, `"list","payload":{"prefix":"/t/"}`) {
+			// The ttl counts down; check its shape.
+			got := c.recv()
+			if !strings.HasPrefix(got, `{"type":"values","payload":[{"key":"/t/x","value":1,"revision":0,"ttl":3`) ||
+				!strings.Contains(got, `{"key":"/t/y","value":2,"revision":0,"ttl":`) || !strings.HasSuffix(got, `],"id":3}`) {
+				t.Errorf("list: got %s", got)
+			}
+			continue
+		}
+		for want := range strings.SplitSeq(st.want, "\n") {
+			if want == "" {
+				continue
+			}
+			if got := c.recv(); got != want {
+				t.Errorf("sent %s\n got %s\nwant %s", st.send, got, want)
+			}
+		}
+	}
+}
+
+// TestKvServerScenario is KvServer's own protocol, verbatim in its
+// message shapes: nothing but type, payload and key.
+func TestKvServerScenario(t *testing.T) {
+	url := startServer(t)
+	c := dialWS(t, url, "http://any.example")
+	c.send(`{"type":"subscribe","payload":{"key":"/a"}}`)
+	c.send(`{"type":"set","payload":{"key":"/a","value":"hello"}}`)
+	if got, want := c.recv(), `{"type":"value","payload":{"key":"/a","value":"hello","revision":0}}`; got != want {
+		t.Errorf("after set: got %s; want %s", got, want)
+	}
+	c.send(`{"type":"delete","payload":{"key":"/a"}}`)
+	if got, want := c.recv(), `{"type":"no-value","payload":{"key":"/a","reason":"deleted"}}`; got != want {
+		t.Errorf("after delete: got %s; want %s", got, want)
+	}
+	c.roundTrip(`{"type":"get","payload":{"key":"/b"}}`, `{"type":"no-value","payload":{"key":"/b"}}`)
+	c.roundTrip(`{"type":"set","payload":{"key":"/b","value":1,"ttl":"10 parsecs"}}`, `{"type":"error","payload":"invalid TTL \"10 parsecs\": unknown unit \"parsecs\""}`)
+	c.roundTrip(`{"type":"frobnicate","payload":{"key":"/b"}}`, `{"type":"error","payload":"unknown message type \"frobnicate\": want get, set, update, delete, subscribe, unsubscribe or list"}`)
+	c.roundTrip(`{"type":"get","payload":{"key":"/b"}}`, `{"type":"no-value","payload":{"key":"/b"}}`)
+}
+
+// TestWebSocketBadMessages: every bad message gets an error naming what
+// was wrong, with its id if it had one, and the connection goes on.
+func TestWebSocketBadMessages(t *testing.T) {
+	url := startServer(t, "-max-value-bytes", "1000")
+	c := dialWS(t, url, "")
+	c.send(`{"type":"set","payload":{"key":"/keep","value":"safe"}}`)
+	for _, tt := range []struct{ send, msg string }{
+		{`not json`, `invalid message: not JSON`},
+		{`[1,2]`, `invalid message: want a JSON object`},
+		{`"get"`, `invalid message: want a JSON object`},
+		{`{"payload":{"key":"/a"}}`, `invalid message: missing \"type\"`},
+		{`{"type":5,"payload":{}}`, `invalid message: \"type\" must be a string`},
+		{`{"type":"get"}`, `get: missing \"payload\"`},
+		{`{"type":"get","payload":"/a"}`, `get: \"payload\" must be an object`},
+		{`{"type":"get","payload":{}}`, `missing \"key\"`},
+		{`{"type":"get","payload":{"key":5}}`, `get: \"key\" must be a string`},
+		{`{"type":"get","payload":{"key":"a b"}}`, `invalid key \"a b\"`},
+		{`{"type":"set","payload":{"key":"/a//b","value":1}}`, `invalid key \"/a//b\"`},
+		{`{"type":"set","payload":{"key":"/a"}}`, `missing \"value\"`},
+		{`{"type":"set","payload":{"key":"/a","value":1,"ttl":0}}`, `invalid TTL 0: must be positive`},
+		{`{"type":"set","payload":{"key":"/a","value":1,"ttl":"-5s"}}`, `invalid TTL \"-5s\": must be positive`},
+		{`{"type":"set","payload":{"key":"/a","value":1,"ttl":true}}`, `invalid TTL true`},
+		{`{"type":"set","payload":{"key":"/a","value":"` + strings.Repeat("x", 2000) + `"}}`, `value larger than 1000 bytes`},
+		{`{"type":"update","payload":{"key":"/a","value":1}}`, `update: missing \"revision\"`},
+		{`{"type":"update","payload":{"key":"/a","value":1,"revision":"1"}}`, `update: \"revision\" must be an integer`},
+		{`{"type":"update","payload":{"key":"/a","value":1,"revision":1.5}}`, `update: \"revision\" must be an integer`},
+		{`{"type":"subscribe","payload":{}}`, `subscribe: missing \"key\"`},
+		{`{"type":"subscribe","payload":{"key":"/a:b/"}}`, `invalid path \"/a:b/\"`},
+		{`{"type":"subscribe","payload":{"key":"/a","initial":"yes"}}`, `subscribe: \"initial\" must be true or false`},
+		{`{"type":"list","payload":{"prefix":"/a b/"}}`, `invalid path`},
+		{`{"type":"nope","payload":{},"id":[7]}`, `unknown message type \"nope\"`},
+	} {
+		c.send(tt.send)
+		got := c.recv()
+		if !strings.HasPrefix(got, `{"type":"error","payload":"`) || !strings.Contains(got, tt.msg) {
+			t.Errorf("sent %.80s\n got %s\nwant an error containing %s", tt.send, got, tt.msg)
+		}
+		if strings.Contains(tt.send, `"id":[7]`) && !strings.HasSuffix(got, `,"id":[7]}`) {
+			t.Errorf("error did not echo the id: %s", got)
+		}
+	}
+	// A frame over the connection's limit is refused and skipped whole.
+	c.send(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 10000) + `"}}`)
+	if got := c.recv(); !strings.Contains(got, `"type":"error"`) || !strings.Contains(got, "message larger than") {
+		t.Errorf("oversized frame: got %s", got)
+	}
+	c.roundTrip(`{"type":"get","payload":{"key":"/keep"}}`, `{"type":"value","payload":{"key":"/keep","value":"safe","revision":0}}`)
+}
+
+// TestWebSocketOrigins: any origin by default, and clients without one;
+// with -origins, only those listed (and still clients without one).
+func TestWebSocketOrigins(t *testing.T) {
+	url := startServer(t, "-origins", "http://good.example")
+	dialWS(t, url, "http://good.example")
+	cfg, _ := websocket.NewConfig(strings.Replace(url, "http://", "ws://", 1)+"/", "http://evil.example")
+	if ws, err := websocket.DialConfig(cfg); err == nil {
+		ws.Close()
+		t.Error("a WebSocket from a disallowed origin was accepted")
+	}
+	// x/net's client always sends an Origin; a CLI tool may not.
+	for origin, want := range map[string]string{"": "101", "Origin: http://evil.example\r\n": "403"} {
+		conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n", origin)
+		status, _ := bufio.NewReader(conn).ReadString('\n')
+		conn.Close()
+		if !strings.Contains(status, " "+want+" ") {
+			t.Errorf("handshake with %q: got %q; want %s", origin, status, want)
+		}
+	}
+}
+
+// TestWebSocketAndSSESameState: a WebSocket subscriber and an SSE
+// subscriber of one prefix end with the same state after concurrent
+// writes from HTTP and WebSocket clients.
+func TestWebSocketAndSSESameState(t *testing.T) {
+	url := startServer(t)
+	sub := dialWS(t, url, "")
+	sub.send(`{"type":"subscribe","payload":{"key":"/m/"},"id":0}`)
+	sub.recv()
+	sse := subscribe(t, url, "/m/")
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var c *wsClient
+			if w%2 == 0 {
+				c = dialWS(t, url, "")
+			}
+			for i := range 100 {
+				key := fmt.Sprintf("/m/%d", (i+w)%10)
+				if c != nil {
+					c.send(fmt.Sprintf(`{"type":"set","payload":{"key":%q,"value":%d}}`, key, i))
+				} else {
+					do(t, "POST", url+key, fmt.Sprint(i))
+				}
+			}
+			if c != nil {
+				c.sync()
+			}
+		}()
+	}
+	wg.Wait()
+	final := map[string]int64{}
+	for _, it := range listAll(t, url) {
+		final[it.Key] = it.Revision
+	}
+	got := map[string]int64{}
+	for !sameRevisions(got, final) {
+		var ev struct {
+			Type    string
+			Payload struct {
+				Key      string
+				Revision int64
+			}
+		}
+		json.Unmarshal([]byte(sub.recv()), &ev)
+		got[ev.Payload.Key] = ev.Payload.Revision
+	}
+	last := map[string]int64{}
+	for !sameRevisions(last, final) {
+		ev := next(t, sse)
+		last[ev.key] = ev.rev
+	}
+}
+
+func TestWebSocketExpiry(t *testing.T) {
+	url := startServer(t)
+	c := dialWS(t, url, "")
+	c.send(`{"type":"subscribe","payload":{"key":"/e"}}`)
+	c.send(`{"type":"set","payload":{"key":"/e","value":1,"ttl":30}}`)
+	if got := c.recv(); got != `{"type":"value","payload":{"key":"/e","value":1,"revision":0}}` {
+		t.Errorf("got %s", got)
+	}
+	if got := c.recv(); got != `{"type":"no-value","payload":{"key":"/e","reason":"expired"}}` {
+		t.Errorf("expiry: got %s; want no-value with reason expired", got)
+	}
+}
+
+// TestWebSocketShutdown: stopping the server closes every WebSocket, and
+// with -log-requests the upgrade still works (the logger's writer must
+// pass the hijack on).
+func TestWebSocketShutdown(t *testing.T) {
+	url, stop := startStoppable(t, "-log-requests")
+	var clients []*wsClient
+	for range 20 {
+		c := dialWS(t, url, "")
+		c.roundTrip(`{"type":"subscribe","payload":{"key":"/"},"id":1}`, `{"type":"ok","payload":{"key":"/"},"id":1}`)
+		clients = append(clients, c)
+	}
+	stop()
+	for _, c := range clients {
+		c.ws.SetReadDeadline(time.Now().Add(10 * time.Second))
+		var msg string
+		if err := websocket.Message.Receive(c.ws, &msg); err != io.EOF {
+			t.Errorf("after shutdown: got %q, %v; want EOF", msg, err)
+		}
+	}
+}
+
+// TestKvServerREST: the opt-in REST shape and its status codes, and its
+// absence without the flag.
+func TestKvServerREST(t *testing.T) {
+	url := startServer(t, "-kvserver-rest", "/storage")
+	steps := []struct {
+		method, path, body string
+		code               int
+		want               string
+	}{
+		{"GET", "/storage/foo", "", 204, ""},
+		{"POST", "/storage/foo", `{"value": {"a": 1}}`, 202, ""},
+		{"GET", "/storage/foo", "", 200, `{"value":{"a":1}}`},
+		{"GET", "/foo", "", 200, `{"a":1}`}, // the same key natively
+		{"POST", "/storage/a/b", `{"value": null, "ttl": "10 hours 1m 5s"}`, 202, ""},
+		{"GET", "/storage/a/b", "", 200, `{"value":null}`},
+		{"POST", "/storage/n", `{"value": 1, "ttl": 60000}`, 202, ""},
+		{"POST", "/storage/bad", `{"value": 1, "ttl": "soon"}`, 400, ""},
+		{"POST", "/storage/bad", `{"ttl": 5}`, 400, ""},
+		{"POST", "/storage/bad", `{"value": }`, 400, ""},
+		{"POST", "/storage/bad", `[1]`, 400, ""},
+		{"POST", "/storage/a.b", `{"value": 1}`, 400, ""},
+		{"GET", "/storage/a:b", "", 400, ""},
+		{"DELETE", "/storage/foo", "", 200, ""},
+		{"DELETE", "/storage/foo", "", 200, ""},
+		{"GET", "/storage/foo", "", 204, ""},
+	}
+	for _, st := range steps {
+		resp := do(t, st.method, url+st.path, st.body)
+		if resp.code != st.code || (st.want != "" && resp.body != st.want) {
+			t.Errorf("%s %s %s: got %d %s; want %d %s", st.method, st.path, st.body, resp.code, resp.body, st.code, st.want)
+		}
+	}
+	if ttl := do(t, "GET", url+"/n", "").header.Get("X-TTL"); len(ttl) != 5 {
+		t.Errorf("a REST ttl of 60000: X-TTL %q", ttl)
+	}
+
+	plain := startServer(t)
+	if resp := do(t, "POST", plain+"/storage/foo", `{"value":1}`); resp.code != 200 {
+		t.Errorf("without the flag, /storage/foo is an ordinary key: got %d", resp.code)
+	}
+	if resp := do(t, "GET", plain+"/storage/foo", ""); resp.body != `{"value":1}` {
+		t.Errorf("without the flag: got %s; want the stored value as it is", resp.body)
+	}
+	if _, err := parseConfig([]string{"-kvserver-rest", "storage/"}, func(string) string { return "" }, io.Discard); err == nil {
+		t.Error("-kvserver-rest storage/: no error")
+	}
+}
+
+// FuzzDecodeMessage: any frame gets either an error or valid replies,
+// never a panic, and every reply is a JSON object of a known type.
+func FuzzDecodeMessage(f *testing.F) {
+	for _, s := range []string{
+		`{"type":"get","payload":{"key":"/a"}}`,
+		`{"type":"set","payload":{"key":"/a","value":[1,{"b":null}],"ttl":"1h"},"id":1}`,
+		`{"type":"update","payload":{"key":"/a","value":1,"revision":0}}`,
+		`{"type":"delete","payload":{"key":"/a","revision":3},"id":"x"}`,
+		`{"type":"subscribe","payload":{"key":"/a/","initial":true}}`,
+		`{"type":"list","payload":{"prefix":"/"}}`,
+		`{"type":1}`, `[]`, `nul`, `{"type":"get","payload":{"key":"/\u00e9"}}`,
+	} {
+		f.Add([]byte(s))
+	}
+	cfg, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	srv := newServer(cfg, discardLogger())
+	known := []string{"value", "no-value", "ok", "conflict", "values", "error"}
+	f.Fuzz(func(t *testing.T, frame []byte) {
+		c := &wsConn{s: srv, q: newCoalescer(), subs: map[string]bool{}} // no writer: replies stay queued
+		c.handle(frame)
+		for path := range c.subs {
+			srv.store.Unsubscribe(path, c.q)
+		}
+		for _, ev := range c.q.drain() {
+			msg := ev.raw
+			if msg == nil {
+				msg = appendWSEvent(nil, ev)
+			}
+			var reply struct {
+				Type    string
+				Payload json.RawMessage
+			}
+			if err := json.Unmarshal(msg, &reply); err != nil || !slices.Contains(known, reply.Type) || reply.Payload == nil {
+				t.Fatalf("frame %q: reply %s is not a known message", frame, msg)
+			}
+		}
+	})
+}
+
+// BenchmarkWebSocketRequests measures pipelined request/reply throughput
+// on one connection: b.N requests are sent while replies are read.
+func BenchmarkWebSocketRequests(b *testing.B) {
+	url := startServer(b)
+	for _, kind := range []string{"get", "set"} {
+		b.Run(kind, func(b *testing.B) {
+			c := dialWS(b, url, "")
+			msg := `{"type":"get","payload":{"key":"/bench"},"id":1}`
+			if kind == "set" {
+				msg = `{"type":"set","payload":{"key":"/bench","value":{"v":1}},"id":1}`
+			}
+			b.ResetTimer()
+			go func() {
+				for range b.N {
+					websocket.Message.Send(c.ws, msg)
+				}
+			}()
+			for range b.N {
+				c.recv()
+			}
+		})
+	}
+}
+
+// BenchmarkWebSocketFanout: one write reaching 1,000 WebSocket
+// subscribers; an operation ends when the last subscriber has it.
+func BenchmarkWebSocketFanout(b *testing.B) {
+	url := startServer(b)
+	const n = 1000
+	var subs []*wsClient
+	for range n {
+		c := dialWS(b, url, "")
+		c.roundTrip(`{"type":"subscribe","payload":{"key":"/f"},"id":0}`, `{"type":"ok","payload":{"key":"/f"},"id":0}`)
+		subs = append(subs, c)
+	}
+	w := dialWS(b, url, "")
+	b.ResetTimer()
+	for i := range b.N {
+		w.send(fmt.Sprintf(`{"type":"set","payload":{"key":"/f","value":%d}}`, i))
+		var wg sync.WaitGroup
+		for _, c := range subs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				for !strings.Contains(c.recv(), fmt.Sprintf(`"value":%d,`, i)) {
+				}
+			}()
+		}
+		wg.Wait()
+	}
+}
+
+// TestLoadWebSocketMemory reports the server's heap and stacks per idle
+// WebSocket connection (each subscribed to a key), with the server in a
+// child process so that the clients are not counted.
+func TestLoadWebSocketMemory(t *testing.T) {
+	needLoad(t)
+	const n = 2000
+	c := startChild(t, "atomkv")
+	base := c.mem()
+	for range n {
+		ws := dialWS(t, "http://"+c.addr, "")
+		ws.roundTrip(`{"type":"subscribe","payload":{"key":"/idle"},"id":0}`, `{"type":"ok","payload":{"key":"/idle"},"id":0}`)
+	}
+	fmt.Printf("websocket: %.0f B of server memory per idle connection (%d connections)\n", float64(int64(c.mem())-int64(base))/n, n)
+}
+
+// TestWebSocketStalled: a WebSocket client that never reads does not slow
+// writers, holds at most one pending event per key, and is closed after
+// the write timeout.
+func TestWebSocketStalled(t *testing.T) {
+	srv, url := newTestServer(t, "-write-timeout", "300ms")
+	raw, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw.(*net.TCPConn).SetReadBuffer(4096)
+	cfg, _ := websocket.NewConfig(strings.Replace(url, "http://", "ws://", 1)+"/", "http://localhost/")
+	ws, err := websocket.NewClient(cfg, raw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	websocket.Message.Send(ws, `{"type":"subscribe","payload":{"key":"/"}}`)
+	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
+	var q *coalescer
+	srv.store.subs.mu.RLock()
+	for q = range srv.store.subs.paths["/"] {
+	}
+	srv.store.subs.mu.RUnlock()
+
+	const keys = 20
+	big := `"` + strings.Repeat("x", 256<<10) + `"`
+	maxPending := 0
+	for i := 0; srv.streams.Len() > 0; i++ {
+		if resp := do(t, "POST", fmt.Sprintf("%s/k/%d", url, i%keys), big); resp.code != 200 {
+			t.Fatalf("write %d while a WebSocket stalls: %d", i, resp.code)
+		}
+		maxPending = max(maxPending, q.Len())
+		if i > 5000 {
+			t.Fatal("the stalled WebSocket was never closed")
+		}
+	}
+	if maxPending > keys {
+		t.Errorf("pending events reached %d; want at most %d, one per key", maxPending, keys)
+	}
+	waitFor(t, "the subscription to go", func() bool { return srv.store.subs.count.Load() == 0 })
+}
