@@ -1,0 +1,132 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestBrowser runs the JavaScript client and the WebSocket API in headless
+// Chromium. The page (testdata/browser.html) comes from a second listener,
+// another origin than the server, so CORS is exercised for real; it loads
+// client.js with a script tag, runs each scenario and POSTs a report back.
+// It also drives example.html, with its script pointed at the server.
+func TestBrowser(t *testing.T) {
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("chromium is not installed, and on CI this test must run: .ci/run should have installed it")
+		}
+		t.Skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+	}
+	// A short heartbeat, so that the server notices a closed stream soon.
+	srv, server := newTestServer(t, "-heartbeat", "100ms")
+	server = strings.Replace(server, "127.0.0.1", "localhost", 1) // another origin than the page's, by name too
+
+	page, err := os.ReadFile("testdata/browser.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	example, err := os.ReadFile("example.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	page = bytes.ReplaceAll(page, []byte("{{SERVER}}"), []byte(server))
+	example = bytes.ReplaceAll(example, []byte("http://localhost:8000"), []byte(server))
+
+	report := make(chan []byte, 1)
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { w.Write(page) })
+	mux.HandleFunc("GET /example.html", func(w http.ResponseWriter, r *http.Request) { w.Write(example) })
+	mux.HandleFunc("GET /subscribers", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, strconv.Itoa(subscribersOf(srv.store, r.URL.Query().Get("path"))))
+	})
+	mux.HandleFunc("POST /report", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		select {
+		case report <- b:
+		default:
+		}
+	})
+	pages := httptest.NewServer(mux)
+	defer pages.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var log bytes.Buffer
+	cmd := exec.CommandContext(ctx, chromium,
+		"--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--user-data-dir="+t.TempDir(), "--enable-logging=stderr", "--v=0",
+		pages.URL+"/")
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		cmd.Process.Kill()
+		cmd.Wait()
+	}()
+
+	var results []struct {
+		Name   string
+		OK     bool
+		Detail string
+	}
+	select {
+	case b := <-report:
+		if err := json.Unmarshal(b, &results); err != nil {
+			t.Fatalf("report %s: %v", b, err)
+		}
+	case <-ctx.Done():
+		t.Fatalf("no report from the page; chromium said:\n%s", consoleLines(log.String()))
+	}
+	want := []string{
+		"basic get/set/list", "fibonacci with update and retry", "subscribe to a prefix, delete, and break",
+		"subscribe with initial", "TTL via the client", "raw WebSocket, KvServer style",
+		"errors carry the server message", "example page: shared counter",
+	}
+	if len(results) != len(want) {
+		t.Errorf("got %d results; want %d", len(results), len(want))
+	}
+	for i, r := range results {
+		if i < len(want) && r.Name != want[i] {
+			t.Errorf("result %d is %q; want %q", i, r.Name, want[i])
+		}
+		if r.OK {
+			t.Logf("pass: %s", r.Name)
+		} else {
+			t.Errorf("fail: %s: %s", r.Name, r.Detail)
+		}
+	}
+	if t.Failed() {
+		t.Logf("chromium console:\n%s", consoleLines(log.String()))
+	}
+}
+
+// subscribersOf counts the subscriptions registered on path.
+func subscribersOf(s *Store, path string) int {
+	s.subs.mu.RLock()
+	defer s.subs.mu.RUnlock()
+	return len(s.subs.paths[path])
+}
+
+// consoleLines keeps what the page logged from Chromium's noisy stderr.
+func consoleLines(log string) string {
+	var b strings.Builder
+	for line := range strings.SplitSeq(log, "\n") {
+		if strings.Contains(line, "CONSOLE") || strings.Contains(line, "Uncaught") {
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
+}
