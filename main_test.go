@@ -6,12 +6,16 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
+	"os/exec"
 	"regexp"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 )
 
@@ -413,5 +417,41 @@ func TestConcurrentCASOverHTTP(t *testing.T) {
 	checkSequential(t, revs)
 	if want := fmt.Sprint(len(revs)); final.body != want || final.header.Get("X-Revision") != want {
 		t.Errorf("final: got value %s revision %s; want %s successful CAS", final.body, final.header.Get("X-Revision"), want)
+	}
+}
+
+func TestLogRequests(t *testing.T) {
+	for _, on := range []bool{false, true} {
+		var args []string
+		if on {
+			args = []string{"-log-requests"}
+		}
+		cfg, _ := parseConfig(args, func(string) string { return "" }, io.Discard)
+		var log strings.Builder
+		h := newServer(cfg, slog.New(slog.NewTextHandler(&log, nil))).routes()
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/nope", nil))
+		logged := strings.Contains(log.String(), "msg=request method=GET path=/nope status=404")
+		if logged != on {
+			t.Errorf("-log-requests %v: log %q", on, log.String())
+		}
+	}
+}
+
+// TestSignal runs the real main in a child process and stops it with
+// SIGTERM: it must exit 0.
+func TestSignal(t *testing.T) {
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "ATOMKV_CHILD=main")
+	out, _ := cmd.StdoutPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	sc := bufio.NewScanner(out)
+	for sc.Scan() && !strings.Contains(sc.Text(), "msg=listening") {
+	}
+	go io.Copy(io.Discard, out)
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err != nil {
+		t.Errorf("after SIGTERM: %v; want exit status 0", err)
 	}
 }

@@ -514,3 +514,17 @@ func TestWebSocketStalled(t *testing.T) {
 	}
 	waitFor(t, "the subscription to go", func() bool { return srv.store.subs.count.Load() == 0 })
 }
+
+// TestWebSocketCloseUnsubscribes: a socket's subscriptions go with it.
+func TestWebSocketCloseUnsubscribes(t *testing.T) {
+	srv, url := newTestServer(t)
+	c := dialWS(t, url, "")
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/a/"},"id":1}`, `{"type":"ok","payload":{"key":"/a/"},"id":1}`)
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/"},"id":2}`, `{"type":"ok","payload":{"key":"/"},"id":2}`)
+	if n := srv.store.subs.count.Load(); n != 2 {
+		t.Fatalf("%d subscriptions; want 2", n)
+	}
+	c.ws.Close()
+	waitFor(t, "the subscriptions to go", func() bool { return srv.store.subs.count.Load() == 0 })
+	waitFor(t, "the connection to be released", func() bool { return srv.streams.Len() == 0 })
+}
