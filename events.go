@@ -129,8 +129,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 
 	// The head and the retry hint go out at once, so the client knows the
 	// stream is open before any change happens.
-	head := []byte("HTTP/1.1 200 OK\r\n")
-	buf.Writer.Write(head)
+	buf.Writer.WriteString("HTTP/1.1 200 OK\r\n")
 	h.Write(buf.Writer)
 	buf.Writer.WriteString("\r\nretry: 2000\n\n")
 	deadline := time.Now().Add(s.cfg.writeTimeout)

@@ -374,6 +374,15 @@ func TestStalledSubscriber(t *testing.T) {
 	defer conn.Close()
 	conn.(*net.TCPConn).SetReadBuffer(4096)
 	fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+	stallUntilClosed(t, srv, url)
+}
+
+// stallUntilClosed waits for the one subscriber of "/" (whose client never
+// reads), then writes large values to 20 keys until the server closes it.
+// Every write must succeed, and the subscriber's queue must never hold more
+// than one event per key.
+func stallUntilClosed(t *testing.T, srv *server, url string) {
+	t.Helper()
 	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
 	var q *coalescer
 	srv.store.subs.mu.RLock()
@@ -391,10 +400,10 @@ func TestStalledSubscriber(t *testing.T) {
 		}
 		maxPending = max(maxPending, q.Len())
 		if i > 5000 { // about 1.3 GB written: far past any socket buffer
-			t.Fatal("the stalled stream was never closed")
+			t.Fatal("the stalled subscriber was never closed")
 		}
 	}
-	t.Logf("the stalled stream was closed after %d writes", writes)
+	t.Logf("the stalled subscriber was closed after %d writes", writes)
 	if maxPending > keys {
 		t.Errorf("pending events reached %d; want at most %d, one per key", maxPending, keys)
 	}

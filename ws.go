@@ -301,15 +301,7 @@ func (c *wsConn) handle(data []byte) {
 		} else {
 			e, err = s.store.CompareAndSwap(key, value, *p.Revision, ttl)
 		}
-		var conflict *conflictError
-		switch {
-		case errors.As(err, &conflict):
-			c.replyConflict(msg.ID, key, conflict.cur)
-		case err != nil:
-			fail(c.storeError(err))
-		case msg.Type == "update" || msg.ID != nil:
-			c.reply(msg.ID, "ok", appendRevisionPayload(nil, key, e.revision))
-		}
+		c.answerWrite(msg.ID, key, err, msg.Type == "update", func() []byte { return appendRevisionPayload(nil, key, e.revision) })
 	case "delete":
 		key, err := c.key(p.Key)
 		if err != nil {
@@ -321,15 +313,7 @@ func (c *wsConn) handle(data []byte) {
 			rev = *p.Revision
 		}
 		_, err = s.store.Delete(key, rev)
-		var conflict *conflictError
-		switch {
-		case errors.As(err, &conflict):
-			c.replyConflict(msg.ID, key, conflict.cur)
-		case err != nil:
-			fail(c.storeError(err))
-		case msg.ID != nil:
-			c.reply(msg.ID, "ok", appendKeyPayload(nil, key))
-		}
+		c.answerWrite(msg.ID, key, err, false, func() []byte { return appendKeyPayload(nil, key) })
 	case "subscribe", "unsubscribe":
 		if p.Key == nil {
 			fail(fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, msg.Type))
@@ -446,6 +430,21 @@ func (c *wsConn) write(p wsPayload) (key, value string, ttl time.Duration, err e
 		}
 	}
 	return key, value, ttl, nil
+}
+
+// answerWrite replies to a write of key that ended with err: conflict
+// with the current state, or error, or ok with the payload ok makes, sent
+// if always or if the message had an id (KvServer's writes are silent).
+func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always bool, ok func() []byte) {
+	var conflict *conflictError
+	switch {
+	case errors.As(err, &conflict):
+		c.replyConflict(id, key, conflict.cur)
+	case err != nil:
+		c.reply(id, "error", appendJSONString(nil, c.storeError(err).Error()))
+	case always || id != nil:
+		c.reply(id, "ok", ok())
+	}
 }
 
 // storeError is the message for a store error other than a conflict.

@@ -490,29 +490,7 @@ func TestWebSocketStalled(t *testing.T) {
 	}
 	defer ws.Close()
 	websocket.Message.Send(ws, `{"type":"subscribe","payload":{"key":"/"}}`)
-	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
-	var q *coalescer
-	srv.store.subs.mu.RLock()
-	for q = range srv.store.subs.paths["/"] {
-	}
-	srv.store.subs.mu.RUnlock()
-
-	const keys = 20
-	big := `"` + strings.Repeat("x", 256<<10) + `"`
-	maxPending := 0
-	for i := 0; srv.streams.Len() > 0; i++ {
-		if resp := do(t, "POST", fmt.Sprintf("%s/k/%d", url, i%keys), big); resp.code != 200 {
-			t.Fatalf("write %d while a WebSocket stalls: %d", i, resp.code)
-		}
-		maxPending = max(maxPending, q.Len())
-		if i > 5000 {
-			t.Fatal("the stalled WebSocket was never closed")
-		}
-	}
-	if maxPending > keys {
-		t.Errorf("pending events reached %d; want at most %d, one per key", maxPending, keys)
-	}
-	waitFor(t, "the subscription to go", func() bool { return srv.store.subs.count.Load() == 0 })
+	stallUntilClosed(t, srv, url)
 }
 
 // TestWebSocketCloseUnsubscribes: a socket's subscriptions go with it.
