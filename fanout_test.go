@@ -190,7 +190,7 @@ type fanout struct {
 // runFanout connects subs SSE clients to the child's /k, sends updates
 // POSTs of {"t": <send time>, "i": <n>} to /k, and waits for every client
 // to see the last one (or gives up after a while).
-func runFanout(t *testing.T, c *child, subs, updates int) fanout {
+func runFanout(t *testing.T, c *child, subs, updates int, every time.Duration) fanout {
 	base := c.mem()
 	type client struct {
 		last      atomic.Int64
@@ -252,7 +252,7 @@ func runFanout(t *testing.T, c *child, subs, updates int) fanout {
 			t.Fatal(err)
 		}
 		resp.Body.Close()
-		time.Sleep(10 * time.Millisecond)
+		time.Sleep(every)
 	}
 	deadline := time.Now().Add(30 * time.Second)
 	converged := 0
@@ -296,10 +296,15 @@ func runFanout(t *testing.T, c *child, subs, updates int) fanout {
 func TestLoadFanout(t *testing.T) {
 	needLoad(t)
 	const subs, updates = 5000, 300
+	every := 10 * time.Millisecond
+	if v := os.Getenv("ATOMKV_FANOUT_EVERY"); v != "" {
+		every, _ = time.ParseDuration(v)
+	}
+	fmt.Printf("%d subscribers, %d updates %v apart\n", subs, updates, every)
 	results := map[string]fanout{}
 	for _, mode := range []string{"bare", "atomkv"} {
 		c := startChild(t, mode)
-		f := runFanout(t, c, subs, updates)
+		f := runFanout(t, c, subs, updates, every)
 		results[mode] = f
 		fmt.Printf("%-6s: delivered %d/%d, %d/%d subscribers at the final update, latency p50 %v p99 %v, %.0f B per idle subscriber\n",
 			mode, f.delivered, f.expected, f.converged, subs, f.p50.Round(time.Microsecond), f.p99.Round(time.Microsecond), f.memPerSub)
