@@ -1,10 +1,13 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"reflect"
 	"runtime"
 	"slices"
 	"strconv"
@@ -276,4 +279,38 @@ func heapInUse() uint64 {
 	var m runtime.MemStats
 	runtime.ReadMemStats(&m)
 	return m.HeapInuse
+}
+
+// FuzzCompactValue: whatever is accepted as a value is valid JSON, already
+// compact, and means what the input meant, numbers as written.
+func FuzzCompactValue(f *testing.F) {
+	for _, s := range []string{`1`, `null`, ` { "z" : 1, "a" : [1 , 2.50] } `, `12345678901234567890`, `1e400`, `"\u00e9\n"`, `{`, `1 2`} {
+		f.Add([]byte(s))
+	}
+	decode := func(b []byte) (any, error) {
+		d := json.NewDecoder(bytes.NewReader(b))
+		d.UseNumber()
+		var v any
+		return v, d.Decode(&v)
+	}
+	f.Fuzz(func(t *testing.T, in []byte) {
+		out, err := compactValue(in)
+		if err != nil {
+			if json.Valid(in) {
+				t.Fatalf("valid JSON %q refused: %v", in, err)
+			}
+			return
+		}
+		if !json.Valid([]byte(out)) {
+			t.Fatalf("%q compacted to invalid %q", in, out)
+		}
+		if again, _ := compactValue([]byte(out)); again != out {
+			t.Fatalf("%q is not compact: %q", out, again)
+		}
+		a, errA := decode(in)
+		b, errB := decode([]byte(out))
+		if errA != nil || errB != nil || !reflect.DeepEqual(a, b) {
+			t.Fatalf("%q compacted to %q, which means something else", in, out)
+		}
+	})
 }
