@@ -6,7 +6,6 @@ import (
 	"io"
 	"net/http"
 	"strings"
-	"time"
 )
 
 // KvServer's REST shape, served under -kvserver-rest (e.g. /storage) so
@@ -78,24 +77,10 @@ func (s *server) handleRESTSet(w http.ResponseWriter, r *http.Request) {
 		serveError(w, http.StatusBadRequest, `invalid body: want {"value": any, "ttl"?: number | string}`)
 		return
 	}
-	if req.Value == nil {
-		serveError(w, http.StatusBadRequest, `missing "value" (null is a value: send "value": null)`)
-		return
-	}
-	value, err := compactValue(req.Value)
-	if err == nil && int64(len(value)) > s.cfg.maxValueBytes {
-		err = fmt.Errorf("value larger than %d bytes", s.cfg.maxValueBytes)
-	}
+	value, ttl, err := s.valueAndTTL(req.Value, req.TTL)
 	if err != nil {
 		serveError(w, http.StatusBadRequest, err.Error())
 		return
-	}
-	var ttl time.Duration
-	if req.TTL != nil && string(req.TTL) != "null" {
-		if ttl, err = ttlFromJSON(req.TTL); err != nil {
-			serveError(w, http.StatusBadRequest, err.Error())
-			return
-		}
 	}
 	if _, err := s.store.Set(key, value, ttl); err != nil {
 		s.serveWritten(w, nil, err)

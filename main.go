@@ -377,20 +377,25 @@ func (s *server) serveEntry(w http.ResponseWriter, code int, e *entry) {
 
 // serveList answers the listing of every key under prefix.
 func (s *server) serveList(w http.ResponseWriter, prefix string) {
-	items := s.store.List(prefix)
-	now := s.store.now()
 	buf := getBuffer()
 	defer putBuffer(buf)
-	b := append(buf.AvailableBuffer(), '[')
-	for i, it := range items {
+	b := s.appendList(buf.AvailableBuffer(), prefix)
+	w.Header()["Content-Type"] = hdrJSON
+	w.Write(b)
+}
+
+// appendList appends the JSON array of every key under prefix, as the
+// HTTP listing and the WebSocket "values" reply give it.
+func (s *server) appendList(b []byte, prefix string) []byte {
+	now := s.store.now()
+	b = append(b, '[')
+	for i, it := range s.store.List(prefix) {
 		if i > 0 {
 			b = append(b, ',')
 		}
 		b = appendItem(b, it, now)
 	}
-	b = append(b, ']')
-	w.Header()["Content-Type"] = hdrJSON
-	w.Write(b)
+	return append(b, ']')
 }
 
 // appendItem appends the JSON object {"key","value","revision"[,"ttl"]}
@@ -548,6 +553,30 @@ func compactValue(src []byte) (string, error) {
 	return out.String(), nil
 }
 
+// valueAndTTL checks the value and TTL of a write that came inside a
+// JSON envelope (a WebSocket message, KvServer's REST body): the value
+// must be there (null is a value) and, compacted, fit -max-value-bytes;
+// the TTL may be absent or null.
+func (s *server) valueAndTTL(rawValue, rawTTL json.RawMessage) (string, time.Duration, error) {
+	if rawValue == nil {
+		return "", 0, errors.New(`missing "value" (null is a value: send "value": null)`)
+	}
+	value, err := compactValue(rawValue)
+	if err != nil {
+		return "", 0, err
+	}
+	if int64(len(value)) > s.cfg.maxValueBytes {
+		return "", 0, fmt.Errorf("value larger than %d bytes", s.cfg.maxValueBytes)
+	}
+	var ttl time.Duration
+	if rawTTL != nil && string(rawTTL) != "null" {
+		if ttl, err = ttlFromJSON(rawTTL); err != nil {
+			return "", 0, err
+		}
+	}
+	return value, ttl, nil
+}
+
 // serveWritten answers a write: the new revision, or the error.
 func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
 	var conflict *conflictError
@@ -555,10 +584,9 @@ func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
 	case errors.As(err, &conflict):
 		s.serveEntry(w, http.StatusConflict, conflict.cur)
 	case errors.Is(err, errFull):
-		serveError(w, http.StatusInsufficientStorage, fmt.Sprintf("store is full: at most %d keys", s.cfg.maxKeys))
+		serveError(w, http.StatusInsufficientStorage, s.writeErrorMessage(err))
 	case err != nil:
-		s.log.Error("write failed", "err", err)
-		serveError(w, http.StatusInternalServerError, "internal error")
+		serveError(w, http.StatusInternalServerError, s.writeErrorMessage(err))
 	default:
 		rev := strconv.FormatInt(e.revision, 10)
 		h := w.Header()
@@ -568,6 +596,16 @@ func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
 		io.WriteString(w, rev)
 		io.WriteString(w, `}`)
 	}
+}
+
+// writeErrorMessage is what a client is told of a failed write other than
+// a conflict. An unexpected error is logged, and the client told no more.
+func (s *server) writeErrorMessage(err error) string {
+	if errors.Is(err, errFull) {
+		return fmt.Sprintf("store is full: at most %d keys", s.cfg.maxKeys)
+	}
+	s.log.Error("write failed", "err", err)
+	return "internal error"
 }
 
 // serveError answers an error: status code and {"error": msg}.

@@ -347,15 +347,7 @@ func (c *wsConn) handle(data []byte) {
 			fail(err)
 			return
 		}
-		now := s.store.now()
-		b := []byte{'['}
-		for i, it := range s.store.List(prefix) {
-			if i > 0 {
-				b = append(b, ',')
-			}
-			b = appendItem(b, it, now)
-		}
-		c.reply(msg.ID, "values", append(b, ']'))
+		c.reply(msg.ID, "values", s.appendList(nil, prefix))
 	default:
 		fail(fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
 	}
@@ -415,21 +407,8 @@ func (c *wsConn) write(p wsPayload) (key, value string, ttl time.Duration, err e
 	if key, err = c.key(p.Key); err != nil {
 		return "", "", 0, err
 	}
-	if p.Value == nil {
-		return "", "", 0, errors.New(`missing "value" (null is a value: send "value": null)`)
-	}
-	if value, err = compactValue(p.Value); err != nil {
-		return "", "", 0, err
-	}
-	if int64(len(value)) > c.s.cfg.maxValueBytes {
-		return "", "", 0, fmt.Errorf("value larger than %d bytes", c.s.cfg.maxValueBytes)
-	}
-	if p.TTL != nil && string(p.TTL) != "null" {
-		if ttl, err = ttlFromJSON(p.TTL); err != nil {
-			return "", "", 0, err
-		}
-	}
-	return key, value, ttl, nil
+	value, ttl, err = c.s.valueAndTTL(p.Value, p.TTL)
+	return key, value, ttl, err
 }
 
 // answerWrite replies to a write of key that ended with err: conflict
@@ -441,19 +420,10 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 	case errors.As(err, &conflict):
 		c.replyConflict(id, key, conflict.cur)
 	case err != nil:
-		c.reply(id, "error", appendJSONString(nil, c.storeError(err).Error()))
+		c.reply(id, "error", appendJSONString(nil, c.s.writeErrorMessage(err)))
 	case always || id != nil:
 		c.reply(id, "ok", ok())
 	}
-}
-
-// storeError is the message for a store error other than a conflict.
-func (c *wsConn) storeError(err error) error {
-	if errors.Is(err, errFull) {
-		return fmt.Errorf("store is full: at most %d keys", c.s.cfg.maxKeys)
-	}
-	c.s.log.Error("write failed", "err", err)
-	return errors.New("internal error")
 }
 
 // reply queues {"type": typ, "payload": payload[, "id": id]}.
