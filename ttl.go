@@ -3,6 +3,7 @@ package main
 import (
 	"container/heap"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"math"
 	"strconv"
@@ -47,10 +48,8 @@ func parseTTL(s string) (time.Duration, error) {
 		return 0, bad("must be positive")
 	}
 	if isDigits(rest) {
-		ms, err := strconv.ParseFloat(rest, 64)
-		if err != nil {
-			return 0, bad("not a number")
-		}
+		// Only ErrRange can happen: +Inf, which ttlFromMillis calls too long.
+		ms, _ := strconv.ParseFloat(rest, 64)
 		return ttlFromMillis(ms, bad)
 	}
 	var total float64 // milliseconds, in float so that "2.5h" is exact and overflow is seen
@@ -68,6 +67,9 @@ func parseTTL(s string) (time.Duration, error) {
 		unit := strings.ToLower(rest[:j])
 		rest = strings.TrimLeft(rest[j:], " ")
 		n, err := strconv.ParseFloat(num, 64)
+		if errors.Is(err, strconv.ErrRange) {
+			err = nil // +Inf: too long, which the total says
+		}
 		switch {
 		case num == "" && unit == "":
 			return 0, bad(fmt.Sprintf("unexpected %q", rest[:1]))

@@ -80,6 +80,8 @@ func TestParseTTL(t *testing.T) {
 		{"100y 1ms", "longer than 100 years"},
 		{"99999999999999999999999", "longer than 100 years"},
 		{"9999999999999999999999999999h", "longer than 100 years"},
+		{strings.Repeat("9", 400), "longer than 100 years"},
+		{strings.Repeat("9", 400) + "ms", "longer than 100 years"},
 		{"h", "has no number"},
 		{"1..5s", "is not a number"},
 		{"1s,2s", `unexpected ","`},
