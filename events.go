@@ -1,11 +1,15 @@
 package main
 
 import (
+	"bytes"
 	"io"
 	"net"
 	"net/http"
+	"runtime"
 	"strconv"
 	"sync"
+	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -27,17 +31,12 @@ type event struct {
 // blocks, and once the pending set has grown to its working size it does
 // not allocate.
 type coalescer struct {
-	wake   chan struct{} // signalled after a push, unless notify is set
-	notify func()        // called after a push instead, if not nil
+	notify func() // called after each push, if not nil
 
 	mu      sync.Mutex
 	pending []event
 	index   map[string]int // key -> position in pending
 	spare   []event        // the slice of the last batch, for reuse
-}
-
-func newCoalescer() *coalescer {
-	return &coalescer{wake: make(chan struct{}, 1)}
 }
 
 // push queues ev.
@@ -57,11 +56,6 @@ func (q *coalescer) push(ev event) {
 	q.mu.Unlock()
 	if q.notify != nil {
 		q.notify()
-		return
-	}
-	select {
-	case q.wake <- struct{}{}:
-	default: // already signalled
 	}
 }
 
@@ -97,9 +91,9 @@ func (q *coalescer) Len() int {
 // Last-Event-ID header, the stream first holds the current state.
 //
 // The connection is hijacked: once the headers are out, the handler
-// returns and one goroutine of the stream's own writes events to the bare
-// connection. net/http would otherwise keep its buffers, a background
-// reader and its deep stack alive for every idle stream.
+// returns and the stream belongs to the server's eventWriters. net/http
+// would otherwise keep its buffers, a background reader and its deep stack
+// alive for every idle stream.
 func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path string) {
 	if err := checkPath(path, s.cfg.maxKeyBytes); err != nil {
 		serveError(w, http.StatusBadRequest, err.Error())
@@ -122,90 +116,254 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 		serveError(w, http.StatusHTTPVersionNotSupported, "event streams need HTTP/1.1")
 		return
 	}
-	q := newCoalescer()
+	st := s.writers.newStream(conn, path)
 	_, initial := r.URL.Query()["initial"]
 	initial = initial || r.Header.Get("Last-Event-ID") != ""
-	s.store.Subscribe(path, q, initial)
+	s.store.Subscribe(path, &st.q, initial)
 
 	// The head and the retry hint go out at once, so the client knows the
-	// stream is open before any change happens.
+	// stream is open before any change happens. Until then the stream is
+	// busy, so no writer takes it.
 	buf.Writer.WriteString("HTTP/1.1 200 OK\r\n")
 	h.Write(buf.Writer)
 	buf.Writer.WriteString("\r\nretry: 2000\n\n")
-	deadline := time.Now().Add(s.cfg.writeTimeout)
-	conn.SetWriteDeadline(deadline)
-	if err := buf.Writer.Flush(); err != nil {
-		s.store.Unsubscribe(path, q)
-		conn.Close()
-		s.streams.done()
+	conn.SetWriteDeadline(time.Now().Add(s.cfg.writeTimeout))
+	err = buf.Writer.Flush()
+	conn.SetWriteDeadline(time.Time{})
+	if err != nil {
+		st.close()
 		return
 	}
-	st := &sseStream{conn: conn, q: q, deadline: deadline}
-	go func() {
-		defer s.streams.done()
-		defer conn.Close()
-		defer s.store.Unsubscribe(path, q)
-		st.run(s.streams.closing, s.cfg.heartbeat, s.cfg.writeTimeout)
-	}()
+	s.writers.start(st)
 }
 
-// sseStream writes one subscriber's events to its connection.
+// eventWriters writes the event streams: a few goroutines, one per CPU,
+// take the streams that have events pending in the order they became
+// ready, and write each one's whole batch with one non-blocking write. A
+// stream whose client does not take it all gets a goroutine of its own
+// until the rest is out, so one slow client never holds up the others.
+//
+// A goroutine per stream, the usual design, costs a stack per idle
+// subscriber, and under load puts thousands of runnable goroutines ahead
+// of everything else, writes included: an update waited for the whole
+// fan-out of the previous one. Here the run queue stays short, and a
+// stream still waiting its turn when a newer value comes sends only the
+// newer one.
+type eventWriters struct {
+	s       *server
+	started sync.Once
+	stop    chan struct{}
+	wg      sync.WaitGroup // the writers, the heartbeat and slow writes
+
+	mu    sync.Mutex
+	ready []*sseStream // streams with events pending, from head on
+	head  int
+	wake  chan struct{} // one token per idle writer to wake
+}
+
+func newEventWriters(s *server) *eventWriters {
+	return &eventWriters{s: s, stop: make(chan struct{}), wake: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)-1))}
+}
+
+// sseStream is one subscriber's event stream.
 type sseStream struct {
-	conn     net.Conn
-	q        *coalescer
-	deadline time.Time // the connection's write deadline
+	w    *eventWriters
+	conn net.Conn
+	raw  syscall.RawConn // nil: every write takes the slow path
+	path string
+	q    coalescer
+	// busy is set while the stream is queued or being written, so that
+	// only one writer has it at a time.
+	busy   atomic.Bool
+	closed sync.Once
 }
 
-// run writes batches of events until the connection fails, a write stalls
-// for writeTimeout, or closing is closed. A comment line every heartbeat
-// keeps proxies from dropping the stream and finds clients that left.
-func (st *sseStream) run(closing <-chan struct{}, heartbeat, writeTimeout time.Duration) {
-	tick := time.NewTicker(heartbeat)
+// newStream returns a stream for conn, busy until start.
+func (w *eventWriters) newStream(conn net.Conn, path string) *sseStream {
+	st := &sseStream{w: w, conn: conn, path: path}
+	if sc, ok := conn.(syscall.Conn); ok {
+		st.raw, _ = sc.SyscallConn()
+	}
+	st.busy.Store(true)
+	st.q.notify = st.ready
+	return st
+}
+
+// start hands st to the writers, and has it closed on shutdown.
+func (w *eventWriters) start(st *sseStream) {
+	w.started.Do(func() {
+		for range cap(w.wake) {
+			w.wg.Add(1)
+			go w.write()
+		}
+		w.wg.Add(1)
+		go w.beat()
+	})
+	if !w.s.streams.track(st) {
+		st.close() // the server is closing
+		return
+	}
+	st.idle()
+}
+
+// ready queues st for a writer, unless it is already queued or being
+// written. The coalescer calls it after each push.
+func (st *sseStream) ready() {
+	if !st.busy.CompareAndSwap(false, true) {
+		return
+	}
+	w := st.w
+	w.mu.Lock()
+	if len(w.ready) == cap(w.ready) && w.head > 0 {
+		// Reuse the front that writers have taken, rather than grow.
+		n := copy(w.ready, w.ready[w.head:])
+		clear(w.ready[n:])
+		w.ready, w.head = w.ready[:n], 0
+	}
+	w.ready = append(w.ready, st)
+	w.mu.Unlock()
+	select {
+	case w.wake <- struct{}{}:
+	default: // every writer is awake already
+	}
+}
+
+// idle marks st as no longer being written, then queues it again if
+// events came meanwhile (their push saw it busy and left it).
+func (st *sseStream) idle() {
+	st.busy.Store(false)
+	if st.q.Len() > 0 {
+		st.ready()
+	}
+}
+
+// next takes the oldest ready stream, or returns nil if there is none.
+func (w *eventWriters) next() *sseStream {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.head == len(w.ready) {
+		return nil
+	}
+	st := w.ready[w.head]
+	w.ready[w.head] = nil
+	w.head++
+	if w.head == len(w.ready) {
+		w.ready, w.head = w.ready[:0], 0
+	}
+	return st
+}
+
+// write is one writer: it writes ready streams until the server stops.
+func (w *eventWriters) write() {
+	defer w.wg.Done()
+	for {
+		if st := w.next(); st != nil {
+			st.flush()
+			continue
+		}
+		select {
+		case <-w.wake:
+		case <-w.stop:
+			return
+		}
+	}
+}
+
+// flush writes everything pending on st in one write, as far as the
+// client takes it without blocking; a goroutine of st's own writes the
+// rest.
+func (st *sseStream) flush() {
+	buf := getBuffer()
+	batch := st.q.drain()
+	b := buf.AvailableBuffer()
+	for _, ev := range batch {
+		b = appendSSE(b, ev)
+	}
+	buf.Write(b) // a grown array stays with buf, for the pool
+	st.q.recycle(batch)
+	n, err := writeNow(st.raw, buf.Bytes())
+	switch {
+	case err != nil:
+		putBuffer(buf)
+		st.close()
+	case n == buf.Len():
+		putBuffer(buf)
+		st.idle()
+	default:
+		st.w.wg.Add(1)
+		go st.finish(buf, n)
+	}
+}
+
+// finish writes buf from byte n on, blocking, and closes the stream if
+// its client takes none of it for -write-timeout.
+func (st *sseStream) finish(buf *bytes.Buffer, n int) {
+	defer st.w.wg.Done()
+	defer putBuffer(buf)
+	st.conn.SetWriteDeadline(time.Now().Add(st.w.s.cfg.writeTimeout))
+	if _, err := st.conn.Write(buf.Bytes()[n:]); err != nil {
+		st.close()
+		return
+	}
+	// A deadline left in place would fail the next non-blocking write.
+	st.conn.SetWriteDeadline(time.Time{})
+	st.idle()
+}
+
+// heartbeat is the comment line that keeps proxies from dropping an idle
+// stream and finds clients that have left.
+var heartbeat = []byte(":\n")
+
+// beat queues a heartbeat on every idle event stream, every -heartbeat.
+func (w *eventWriters) beat() {
+	defer w.wg.Done()
+	tick := time.NewTicker(w.s.cfg.heartbeat)
 	defer tick.Stop()
 	for {
-		var err error
 		select {
-		case <-st.q.wake:
-			batch := st.q.drain()
-			err = st.write(writeTimeout, func(b []byte) []byte {
-				for _, ev := range batch {
-					b = appendSSE(b, ev)
-				}
-				return b
-			})
-			st.q.recycle(batch)
 		case <-tick.C:
-			err = st.write(writeTimeout, func(b []byte) []byte { return append(b, ":\n"...) })
-		case <-closing:
-			return
-		}
-		if err != nil {
+			w.s.streams.each(func(c io.Closer) {
+				if st, ok := c.(*sseStream); ok && st.q.Len() == 0 {
+					st.q.push(event{raw: heartbeat})
+				}
+			})
+		case <-w.stop:
 			return
 		}
 	}
 }
 
-// write encodes with fill into a pooled buffer and writes it in one call.
-// An idle stream holds no buffer.
-func (st *sseStream) write(timeout time.Duration, fill func([]byte) []byte) error {
-	buf := getBuffer()
-	defer putBuffer(buf)
-	buf.Write(fill(buf.AvailableBuffer())) // a grown array stays with buf, for the pool
-	// Moving the deadline costs a runtime timer update; doing it only once
-	// half of it is used still closes a stalled stream after between half
-	// the timeout and the whole of it.
-	if now := time.Now(); st.deadline.Sub(now) < timeout/2 {
-		st.deadline = now.Add(timeout)
-		st.conn.SetWriteDeadline(st.deadline)
-	}
-	_, err := st.conn.Write(buf.Bytes())
-	return err
+// Close ends the stream; streams.close calls it on shutdown.
+func (st *sseStream) Close() error {
+	st.close()
+	return nil
+}
+
+// close ends the stream, once: it unsubscribes and closes the connection.
+// A writer that has the stream gets an error from its write and lets go.
+func (st *sseStream) close() {
+	st.closed.Do(func() {
+		s := st.w.s
+		s.store.Unsubscribe(st.path, &st.q)
+		st.conn.Close()
+		s.streams.untrack(st)
+		s.streams.done()
+	})
+}
+
+// stopWriters stops the writers once every stream is closed.
+func (w *eventWriters) stopWriters() {
+	close(w.stop)
+	w.wg.Wait()
 }
 
 // appendSSE appends ev as an SSE message: "id: /key:<revision>" and "data:
 // <value>", or revision -1 and null for a missing key. A compact JSON value
 // has no newline, so it is always a single data line.
 func appendSSE(b []byte, ev event) []byte {
+	if ev.raw != nil {
+		return append(b, ev.raw...)
+	}
 	b = append(b, "id: "...)
 	b = append(b, ev.key...)
 	b = append(b, ':')
@@ -220,9 +378,8 @@ func appendSSE(b []byte, ev event) []byte {
 }
 
 // streams counts and stops the long-lived connections (event streams and
-// WebSockets), which http.Server.Shutdown does not wait for or close.
-// Event streams watch closing; idle WebSockets have no goroutine that
-// could, so their connections are closed for them.
+// WebSockets), which http.Server.Shutdown does not wait for or close: on
+// shutdown, each tracked one is closed.
 type streams struct {
 	max     int64 // 0: unlimited
 	mu      sync.Mutex
@@ -267,32 +424,50 @@ func (c *streams) Len() int64 {
 
 // track has conn closed on shutdown until untrack is called. It reports
 // false, and does not track conn, if the server is already closing.
-func (c *streams) track(conn io.Closer) (untrack func(), ok bool) {
+func (c *streams) track(conn io.Closer) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	select {
 	case <-c.closing:
-		return nil, false
+		return false
 	default:
 	}
 	if c.conns == nil {
 		c.conns = make(map[io.Closer]bool)
 	}
 	c.conns[conn] = true
-	return func() {
-		c.mu.Lock()
-		delete(c.conns, conn)
-		c.mu.Unlock()
-	}, true
+	return true
 }
 
-// close tells every stream to end and waits until they have.
+// untrack undoes track.
+func (c *streams) untrack(conn io.Closer) {
+	c.mu.Lock()
+	delete(c.conns, conn)
+	c.mu.Unlock()
+}
+
+// each calls f for every tracked connection, under the lock: f must not
+// track or untrack.
+func (c *streams) each(f func(io.Closer)) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for conn := range c.conns {
+		f(conn)
+	}
+}
+
+// close closes every tracked connection and waits until every stream has
+// ended.
 func (c *streams) close() {
 	c.mu.Lock()
 	close(c.closing)
+	conns := make([]io.Closer, 0, len(c.conns))
 	for conn := range c.conns {
-		conn.Close()
+		conns = append(conns, conn)
 	}
 	c.mu.Unlock()
+	for _, conn := range conns { // outside the lock: closing may untrack
+		conn.Close()
+	}
 	c.wg.Wait()
 }

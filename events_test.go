@@ -104,7 +104,7 @@ func TestSubscriptionMatching(t *testing.T) {
 	}
 	queues := map[string]*coalescer{}
 	for path := range watchers {
-		queues[path] = newCoalescer()
+		queues[path] = &coalescer{}
 		s.Subscribe(path, queues[path], false)
 	}
 	for _, key := range []string{"/a/b", "/a/c", "/ab", "/a/b/c", "/ab/x", "/x"} {
@@ -130,7 +130,7 @@ func TestSubscriptionMatching(t *testing.T) {
 }
 
 func TestCoalescer(t *testing.T) {
-	q := newCoalescer()
+	q := &coalescer{}
 	e := func(rev int64) *entry { return &entry{value: "1", revision: rev} }
 	q.push(event{key: "/a", e: e(0)})
 	q.push(event{key: "/b", e: e(0)})
@@ -476,7 +476,7 @@ func BenchmarkPublish(b *testing.B) {
 		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) {
 			s := NewStore(0, nil)
 			for range n {
-				s.Subscribe("/k", newCoalescer(), false)
+				s.Subscribe("/k", &coalescer{}, false)
 			}
 			s.Set("/k", "1", 0) // warm every queue
 			b.ReportAllocs()

@@ -185,6 +185,7 @@ type server struct {
 	log     *slog.Logger
 	store   *Store
 	streams *streams // event streams and WebSockets
+	writers *eventWriters
 
 	clientETag string
 	origins    map[string]bool // nil: any origin
@@ -199,6 +200,7 @@ func newServer(cfg config, log *slog.Logger) *server {
 		streams:    &streams{max: cfg.maxSubs, closing: make(chan struct{})},
 		clientETag: `"` + hex.EncodeToString(sum[:8]) + `"`,
 	}
+	s.writers = newEventWriters(s)
 	s.store.defaultTTL = time.Duration(cfg.defaultTTL)
 	if cfg.origins != "*" {
 		s.origins = make(map[string]bool)
@@ -211,7 +213,10 @@ func newServer(cfg config, log *slog.Logger) *server {
 
 // close ends what http.Server.Shutdown does not: the event streams and
 // WebSockets, whose connections were hijacked. It returns when they have.
-func (s *server) close() { s.streams.close() }
+func (s *server) close() {
+	s.streams.close()
+	s.writers.stopWriters()
+}
 
 // routes returns the handler of every route; this is the one place they
 // are listed.

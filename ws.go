@@ -132,11 +132,10 @@ func (s *server) serveWebSocket(ws *websocket.Conn) {
 	// The HTTP server's ReadTimeout set a deadline for the request; a
 	// WebSocket lives as long as its client wants.
 	ws.SetReadDeadline(time.Time{})
-	untrack, ok := s.streams.track(ws)
-	if !ok {
+	if !s.streams.track(ws) {
 		return // shutting down
 	}
-	defer untrack()
+	defer s.streams.untrack(ws)
 	c := newWSConn(s, ws)
 	defer c.close()
 	for {

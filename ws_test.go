@@ -385,7 +385,7 @@ func FuzzDecodeMessage(f *testing.F) {
 	srv := newServer(cfg, discardLogger())
 	known := []string{"value", "no-value", "ok", "conflict", "values", "error"}
 	f.Fuzz(func(t *testing.T, frame []byte) {
-		c := &wsConn{s: srv, q: newCoalescer(), subs: map[string]bool{}} // no writer: replies stay queued
+		c := &wsConn{s: srv, q: &coalescer{}, subs: map[string]bool{}} // no writer: replies stay queued
 		c.handle(frame)
 		for path := range c.subs {
 			srv.store.Unsubscribe(path, c.q)
