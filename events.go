@@ -155,6 +155,8 @@ type eventWriters struct {
 	stop    chan struct{}
 	wg      sync.WaitGroup // the writers, the heartbeat and slow writes
 
+	slow atomic.Int64 // writes left to the slow path: clients that fell behind
+
 	mu    sync.Mutex
 	ready []*sseStream // streams with events pending, from head on
 	head  int
@@ -290,6 +292,7 @@ func (st *sseStream) flush() {
 		putBuffer(buf)
 		st.idle()
 	default:
+		st.w.slow.Add(1)
 		st.w.wg.Add(1)
 		go st.finish(buf, n)
 	}

@@ -52,7 +52,7 @@ func subscribe(t testing.TB, url, path string, headers ...string) <-chan sseEven
 		defer close(ch)
 		defer resp.Body.Close()
 		sc := bufio.NewScanner(resp.Body)
-		sc.Buffer(nil, 4<<20)
+		sc.Buffer(nil, 16<<20)
 		var ev sseEvent
 		for sc.Scan() {
 			line := sc.Text()
@@ -309,6 +309,36 @@ func TestSSEOrderAndFinalState(t *testing.T) {
 	}
 }
 
+// TestSSEFinalStateAfterEveryBurst: a change that comes while its stream is
+// being written is sent right after, not left until some later change. A
+// subscriber of "/" must hold the last revision of every key at the end of
+// each of many bursts of concurrent writes; nothing comes after to rescue a
+// change left behind.
+func TestSSEFinalStateAfterEveryBurst(t *testing.T) {
+	url := startServer(t)
+	events := subscribe(t, url, "/")
+	const keys = 4
+	last := map[string]int64{}
+	for round := range 100 {
+		var wg sync.WaitGroup
+		want := map[string]int64{}
+		for k := range keys {
+			key := fmt.Sprintf("/b/%d", k)
+			want[key] = int64(round)
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				do(t, "POST", url+key, strconv.Itoa(round))
+			}()
+		}
+		wg.Wait()
+		for !sameRevisions(last, want) {
+			ev := next(t, events)
+			last[ev.key] = ev.rev
+		}
+	}
+}
+
 func sameRevisions(a, b map[string]int64) bool {
 	if len(a) != len(b) {
 		return false
@@ -408,6 +438,85 @@ func stallUntilClosed(t *testing.T, srv *server, url string) {
 		t.Errorf("pending events reached %d; want at most %d, one per key", maxPending, keys)
 	}
 	waitFor(t, "the subscription to go", func() bool { return srv.store.subs.count.Load() == 0 })
+}
+
+// TestSlowClientGetsTheRest: a batch larger than the socket buffers cannot
+// be written without blocking; the rest follows once the client reads,
+// whole and in order, and so do the events queued meanwhile.
+func TestSlowClientGetsTheRest(t *testing.T) {
+	srv, url := newTestServer(t, "-max-value-bytes", "10000000")
+	// The client reads nothing until both writes are done, but its receive
+	// buffer keeps its normal size, so that it then reads at full speed.
+	conn := dialStalled(t, url, "/", 0)
+	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
+	big := `"` + strings.Repeat("x", 8_000_000) + `"` // past the socket buffers
+	do(t, "POST", url+"/big", big)
+	do(t, "POST", url+"/after", `1`)
+	waitFor(t, "a write too big for the socket buffers", func() bool { return srv.writers.slow.Load() > 0 })
+
+	conn.SetReadDeadline(time.Now().Add(20 * time.Second)) // a hang breaker
+	r := bufio.NewReader(conn)
+	var got []string
+	for len(got) < 4 {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatalf("after %d lines: %v", len(got), err)
+		}
+		if strings.HasPrefix(line, "id:") || strings.HasPrefix(line, "data:") {
+			got = append(got, strings.TrimSuffix(line, "\n"))
+		}
+	}
+	want := []string{"id: /big:0", "data: " + big, "id: /after:0", "data: 1"}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("line %d: got %.40q… (%d bytes); want %.40q… (%d bytes)", i, got[i], len(got[i]), want[i], len(want[i]))
+		}
+	}
+}
+
+// TestStalledSubscriberHoldsUpNoOne: while one subscriber's client reads
+// nothing and a write to it waits, another subscriber still gets every
+// change, before the stalled one is closed.
+func TestStalledSubscriberHoldsUpNoOne(t *testing.T) {
+	srv, url := newTestServer(t, "-max-value-bytes", "8000000", "-write-timeout", "10m")
+	dialStalled(t, url, "/", 4096)
+	waitFor(t, "the stalled subscription", func() bool { return srv.store.subs.count.Load() == 1 })
+	events := subscribe(t, url, "/")
+	waitFor(t, "both subscriptions", func() bool { return srv.store.subs.count.Load() == 2 })
+
+	do(t, "POST", url+"/big", `"`+strings.Repeat("x", 6_000_000)+`"`) // fills the stalled one's buffers
+	waitFor(t, "a write too big for the socket buffers", func() bool { return srv.writers.slow.Load() > 0 })
+	for i := range 20 {
+		do(t, "POST", url+"/small", strconv.Itoa(i))
+	}
+	guard := time.After(20 * time.Second) // a hang breaker, not a timing
+	for done := false; !done; {
+		select {
+		case ev := <-events:
+			done = ev.key == "/small" && ev.rev == 19
+		case <-guard:
+			t.Fatal("the last change never came while the other subscriber stalled")
+		}
+	}
+	if n := srv.streams.Len(); n != 2 {
+		t.Errorf("open streams: got %d; want 2, the stalled one still open", n)
+	}
+}
+
+// dialStalled opens an event stream of path whose client reads nothing,
+// with a receive buffer of rcvbuf bytes (0: the system's).
+func dialStalled(t *testing.T, url, path string, rcvbuf int) net.Conn {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	if rcvbuf > 0 {
+		conn.(*net.TCPConn).SetReadBuffer(rcvbuf)
+	}
+	fmt.Fprintf(conn, "GET %s HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n", path)
+	return conn
 }
 
 func TestMaxSubscribers(t *testing.T) {
