@@ -595,6 +595,35 @@ func BenchmarkPublish(b *testing.B) {
 			}
 		})
 	}
+	// Streams that are idle when the change comes: each is queued for a
+	// writer, which here takes its batch and writes nothing.
+	for _, n := range []int{1, 100, 10000} {
+		b.Run(fmt.Sprintf("idle-streams=%d", n), func(b *testing.B) {
+			s := NewStore(0, nil)
+			w := &eventWriters{wake: make(chan struct{}, 1)}
+			for range n {
+				st := w.newStream(nil, "/k")
+				s.Subscribe("/k", &st.q, false)
+				st.idle()
+			}
+			take := func() {
+				for st := w.next(); st != nil; st = w.next() {
+					st.q.recycle(st.q.drain())
+					st.idle()
+				}
+			}
+			for range 2 { // warm every queue: a batch and its spare
+				s.Set("/k", "1", 0)
+				take()
+			}
+			b.ReportAllocs()
+			b.ResetTimer()
+			for b.Loop() {
+				s.Set("/k", `{"v":1}`, 0)
+				take()
+			}
+		})
+	}
 }
 
 func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }
