@@ -304,7 +304,7 @@ func (st *sseStream) flush() {
 }
 
 // finish writes buf from byte n on, blocking, and closes the stream if
-// its client takes none of it for -write-timeout.
+// its client has not taken it all within -write-timeout.
 func (st *sseStream) finish(buf *bytes.Buffer, n int) {
 	defer st.w.wg.Done()
 	defer putBuffer(buf)
