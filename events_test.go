@@ -444,12 +444,12 @@ func stallUntilClosed(t *testing.T, srv *server, url string) {
 // be written without blocking; the rest follows once the client reads,
 // whole and in order, and so do the events queued meanwhile.
 func TestSlowClientGetsTheRest(t *testing.T) {
-	srv, url := newTestServer(t, "-max-value-bytes", "10000000")
+	srv, url := newTestServer(t, "-max-value-bytes", "20000000")
 	// The client reads nothing until both writes are done, but its receive
 	// buffer keeps its normal size, so that it then reads at full speed.
 	conn := dialStalled(t, url, "/", 0)
 	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
-	big := `"` + strings.Repeat("x", 8_000_000) + `"` // past the socket buffers
+	big := `"` + strings.Repeat("x", 16_000_000) + `"` // past the socket buffers (4 MB at most by default)
 	do(t, "POST", url+"/big", big)
 	do(t, "POST", url+"/after", `1`)
 	waitFor(t, "a write too big for the socket buffers", func() bool { return srv.writers.slow.Load() > 0 })
@@ -478,13 +478,13 @@ func TestSlowClientGetsTheRest(t *testing.T) {
 // nothing and a write to it waits, another subscriber still gets every
 // change, before the stalled one is closed.
 func TestStalledSubscriberHoldsUpNoOne(t *testing.T) {
-	srv, url := newTestServer(t, "-max-value-bytes", "8000000", "-write-timeout", "10m")
+	srv, url := newTestServer(t, "-max-value-bytes", "20000000", "-write-timeout", "10m")
 	dialStalled(t, url, "/", 4096)
 	waitFor(t, "the stalled subscription", func() bool { return srv.store.subs.count.Load() == 1 })
 	events := subscribe(t, url, "/")
 	waitFor(t, "both subscriptions", func() bool { return srv.store.subs.count.Load() == 2 })
 
-	do(t, "POST", url+"/big", `"`+strings.Repeat("x", 6_000_000)+`"`) // fills the stalled one's buffers
+	do(t, "POST", url+"/big", `"`+strings.Repeat("x", 16_000_000)+`"`) // fills the stalled one's buffers
 	waitFor(t, "a write too big for the socket buffers", func() bool { return srv.writers.slow.Load() > 0 })
 	for i := range 20 {
 		do(t, "POST", url+"/small", strconv.Itoa(i))
