@@ -131,7 +131,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	err = buf.Writer.Flush()
 	conn.SetWriteDeadline(time.Time{})
 	if err != nil {
-		st.close()
+		st.Close()
 		return
 	}
 	s.writers.start(st)
@@ -207,7 +207,7 @@ func (w *eventWriters) start(st *sseStream) {
 		go w.beat()
 	})
 	if !w.s.streams.track(st) {
-		st.close() // the server is closing
+		st.Close() // the server is closing
 		return
 	}
 	st.idle()
@@ -292,7 +292,7 @@ func (st *sseStream) flush() {
 	switch {
 	case err != nil:
 		putBuffer(buf)
-		st.close()
+		st.Close()
 	case n == buf.Len():
 		putBuffer(buf)
 		st.idle()
@@ -310,7 +310,7 @@ func (st *sseStream) finish(buf *bytes.Buffer, n int) {
 	defer putBuffer(buf)
 	st.conn.SetWriteDeadline(time.Now().Add(st.w.s.cfg.writeTimeout))
 	if _, err := st.conn.Write(buf.Bytes()[n:]); err != nil {
-		st.close()
+		st.Close()
 		return
 	}
 	// A deadline left in place would fail the next non-blocking write.
@@ -341,15 +341,10 @@ func (w *eventWriters) beat() {
 	}
 }
 
-// Close ends the stream; streams.close calls it on shutdown.
-func (st *sseStream) Close() error {
-	st.close()
-	return nil
-}
-
-// close ends the stream, once: it unsubscribes and closes the connection.
+// Close ends the stream, once: it unsubscribes and closes the connection.
 // A writer that has the stream gets an error from its write and lets go.
-func (st *sseStream) close() {
+// streams.close calls it on shutdown.
+func (st *sseStream) Close() error {
 	st.closed.Do(func() {
 		s := st.w.s
 		s.store.Unsubscribe(st.path, &st.q)
@@ -357,6 +352,7 @@ func (st *sseStream) close() {
 		s.streams.untrack(st)
 		s.streams.done()
 	})
+	return nil
 }
 
 // stopWriters stops the writers once every stream is closed.
@@ -402,17 +398,22 @@ type streams struct {
 func (c *streams) reserve() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	select {
-	case <-c.closing:
-		return false
-	default:
-	}
-	if c.max > 0 && c.n >= c.max {
+	if c.isClosing() || (c.max > 0 && c.n >= c.max) {
 		return false
 	}
 	c.n++
 	c.wg.Add(1)
 	return true
+}
+
+// isClosing reports whether close has begun.
+func (c *streams) isClosing() bool {
+	select {
+	case <-c.closing:
+		return true
+	default:
+		return false
+	}
 }
 
 // done counts one stream less.
@@ -435,10 +436,8 @@ func (c *streams) Len() int64 {
 func (c *streams) track(conn io.Closer) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	select {
-	case <-c.closing:
+	if c.isClosing() {
 		return false
-	default:
 	}
 	if c.conns == nil {
 		c.conns = make(map[io.Closer]bool)
