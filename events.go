@@ -17,17 +17,25 @@ import (
 // set, a reply to send as it is (the WebSocket API queues its replies with
 // its events, so both leave in order).
 type event struct {
+	sub *subscription // whose change it is; nil for a reply
 	key string
 	e   *entry // nil: the key is missing (deleted or expired)
 	why reason
 	raw []byte
 }
 
+// eventKey is what a queue coalesces on: one pending event per
+// subscription and key.
+type eventKey struct {
+	sub *subscription
+	key string
+}
+
 // coalescer is the queue between the publishers and one subscriber. It
-// holds at most one pending event per key: a newer change of a key that is
-// already pending replaces it in place, so a subscriber that cannot keep
-// up skips intermediate revisions but always gets the latest, and its
-// memory is bounded by the number of keys it watches. Pushing never
+// holds at most one pending event per subscription and key: a newer change
+// of a key that is already pending replaces it in place, so a subscriber
+// that cannot keep up skips intermediate revisions but always gets the
+// latest, and its memory is bounded by the number of keys it watches. Pushing never
 // blocks, and once the pending set has grown to its working size it does
 // not allocate.
 type coalescer struct {
@@ -35,21 +43,22 @@ type coalescer struct {
 
 	mu      sync.Mutex
 	pending []event
-	index   map[string]int // key -> position in pending
-	spare   []event        // the slice of the last batch, for reuse
+	index   map[eventKey]int // position in pending
+	spare   []event          // the slice of the last batch, for reuse
 }
 
 // push queues ev.
 func (q *coalescer) push(ev event) {
 	q.mu.Lock()
-	if i, ok := q.index[ev.key]; ok && ev.raw == nil {
+	k := eventKey{ev.sub, ev.key}
+	if i, ok := q.index[k]; ok && ev.raw == nil {
 		q.pending[i] = ev
 	} else {
 		if ev.raw == nil {
 			if q.index == nil {
-				q.index = make(map[string]int)
+				q.index = make(map[eventKey]int)
 			}
-			q.index[ev.key] = len(q.pending)
+			q.index[k] = len(q.pending)
 		}
 		q.pending = append(q.pending, ev)
 	}
@@ -119,7 +128,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	st := s.writers.newStream(conn, path)
 	_, initial := r.URL.Query()["initial"]
 	initial = initial || r.Header.Get("Last-Event-ID") != ""
-	s.store.Subscribe(path, &st.q, initial)
+	s.store.Subscribe(&st.sub, initial)
 
 	// The head and the retry hint go out at once, so the client knows the
 	// stream is open before any change happens. Until then the stream is
@@ -177,8 +186,8 @@ type sseStream struct {
 	w    *eventWriters
 	conn net.Conn
 	raw  syscall.RawConn // nil: every write takes the slow path
-	path string
 	q    coalescer
+	sub  subscription // of q, to the stream's path
 	// busy is set while the stream is queued or being written, so that
 	// only one writer has it at a time.
 	busy   atomic.Bool
@@ -187,7 +196,8 @@ type sseStream struct {
 
 // newStream returns a stream for conn, busy until start.
 func (w *eventWriters) newStream(conn net.Conn, path string) *sseStream {
-	st := &sseStream{w: w, conn: conn, path: path}
+	st := &sseStream{w: w, conn: conn}
+	st.sub = subscription{path: path, q: &st.q}
 	if sc, ok := conn.(syscall.Conn); ok {
 		st.raw, _ = sc.SyscallConn()
 	}
@@ -347,7 +357,7 @@ func (w *eventWriters) beat() {
 func (st *sseStream) Close() error {
 	st.closed.Do(func() {
 		s := st.w.s
-		s.store.Unsubscribe(st.path, &st.q)
+		s.store.Unsubscribe(&st.sub)
 		st.conn.Close()
 		s.streams.untrack(st)
 		s.streams.done()
@@ -361,15 +371,16 @@ func (w *eventWriters) stopWriters() {
 	w.wg.Wait()
 }
 
-// appendSSE appends ev as an SSE message: "id: /key:<revision>" and "data:
-// <value>", or revision -1 and null for a missing key. A compact JSON value
-// has no newline, so it is always a single data line.
+// appendSSE appends ev as an SSE message: "id: <key>:<revision>" and
+// "data: <value>", or revision -1 and null for a missing key. A compact
+// JSON value has no newline, so it is always a single data line; nor has
+// a key, which holds no control character.
 func appendSSE(b []byte, ev event) []byte {
 	if ev.raw != nil {
 		return append(b, ev.raw...)
 	}
 	b = append(b, "id: "...)
-	b = append(b, ev.key...)
+	b = appendIDKey(b, ev.key)
 	b = append(b, ':')
 	if ev.e == nil {
 		b = append(b, "-1\ndata: null\n\n"...)

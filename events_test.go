@@ -58,10 +58,7 @@ func subscribe(t testing.TB, url, path string, headers ...string) <-chan sseEven
 			line := sc.Text()
 			switch {
 			case strings.HasPrefix(line, "id: "):
-				id := line[4:]
-				i := strings.LastIndexByte(id, ':')
-				ev.key = id[:i]
-				ev.rev, _ = strconv.ParseInt(id[i+1:], 10, 64)
+				ev.key, ev.rev = parseID(t, line[4:])
 			case strings.HasPrefix(line, "data: "):
 				ev.data = line[6:]
 			case line == "" && ev.key != "":
@@ -72,6 +69,21 @@ func subscribe(t testing.TB, url, path string, headers ...string) <-chan sseEven
 	}()
 	t.Cleanup(func() { cancel(); <-done })
 	return ch
+}
+
+// parseID reads an event id, <key>:<revision>, whose key has "%" and ":"
+// written "%25" and "%3A".
+func parseID(t testing.TB, id string) (key string, rev int64) {
+	fields := strings.Split(id, ":")
+	if len(fields) != 2 {
+		t.Errorf("id %q: want <key>:<revision>, with no other colon", id)
+		return "", 0
+	}
+	rev, err := strconv.ParseInt(fields[1], 10, 64)
+	if err != nil {
+		t.Errorf("id %q: bad revision", id)
+	}
+	return strings.NewReplacer("%3A", ":", "%25", "%").Replace(fields[0]), rev
 }
 
 // next returns the next event, failing the test if none comes.
@@ -102,17 +114,17 @@ func TestSubscriptionMatching(t *testing.T) {
 		"/x":     {"/x"},
 		"/nope/": nil,
 	}
-	queues := map[string]*coalescer{}
+	subs := map[string]*subscription{}
 	for path := range watchers {
-		queues[path] = &coalescer{}
-		s.Subscribe(path, queues[path], false)
+		subs[path] = &subscription{path: path, q: &coalescer{}}
+		s.Subscribe(subs[path], false)
 	}
 	for _, key := range []string{"/a/b", "/a/c", "/ab", "/a/b/c", "/ab/x", "/x"} {
 		s.Set(key, "1", 0)
 	}
 	for path, want := range watchers {
 		var got []string
-		for _, ev := range queues[path].drain() {
+		for _, ev := range subs[path].q.drain() {
 			got = append(got, ev.key)
 		}
 		slices.Sort(got)
@@ -121,8 +133,8 @@ func TestSubscriptionMatching(t *testing.T) {
 			t.Errorf("watching %s: got %v; want %v", path, got, want)
 		}
 	}
-	for path, q := range queues {
-		s.Unsubscribe(path, q)
+	for _, sub := range subs {
+		s.Unsubscribe(sub)
 	}
 	if n := s.subs.count.Load(); n != 0 || len(s.subs.paths) != 0 {
 		t.Errorf("after unsubscribing all: %d registrations, %d paths; want 0", n, len(s.subs.paths))
@@ -258,8 +270,8 @@ func TestSSEInitial(t *testing.T) {
 		}
 	})
 	t.Run("bad path", func(t *testing.T) {
-		resp := do(t, "GET", url+"/a:b/", "", "Accept", "text/event-stream")
-		if resp.code != 400 || !strings.Contains(errorMessage(resp), `invalid path "/a:b/"`) {
+		resp := do(t, "GET", url+"/a/%FF/", "", "Accept", "text/event-stream")
+		if resp.code != 400 || !strings.Contains(errorMessage(resp), `invalid path "/a/\xff/": not valid UTF-8`) {
 			t.Errorf("got %d %s; want 400", resp.code, resp.body)
 		}
 	})
@@ -416,7 +428,8 @@ func stallUntilClosed(t *testing.T, srv *server, url string) {
 	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
 	var q *coalescer
 	srv.store.subs.mu.RLock()
-	for q = range srv.store.subs.paths["/"] {
+	for sub := range srv.store.subs.paths["/"] {
+		q = sub.q
 	}
 	srv.store.subs.mu.RUnlock()
 
@@ -585,7 +598,7 @@ func BenchmarkPublish(b *testing.B) {
 		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) {
 			s := NewStore(0, nil)
 			for range n {
-				s.Subscribe("/k", &coalescer{}, false)
+				s.Subscribe(&subscription{path: "/k", q: &coalescer{}}, false)
 			}
 			s.Set("/k", "1", 0) // warm every queue
 			b.ReportAllocs()
@@ -603,7 +616,7 @@ func BenchmarkPublish(b *testing.B) {
 			w := &eventWriters{wake: make(chan struct{}, 1)}
 			for range n {
 				st := w.newStream(nil, "/k")
-				s.Subscribe("/k", &st.q, false)
+				s.Subscribe(&st.sub, false)
 				st.idle()
 			}
 			take := func() {

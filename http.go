@@ -113,6 +113,8 @@ var (
 // cors applies the origin policy to every response. It also refuses paths
 // that are not in canonical form: ServeMux would redirect "/a//b" to
 // "/a/b", but such a path is an invalid key, not another spelling of one.
+// (ServeMux cleans the path as it came, so "/a%2F%2Fb" reaches the
+// handlers as "/a//b", whose own check refuses it.)
 func (s *server) cors(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h := w.Header()
@@ -126,7 +128,11 @@ func (s *server) cors(next http.Handler) http.Handler {
 		}
 		h["Access-Control-Expose-Headers"] = hdrExposed
 		if p := r.URL.Path; p != "/" && path.Clean(p) != strings.TrimSuffix(p, "/") {
-			serveError(w, http.StatusBadRequest, fmt.Sprintf("invalid key %s", quoteKey(p)))
+			err := checkPath(p, s.cfg.maxKeyBytes)
+			if err == nil { // not reached: a clean path is a valid one's only spelling
+				err = fmt.Errorf("invalid path %s", quoteKey(p))
+			}
+			serveError(w, http.StatusBadRequest, err.Error())
 			return
 		}
 		next.ServeHTTP(w, r)
@@ -233,20 +239,22 @@ func (s *server) serveEntry(w http.ResponseWriter, code int, e *entry) {
 func (s *server) serveList(w http.ResponseWriter, prefix string) {
 	buf := getBuffer()
 	defer putBuffer(buf)
-	b := s.appendList(buf.AvailableBuffer(), prefix)
+	b := s.appendList(buf.AvailableBuffer(), prefix, false)
 	w.Header()["Content-Type"] = hdrJSON
 	w.Write(b)
 }
 
 // appendList appends the JSON array of every key under prefix, as the
-// HTTP listing and the WebSocket "values" reply give it.
-func (s *server) appendList(b []byte, prefix string) []byte {
+// HTTP listing and the WebSocket "values" reply give it; kvserver spells
+// the keys without their leading "/".
+func (s *server) appendList(b []byte, prefix string, kvserver bool) []byte {
 	now := s.store.now()
 	b = append(b, '[')
 	for i, it := range s.store.List(prefix) {
 		if i > 0 {
 			b = append(b, ',')
 		}
+		it.key = spell(it.key, kvserver)
 		b = appendItem(b, it, now)
 	}
 	return append(b, ']')
@@ -266,14 +274,6 @@ func appendItem(b []byte, it item, now int64) []byte {
 		b = strconv.AppendInt(b, ms, 10)
 	}
 	return append(b, '}')
-}
-
-// appendKey appends a valid key as a JSON string. A key holds only
-// letters, digits, "-", "_" and "/", none of which JSON escapes.
-func appendKey(b []byte, key string) []byte {
-	b = append(b, '"')
-	b = append(b, key...)
-	return append(b, '"')
 }
 
 // handleSet answers POST: set a key unconditionally.

@@ -2,14 +2,11 @@ package main
 
 import (
 	"errors"
-	"fmt"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode"
-	"unicode/utf8"
 )
 
 // entry is one immutable version of a key. A write never changes an entry;
@@ -105,7 +102,7 @@ func NewStore(maxKeys int64, clk clock) *Store {
 	}
 	s := &Store{maxKeys: maxKeys, clock: clk}
 	s.publish = s.subs.publish
-	s.subs.paths = make(map[string]map[*coalescer]struct{})
+	s.subs.paths = make(map[string]map[*subscription]struct{})
 	s.expiry = &expiry{clock: clk, expire: s.expire}
 	return s
 }
@@ -315,25 +312,34 @@ func (s *Store) List(prefix string) []item {
 	return items
 }
 
-// Subscribe registers q for the changes of path (a key, a prefix ending
-// with "/", or "/") and, if initial, first queues the current state of
-// what it watches: a key's version or its absence, or every existing key
-// under a prefix, in key order.
+// subscription is one registration of a queue on a path: an event
+// stream's only one, or one of a WebSocket's several. Its events go to q
+// marked with it, so one queue can tell its subscriptions' events apart.
+type subscription struct {
+	path     string     // a key, a prefix ending with "/", or "/"
+	q        *coalescer // where its events go
+	kvserver bool       // its client names keys without the leading "/"
+}
+
+// Subscribe registers sub for the changes of its path and, if initial,
+// first queues the current state of what it watches: a key's version or
+// its absence, or every existing key under a prefix, in key order.
 //
 // Registering comes first, and each key's state is queued with the key
-// locked. A change published before that is replaced in q by the state
-// (q keeps one pending event per key); one published after comes after
-// it. So no change falls between the state and the live events, and a
-// key's revisions only go up, provided nothing drains q until Subscribe
-// returns.
-func (s *Store) Subscribe(path string, q *coalescer, initial bool) {
-	s.subs.add(path, q)
+// locked. A change published before that is replaced in the queue by the
+// state (a queue keeps one pending event per subscription and key); one
+// published after comes after it. So no change falls between the state
+// and the live events, and a key's revisions only go up, provided nothing
+// drains the queue until Subscribe returns.
+func (s *Store) Subscribe(sub *subscription, initial bool) {
+	s.subs.add(sub)
 	if !initial {
 		return
 	}
+	path := sub.path
 	if !strings.HasSuffix(path, "/") {
 		sl := s.lock(path)
-		q.push(event{key: path, e: s.unexpired(sl.load()), why: changed}) // nil e: missing, for no reason
+		sub.q.push(event{sub: sub, key: path, e: s.unexpired(sl.load()), why: changed}) // nil e: missing, for no reason
 		s.release(path, sl)
 		sl.mu.Unlock()
 		return
@@ -346,54 +352,54 @@ func (s *Store) Subscribe(path string, q *coalescer, initial bool) {
 		sl := v.(*slot)
 		sl.mu.Lock()
 		if e := s.unexpired(sl.load()); e != nil {
-			q.push(event{key: it.key, e: e})
+			sub.q.push(event{sub: sub, key: it.key, e: e})
 		}
 		sl.mu.Unlock()
 	}
 }
 
-// Unsubscribe removes the registration of q for path.
-func (s *Store) Unsubscribe(path string, q *coalescer) { s.subs.remove(path, q) }
+// Unsubscribe removes the registration of sub.
+func (s *Store) Unsubscribe(sub *subscription) { s.subs.remove(sub) }
 
-// registry maps each watched path to the queues of its subscribers.
+// registry maps each watched path to its subscriptions.
 type registry struct {
 	mu    sync.RWMutex
-	paths map[string]map[*coalescer]struct{}
+	paths map[string]map[*subscription]struct{}
 	count atomic.Int64 // registrations, so that publishing to nobody costs one load
 }
 
-func (r *registry) add(path string, q *coalescer) {
+func (r *registry) add(sub *subscription) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	set := r.paths[path]
+	set := r.paths[sub.path]
 	if set == nil {
-		set = make(map[*coalescer]struct{})
-		r.paths[path] = set
+		set = make(map[*subscription]struct{})
+		r.paths[sub.path] = set
 	}
-	if _, ok := set[q]; !ok {
-		set[q] = struct{}{}
+	if _, ok := set[sub]; !ok {
+		set[sub] = struct{}{}
 		r.count.Add(1)
 	}
 }
 
-func (r *registry) remove(path string, q *coalescer) {
+func (r *registry) remove(sub *subscription) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	if set := r.paths[path]; set != nil {
-		if _, ok := set[q]; ok {
-			delete(set, q)
+	if set := r.paths[sub.path]; set != nil {
+		if _, ok := set[sub]; ok {
+			delete(set, sub)
 			r.count.Add(-1)
 		}
 		if len(set) == 0 {
-			delete(r.paths, path)
+			delete(r.paths, sub.path)
 		}
 	}
 }
 
-// publish queues a change of key for the subscribers of the key itself and
-// of every prefix above it: /a/b/c, /a/b/, /a/, /. The cost is the depth
-// of the key plus the subscribers found; the prefixes are substrings of
-// key, so finding them allocates nothing.
+// publish queues a change of key for the subscriptions of the key itself
+// and of every prefix above it: /a/b/c, /a/b/, /a/, /. The cost is the
+// depth of the key plus the subscriptions found; the prefixes are
+// substrings of key, so finding them allocates nothing.
 func (r *registry) publish(key string, e *entry, why reason) {
 	if r.count.Load() == 0 {
 		return
@@ -401,13 +407,15 @@ func (r *registry) publish(key string, e *entry, why reason) {
 	ev := event{key: key, e: e, why: why}
 	r.mu.RLock()
 	defer r.mu.RUnlock()
-	for q := range r.paths[key] {
-		q.push(ev)
+	for sub := range r.paths[key] {
+		ev.sub = sub
+		sub.q.push(ev)
 	}
 	for i := len(key) - 1; i >= 0; i-- {
 		if key[i] == '/' {
-			for q := range r.paths[key[:i+1]] {
-				q.push(ev)
+			for sub := range r.paths[key[:i+1]] {
+				ev.sub = sub
+				sub.q.push(ev)
 			}
 		}
 	}
@@ -415,69 +423,3 @@ func (r *registry) publish(key string, e *entry, why reason) {
 
 // Len returns the number of keys that hold a value.
 func (s *Store) Len() int64 { return s.live.Load() }
-
-// checkKey reports whether key is a valid key: it begins with "/", does not
-// end with "/", and every component between slashes is one or more
-// letters, digits, "-" or "_". maxBytes bounds its length.
-func checkKey(key string, maxBytes int) error {
-	if len(key) > maxBytes {
-		return fmt.Errorf("invalid key %s: longer than %d bytes", quoteKey(key), maxBytes)
-	}
-	if len(key) < 2 || key[0] != '/' || key[len(key)-1] == '/' || !validComponents(key[1:]) {
-		return fmt.Errorf("invalid key %s", quoteKey(key))
-	}
-	return nil
-}
-
-// checkPath reports whether path is something a subscription or listing
-// can watch: a key, a prefix ending with "/", or "/" itself.
-func checkPath(path string, maxBytes int) error {
-	if path == "/" {
-		return nil
-	}
-	if strings.HasSuffix(path, "/") {
-		if len(path) > maxBytes || !validComponents(path[1:len(path)-1]) || path[0] != '/' {
-			return fmt.Errorf("invalid path %s", quoteKey(path))
-		}
-		return nil
-	}
-	return checkKey(path, maxBytes)
-}
-
-// validComponents reports whether s is one or more non-empty components
-// separated by single slashes.
-func validComponents(s string) bool {
-	if s == "" {
-		return false
-	}
-	empty := true
-	for _, r := range s {
-		switch {
-		case r == '/':
-			if empty {
-				return false
-			}
-			empty = true
-			continue
-		case r == '-' || r == '_' || r < utf8.RuneSelf && ('a' <= r && r <= 'z' || 'A' <= r && r <= 'Z' || '0' <= r && r <= '9'):
-		case r >= utf8.RuneSelf && (unicode.IsLetter(r) || unicode.IsDigit(r)):
-		default:
-			return false // includes utf8.RuneError for invalid UTF-8
-		}
-		empty = false
-	}
-	return !empty
-}
-
-// quoteKey quotes a key for an error message, cutting a long one short.
-func quoteKey(key string) string {
-	const max = 64
-	if len(key) > max {
-		cut := max
-		for cut > 0 && !utf8.RuneStart(key[cut]) {
-			cut--
-		}
-		return fmt.Sprintf("%q… (%d bytes)", key[:cut], len(key))
-	}
-	return fmt.Sprintf("%q", key)
-}

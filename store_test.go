@@ -20,52 +20,6 @@ import (
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
 
-func TestCheckKey(t *testing.T) {
-	good := []string{"/a", "/a/b", "/A_b-9", "/ключ", "/日本/語", "/a1/2/3", "/" + strings.Repeat("x", 4095)}
-	bad := []string{"", "/", "a", "/a/", "/a//b", "//a", "/a b", "/a:b", "/a.b", "/a/./b", "/a\x00", "/\xff",
-		"/" + strings.Repeat("x", 4096), "/a?b", "/a%20b", "/😀"}
-	for _, k := range good {
-		if err := checkKey(k, 4096); err != nil {
-			t.Errorf("checkKey(%q): %v; want ok", k, err)
-		}
-	}
-	for _, k := range bad {
-		if err := checkKey(k, 4096); err == nil {
-			t.Errorf("checkKey(%q): ok; want an error", k)
-		}
-	}
-	for _, p := range []string{"/", "/a/", "/a/b/", "/a"} {
-		if err := checkPath(p, 4096); err != nil {
-			t.Errorf("checkPath(%q): %v; want ok", p, err)
-		}
-	}
-	for _, p := range []string{"", "a/", "//", "/a//", "/a:b/", "a"} {
-		if err := checkPath(p, 4096); err == nil {
-			t.Errorf("checkPath(%q): ok; want an error", p)
-		}
-	}
-}
-
-func FuzzCheckKey(f *testing.F) {
-	for _, k := range []string{"/a", "/a/b", "/a//b", "/ключ", "/a/", "/\xff"} {
-		f.Add(k)
-	}
-	f.Fuzz(func(t *testing.T, key string) {
-		if checkKey(key, 4096) != nil {
-			return
-		}
-		// An accepted key must survive the router: canonical, no dots,
-		// and its components non-empty.
-		if !strings.HasPrefix(key, "/") || strings.HasSuffix(key, "/") || strings.Contains(key, "//") ||
-			strings.ContainsAny(key, ".: ?#%") {
-			t.Errorf("checkKey accepted %q", key)
-		}
-		if checkPath(key, 4096) != nil || checkPath(key+"/", 4097) != nil {
-			t.Errorf("key %q accepted, but not as a path or prefix", key)
-		}
-	})
-}
-
 func TestStoreRevisions(t *testing.T) {
 	s := NewStore(0, nil)
 	for want := int64(0); want < 3; want++ {

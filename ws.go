@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -110,7 +111,7 @@ type wsConn struct {
 	s    *server
 	ws   *websocket.Conn
 	q    *coalescer
-	subs map[string]bool // watched paths; only the reader touches it
+	subs map[string]*subscription // by path as the client spelled it; only the reader touches it
 
 	mu      sync.Mutex
 	writing bool // a flush goroutine runs; guarded by mu
@@ -119,7 +120,7 @@ type wsConn struct {
 }
 
 func newWSConn(s *server, ws *websocket.Conn) *wsConn {
-	c := &wsConn{s: s, ws: ws, subs: make(map[string]bool)}
+	c := &wsConn{s: s, ws: ws, subs: make(map[string]*subscription)}
 	c.q = &coalescer{notify: c.wake}
 	return c
 }
@@ -155,8 +156,8 @@ func (s *server) serveWebSocket(ws *websocket.Conn) {
 // close ends the connection: no more events, no more flushes, and it
 // returns when the last flush has.
 func (c *wsConn) close() {
-	for path := range c.subs {
-		c.s.store.Unsubscribe(path, c.q)
+	for _, sub := range c.subs {
+		c.s.store.Unsubscribe(sub)
 	}
 	c.mu.Lock()
 	c.closed = true
@@ -225,11 +226,13 @@ func (c *wsConn) send(batch []event) error {
 }
 
 // appendWSEvent appends a change as a WebSocket event: value {key, value,
-// revision}, or no-value {key, reason} for a delete or expiry.
+// revision}, or no-value {key, reason} for a delete or expiry. The key is
+// spelled as the subscription's client spells keys.
 func appendWSEvent(b []byte, ev event) []byte {
+	key := spell(ev.key, ev.sub != nil && ev.sub.kvserver)
 	if ev.e == nil {
 		b = append(b, `{"type":"no-value","payload":{"key":`...)
-		b = appendKey(b, ev.key)
+		b = appendKey(b, key)
 		if ev.why != changed {
 			b = append(b, `,"reason":"`...)
 			b = append(b, ev.why.String()...)
@@ -238,7 +241,7 @@ func appendWSEvent(b []byte, ev event) []byte {
 		return append(b, "}}"...)
 	}
 	b = append(b, `{"type":"value","payload":{"key":`...)
-	b = appendKey(b, ev.key)
+	b = appendKey(b, key)
 	b = append(b, `,"value":`...)
 	b = append(b, ev.e.value...)
 	b = append(b, `,"revision":`...)
@@ -273,20 +276,21 @@ func (c *wsConn) handle(data []byte) {
 	}
 	fail := func(err error) { c.reply(msg.ID, "error", appendJSONString(nil, err.Error())) }
 	s := c.s
+	// Replies name keys as the message spelled them ("foo" or "/foo").
 	switch msg.Type {
 	case "get":
-		key, err := c.key(p.Key)
+		key, spelled, err := c.key(p.Key)
 		if err != nil {
 			fail(err)
 			return
 		}
 		if e := s.store.Get(key); e != nil {
-			c.reply(msg.ID, "value", s.appendValuePayload(nil, key, e))
+			c.reply(msg.ID, "value", appendItem(nil, item{spelled, e}, s.store.now()))
 		} else {
-			c.reply(msg.ID, "no-value", appendKeyPayload(nil, key))
+			c.reply(msg.ID, "no-value", appendKeyPayload(nil, spelled))
 		}
 	case "set", "update":
-		key, value, ttl, err := c.write(p)
+		key, spelled, value, ttl, err := c.write(p)
 		if err != nil {
 			fail(err)
 			return
@@ -300,9 +304,9 @@ func (c *wsConn) handle(data []byte) {
 		} else {
 			e, err = s.store.CompareAndSwap(key, value, *p.Revision, ttl)
 		}
-		c.answerWrite(msg.ID, key, err, msg.Type == "update", func() []byte { return appendRevisionPayload(nil, key, e.revision) })
+		c.answerWrite(msg.ID, spelled, err, msg.Type == "update", func() []byte { return appendRevisionPayload(nil, spelled, e.revision) })
 	case "delete":
-		key, err := c.key(p.Key)
+		key, spelled, err := c.key(p.Key)
 		if err != nil {
 			fail(err)
 			return
@@ -312,27 +316,33 @@ func (c *wsConn) handle(data []byte) {
 			rev = *p.Revision
 		}
 		_, err = s.store.Delete(key, rev)
-		c.answerWrite(msg.ID, key, err, false, func() []byte { return appendKeyPayload(nil, key) })
+		c.answerWrite(msg.ID, spelled, err, false, func() []byte { return appendKeyPayload(nil, spelled) })
 	case "subscribe", "unsubscribe":
 		if p.Key == nil {
 			fail(fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, msg.Type))
 			return
 		}
-		path := *p.Key
-		if err := checkPath(path, s.cfg.maxKeyBytes); err != nil {
+		spelled := *p.Key
+		path, kvserver, err := checkSpelled(spelled, s.cfg.maxKeyBytes, false)
+		if err != nil {
 			fail(err)
 			return
 		}
 		// The reply is queued before any event, so it arrives first.
 		if msg.ID != nil {
-			c.reply(msg.ID, "ok", appendKeyPayload(nil, path))
+			c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
 		}
+		sub := c.subs[spelled]
 		if msg.Type == "subscribe" {
-			c.subs[path] = true
-			s.store.Subscribe(path, c.q, p.Initial)
-		} else if c.subs[path] {
-			delete(c.subs, path)
-			s.store.Unsubscribe(path, c.q)
+			if sub != nil {
+				s.store.Unsubscribe(sub) // subscribing again starts afresh
+			}
+			sub = &subscription{path: path, q: c.q, kvserver: kvserver}
+			c.subs[spelled] = sub
+			s.store.Subscribe(sub, p.Initial)
+		} else if sub != nil {
+			delete(c.subs, spelled)
+			s.store.Unsubscribe(sub)
 		}
 	case "list":
 		prefix := "/"
@@ -342,11 +352,12 @@ func (c *wsConn) handle(data []byte) {
 		if !strings.HasSuffix(prefix, "/") {
 			prefix += "/"
 		}
-		if err := checkPath(prefix, s.cfg.maxKeyBytes); err != nil {
+		path, kvserver, err := checkSpelled(prefix, s.cfg.maxKeyBytes, false)
+		if err != nil {
 			fail(err)
 			return
 		}
-		c.reply(msg.ID, "values", s.appendList(nil, prefix))
+		c.reply(msg.ID, "values", s.appendList(nil, path, kvserver))
 	default:
 		fail(fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
 	}
@@ -357,6 +368,11 @@ func (c *wsConn) handle(data []byte) {
 func decodeMessage(data []byte) (wsMessage, wsPayload, error) {
 	var msg wsMessage
 	var p wsPayload
+	if !utf8.Valid(data) {
+		// A text frame must be UTF-8 (RFC 6455), and encoding/json would
+		// quietly turn the bad bytes of a key into U+FFFD: another key.
+		return msg, p, errors.New("invalid message: not valid UTF-8")
+	}
 	if err := json.Unmarshal(data, &msg); err != nil {
 		var typeErr *json.UnmarshalTypeError
 		if errors.As(err, &typeErr) && typeErr.Field != "" {
@@ -393,21 +409,23 @@ func wantType(field string) string {
 	return "a string"
 }
 
-// key checks a payload's key.
-func (c *wsConn) key(k *string) (string, error) {
+// key checks a payload's key, and returns the store key and the key as
+// the client spelled it.
+func (c *wsConn) key(k *string) (key, spelled string, err error) {
 	if k == nil {
-		return "", errors.New(`missing "key"`)
+		return "", "", errors.New(`missing "key"`)
 	}
-	return *k, checkKey(*k, c.s.cfg.maxKeyBytes)
+	key, _, err = checkSpelled(*k, c.s.cfg.maxKeyBytes, true)
+	return key, *k, err
 }
 
 // write checks the key, value and TTL of a set or update.
-func (c *wsConn) write(p wsPayload) (key, value string, ttl time.Duration, err error) {
-	if key, err = c.key(p.Key); err != nil {
-		return "", "", 0, err
+func (c *wsConn) write(p wsPayload) (key, spelled, value string, ttl time.Duration, err error) {
+	if key, spelled, err = c.key(p.Key); err != nil {
+		return "", "", "", 0, err
 	}
 	value, ttl, err = c.s.valueAndTTL(p.Value, p.TTL)
-	return key, value, ttl, err
+	return key, spelled, value, ttl, err
 }
 
 // answerWrite replies to a write of key that ended with err: conflict
@@ -454,11 +472,6 @@ func (c *wsConn) replyConflict(id json.RawMessage, key string, cur *entry) {
 	b = append(b, `,"revision":`...)
 	b = strconv.AppendInt(b, rev, 10)
 	c.reply(id, "conflict", append(b, '}'))
-}
-
-// appendValuePayload appends {key, value, revision[, ttl]}.
-func (s *server) appendValuePayload(b []byte, key string, e *entry) []byte {
-	return appendItem(b, item{key, e}, s.store.now())
 }
 
 func appendKeyPayload(b []byte, key string) []byte {

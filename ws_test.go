@@ -171,7 +171,9 @@ func TestWebSocketBadMessages(t *testing.T) {
 		{`{"type":"get","payload":"/a"}`, `get: \"payload\" must be an object`},
 		{`{"type":"get","payload":{}}`, `missing \"key\"`},
 		{`{"type":"get","payload":{"key":5}}`, `get: \"key\" must be a string`},
-		{`{"type":"get","payload":{"key":"a b"}}`, `invalid key \"a b\"`},
+		{`{"type":"get","payload":{"key":"a\u0000b"}}`, `invalid key \"a\\x00b\": control character U+0000`},
+		{`{"type":"get","payload":{"key":""}}`, `invalid key \"\": empty`},
+		{"{\"type\":\"get\",\"payload\":{\"key\":\"/\xff\"}}", `invalid message: not valid UTF-8`},
 		{`{"type":"set","payload":{"key":"/a//b","value":1}}`, `invalid key \"/a//b\"`},
 		{`{"type":"set","payload":{"key":"/a"}}`, `missing \"value\"`},
 		{`{"type":"set","payload":{"key":"/a","value":1,"ttl":0}}`, `invalid TTL 0: must be positive`},
@@ -182,9 +184,10 @@ func TestWebSocketBadMessages(t *testing.T) {
 		{`{"type":"update","payload":{"key":"/a","value":1,"revision":"1"}}`, `update: \"revision\" must be an integer`},
 		{`{"type":"update","payload":{"key":"/a","value":1,"revision":1.5}}`, `update: \"revision\" must be an integer`},
 		{`{"type":"subscribe","payload":{}}`, `subscribe: missing \"key\"`},
-		{`{"type":"subscribe","payload":{"key":"/a:b/"}}`, `invalid path \"/a:b/\"`},
+		{`{"type":"subscribe","payload":{"key":"/a//b/"}}`, `invalid path \"/a//b/\": empty component`},
+		{`{"type":"subscribe","payload":{"key":"room/../"}}`, `invalid path \"room/../\": \"..\" component`},
 		{`{"type":"subscribe","payload":{"key":"/a","initial":"yes"}}`, `subscribe: \"initial\" must be true or false`},
-		{`{"type":"list","payload":{"prefix":"/a b/"}}`, `invalid path`},
+		{`{"type":"list","payload":{"prefix":"/a/./"}}`, `invalid path \"/a/./\": \".\" component`},
 		{`{"type":"nope","payload":{},"id":[7]}`, `unknown message type \"nope\"`},
 	} {
 		c.send(tt.send)
@@ -339,8 +342,8 @@ func TestKvServerREST(t *testing.T) {
 		{"POST", "/storage/bad", `{"ttl": 5}`, 400, ""},
 		{"POST", "/storage/bad", `{"value": }`, 400, ""},
 		{"POST", "/storage/bad", `[1]`, 400, ""},
-		{"POST", "/storage/a.b", `{"value": 1}`, 400, ""},
-		{"GET", "/storage/a:b", "", 400, ""},
+		{"POST", "/storage/a%01b", `{"value": 1}`, 400, ""},
+		{"GET", "/storage/a/../b", "", 400, ""},
 		{"DELETE", "/storage/foo", "", 200, ""},
 		{"DELETE", "/storage/foo", "", 200, ""},
 		{"GET", "/storage/foo", "", 204, ""},
@@ -385,10 +388,10 @@ func FuzzDecodeMessage(f *testing.F) {
 	srv := newServer(cfg, discardLogger())
 	known := []string{"value", "no-value", "ok", "conflict", "values", "error"}
 	f.Fuzz(func(t *testing.T, frame []byte) {
-		c := &wsConn{s: srv, q: &coalescer{}, subs: map[string]bool{}} // no writer: replies stay queued
+		c := &wsConn{s: srv, q: &coalescer{}, subs: map[string]*subscription{}} // no writer: replies stay queued
 		c.handle(frame)
-		for path := range c.subs {
-			srv.store.Unsubscribe(path, c.q)
+		for _, sub := range c.subs {
+			srv.store.Unsubscribe(sub)
 		}
 		for _, ev := range c.q.drain() {
 			msg := ev.raw
