@@ -93,7 +93,7 @@ func TestBrowser(t *testing.T) {
 	want := []string{
 		"basic get/set/list", "fibonacci with update and retry", "subscribe to a prefix, delete, and break",
 		"subscribe with initial", "TTL via the client", "raw WebSocket, KvServer style",
-		"errors carry the server message", "example page: shared counter",
+		"errors carry the server message", "any key through the client", "example page: shared counter",
 	}
 	if len(results) != len(want) {
 		t.Errorf("got %d results; want %d", len(results), len(want))

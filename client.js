@@ -8,6 +8,22 @@ var AtomKV = (function () {
         BASE: script && script.src ? new URL(script.src).origin : '',
     };
 
+    // urlPath spells a key or path for a URL: each component
+    // percent-encoded, so that any key (' ', '?', '#', '%' included)
+    // reaches the server as it is. A '.' or '..' component is no key, and
+    // a browser would resolve it away (even as '%2e') rather than send it:
+    // refuse it here, in the server's words.
+    function urlPath(path) {
+        const parts = path.split('/');
+        for (const p of parts) {
+            if (p === '.' || p === '..') {
+                const what = path.endsWith('/') ? 'path' : 'key';
+                throw new Error(`invalid ${what} ${JSON.stringify(path)}: "${p}" component`);
+            }
+        }
+        return parts.map(encodeURIComponent).join('/');
+    }
+
     // request does one HTTP request and rejects with the server's own
     // message on any status it was not told to expect.
     async function request(method, key, {body, headers = {}, ok = []} = {}) {
@@ -16,7 +32,7 @@ var AtomKV = (function () {
             init.body = JSON.stringify(body);
             headers['Content-Type'] = 'application/json';
         }
-        const resp = await fetch(self.BASE + key, init);
+        const resp = await fetch(self.BASE + urlPath(key), init);
         if (resp.ok || ok.includes(resp.status)) {
             return resp;
         }
@@ -98,7 +114,7 @@ var AtomKV = (function () {
      * closes the stream.
      */
     self.subscribe = async function* (path, options) {
-        const url = new URL(self.BASE + path, location.href);
+        const url = new URL(self.BASE + urlPath(path), location.href);
         if (options && options.initial) {
             url.searchParams.set('initial', '1');
         }
@@ -114,9 +130,8 @@ var AtomKV = (function () {
         };
         const source = new EventSource(url);
         source.onmessage = (msg) => {
-            const id = msg.lastEventId;
-            const colon = id.lastIndexOf(':');
-            queue.push([id.slice(0, colon), JSON.parse(msg.data), Number(id.slice(colon + 1))]);
+            const [key, rev] = parseID(msg.lastEventId);
+            queue.push([key, JSON.parse(msg.data), rev]);
             notify();
         };
         source.onerror = () => {
@@ -144,6 +159,13 @@ var AtomKV = (function () {
             source.close();
         }
     };
+
+    // parseID reads an event's id, <key>:<revision>: the key has its '%'
+    // and ':' written '%25' and '%3A', so the first colon ends it.
+    function parseID(id) {
+        const [key, rev] = id.split(':');
+        return [key.replace(/%3A|%25/g, (m) => (m === '%3A' ? ':' : '%')), Number(rev)];
+    }
 
     // streamError finds out why the server refused a stream: EventSource
     // does not show the answer, so ask the same path as a plain request.
