@@ -109,9 +109,14 @@ var AtomKV = (function () {
      * ending with '/', or of every key ('/'). A delete or expiry is
      * [key, null, -1]. With {initial: true} it first yields the current
      * state. Events are queued as they arrive, so none is lost while the
-     * loop body awaits; EventSource reconnects by itself, and the server
-     * then sends the current state again (Last-Event-ID). Leaving the loop
-     * closes the stream.
+     * loop body awaits. EventSource reconnects by itself, with the id of
+     * the last event it had (Last-Event-ID), and the server then sends
+     * what changed meanwhile, deletes and expiries included; if it cannot
+     * (the client was away too long, or the server restarted), it resets
+     * the stream and sends the whole state, and this generator yields
+     * [key, null, -1] for each key it had reported that the state no
+     * longer holds. So the consumer's view of the path is right after any
+     * reconnect. Leaving the loop closes the stream.
      */
     self.subscribe = async function* (path, options) {
         const url = new URL(self.BASE + urlPath(path), location.href);
@@ -134,6 +139,16 @@ var AtomKV = (function () {
             queue.push([key, JSON.parse(msg.data), rev]);
             notify();
         };
+        // Named events: they reach no onmessage, so a page that uses
+        // EventSource itself sees only changes.
+        source.addEventListener('reset', () => {
+            queue.push(RESET);
+            notify();
+        });
+        source.addEventListener('synced', () => {
+            queue.push(SYNCED);
+            notify();
+        });
         source.onerror = () => {
             // While CONNECTING, EventSource is retrying by itself; CLOSED
             // means the server refused the stream.
@@ -142,12 +157,37 @@ var AtomKV = (function () {
                 notify();
             }
         };
+        const held = new Set(); // keys last yielded with a value
+        let fresh = null; // after a reset, until synced: the keys the new state yielded
         try {
             for (;;) {
                 while (head < queue.length) {
                     const ev = queue[head];
                     queue[head++] = undefined;
-                    yield ev;
+                    if (ev === RESET) {
+                        fresh = new Set();
+                    } else if (ev === SYNCED) {
+                        if (fresh) {
+                            for (const key of held) {
+                                if (!fresh.has(key)) {
+                                    held.delete(key);
+                                    yield [key, null, -1];
+                                }
+                            }
+                            fresh = null;
+                        }
+                    } else {
+                        const [key, , rev] = ev;
+                        if (fresh) {
+                            fresh.add(key);
+                        }
+                        if (rev === -1) {
+                            held.delete(key);
+                        } else {
+                            held.add(key);
+                        }
+                        yield ev;
+                    }
                 }
                 queue.length = head = 0;
                 if (failed) {
@@ -160,8 +200,12 @@ var AtomKV = (function () {
         }
     };
 
-    // parseID reads an event's id, <key>:<revision>: the key has its '%'
-    // and ':' written '%25' and '%3A', so the first colon ends it.
+    // Markers in a subscription's queue for the named events.
+    const RESET = {};
+    const SYNCED = {};
+
+    // parseID reads an event's id, <key>:<revision>:<seq>: the key has its
+    // '%' and ':' written '%25' and '%3A', so the first colon ends it.
     function parseID(id) {
         const [key, rev] = id.split(':');
         return [key.replace(/%3A|%25/g, (m) => (m === '%3A' ? ':' : '%')), Number(rev)];

@@ -7,22 +7,42 @@ import (
 	"net/http"
 	"runtime"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
 	"time"
 )
 
-// event is one change of a key as a subscriber receives it, or, with raw
-// set, a reply to send as it is (the WebSocket API queues its replies with
-// its events, so both leave in order).
+// event is one thing a subscriber is sent: a change of a key, a key's
+// state, a mark of where a subscription stands, or, for the WebSocket
+// API, a reply to send as it is (replies are queued with the events, so
+// both leave in order).
 type event struct {
-	sub *subscription // whose change it is; nil for a reply
-	key string
-	e   *entry // nil: the key is missing (deleted or expired)
-	why reason
-	raw []byte
+	kind eventKind
+	sub  *subscription // whose event it is; nil for a reply
+	key  string
+	e    *entry // nil: the key is missing
+	why  reason // of a change to missing
+	seq  int64  // of a change; of synced, the point it marks
+	raw  []byte // a reply
 }
+
+type eventKind uint8
+
+const (
+	evGone   eventKind = iota // taken out of the queue: a newer one of its key came
+	evChange                  // a change of key: e, why, seq
+	evState                   // the state of key when the subscription started
+	evSynced                  // the state is whole: resume from seq
+	evReset                   // forget what you held of the subscription's path
+	evMark                    // where the subscription stands: a stream's resume point, a heartbeat
+	evReply                   // raw
+)
+
+// coalesces reports whether a newer event of the same subscription and
+// key replaces ev.
+func (ev *event) coalesces() bool { return ev.kind == evChange || ev.kind == evState }
 
 // eventKey is what a queue coalesces on: one pending event per
 // subscription and key.
@@ -32,35 +52,46 @@ type eventKey struct {
 }
 
 // coalescer is the queue between the publishers and one subscriber. It
-// holds at most one pending event per subscription and key: a newer change
-// of a key that is already pending replaces it in place, so a subscriber
+// holds at most one pending event per subscription and key: a newer
+// change of a key that is already pending replaces it, so a subscriber
 // that cannot keep up skips intermediate revisions but always gets the
-// latest, and its memory is bounded by the number of keys it watches. Pushing never
-// blocks, and once the pending set has grown to its working size it does
-// not allocate.
+// latest, and its memory is bounded by the number of keys it watches.
+//
+// The newer event goes to the end, where the older one leaves a gap that
+// drain skips: the queue stays in the order of the changes it holds, so
+// every change event's number is a safe resume point when it is sent. (In
+// place, a newer change of /a could be sent before an older one of /b,
+// and a client cut off between them would resume past /b's.) Gaps are
+// squeezed out once they are half the queue.
+//
+// Pushing never blocks, and once the queue has grown to its working size
+// it does not allocate.
 type coalescer struct {
 	notify func() // called after each push, if not nil
 
 	mu      sync.Mutex
 	pending []event
-	index   map[eventKey]int // position in pending
+	gaps    int              // events in pending that are evGone
+	index   map[eventKey]int // position in pending of each coalescing event
 	spare   []event          // the slice of the last batch, for reuse
 }
 
 // push queues ev.
 func (q *coalescer) push(ev event) {
 	q.mu.Lock()
-	k := eventKey{ev.sub, ev.key}
-	if i, ok := q.index[k]; ok && ev.raw == nil {
-		q.pending[i] = ev
-	} else {
-		if ev.raw == nil {
-			if q.index == nil {
-				q.index = make(map[eventKey]int)
-			}
-			q.index[k] = len(q.pending)
+	if ev.coalesces() {
+		k := eventKey{ev.sub, ev.key}
+		if i, ok := q.index[k]; ok {
+			q.pending[i] = event{}
+			q.gaps++
+		} else if q.index == nil {
+			q.index = make(map[eventKey]int)
 		}
-		q.pending = append(q.pending, ev)
+		q.index[k] = len(q.pending)
+	}
+	q.pending = append(q.pending, ev)
+	if q.gaps > 16 && q.gaps > len(q.pending)/2 {
+		q.squeeze()
 	}
 	q.mu.Unlock()
 	if q.notify != nil {
@@ -68,14 +99,34 @@ func (q *coalescer) push(ev event) {
 	}
 }
 
-// drain takes every pending event, in the order they were first queued.
-// The caller hands the batch back with recycle when it is done with it.
+// squeeze removes the gaps from pending, in place. q.mu must be held.
+func (q *coalescer) squeeze() {
+	n := 0
+	for _, ev := range q.pending {
+		if ev.kind == evGone {
+			continue
+		}
+		if ev.coalesces() {
+			q.index[eventKey{ev.sub, ev.key}] = n
+		}
+		q.pending[n] = ev
+		n++
+	}
+	clear(q.pending[n:])
+	q.pending = q.pending[:n]
+	q.gaps = 0
+}
+
+// drain takes every pending event, in the order they were queued; gaps
+// are evGone, to skip. The caller hands the batch back with recycle when
+// it is done with it.
 func (q *coalescer) drain() []event {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	batch := q.pending
 	q.pending = q.spare[:0]
 	q.spare = nil
+	q.gaps = 0
 	clear(q.index)
 	return batch
 }
@@ -92,12 +143,13 @@ func (q *coalescer) recycle(batch []event) {
 func (q *coalescer) Len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return len(q.pending)
+	return len(q.pending) - q.gaps
 }
 
 // handleEvents answers GET of a path with Accept: text/event-stream: the
-// Server-Sent Events stream of the changes of path. With ?initial or a
-// Last-Event-ID header, the stream first holds the current state.
+// Server-Sent Events stream of the changes of path. With ?initial, the
+// stream first holds the current state, then synced; with a Last-Event-ID
+// header, which wins, what changed after it, then synced (SPEC 4a).
 //
 // The connection is hijacked: once the headers are out, the handler
 // returns and the stream belongs to the server's eventWriters. net/http
@@ -126,9 +178,14 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 		return
 	}
 	st := s.writers.newStream(conn, path)
-	_, initial := r.URL.Query()["initial"]
-	initial = initial || r.Header.Get("Last-Event-ID") != ""
-	s.store.Subscribe(&st.sub, initial)
+	from := fromNow
+	if _, initial := r.URL.Query()["initial"]; initial {
+		from = fromScratch
+	}
+	if id := r.Header.Get("Last-Event-ID"); id != "" {
+		from = resumePoint(id)
+	}
+	s.store.Subscribe(&st.sub, from)
 
 	// The head and the retry hint go out at once, so the client knows the
 	// stream is open before any change happens. Until then the stream is
@@ -144,6 +201,17 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 		return
 	}
 	s.writers.start(st)
+}
+
+// resumePoint reads the change number a client resumes from: the last
+// ":"-separated field of an event id (any id this server sends ends with
+// one), or fromUnknown.
+func resumePoint(id string) int64 {
+	seq, err := strconv.ParseInt(id[strings.LastIndexByte(id, ':')+1:], 10, 64)
+	if err != nil || seq <= 0 {
+		return fromUnknown
+	}
+	return seq
 }
 
 // eventWriters writes the event streams: a few goroutines, one per CPU,
@@ -190,8 +258,11 @@ type sseStream struct {
 	sub  subscription // of q, to the stream's path
 	// busy is set while the stream is queued or being written, so that
 	// only one writer has it at a time.
-	busy   atomic.Bool
-	closed sync.Once
+	busy atomic.Bool
+	// resumeAt is the change number of the last id sent; only the writer
+	// that has the stream touches it.
+	resumeAt int64
+	closed   sync.Once
 }
 
 // newStream returns a stream for conn, busy until start.
@@ -290,11 +361,22 @@ func (w *eventWriters) write() {
 // client takes it without blocking; a goroutine of st's own writes the
 // rest.
 func (st *sseStream) flush() {
+	// Every change numbered up to upTo was queued before the drain, so
+	// once this batch is out the stream has sent all it must of them.
+	upTo := st.w.s.store.published.Load()
 	buf := getBuffer()
 	batch := st.q.drain()
 	b := buf.AvailableBuffer()
-	for _, ev := range batch {
-		b = appendSSE(b, ev)
+	mark := false
+	for i := range batch {
+		if batch[i].kind == evMark {
+			mark = true // its id goes last: a change before upTo may follow it
+			continue
+		}
+		b = st.appendEvent(b, &batch[i])
+	}
+	if mark {
+		b = st.appendMark(b, upTo)
 	}
 	buf.Write(b) // a grown array stays with buf, for the pool
 	st.q.recycle(batch)
@@ -328,10 +410,6 @@ func (st *sseStream) finish(buf *bytes.Buffer, n int) {
 	st.idle()
 }
 
-// heartbeat is the comment line that keeps proxies from dropping an idle
-// stream and finds clients that have left.
-var heartbeat = []byte(":\n")
-
 // beat queues a heartbeat on every idle event stream, every -heartbeat.
 func (w *eventWriters) beat() {
 	defer w.wg.Done()
@@ -342,7 +420,7 @@ func (w *eventWriters) beat() {
 		case <-tick.C:
 			w.s.streams.each(func(c io.Closer) {
 				if st, ok := c.(*sseStream); ok && st.q.Len() == 0 {
-					st.q.push(event{raw: heartbeat})
+					st.q.push(event{kind: evMark})
 				}
 			})
 		case <-w.stop:
@@ -371,25 +449,66 @@ func (w *eventWriters) stopWriters() {
 	w.wg.Wait()
 }
 
-// appendSSE appends ev as an SSE message: "id: <key>:<revision>" and
-// "data: <value>", or revision -1 and null for a missing key. A compact
-// JSON value has no newline, so it is always a single data line; nor has
-// a key, which holds no control character.
-func appendSSE(b []byte, ev event) []byte {
-	if ev.raw != nil {
-		return append(b, ev.raw...)
+// appendEvent appends ev as an SSE message (SPEC sections 4 and 4a):
+//
+//   - a change or a state: "id: <key>:<revision>:<tag>" and "data:
+//     <value>", or revision -1 and null for a missing key; the tag is the
+//     change's number once the subscription is synced, and its floor
+//     before. A compact JSON value has no newline, so it is always a
+//     single data line; nor has a key, which holds no control character;
+//   - synced: "event: synced", "id: <seq>", "data: {}";
+//   - reset: "event: reset", "data: {}".
+func (st *sseStream) appendEvent(b []byte, ev *event) []byte {
+	sub := &st.sub
+	switch ev.kind {
+	case evGone:
+		return b
+	case evReset:
+		return append(b, "event: reset\ndata: {}\n\n"...)
+	case evSynced:
+		sub.syncing = false
+		st.resumeAt = ev.seq
+		b = append(b, "event: synced\nid: "...)
+		b = strconv.AppendInt(b, ev.seq, 10)
+		return append(b, "\ndata: {}\n\n"...)
+	}
+	tag := sub.floor
+	if !sub.syncing {
+		tag = ev.seq
+		st.resumeAt = tag
 	}
 	b = append(b, "id: "...)
 	b = appendIDKey(b, ev.key)
-	b = append(b, ':')
 	if ev.e == nil {
-		b = append(b, "-1\ndata: null\n\n"...)
-		return b
+		b = append(b, ":-1:"...)
+		b = strconv.AppendInt(b, tag, 10)
+		return append(b, "\ndata: null\n\n"...)
 	}
+	b = append(b, ':')
 	b = strconv.AppendInt(b, ev.e.revision, 10)
+	b = append(b, ':')
+	b = strconv.AppendInt(b, tag, 10)
 	b = append(b, "\ndata: "...)
 	b = append(b, ev.e.value...)
 	return append(b, "\n\n"...)
+}
+
+// appendMark appends a comment line, which keeps proxies from dropping an
+// idle stream and finds clients that have left, and, once the
+// subscription is synced, "id: <upTo>" if that is further on: an event
+// with an id and no data moves EventSource's last event id without
+// reaching onmessage, so that a quiet stream's resume point keeps up with
+// the history and a reconnect after a long quiet resumes rather than
+// resets. It goes after the batch, all of which is before upTo.
+func (st *sseStream) appendMark(b []byte, upTo int64) []byte {
+	b = append(b, ":\n"...)
+	if !st.sub.syncing && upTo > st.resumeAt {
+		st.resumeAt = upTo
+		b = append(b, "id: "...)
+		b = strconv.AppendInt(b, upTo, 10)
+		b = append(b, '\n')
+	}
+	return append(b, '\n')
 }
 
 // streams counts and stops the long-lived connections (event streams and

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"runtime"
 	"slices"
 	"strconv"
@@ -18,11 +19,23 @@ import (
 	"time"
 )
 
-// sseEvent is one parsed event of a stream.
+// sseEvent is one event of a stream, as EventSource dispatches it.
 type sseEvent struct {
-	key  string
+	name string // "" for a message; "synced", "reset"
+	key  string // of a message
 	rev  int64
 	data string
+	id   string // the stream's last event id when it came
+	seq  int64  // the id's last field
+}
+
+// String gives a message as key:revision=data, or a named event as
+// name@seq.
+func (ev sseEvent) String() string {
+	if ev.name != "" {
+		return fmt.Sprintf("%s@%d", ev.name, ev.seq)
+	}
+	return fmt.Sprintf("%s:%d=%s", ev.key, ev.rev, ev.data)
 }
 
 // subscribe opens an event stream of path (which may carry a query) and
@@ -53,41 +66,85 @@ func subscribe(t testing.TB, url, path string, headers ...string) <-chan sseEven
 		defer resp.Body.Close()
 		sc := bufio.NewScanner(resp.Body)
 		sc.Buffer(nil, 16<<20)
-		var ev sseEvent
-		for sc.Scan() {
-			line := sc.Text()
-			switch {
-			case strings.HasPrefix(line, "id: "):
-				ev.key, ev.rev = parseID(t, line[4:])
-			case strings.HasPrefix(line, "data: "):
-				ev.data = line[6:]
-			case line == "" && ev.key != "":
-				ch <- ev
-				ev = sseEvent{}
-			}
-		}
+		readEvents(t, sc, func(ev sseEvent) bool { ch <- ev; return true })
 	}()
 	t.Cleanup(func() { cancel(); <-done })
 	return ch
 }
 
-// parseID reads an event id, <key>:<revision>, whose key has "%" and ":"
-// written "%25" and "%3A".
-func parseID(t testing.TB, id string) (key string, rev int64) {
-	fields := strings.Split(id, ":")
-	if len(fields) != 2 {
-		t.Errorf("id %q: want <key>:<revision>, with no other colon", id)
-		return "", 0
+// readEvents parses an event stream as EventSource does, and calls f with
+// each event it would dispatch until f returns false: an id sets the last
+// event id even when no event follows (a block with no data dispatches
+// nothing); a named event's data is its own.
+func readEvents(t testing.TB, sc *bufio.Scanner, f func(sseEvent) bool) (lastID string) {
+	var ev sseEvent
+	hasData := false
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case strings.HasPrefix(line, "id: "):
+			lastID = line[4:]
+		case strings.HasPrefix(line, "event: "):
+			ev.name = line[7:]
+		case strings.HasPrefix(line, "data: "):
+			ev.data, hasData = line[6:], true
+		case line == "":
+			if hasData {
+				ev.id = lastID
+				if ev.name == "" {
+					ev.key, ev.rev, ev.seq = parseID(t, lastID)
+				} else {
+					ev.seq = seqOf(lastID)
+				}
+				if !f(ev) {
+					return lastID
+				}
+			}
+			ev, hasData = sseEvent{}, false
+		}
 	}
-	rev, err := strconv.ParseInt(fields[1], 10, 64)
-	if err != nil {
-		t.Errorf("id %q: bad revision", id)
-	}
-	return strings.NewReplacer("%3A", ":", "%25", "%").Replace(fields[0]), rev
+	return lastID
 }
 
-// next returns the next event, failing the test if none comes.
+// parseID reads a change's event id, <key>:<revision>:<seq>, whose key has
+// "%" and ":" written "%25" and "%3A".
+func parseID(t testing.TB, id string) (key string, rev, seq int64) {
+	fields := strings.Split(id, ":")
+	if len(fields) != 3 {
+		t.Errorf("id %q: want <key>:<revision>:<seq>, with no other colon", id)
+		return "", 0, 0
+	}
+	rev, err := strconv.ParseInt(fields[1], 10, 64)
+	seq, err2 := strconv.ParseInt(fields[2], 10, 64)
+	if err != nil || err2 != nil {
+		t.Errorf("id %q: bad revision or seq", id)
+	}
+	return strings.NewReplacer("%3A", ":", "%25", "%").Replace(fields[0]), rev, seq
+}
+
+// seqOf returns the last field of an id, or -1.
+func seqOf(id string) int64 {
+	seq, err := strconv.ParseInt(id[strings.LastIndexByte(id, ':')+1:], 10, 64)
+	if err != nil {
+		return -1
+	}
+	return seq
+}
+
+// next returns the next message, skipping named events (synced, reset),
+// as EventSource.onmessage would, failing the test if none comes.
 func next(t testing.TB, ch <-chan sseEvent) sseEvent {
+	t.Helper()
+	for {
+		if ev := nextEvent(t, ch); ev.name == "" {
+			return ev
+		}
+	}
+}
+
+// nextEvent returns the next event, named or not, failing the test if
+// none comes.
+func nextEvent(t testing.TB, ch <-chan sseEvent) sseEvent {
 	t.Helper()
 	select {
 	case ev, ok := <-ch:
@@ -117,7 +174,7 @@ func TestSubscriptionMatching(t *testing.T) {
 	subs := map[string]*subscription{}
 	for path := range watchers {
 		subs[path] = &subscription{path: path, q: &coalescer{}}
-		s.Subscribe(subs[path], false)
+		s.Subscribe(subs[path], fromNow)
 	}
 	for _, key := range []string{"/a/b", "/a/c", "/ab", "/a/b/c", "/ab/x", "/x"} {
 		s.Set(key, "1", 0)
@@ -125,6 +182,9 @@ func TestSubscriptionMatching(t *testing.T) {
 	for path, want := range watchers {
 		var got []string
 		for _, ev := range subs[path].q.drain() {
+			if ev.kind == evMark {
+				continue
+			}
 			got = append(got, ev.key)
 		}
 		slices.Sort(got)
@@ -143,27 +203,55 @@ func TestSubscriptionMatching(t *testing.T) {
 
 func TestCoalescer(t *testing.T) {
 	q := &coalescer{}
-	e := func(rev int64) *entry { return &entry{value: "1", revision: rev} }
-	q.push(event{key: "/a", e: e(0)})
-	q.push(event{key: "/b", e: e(0)})
-	q.push(event{key: "/a", e: e(1)})
-	q.push(event{key: "/a", e: nil, why: deleted})
-	q.push(event{raw: []byte("reply")})
-	q.push(event{raw: []byte("reply")})
-	batch := q.drain()
-	var got []string
-	for _, ev := range batch {
-		got = append(got, fmt.Sprintf("%s%s:%v", ev.key, ev.raw, ev.e != nil))
+	change := func(key string, rev int64) event {
+		if rev < 0 {
+			return event{kind: evChange, key: key, why: deleted}
+		}
+		return event{kind: evChange, key: key, e: &entry{value: "1", revision: rev}}
 	}
-	if want := []string{"/a:false", "/b:true", "reply:false", "reply:false"}; !slices.Equal(got, want) {
-		t.Errorf("batch: got %v; want %v (one event per key, the latest, in first-queued order; replies all kept)", got, want)
+	pending := func() (got []string) {
+		batch := q.drain()
+		for _, ev := range batch {
+			switch {
+			case ev.kind == evGone:
+			case ev.raw != nil:
+				got = append(got, string(ev.raw))
+			case ev.e == nil:
+				got = append(got, ev.key+":-1")
+			default:
+				got = append(got, fmt.Sprintf("%s:%d", ev.key, ev.e.revision))
+			}
+		}
+		q.recycle(batch)
+		return got
 	}
-	q.recycle(batch)
+	q.push(change("/a", 0))
+	q.push(change("/b", 0))
+	q.push(change("/a", 1))
+	q.push(change("/a", -1))
+	q.push(event{kind: evReply, raw: []byte("reply")})
+	q.push(event{kind: evReply, raw: []byte("reply")})
+	if got, want := pending(), []string{"/b:0", "/a:-1", "reply", "reply"}; !slices.Equal(got, want) {
+		t.Errorf("batch: got %v; want %v (one event per key, the latest, in the order of the latest changes; replies all kept)", got, want)
+	}
+
+	// Many changes of a few keys: the gaps they leave are squeezed out,
+	// and the order stays that of each key's latest change.
+	for i := range 1000 {
+		q.push(change(fmt.Sprintf("/k%d", i%7), int64(i)))
+		if n := len(q.pending); n > 2*7+17 {
+			t.Fatalf("after %d changes of 7 keys, %d events pending, gaps included", i+1, n)
+		}
+	}
+	if got, want := pending(), []string{"/k6:993", "/k0:994", "/k1:995", "/k2:996", "/k3:997", "/k4:998", "/k5:999"}; !slices.Equal(got, want) {
+		t.Errorf("after squeezing: got %v; want %v", got, want)
+	}
+
 	// Warm: pushing and draining again allocates nothing.
 	allocs := testing.AllocsPerRun(100, func() {
-		q.push(event{key: "/a", e: e0})
-		q.push(event{key: "/b", e: e0})
-		q.push(event{key: "/a", e: e0})
+		q.push(event{kind: evChange, key: "/a", e: e0})
+		q.push(event{kind: evChange, key: "/b", e: e0})
+		q.push(event{kind: evChange, key: "/a", e: e0})
 		q.recycle(q.drain())
 	})
 	if allocs != 0 {
@@ -194,27 +282,55 @@ func TestSSE(t *testing.T) {
 			t.Errorf("%s: got %q; want %q", h, got, want)
 		}
 	}
+	guard := time.AfterFunc(20*time.Second, func() { resp.Body.Close() }) // a hang breaker
+	defer guard.Stop()
 	r := bufio.NewReader(resp.Body)
-	readUntil := func(want string) {
+	var seen string
+	// readUntil reads until the stream holds pattern, consumes up to its
+	// end, and returns its first group as a number.
+	readUntil := func(pattern string) int64 {
 		t.Helper()
-		var seen strings.Builder
-		for !strings.Contains(seen.String(), want) {
+		re := regexp.MustCompile(pattern)
+		for {
+			if m := re.FindStringSubmatchIndex(seen); m != nil {
+				var n int64
+				if len(m) > 2 {
+					n, _ = strconv.ParseInt(seen[m[2]:m[3]], 10, 64)
+				}
+				seen = seen[m[1]:]
+				return n
+			}
 			line, err := r.ReadString('\n')
 			if err != nil {
-				t.Fatalf("reading for %q: %v; got %q", want, err, seen.String())
+				t.Fatalf("reading for %q: %v; got %q", pattern, err, seen)
 			}
-			seen.WriteString(line)
+			seen += line
 		}
 	}
-	readUntil("retry: 2000\n\n")
-	readUntil(":\n") // a heartbeat
+	readUntil(`^retry: 2000\n\n`)
+	// The stream's position, before any change: its first resume point.
+	start := readUntil(`^:\nid: (\d+)\n\n`)
 	do(t, "POST", url+"/a/k", `{"x": [1, 2]}`)
-	readUntil("id: /a/k:0\ndata: {\"x\":[1,2]}\n\n")
+	seq := readUntil(`id: /a/k:0:(\d+)\ndata: \{"x":\[1,2\]\}\n\n`)
+	if seq != start+1 {
+		t.Errorf("first change: seq %d; want %d, the one after the stream's start", seq, start+1)
+	}
+	readUntil(`:\n`) // a heartbeat
 	do(t, "DELETE", url+"/a/k", "")
-	readUntil("id: /a/k:-1\ndata: null\n\n")
+	if got := readUntil(`id: /a/k:-1:(\d+)\ndata: null\n\n`); got != seq+1 {
+		t.Errorf("delete: seq %d; want %d", got, seq+1)
+	}
+	do(t, "POST", url+"/b", `1`) // not watched: it takes a number all the same
 	do(t, "POST", url+"/a/t?ttl=30ms", `7`)
-	readUntil("id: /a/t:0\ndata: 7\n\n")
-	readUntil("id: /a/t:-1\ndata: null\n\n") // expired
+	if got := readUntil(`id: /a/t:0:(\d+)\ndata: 7\n\n`); got != seq+3 {
+		t.Errorf("after a change elsewhere: seq %d; want %d", got, seq+3)
+	}
+	readUntil(`id: /a/t:-1:(\d+)\ndata: null\n\n`) // expired
+	// An idle stream's heartbeat carries the position it has reached.
+	do(t, "POST", url+"/b", `2`)
+	for pos := int64(0); pos < seq+5; {
+		pos = readUntil(`:\nid: (\d+)\n\n`)
+	}
 }
 
 func TestSSEInitial(t *testing.T) {
@@ -227,17 +343,17 @@ func TestSSEInitial(t *testing.T) {
 
 	t.Run("key", func(t *testing.T) {
 		ch := subscribe(t, url, "/p/a?initial")
-		if ev := next(t, ch); ev != (sseEvent{"/p/a", 1, "2"}) {
+		if ev := next(t, ch); ev.String() != "/p/a:1=2" {
 			t.Errorf("initial: got %v; want /p/a rev 1 = 2", ev)
 		}
 		do(t, "POST", url+"/p/a", `3`)
-		if ev := next(t, ch); ev != (sseEvent{"/p/a", 2, "3"}) {
+		if ev := next(t, ch); ev.String() != "/p/a:2=3" {
 			t.Errorf("live: got %v; want /p/a rev 2", ev)
 		}
 	})
 	t.Run("missing key", func(t *testing.T) {
 		ch := subscribe(t, url, "/p/none?initial=1")
-		if ev := next(t, ch); ev != (sseEvent{"/p/none", -1, "null"}) {
+		if ev := next(t, ch); ev.String() != "/p/none:-1=null" {
 			t.Errorf("initial: got %v; want null/-1", ev)
 		}
 	})
@@ -265,7 +381,7 @@ func TestSSEInitial(t *testing.T) {
 		do(t, "POST", url+"/p/a", `11`)
 		do(t, "POST", url+"/p/a", `12`)
 		ch = subscribe(t, url, "/p/a", "Last-Event-ID", fmt.Sprintf("%s:%d", last.key, last.rev))
-		if ev := next(t, ch); ev != (sseEvent{"/p/a", last.rev + 2, "12"}) {
+		if ev := next(t, ch); ev.String() != fmt.Sprintf("/p/a:%d=12", last.rev+2) {
 			t.Errorf("after resume: got %v; want the current state, rev %d = 12", ev, last.rev+2)
 		}
 	})
@@ -475,13 +591,13 @@ func TestSlowClientGetsTheRest(t *testing.T) {
 		if err != nil {
 			t.Fatalf("after %d lines: %v", len(got), err)
 		}
-		if strings.HasPrefix(line, "id:") || strings.HasPrefix(line, "data:") {
+		if strings.HasPrefix(line, "id: /") || strings.HasPrefix(line, "data:") { // not the stream's position mark
 			got = append(got, strings.TrimSuffix(line, "\n"))
 		}
 	}
-	want := []string{"id: /big:0", "data: " + big, "id: /after:0", "data: 1"}
+	want := []string{"id: /big:0:", "data: " + big, "id: /after:0:", "data: 1"}
 	for i := range want {
-		if got[i] != want[i] {
+		if got[i] != want[i] && !(strings.HasPrefix(want[i], "id:") && strings.HasPrefix(got[i], want[i])) {
 			t.Fatalf("line %d: got %.40q… (%d bytes); want %.40q… (%d bytes)", i, got[i], len(got[i]), want[i], len(want[i]))
 		}
 	}
@@ -598,7 +714,7 @@ func BenchmarkPublish(b *testing.B) {
 		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) {
 			s := NewStore(0, nil)
 			for range n {
-				s.Subscribe(&subscription{path: "/k", q: &coalescer{}}, false)
+				s.Subscribe(&subscription{path: "/k", q: &coalescer{}}, fromNow)
 			}
 			s.Set("/k", "1", 0) // warm every queue
 			b.ReportAllocs()
@@ -616,7 +732,7 @@ func BenchmarkPublish(b *testing.B) {
 			w := &eventWriters{wake: make(chan struct{}, 1)}
 			for range n {
 				st := w.newStream(nil, "/k")
-				s.Subscribe(&st.sub, false)
+				s.Subscribe(&st.sub, fromNow)
 				st.idle()
 			}
 			take := func() {

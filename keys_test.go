@@ -77,11 +77,11 @@ func FuzzCheckKey(f *testing.F) {
 		if path.Clean(key) != key {
 			t.Fatalf("key %q is not a clean path: ServeMux would redirect it", key)
 		}
-		id := string(appendIDKey(nil, key)) + ":7"
+		id := string(appendIDKey(nil, key)) + ":7:12345"
 		if strings.ContainsAny(id, "\r\n\x00") {
 			t.Fatalf("key %q: id %q would break the event stream", key, id)
 		}
-		if k, rev := parseID(t, id); k != key || rev != 7 {
+		if k, rev, seq := parseID(t, id); k != key || rev != 7 || seq != 12345 {
 			t.Fatalf("key %q through an SSE id %q: got %q, %d", key, id, k, rev)
 		}
 		var it struct{ Key string }
@@ -212,7 +212,7 @@ func TestKeysEverywhere(t *testing.T) {
 				if k == "" {
 					why = "empty"
 				}
-				if got := c.recv(); json.Unmarshal([]byte(got), &msg) != nil || msg.Type != "error" || !strings.Contains(msg.Payload, why) {
+				if got := c.recvRaw(); json.Unmarshal([]byte(got), &msg) != nil || msg.Type != "error" || !strings.Contains(msg.Payload, why) {
 					t.Errorf("WebSocket set of %.40q: got %.200s; want an error: %s", k, got, why)
 				}
 			}
@@ -233,19 +233,19 @@ func TestKvServerKeys(t *testing.T) {
 	steps := []struct{ send, want string }{
 		{`{"type":"subscribe","payload":{"key":"room/"},"id":1}`, `{"type":"ok","payload":{"key":"room/"},"id":1}`},
 		{`{"type":"subscribe","payload":{"key":"user:42"}}`, ``},
-		{`{"type":"set","payload":{"key":"user:42","value":{"n":"ann"}}}`, `{"type":"value","payload":{"key":"user:42","value":{"n":"ann"},"revision":0}}`},
+		{`{"type":"set","payload":{"key":"user:42","value":{"n":"ann"}}}`, `{"type":"value","payload":{"key":"user:42","value":{"n":"ann"},"revision":0,"seq":_}}`},
 		{`{"type":"get","payload":{"key":"user:42"}}`, `{"type":"value","payload":{"key":"user:42","value":{"n":"ann"},"revision":0}}`},
 		{`{"type":"get","payload":{"key":"nobody"}}`, `{"type":"no-value","payload":{"key":"nobody"}}`},
-		{`HTTP POST /room/a 1`, `{"type":"value","payload":{"key":"room/a","value":1,"revision":0}}`},
-		{`HTTP POST /user:42 2`, `{"type":"value","payload":{"key":"user:42","value":2,"revision":1}}`},
-		{`{"type":"set","payload":{"key":"room/t","value":"brief","ttl":"50ms"}}`, `{"type":"value","payload":{"key":"room/t","value":"brief","revision":0}}` +
-			"\n" + `{"type":"no-value","payload":{"key":"room/t","reason":"expired"}}`},
+		{`HTTP POST /room/a 1`, `{"type":"value","payload":{"key":"room/a","value":1,"revision":0,"seq":_}}`},
+		{`HTTP POST /user:42 2`, `{"type":"value","payload":{"key":"user:42","value":2,"revision":1,"seq":_}}`},
+		{`{"type":"set","payload":{"key":"room/t","value":"brief","ttl":"50ms"}}`, `{"type":"value","payload":{"key":"room/t","value":"brief","revision":0,"seq":_}}` +
+			"\n" + `{"type":"no-value","payload":{"key":"room/t","reason":"expired","seq":_}}`},
 		{`{"type":"list","payload":{"prefix":"room/"}}`, `{"type":"values","payload":[{"key":"room/a","value":1,"revision":0}]}`},
 		{`{"type":"update","payload":{"key":"room/a","value":5,"revision":0}}`, `{"type":"conflict","payload":{"key":"room/a","value":1,"revision":0}}`},
-		{`{"type":"delete","payload":{"key":"user:42"},"id":"d"}`, `{"type":"no-value","payload":{"key":"user:42","reason":"deleted"}}` +
+		{`{"type":"delete","payload":{"key":"user:42"},"id":"d"}`, `{"type":"no-value","payload":{"key":"user:42","reason":"deleted","seq":_}}` +
 			"\n" + `{"type":"ok","payload":{"key":"user:42"},"id":"d"}`},
 		{`HTTP GET /user:42`, `404`},
-		{`{"type":"unsubscribe","payload":{"key":"room/"}}`, ``},
+		{`{"type":"unsubscribe","payload":{"key":"room/"},"id":2}`, `{"type":"ok","payload":{"key":"room/"},"id":2}`},
 		{`HTTP POST /room/b 1`, ``},
 		{`{"type":"get","payload":{"key":"room/b"}}`, `{"type":"value","payload":{"key":"room/b","value":1,"revision":0}}`},
 	}
@@ -282,15 +282,15 @@ func TestKvServerKeys(t *testing.T) {
 		do(t, "POST", url+"/both", `7`)
 		got := []string{c.recv(), c.recv()}
 		want := map[string]bool{
-			`{"type":"value","payload":{"key":"both","value":7,"revision":0}}`:  true,
-			`{"type":"value","payload":{"key":"/both","value":7,"revision":0}}`: true,
+			`{"type":"value","payload":{"key":"both","value":7,"revision":0,"seq":_}}`:  true,
+			`{"type":"value","payload":{"key":"/both","value":7,"revision":0,"seq":_}}`: true,
 		}
 		if got[0] == got[1] || !want[got[0]] || !want[got[1]] {
 			t.Errorf("one change watched as both and /both: got\n%s\n%s\nwant one event under each spelling", got[0], got[1])
 		}
 		c.roundTrip(`{"type":"unsubscribe","payload":{"key":"both"},"id":3}`, `{"type":"ok","payload":{"key":"both"},"id":3}`)
 		do(t, "POST", url+"/both", `8`)
-		if got, want := c.recv(), `{"type":"value","payload":{"key":"/both","value":8,"revision":1}}`; got != want {
+		if got, want := c.recv(), `{"type":"value","payload":{"key":"/both","value":8,"revision":1,"seq":_}}`; got != want {
 			t.Errorf("after unsubscribing both: got %s; want %s", got, want)
 		}
 		c.roundTrip(`{"type":"get","payload":{"key":"both"}}`, `{"type":"value","payload":{"key":"both","value":8,"revision":1}}`)

@@ -118,23 +118,29 @@ func TestConcurrentCAS(t *testing.T) {
 }
 
 // TestStorePublishOrder checks the publish hook sees each key's changes
-// in revision order, even with many writers.
+// in revision order, and every change numbered one more than the one
+// published before it, even with many writers.
 func TestStorePublishOrder(t *testing.T) {
 	s := NewStore(0, nil)
 	last := make(map[string]int64)
 	var mu sync.Mutex
-	var bad atomic.Int64
-	s.publish = func(key string, e *entry, why reason) {
+	var bad, gaps atomic.Int64
+	prevSeq := s.published.Load()
+	s.publish = func(c change) {
 		mu.Lock()
 		defer mu.Unlock()
 		rev := int64(noRevision)
-		if e != nil {
-			rev = e.revision
+		if c.e != nil {
+			rev = c.e.revision
 		}
-		if prev, ok := last[key]; ok && rev != noRevision && rev != prev+1 {
+		if prev, ok := last[c.key]; ok && rev != noRevision && rev != prev+1 {
 			bad.Add(1)
 		}
-		last[key] = rev
+		last[c.key] = rev
+		if c.seq != prevSeq+1 {
+			gaps.Add(1)
+		}
+		prevSeq = c.seq
 	}
 	var wg sync.WaitGroup
 	for g := range 8 {
@@ -154,6 +160,12 @@ func TestStorePublishOrder(t *testing.T) {
 	wg.Wait()
 	if bad.Load() != 0 {
 		t.Errorf("%d changes published out of revision order", bad.Load())
+	}
+	if gaps.Load() != 0 {
+		t.Errorf("%d changes published out of sequence order", gaps.Load())
+	}
+	if s.published.Load() != prevSeq {
+		t.Errorf("published up to %d; the last change was %d", s.published.Load(), prevSeq)
 	}
 }
 

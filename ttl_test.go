@@ -203,14 +203,14 @@ type published struct {
 	events []string // "key rev reason"
 }
 
-func (p *published) hook(key string, e *entry, why reason) {
+func (p *published) hook(c change) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	rev := int64(noRevision)
-	if e != nil {
-		rev = e.revision
+	if c.e != nil {
+		rev = c.e.revision
 	}
-	p.events = append(p.events, fmt.Sprintf("%s %d %s", key, rev, why))
+	p.events = append(p.events, fmt.Sprintf("%s %d %s", c.key, rev, c.why))
 }
 
 func (p *published) list() []string {
@@ -368,9 +368,9 @@ func TestDefaultTTL(t *testing.T) {
 func TestRealExpiry(t *testing.T) {
 	s := NewStore(0, nil)
 	expiredCh := make(chan string, 10)
-	s.publish = func(key string, e *entry, why reason) {
-		if why == expired {
-			expiredCh <- key
+	s.publish = func(c change) {
+		if c.why == expired {
+			expiredCh <- c.key
 		}
 	}
 	s.Set("/short", "1", 50*time.Millisecond)
@@ -394,8 +394,8 @@ func TestManyExpiries(t *testing.T) {
 	s := NewStore(0, nil)
 	var count atomic.Int64
 	all := make(chan struct{})
-	s.publish = func(key string, e *entry, why reason) {
-		if why == expired && count.Add(1) == n {
+	s.publish = func(c change) {
+		if c.why == expired && count.Add(1) == n {
 			close(all)
 		}
 	}
@@ -491,13 +491,13 @@ func BenchmarkExpiryLateness(b *testing.B) {
 		removed := make([]removal, n) // filled lock-free: the hook must not slow expiry down
 		var count atomic.Int64
 		done := make(chan struct{})
-		s.publish = func(key string, e *entry, why reason) {
-			if why != expired {
+		s.publish = func(c change) {
+			if c.why != expired {
 				return
 			}
 			now := time.Now().UnixNano()
 			i := count.Add(1)
-			removed[i-1] = removal{key, now}
+			removed[i-1] = removal{c.key, now}
 			if i == n {
 				close(done)
 			}

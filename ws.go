@@ -211,9 +211,14 @@ func (c *wsConn) send(batch []event) error {
 	buf := getBuffer()
 	defer putBuffer(buf)
 	c.ws.SetWriteDeadline(time.Now().Add(c.s.cfg.writeTimeout))
-	for _, ev := range batch {
+	for i := range batch {
+		ev := &batch[i]
 		msg := ev.raw
-		if msg == nil {
+		switch ev.kind {
+		case evGone, evMark:
+			continue
+		case evReply:
+		default:
 			buf.Reset()
 			buf.Write(appendWSEvent(buf.AvailableBuffer(), ev))
 			msg = buf.Bytes()
@@ -225,27 +230,54 @@ func (c *wsConn) send(batch []event) error {
 	return nil
 }
 
-// appendWSEvent appends a change as a WebSocket event: value {key, value,
-// revision}, or no-value {key, reason} for a delete or expiry. The key is
-// spelled as the subscription's client spells keys.
-func appendWSEvent(b []byte, ev event) []byte {
-	key := spell(ev.key, ev.sub != nil && ev.sub.kvserver)
+// appendWSEvent appends an event of a subscription as a WebSocket message,
+// naming keys as the subscription's client spells them:
+//
+//   - a change: value {key, value, revision, seq}, or no-value {key,
+//     reason, seq} for a delete or expiry;
+//   - a state: the same, and a missing key's no-value has no reason;
+//   - synced {key, seq} and reset {key}, whose key is the subscription's
+//     path.
+//
+// Until the subscription is synced, seq is its floor (see Subscribe).
+func appendWSEvent(b []byte, ev *event) []byte {
+	sub := ev.sub
+	switch ev.kind {
+	case evSynced:
+		sub.syncing = false
+		b = append(b, `{"type":"synced","payload":{"key":`...)
+		b = appendKey(b, spell(sub.path, sub.kvserver))
+		b = append(b, `,"seq":`...)
+		b = strconv.AppendInt(b, ev.seq, 10)
+		return append(b, "}}"...)
+	case evReset:
+		b = append(b, `{"type":"reset","payload":{"key":`...)
+		b = appendKey(b, spell(sub.path, sub.kvserver))
+		return append(b, "}}"...)
+	}
+	tag := ev.seq
+	if sub.syncing {
+		tag = sub.floor
+	}
+	key := spell(ev.key, sub.kvserver)
 	if ev.e == nil {
 		b = append(b, `{"type":"no-value","payload":{"key":`...)
 		b = appendKey(b, key)
-		if ev.why != changed {
+		if ev.kind == evChange {
 			b = append(b, `,"reason":"`...)
 			b = append(b, ev.why.String()...)
 			b = append(b, '"')
 		}
-		return append(b, "}}"...)
+	} else {
+		b = append(b, `{"type":"value","payload":{"key":`...)
+		b = appendKey(b, key)
+		b = append(b, `,"value":`...)
+		b = append(b, ev.e.value...)
+		b = append(b, `,"revision":`...)
+		b = strconv.AppendInt(b, ev.e.revision, 10)
 	}
-	b = append(b, `{"type":"value","payload":{"key":`...)
-	b = appendKey(b, key)
-	b = append(b, `,"value":`...)
-	b = append(b, ev.e.value...)
-	b = append(b, `,"revision":`...)
-	b = strconv.AppendInt(b, ev.e.revision, 10)
+	b = append(b, `,"seq":`...)
+	b = strconv.AppendInt(b, tag, 10)
 	return append(b, "}}"...)
 }
 
@@ -265,6 +297,7 @@ type wsPayload struct {
 	Revision *int64          `json:"revision"`
 	TTL      json.RawMessage `json:"ttl"`
 	Initial  bool            `json:"initial"`
+	Since    json.RawMessage `json:"since"`
 }
 
 // handle answers one message.
@@ -339,7 +372,7 @@ func (c *wsConn) handle(data []byte) {
 			}
 			sub = &subscription{path: path, q: c.q, kvserver: kvserver}
 			c.subs[spelled] = sub
-			s.store.Subscribe(sub, p.Initial)
+			s.store.Subscribe(sub, subscribeFrom(p))
 		} else if sub != nil {
 			delete(c.subs, spelled)
 			s.store.Unsubscribe(sub)
@@ -361,6 +394,19 @@ func (c *wsConn) handle(data []byte) {
 	default:
 		fail(fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
 	}
+}
+
+// subscribeFrom says where a subscribe message starts: after since, a
+// change number, if given (a since that is not a positive integer cannot
+// be resumed from: it resets); else from scratch if initial; else now.
+func subscribeFrom(p wsPayload) int64 {
+	if p.Since != nil && string(p.Since) != "null" {
+		return resumePoint(strings.Trim(string(p.Since), `"`))
+	}
+	if p.Initial {
+		return fromScratch
+	}
+	return fromNow
 }
 
 // decodeMessage parses a message and its payload. On error the message
@@ -456,7 +502,7 @@ func (c *wsConn) reply(id json.RawMessage, typ string, payload []byte) {
 		json.Compact(&compact, id) // id came from a message that parsed
 		b = append(b, compact.Bytes()...)
 	}
-	c.q.push(event{raw: append(b, '}')})
+	c.q.push(event{kind: evReply, raw: append(b, '}')})
 }
 
 // replyConflict queues conflict {key, value, revision}: the current state.

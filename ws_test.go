@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"regexp"
 	"slices"
 	"strings"
 	"sync"
@@ -47,8 +48,17 @@ func (c *wsClient) send(msg string) {
 	}
 }
 
-// recv returns the next message as compact JSON text.
+// recv returns the next message as compact JSON text, with the number of
+// a "seq" written "_": it differs from run to run.
 func (c *wsClient) recv() string {
+	c.t.Helper()
+	return seqField.ReplaceAllString(c.recvRaw(), `"seq":_`)
+}
+
+var seqField = regexp.MustCompile(`"seq":\d+`)
+
+// recvRaw returns the next message as it came.
+func (c *wsClient) recvRaw() string {
 	c.t.Helper()
 	c.ws.SetReadDeadline(time.Now().Add(10 * time.Second))
 	var msg string
@@ -102,15 +112,18 @@ func TestWebSocketMessages(t *testing.T) {
 		{`{"type":"list","payload":{"prefix":"/t/"},"id":3}`, ""}, // checked below: ttl counts down
 		{`{"type":"list","payload":{"prefix":"/nothing/"}}`, `{"type":"values","payload":[]}`},
 		{`{"type":"subscribe","payload":{"key":"/s/"}}`, ""},
-		{`{"type":"set","payload":{"key":"/s/1","value":"x"}}`, `{"type":"value","payload":{"key":"/s/1","value":"x","revision":0}}`},
-		{`{"type":"delete","payload":{"key":"/s/1"}}`, `{"type":"no-value","payload":{"key":"/s/1","reason":"deleted"}}`},
+		{`{"type":"set","payload":{"key":"/s/1","value":"x"}}`, `{"type":"value","payload":{"key":"/s/1","value":"x","revision":0,"seq":_}}`},
+		{`{"type":"delete","payload":{"key":"/s/1"}}`, `{"type":"no-value","payload":{"key":"/s/1","reason":"deleted","seq":_}}`},
 		{`{"type":"unsubscribe","payload":{"key":"/s/"},"id":4}`, `{"type":"ok","payload":{"key":"/s/"},"id":4}`},
 		{`{"type":"set","payload":{"key":"/s/2","value":"unseen"}}`, ""},
 		{`{"type":"unsubscribe","payload":{"key":"/s/"}}`, ""},
-		// The reply is queued before the initial state, so it comes first.
+		// The reply is queued before the initial state, so it comes first;
+		// the state is tagged 0 (no resume point) until synced.
 		{`{"type":"subscribe","payload":{"key":"/s/2","initial":true},"id":5}`,
-			`{"type":"ok","payload":{"key":"/s/2"},"id":5}` + "\n" + `{"type":"value","payload":{"key":"/s/2","value":"unseen","revision":0}}`},
-		{`{"type":"subscribe","payload":{"key":"/missing","initial":true}}`, `{"type":"no-value","payload":{"key":"/missing"}}`},
+			`{"type":"ok","payload":{"key":"/s/2"},"id":5}` + "\n" + `{"type":"value","payload":{"key":"/s/2","value":"unseen","revision":0,"seq":_}}` +
+				"\n" + `{"type":"synced","payload":{"key":"/s/2","seq":_}}`},
+		{`{"type":"subscribe","payload":{"key":"/missing","initial":true}}`, `{"type":"no-value","payload":{"key":"/missing","seq":_}}` +
+			"\n" + `{"type":"synced","payload":{"key":"/missing","seq":_}}`},
 		{`{"type":"get","payload":{"key":"/zzz"}}`, `{"type":"no-value","payload":{"key":"/zzz"}}`},
 	}
 	for _, st := range steps {
@@ -142,11 +155,11 @@ func TestKvServerScenario(t *testing.T) {
 	c := dialWS(t, url, "http://any.example")
 	c.send(`{"type":"subscribe","payload":{"key":"/a"}}`)
 	c.send(`{"type":"set","payload":{"key":"/a","value":"hello"}}`)
-	if got, want := c.recv(), `{"type":"value","payload":{"key":"/a","value":"hello","revision":0}}`; got != want {
+	if got, want := c.recv(), `{"type":"value","payload":{"key":"/a","value":"hello","revision":0,"seq":_}}`; got != want {
 		t.Errorf("after set: got %s; want %s", got, want)
 	}
 	c.send(`{"type":"delete","payload":{"key":"/a"}}`)
-	if got, want := c.recv(), `{"type":"no-value","payload":{"key":"/a","reason":"deleted"}}`; got != want {
+	if got, want := c.recv(), `{"type":"no-value","payload":{"key":"/a","reason":"deleted","seq":_}}`; got != want {
 		t.Errorf("after delete: got %s; want %s", got, want)
 	}
 	c.roundTrip(`{"type":"get","payload":{"key":"/b"}}`, `{"type":"no-value","payload":{"key":"/b"}}`)
@@ -278,7 +291,7 @@ func TestWebSocketAndSSESameState(t *testing.T) {
 				Revision int64
 			}
 		}
-		json.Unmarshal([]byte(sub.recv()), &ev)
+		json.Unmarshal([]byte(sub.recvRaw()), &ev)
 		got[ev.Payload.Key] = ev.Payload.Revision
 	}
 	last := map[string]int64{}
@@ -293,10 +306,10 @@ func TestWebSocketExpiry(t *testing.T) {
 	c := dialWS(t, url, "")
 	c.send(`{"type":"subscribe","payload":{"key":"/e"}}`)
 	c.send(`{"type":"set","payload":{"key":"/e","value":1,"ttl":30}}`)
-	if got := c.recv(); got != `{"type":"value","payload":{"key":"/e","value":1,"revision":0}}` {
+	if got := c.recv(); got != `{"type":"value","payload":{"key":"/e","value":1,"revision":0,"seq":_}}` {
 		t.Errorf("got %s", got)
 	}
-	if got := c.recv(); got != `{"type":"no-value","payload":{"key":"/e","reason":"expired"}}` {
+	if got := c.recv(); got != `{"type":"no-value","payload":{"key":"/e","reason":"expired","seq":_}}` {
 		t.Errorf("expiry: got %s; want no-value with reason expired", got)
 	}
 }
@@ -379,6 +392,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		`{"type":"update","payload":{"key":"/a","value":1,"revision":0}}`,
 		`{"type":"delete","payload":{"key":"/a","revision":3},"id":"x"}`,
 		`{"type":"subscribe","payload":{"key":"/a/","initial":true}}`,
+		`{"type":"subscribe","payload":{"key":"a/","since":12345}}`, `{"type":"subscribe","payload":{"key":"/","since":"x"}}`,
 		`{"type":"list","payload":{"prefix":"/"}}`,
 		`{"type":1}`, `[]`, `nul`, `{"type":"get","payload":{"key":"/\u00e9"}}`,
 	} {
@@ -386,7 +400,7 @@ func FuzzDecodeMessage(f *testing.F) {
 	}
 	cfg, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
 	srv := newServer(cfg, discardLogger())
-	known := []string{"value", "no-value", "ok", "conflict", "values", "error"}
+	known := []string{"value", "no-value", "ok", "conflict", "values", "error", "synced", "reset"}
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		c := &wsConn{s: srv, q: &coalescer{}, subs: map[string]*subscription{}} // no writer: replies stay queued
 		c.handle(frame)
@@ -395,8 +409,12 @@ func FuzzDecodeMessage(f *testing.F) {
 		}
 		for _, ev := range c.q.drain() {
 			msg := ev.raw
-			if msg == nil {
-				msg = appendWSEvent(nil, ev)
+			switch ev.kind {
+			case evGone, evMark:
+				continue
+			case evReply:
+			default:
+				msg = appendWSEvent(nil, &ev)
 			}
 			var reply struct {
 				Type    string
