@@ -3,7 +3,6 @@ package main
 import (
 	"errors"
 	"math/rand/v2"
-	"slices"
 	"sort"
 	"strings"
 	"sync"
@@ -43,26 +42,6 @@ func (sl *slot) load() *entry {
 	return nil
 }
 
-// Why a change happened; subscribers of the WebSocket API see it as the
-// reason of a "no-value" event.
-type reason uint8
-
-const (
-	changed reason = iota
-	deleted
-	expired
-)
-
-func (r reason) String() string {
-	switch r {
-	case deleted:
-		return "deleted"
-	case expired:
-		return "expired"
-	}
-	return "changed"
-}
-
 // noRevision is the revision of a missing key, as GET and events report it.
 const noRevision = -1
 
@@ -78,16 +57,6 @@ type conflictError struct{ cur *entry } // cur is nil if the key is missing
 
 func (e *conflictError) Error() string { return errConflict.Error() }
 func (e *conflictError) Unwrap() error { return errConflict }
-
-// change is one change of a key as it is published: the new version (nil
-// if the key is now missing, for the reason why) and its place in the
-// change sequence.
-type change struct {
-	key string
-	e   *entry
-	why reason
-	seq int64
-}
 
 // Store is the in-memory key-value store: keys, their current versions,
 // the change sequence, and the hook through which every change is
@@ -134,15 +103,6 @@ func NewStore(maxKeys int64, clk clock) *Store {
 	s.history.max = defaultHistory
 	s.startSequence((1 + rand.Int64N(1<<20)) << 32)
 	return s
-}
-
-// startSequence makes seq the number of the last change: the next is seq+1.
-func (s *Store) startSequence(seq int64) {
-	s.seqMu.Lock()
-	defer s.seqMu.Unlock()
-	s.seq = seq
-	s.history.reset(seq + 1)
-	s.published.Store(seq)
 }
 
 // Get returns the current version of key, or nil if it is missing or
@@ -279,18 +239,6 @@ func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 	}
 }
 
-// commit numbers a change, remembers it and publishes it. The key's slot
-// must be locked.
-func (s *Store) commit(c change) {
-	s.seqMu.Lock()
-	s.seq++
-	c.seq = s.seq
-	s.history.add(c.key)
-	s.publish(c)
-	s.published.Store(c.seq)
-	s.seqMu.Unlock()
-}
-
 // expire deletes the key of d if its current version is still the one d
 // was made for: a write that raced the timer replaced the version, and
 // wins.
@@ -360,236 +308,6 @@ func (s *Store) List(prefix string) []item {
 	})
 	sort.Slice(items, func(i, j int) bool { return items[i].key < items[j].key })
 	return items
-}
-
-// subscription is one registration of a queue on a path: an event
-// stream's only one, or one of a WebSocket's several. Its events go to q
-// marked with it, so one queue can tell its subscriptions' events apart.
-type subscription struct {
-	path     string     // a key, a prefix ending with "/", or "/"
-	q        *coalescer // where its events go
-	kvserver bool       // its client names keys without the leading "/"
-
-	// Set by Subscribe before the subscription is registered; then only
-	// the writer of q's events touches them.
-	floor   int64 // the resume point its events carry until synced
-	syncing bool  // its synced is not yet sent
-}
-
-// Where a subscription starts, for Subscribe; any other value is the
-// number of a change to resume after.
-const (
-	fromNow     int64 = -1 // live changes only
-	fromScratch int64 = 0  // the whole current state first (?initial)
-	fromUnknown int64 = -2 // a resume point that could not be read: reset, then the whole state
-)
-
-// Subscribe registers sub for the changes of its path and queues what it
-// must know first, as from says:
-//
-//   - fromNow: nothing, but a mark of its position, so that an event
-//     stream has a resume point before any change;
-//   - fromScratch: the current state of what it watches (a key's version
-//     or its absence, or every existing key under a prefix), then synced;
-//   - a change number S: the current state of each watched key that
-//     changed after S, a missing key as missing, then synced; or, if S is
-//     older than the history, newer than what is published, or another
-//     run's, a reset and the whole state, then synced;
-//   - fromUnknown: a reset and the whole state, then synced.
-//
-// Registering comes first, and each key's state is queued with the key
-// locked. A change published before that is replaced in the queue by the
-// state (a queue keeps one pending event per subscription and key); one
-// published after comes after it. So no change falls between the state
-// and the live events, and a key's revisions only go up.
-//
-// Until its synced, everything the subscription sends is tagged with its
-// floor, a resume point that is safe wherever the state is cut: S itself
-// if S can never be taken for a newer point than it is, else 0, which
-// resets. A floor chosen later could race with events already queued.
-func (s *Store) Subscribe(sub *subscription, from int64) {
-	if from > 0 && from <= s.published.Load() {
-		sub.floor = from
-	}
-	sub.syncing = from != fromNow
-	s.subs.add(sub)
-	if from == fromNow {
-		sub.q.push(event{sub: sub, kind: evMark})
-		return
-	}
-	if from > 0 {
-		if keys, upTo, ok := s.changedSince(sub.path, from); ok {
-			for _, key := range keys {
-				s.queueState(sub, key, true)
-			}
-			sub.q.push(event{sub: sub, kind: evSynced, seq: upTo})
-			return
-		}
-	}
-	if from != fromScratch {
-		sub.q.push(event{sub: sub, kind: evReset})
-	}
-	// Every change numbered up to upTo is published, so the states read
-	// after it hold them all; a later change is queued, and comes after.
-	upTo := s.published.Load()
-	if !strings.HasSuffix(sub.path, "/") {
-		s.queueState(sub, sub.path, true)
-	} else {
-		for _, it := range s.List(sub.path) {
-			s.queueState(sub, it.key, false)
-		}
-	}
-	sub.q.push(event{sub: sub, kind: evSynced, seq: upTo})
-}
-
-// queueState queues the current state of key for sub, with the key
-// locked; a missing key only if evenMissing.
-func (s *Store) queueState(sub *subscription, key string, evenMissing bool) {
-	sl := s.lock(key)
-	if e := s.unexpired(sl.load()); e != nil || evenMissing {
-		sub.q.push(event{sub: sub, kind: evState, key: key, e: e})
-	}
-	s.release(key, sl)
-	sl.mu.Unlock()
-}
-
-// changedSince returns, in key order, the keys under path (or path itself)
-// changed after the change numbered since, and upTo: every change up to
-// it is published, and the keys are those of the changes in (since,
-// upTo]. It reports false if since is not a point this run can resume
-// from: older than the history, or newer than upTo.
-//
-// The history is read outside seqMu, so that a long scan holds up no
-// writer: its chunks are never rewritten, and the entries up to upTo were
-// all written before the copy of the chunk list was taken.
-func (s *Store) changedSince(path string, since int64) (keys []string, upTo int64, ok bool) {
-	s.seqMu.Lock()
-	upTo = s.published.Load()
-	first := s.history.first
-	chunks := slices.Clone(s.history.chunks)
-	s.seqMu.Unlock()
-	if since < first-1 || since > upTo {
-		return nil, upTo, false
-	}
-	seen := make(map[string]bool)
-	for seq := since + 1; seq <= upTo; seq++ {
-		i := seq - first
-		key := chunks[i/historyChunk][i%historyChunk]
-		if watches(path, key) && !seen[key] {
-			seen[key] = true
-			keys = append(keys, key)
-		}
-	}
-	slices.Sort(keys)
-	return keys, upTo, true
-}
-
-// watches reports whether a subscription to path sees the changes of key.
-func watches(path, key string) bool {
-	return path == key || strings.HasSuffix(path, "/") && strings.HasPrefix(key, path)
-}
-
-// defaultHistory is how many changes the store remembers (-history).
-const defaultHistory = 100_000
-
-// historyChunk is how many changes a chunk of the history holds.
-const historyChunk = 4096
-
-// history remembers the key of each recent change, in sequence order: the
-// change numbered first+i changed the key at position i. It is a list of
-// fixed-size chunks, appended to and dropped whole, never rewritten, so
-// that a reader can scan what it saw without holding seqMu. It costs 16
-// bytes a change, plus the key's bytes if nothing else holds them; never
-// the value.
-type history struct {
-	chunks [][]string // each historyChunk long when full; oldest first
-	first  int64      // the number of chunks[0][0]
-	max    int        // at least this many changes are kept
-}
-
-func (h *history) reset(first int64) {
-	h.chunks = nil
-	h.first = first
-}
-
-// add remembers the key of the next change.
-func (h *history) add(key string) {
-	n := len(h.chunks)
-	if n == 0 || len(h.chunks[n-1]) == historyChunk {
-		if n > 0 && (n-1)*historyChunk >= h.max {
-			// The chunks after the first hold max changes already.
-			h.chunks[0] = nil // the array keeps its front: let the chunk go
-			h.chunks = h.chunks[1:]
-			h.first += historyChunk
-		}
-		h.chunks = append(h.chunks, make([]string, 0, historyChunk))
-		n = len(h.chunks)
-	}
-	h.chunks[n-1] = append(h.chunks[n-1], key)
-}
-
-// registry maps each watched path to its subscriptions.
-type registry struct {
-	mu    sync.RWMutex
-	paths map[string]map[*subscription]struct{}
-	count atomic.Int64 // registrations, so that publishing to nobody costs one load
-}
-
-func (r *registry) add(sub *subscription) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	set := r.paths[sub.path]
-	if set == nil {
-		set = make(map[*subscription]struct{})
-		r.paths[sub.path] = set
-	}
-	if _, ok := set[sub]; !ok {
-		set[sub] = struct{}{}
-		r.count.Add(1)
-	}
-}
-
-// Unsubscribe removes the registration of sub.
-func (s *Store) Unsubscribe(sub *subscription) { s.subs.remove(sub) }
-
-func (r *registry) remove(sub *subscription) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	if set := r.paths[sub.path]; set != nil {
-		if _, ok := set[sub]; ok {
-			delete(set, sub)
-			r.count.Add(-1)
-		}
-		if len(set) == 0 {
-			delete(r.paths, sub.path)
-		}
-	}
-}
-
-// publish queues a change for the subscriptions of its key and of every
-// prefix above it: /a/b/c, /a/b/, /a/, /. The cost is the depth of the
-// key plus the subscriptions found; the prefixes are substrings of the
-// key, so finding them allocates nothing.
-func (r *registry) publish(c change) {
-	if r.count.Load() == 0 {
-		return
-	}
-	ev := event{kind: evChange, key: c.key, e: c.e, why: c.why, seq: c.seq}
-	key := c.key
-	r.mu.RLock()
-	defer r.mu.RUnlock()
-	for sub := range r.paths[key] {
-		ev.sub = sub
-		sub.q.push(ev)
-	}
-	for i := len(key) - 1; i >= 0; i-- {
-		if key[i] == '/' {
-			for sub := range r.paths[key[:i+1]] {
-				ev.sub = sub
-				sub.q.push(ev)
-			}
-		}
-	}
 }
 
 // Len returns the number of keys that hold a value.
