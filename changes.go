@@ -42,6 +42,15 @@ type change struct {
 	seq int64
 }
 
+// keepHistory makes the store remember at least the last n changes, from
+// the next one on.
+func (s *Store) keepHistory(n int) {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	s.history.max = n
+	s.history.reset(s.seq + 1)
+}
+
 // startSequence makes seq the number of the last change: the next is seq+1.
 func (s *Store) startSequence(seq int64) {
 	s.seqMu.Lock()
@@ -88,8 +97,7 @@ const (
 // Subscribe registers sub for the changes of its path and queues what it
 // must know first, as from says:
 //
-//   - fromNow: nothing, but a mark of its position, so that an event
-//     stream has a resume point before any change;
+//   - fromNow: nothing;
 //   - fromScratch: the current state of what it watches (a key's version
 //     or its absence, or every existing key under a prefix), then synced;
 //   - a change number S: the current state of each watched key that
@@ -97,6 +105,10 @@ const (
 //     older than the history, newer than what is published, or another
 //     run's, a reset and the whole state, then synced;
 //   - fromUnknown: a reset and the whole state, then synced.
+//
+// It returns the subscription's starting point, a safe resume point
+// before anything it will send: its floor, or for a live subscription
+// the last change published before it was registered.
 //
 // Registering comes first, and each key's state is queued with the key
 // locked. A change published before that is replaced in the queue by the
@@ -108,15 +120,15 @@ const (
 // floor, a resume point that is safe wherever the state is cut: S itself
 // if S can never be taken for a newer point than it is, else 0, which
 // resets. A floor chosen later could race with events already queued.
-func (s *Store) Subscribe(sub *subscription, from int64) {
-	if from > 0 && from <= s.published.Load() {
+func (s *Store) Subscribe(sub *subscription, from int64) (start int64) {
+	before := s.published.Load()
+	if from > 0 && from <= before {
 		sub.floor = from
 	}
 	sub.syncing = from != fromNow
 	s.subs.add(sub)
 	if from == fromNow {
-		sub.q.push(event{sub: sub, kind: evMark})
-		return
+		return before
 	}
 	if from > 0 {
 		if keys, upTo, ok := s.changedSince(sub.path, from); ok {
@@ -124,7 +136,7 @@ func (s *Store) Subscribe(sub *subscription, from int64) {
 				s.queueState(sub, key, true)
 			}
 			sub.q.push(event{sub: sub, kind: evSynced, seq: upTo})
-			return
+			return sub.floor
 		}
 	}
 	if from != fromScratch {
@@ -141,6 +153,7 @@ func (s *Store) Subscribe(sub *subscription, from int64) {
 		}
 	}
 	sub.q.push(event{sub: sub, kind: evSynced, seq: upTo})
+	return sub.floor
 }
 
 // queueState queues the current state of key for sub, with the key
@@ -166,7 +179,7 @@ func (s *Store) queueState(sub *subscription, key string, evenMissing bool) {
 func (s *Store) changedSince(path string, since int64) (keys []string, upTo int64, ok bool) {
 	s.seqMu.Lock()
 	upTo = s.published.Load()
-	first := s.history.first
+	first, size := s.history.first, int64(s.history.chunk)
 	chunks := slices.Clone(s.history.chunks)
 	s.seqMu.Unlock()
 	if since < first-1 || since > upTo {
@@ -175,7 +188,7 @@ func (s *Store) changedSince(path string, since int64) (keys []string, upTo int6
 	seen := make(map[string]bool)
 	for seq := since + 1; seq <= upTo; seq++ {
 		i := seq - first
-		key := chunks[i/historyChunk][i%historyChunk]
+		key := chunks[i/size][i%size]
 		if watches(path, key) && !seen[key] {
 			seen[key] = true
 			keys = append(keys, key)
@@ -193,7 +206,8 @@ func watches(path, key string) bool {
 // defaultHistory is how many changes the store remembers (-history).
 const defaultHistory = 100_000
 
-// historyChunk is how many changes a chunk of the history holds.
+// historyChunk is the most changes a chunk of the history holds; a small
+// history has smaller chunks, so that it keeps about what it was asked.
 const historyChunk = 4096
 
 // history remembers the key of each recent change, in sequence order: the
@@ -203,27 +217,31 @@ const historyChunk = 4096
 // bytes a change, plus the key's bytes if nothing else holds them; never
 // the value.
 type history struct {
-	chunks [][]string // each historyChunk long when full; oldest first
+	chunks [][]string // each h.chunk long when full; oldest first
 	first  int64      // the number of chunks[0][0]
 	max    int        // at least this many changes are kept
+	chunk  int        // the length of a full chunk
 }
 
+// reset empties the history and sizes its chunks for max: a quarter of
+// it, from 64 to historyChunk.
 func (h *history) reset(first int64) {
 	h.chunks = nil
 	h.first = first
+	h.chunk = min(max(h.max/4, 64), historyChunk)
 }
 
 // add remembers the key of the next change.
 func (h *history) add(key string) {
 	n := len(h.chunks)
-	if n == 0 || len(h.chunks[n-1]) == historyChunk {
-		if n > 0 && (n-1)*historyChunk >= h.max {
+	if n == 0 || len(h.chunks[n-1]) == h.chunk {
+		if n > 0 && (n-1)*h.chunk >= h.max {
 			// The chunks after the first hold max changes already.
 			h.chunks[0] = nil // the array keeps its front: let the chunk go
 			h.chunks = h.chunks[1:]
-			h.first += historyChunk
+			h.first += int64(h.chunk)
 		}
-		h.chunks = append(h.chunks, make([]string, 0, historyChunk))
+		h.chunks = append(h.chunks, make([]string, 0, h.chunk))
 		n = len(h.chunks)
 	}
 	h.chunks[n-1] = append(h.chunks[n-1], key)

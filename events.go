@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"net/http"
 	"strconv"
 	"strings"
@@ -25,13 +26,13 @@ type event struct {
 type eventKind uint8
 
 const (
-	evGone   eventKind = iota // taken out of the queue: a newer one of its key came
-	evChange                  // a change of key: e, why, seq
-	evState                   // the state of key when the subscription started
-	evSynced                  // the state is whole: resume from seq
-	evReset                   // forget what you held of the subscription's path
-	evMark                    // where the subscription stands: a stream's resume point, a heartbeat
-	evReply                   // raw
+	evGone      eventKind = iota // taken out of the queue: a newer one of its key came
+	evChange                     // a change of key: e, why, seq
+	evState                      // the state of key when the subscription started
+	evSynced                     // the state is whole: resume from seq
+	evReset                      // forget what you held of the subscription's path
+	evHeartbeat                  // a comment line, and how far the stream has come
+	evReply                      // raw
 )
 
 // coalesces reports whether a newer event of the same subscription and
@@ -179,14 +180,19 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	if id := r.Header.Get("Last-Event-ID"); id != "" {
 		from = resumePoint(id)
 	}
-	s.store.Subscribe(&st.sub, from)
+	st.resumeAt = s.store.Subscribe(&st.sub, from)
 
-	// The head and the retry hint go out at once, so the client knows the
-	// stream is open before any change happens. Until then the stream is
-	// busy, so no writer takes it.
+	// The head, the retry hint and the stream's starting point go out at
+	// once, so the client knows the stream is open before any change
+	// happens. Until then the stream is busy, so no writer takes it.
+	//
+	// The first block carries an id because its end, like every blank
+	// line, sets EventSource's last event id from the stream's id buffer,
+	// which a new connection starts empty: without it a reconnected client
+	// would forget where it was.
 	buf.Writer.WriteString("HTTP/1.1 200 OK\r\n")
 	h.Write(buf.Writer)
-	buf.Writer.WriteString("\r\nretry: 2000\n\n")
+	fmt.Fprintf(buf.Writer, "\r\nretry: 2000\nid: %d\n\n", st.resumeAt)
 	conn.SetWriteDeadline(time.Now().Add(s.cfg.writeTimeout))
 	err = buf.Writer.Flush()
 	conn.SetWriteDeadline(time.Time{})
@@ -208,6 +214,23 @@ func resumePoint(id string) int64 {
 	return seq
 }
 
+// appendBatch appends a drained batch as SSE. Every change numbered up
+// to upTo was queued before the batch was drained.
+func (st *sseStream) appendBatch(b []byte, batch []event, upTo int64) []byte {
+	beat := false
+	for i := range batch {
+		if batch[i].kind == evHeartbeat {
+			beat = true // its id goes last: a change before upTo may follow it
+			continue
+		}
+		b = st.appendEvent(b, &batch[i])
+	}
+	if beat {
+		b = st.appendHeartbeat(b, upTo)
+	}
+	return b
+}
+
 // appendEvent appends ev as an SSE message (SPEC sections 4 and 4a):
 //
 //   - a change or a state: "id: <key>:<revision>:<tag>" and "data:
@@ -216,14 +239,18 @@ func resumePoint(id string) int64 {
 //     before. A compact JSON value has no newline, so it is always a
 //     single data line; nor has a key, which holds no control character;
 //   - synced: "event: synced", "id: <seq>", "data: {}";
-//   - reset: "event: reset", "data: {}".
+//   - reset: "id: <floor>", "event: reset", "data: {}".
 func (st *sseStream) appendEvent(b []byte, ev *event) []byte {
 	sub := &st.sub
 	switch ev.kind {
 	case evGone:
 		return b
 	case evReset:
-		return append(b, "event: reset\ndata: {}\n\n"...)
+		// Its id is the floor, so that a client cut off in the state that
+		// follows, or one whose id buffer starts empty, resets again.
+		b = append(b, "id: "...)
+		b = strconv.AppendInt(b, sub.floor, 10)
+		return append(b, "\nevent: reset\ndata: {}\n\n"...)
 	case evSynced:
 		sub.syncing = false
 		st.resumeAt = ev.seq
@@ -252,14 +279,14 @@ func (st *sseStream) appendEvent(b []byte, ev *event) []byte {
 	return append(b, "\n\n"...)
 }
 
-// appendMark appends a comment line, which keeps proxies from dropping an
+// appendHeartbeat appends a comment line, which keeps proxies from dropping an
 // idle stream and finds clients that have left, and, once the
 // subscription is synced, "id: <upTo>" if that is further on: an event
 // with an id and no data moves EventSource's last event id without
 // reaching onmessage, so that a quiet stream's resume point keeps up with
 // the history and a reconnect after a long quiet resumes rather than
 // resets. It goes after the batch, all of which is before upTo.
-func (st *sseStream) appendMark(b []byte, upTo int64) []byte {
+func (st *sseStream) appendHeartbeat(b []byte, upTo int64) []byte {
 	b = append(b, ":\n"...)
 	if !st.sub.syncing && upTo > st.resumeAt {
 		st.resumeAt = upTo

@@ -167,19 +167,7 @@ func (st *sseStream) flush() {
 	upTo := st.w.s.store.published.Load()
 	buf := getBuffer()
 	batch := st.q.drain()
-	b := buf.AvailableBuffer()
-	mark := false
-	for i := range batch {
-		if batch[i].kind == evMark {
-			mark = true // its id goes last: a change before upTo may follow it
-			continue
-		}
-		b = st.appendEvent(b, &batch[i])
-	}
-	if mark {
-		b = st.appendMark(b, upTo)
-	}
-	buf.Write(b) // a grown array stays with buf, for the pool
+	buf.Write(st.appendBatch(buf.AvailableBuffer(), batch, upTo)) // a grown array stays with buf, for the pool
 	st.q.recycle(batch)
 	n, err := writeNow(st.raw, buf.Bytes())
 	switch {
@@ -221,7 +209,7 @@ func (w *eventWriters) beat() {
 		case <-tick.C:
 			w.s.streams.each(func(c io.Closer) {
 				if st, ok := c.(*sseStream); ok && st.q.Len() == 0 {
-					st.q.push(event{kind: evMark})
+					st.q.push(event{kind: evHeartbeat})
 				}
 			})
 		case <-w.stop:
