@@ -51,6 +51,7 @@ func newServer(cfg config, log *slog.Logger) *server {
 	}
 	s.writers = newEventWriters(s)
 	s.store.defaultTTL = time.Duration(cfg.defaultTTL)
+	s.store.keepHistory(cfg.history)
 	if cfg.origins != "*" {
 		s.origins = make(map[string]bool)
 		for _, o := range strings.Split(cfg.origins, ",") {

@@ -47,6 +47,7 @@ type config struct {
 	defaultTTL    ttlFlag
 	maxSubs       int64
 	kvserverREST  string
+	history       int
 }
 
 // ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
@@ -81,6 +82,7 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.Int64Var(&c.maxSubs, "max-subscribers", 0, "most open event streams and WebSockets, 0 for no limit (503 past it)")
 	fs.StringVar(&c.kvserverREST, "kvserver-rest", "", "serve KvServer's REST shape under this `path`, e.g. /storage (off if empty)")
 	fs.Var(&c.defaultTTL, "default-ttl", "TTL of every key written without one, e.g. 24h (0: keys without a TTL never expire)")
+	fs.IntVar(&c.history, "history", defaultHistory, "remember at least this many recent changes, so that clients can resume from them")
 
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -105,8 +107,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 		return c, errors.New("-max-key-bytes must be at least 2")
 	case c.maxValueBytes < 4:
 		return c, errors.New("-max-value-bytes must be at least 4 (the size of null)")
-	case c.maxKeys < 0 || c.maxSubs < 0:
-		return c, errors.New("-max-keys and -max-subscribers must not be negative")
+	case c.maxKeys < 0 || c.maxSubs < 0 || c.history < 0:
+		return c, errors.New("-max-keys, -max-subscribers and -history must not be negative")
 	case c.heartbeat <= 0 || c.writeTimeout <= 0:
 		return c, errors.New("-heartbeat and -write-timeout must be positive")
 	}

@@ -215,7 +215,7 @@ func (c *wsConn) send(batch []event) error {
 		ev := &batch[i]
 		msg := ev.raw
 		switch ev.kind {
-		case evGone, evMark:
+		case evGone, evHeartbeat:
 			continue
 		case evReply:
 		default:

@@ -410,7 +410,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		for _, ev := range c.q.drain() {
 			msg := ev.raw
 			switch ev.kind {
-			case evGone, evMark:
+			case evGone, evHeartbeat:
 				continue
 			case evReply:
 			default:
