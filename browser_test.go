@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -29,7 +30,9 @@ func TestBrowser(t *testing.T) {
 		t.Skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
 	}
 	// A short heartbeat, so that the server notices a closed stream soon.
-	srv, server := newTestServer(t, "-heartbeat", "100ms")
+	// A short history, so that the page can be away long enough to need
+	// a reset.
+	srv, server := newTestServer(t, "-heartbeat", "100ms", "-history", "100")
 	server = strings.Replace(server, "127.0.0.1", "localhost", 1) // another origin than the page's, by name too
 
 	page, err := os.ReadFile("testdata/browser.html")
@@ -49,6 +52,25 @@ func TestBrowser(t *testing.T) {
 	mux.HandleFunc("GET /example.html", func(w http.ResponseWriter, r *http.Request) { w.Write(example) })
 	mux.HandleFunc("GET /subscribers", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, strconv.Itoa(subscribersOf(srv.store, r.URL.Query().Get("path"))))
+	})
+	// drop closes the server's event streams of a path, as a network
+	// failure would; churn makes changes until the history forgets.
+	mux.HandleFunc("POST /drop", func(w http.ResponseWriter, r *http.Request) {
+		var drop []io.Closer
+		srv.streams.each(func(c io.Closer) {
+			if st, ok := c.(*sseStream); ok && st.sub.path == r.URL.Query().Get("path") {
+				drop = append(drop, c)
+			}
+		})
+		for _, c := range drop {
+			c.Close()
+		}
+		fmt.Fprint(w, len(drop))
+	})
+	mux.HandleFunc("POST /churn", func(w http.ResponseWriter, r *http.Request) {
+		for i := range 1000 {
+			srv.store.Set("/churn", strconv.Itoa(i), 0)
+		}
 	})
 	mux.HandleFunc("POST /report", func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
@@ -93,7 +115,8 @@ func TestBrowser(t *testing.T) {
 	want := []string{
 		"basic get/set/list", "fibonacci with update and retry", "subscribe to a prefix, delete, and break",
 		"subscribe with initial", "TTL via the client", "raw WebSocket, KvServer style",
-		"errors carry the server message", "any key through the client", "example page: shared counter",
+		"errors carry the server message", "any key through the client", "a dropped stream resumes, or resets",
+		"example page: shared counter",
 	}
 	if len(results) != len(want) {
 		t.Errorf("got %d results; want %d", len(results), len(want))
