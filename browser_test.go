@@ -138,8 +138,8 @@ func TestBrowser(t *testing.T) {
 
 // subscribersOf counts the subscriptions registered on path.
 func subscribersOf(s *Store, path string) int {
-	s.subs.mu.RLock()
-	defer s.subs.mu.RUnlock()
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
 	return len(s.subs.paths[path])
 }
 

@@ -8,7 +8,6 @@ package main
 import (
 	"slices"
 	"strings"
-	"sync"
 	"sync/atomic"
 )
 
@@ -121,12 +120,16 @@ const (
 // if S can never be taken for a newer point than it is, else 0, which
 // resets. A floor chosen later could race with events already queued.
 func (s *Store) Subscribe(sub *subscription, from int64) (start int64) {
+	s.seqMu.Lock()
+	// Every change up to before is published; every later one will find
+	// sub registered.
 	before := s.published.Load()
 	if from > 0 && from <= before {
 		sub.floor = from
 	}
 	sub.syncing = from != fromNow
 	s.subs.add(sub)
+	s.seqMu.Unlock()
 	if from == fromNow {
 		return before
 	}
@@ -247,16 +250,15 @@ func (h *history) add(key string) {
 	h.chunks[n-1] = append(h.chunks[n-1], key)
 }
 
-// registry maps each watched path to its subscriptions.
+// registry maps each watched path to its subscriptions. The store's seqMu
+// guards it: publishing holds it anyway, and registrations are few beside
+// changes.
 type registry struct {
-	mu    sync.RWMutex
 	paths map[string]map[*subscription]struct{}
 	count atomic.Int64 // registrations, so that publishing to nobody costs one load
 }
 
 func (r *registry) add(sub *subscription) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	set := r.paths[sub.path]
 	if set == nil {
 		set = make(map[*subscription]struct{})
@@ -269,11 +271,13 @@ func (r *registry) add(sub *subscription) {
 }
 
 // Unsubscribe removes the registration of sub.
-func (s *Store) Unsubscribe(sub *subscription) { s.subs.remove(sub) }
+func (s *Store) Unsubscribe(sub *subscription) {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	s.subs.remove(sub)
+}
 
 func (r *registry) remove(sub *subscription) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
 	if set := r.paths[sub.path]; set != nil {
 		if _, ok := set[sub]; ok {
 			delete(set, sub)
@@ -295,8 +299,6 @@ func (r *registry) publish(c change) {
 	}
 	ev := event{kind: evChange, key: c.key, e: c.e, why: c.why, seq: c.seq}
 	key := c.key
-	r.mu.RLock()
-	defer r.mu.RUnlock()
 	for sub := range r.paths[key] {
 		ev.sub = sub
 		sub.q.push(ev)

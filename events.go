@@ -14,13 +14,13 @@ import (
 // API, a reply to send as it is (replies are queued with the events, so
 // both leave in order).
 type event struct {
-	kind eventKind
 	sub  *subscription // whose event it is; nil for a reply
 	key  string
 	e    *entry // nil: the key is missing
-	why  reason // of a change to missing
 	seq  int64  // of a change; of synced, the point it marks
 	raw  []byte // a reply
+	kind eventKind
+	why  reason // of a change to missing
 }
 
 type eventKind uint8
@@ -76,10 +76,18 @@ func (q *coalescer) push(ev event) {
 	q.mu.Lock()
 	if ev.coalesces() {
 		k := eventKey{ev.sub, ev.key}
-		if i, ok := q.index[k]; ok {
+		i, ok := q.index[k]
+		switch {
+		case ok && i == len(q.pending)-1:
+			// Last already: replacing it in place keeps the order.
+			q.pending[i] = ev
+			q.mu.Unlock()
+			q.wake()
+			return
+		case ok:
 			q.pending[i] = event{}
 			q.gaps++
-		} else if q.index == nil {
+		case q.index == nil:
 			q.index = make(map[eventKey]int)
 		}
 		q.index[k] = len(q.pending)
@@ -89,6 +97,10 @@ func (q *coalescer) push(ev event) {
 		q.squeeze()
 	}
 	q.mu.Unlock()
+	q.wake()
+}
+
+func (q *coalescer) wake() {
 	if q.notify != nil {
 		q.notify()
 	}

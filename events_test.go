@@ -547,11 +547,11 @@ func stallUntilClosed(t *testing.T, srv *server, url string) {
 	t.Helper()
 	waitFor(t, "the subscription", func() bool { return srv.store.subs.count.Load() == 1 })
 	var q *coalescer
-	srv.store.subs.mu.RLock()
+	srv.store.seqMu.Lock()
 	for sub := range srv.store.subs.paths["/"] {
 		q = sub.q
 	}
-	srv.store.subs.mu.RUnlock()
+	srv.store.seqMu.Unlock()
 
 	const keys = 20
 	big := `"` + strings.Repeat("x", 256<<10) + `"`
