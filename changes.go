@@ -39,6 +39,7 @@ type change struct {
 	e   *entry
 	why reason
 	seq int64
+	sl  *slot // the key's slot, for the flusher (-data)
 }
 
 // keepHistory makes the store remember at least the last n changes, from
@@ -59,13 +60,42 @@ func (s *Store) startSequence(seq int64) {
 	s.published.Store(seq)
 }
 
-// commit numbers a change, remembers it and publishes it. The key's slot
-// must be locked.
-func (s *Store) commit(c change) {
+// commit numbers a change, remembers it and publishes it; or, with
+// -data, queues it for the flusher, which publishes it once it is
+// written, and returns the batch it went in. The key's slot must be
+// locked.
+func (s *Store) commit(c change) (seq int64, b *batch) {
 	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
 	s.seq++
 	c.seq = s.seq
 	s.history.add(c.key)
+	if s.data != nil {
+		return c.seq, s.data.queue(c)
+	}
+	s.publish(c)
+	s.published.Store(c.seq)
+	return c.seq, nil
+}
+
+// settle makes a change the flusher has written visible: readers see it,
+// and it is published. The key is locked meanwhile, so that a
+// subscription reading the key's state sees it either before (and gets
+// the change after) or after.
+func (s *Store) settle(c change) {
+	sl := c.sl
+	sl.mu.Lock()
+	defer sl.mu.Unlock()
+	if v, ok := s.unsettled.Load(sl); ok {
+		d := v.(*onDisk)
+		d.e.Store(c.e)
+		if d.last == c.seq { // the slot's latest: nothing of it is in flight now
+			s.unsettled.Delete(sl)
+			s.nUnsettled.Add(-1)
+			s.release(c.key, sl)
+		}
+	}
+	s.seqMu.Lock()
 	s.publish(c)
 	s.published.Store(c.seq)
 	s.seqMu.Unlock()
@@ -163,7 +193,7 @@ func (s *Store) Subscribe(sub *subscription, from int64) (start int64) {
 // locked; a missing key only if evenMissing.
 func (s *Store) queueState(sub *subscription, key string, evenMissing bool) {
 	sl := s.lock(key)
-	if e := s.unexpired(sl.load()); e != nil || evenMissing {
+	if e := s.unexpired(s.visible(sl)); e != nil || evenMissing {
 		sub.q.push(event{sub: sub, kind: evState, key: key, e: e})
 	}
 	s.release(key, sl)

@@ -440,6 +440,8 @@ func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
 		s.serveEntry(w, http.StatusConflict, conflict.cur)
 	case errors.Is(err, errFull):
 		serveError(w, http.StatusInsufficientStorage, s.writeErrorMessage(err))
+	case errors.Is(err, errNotWritten):
+		serveError(w, http.StatusServiceUnavailable, s.writeErrorMessage(err))
 	case err != nil:
 		serveError(w, http.StatusInternalServerError, s.writeErrorMessage(err))
 	default:
@@ -456,8 +458,11 @@ func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
 // writeErrorMessage is what a client is told of a failed write other than
 // a conflict. An unexpected error is logged, and the client told no more.
 func (s *server) writeErrorMessage(err error) string {
-	if errors.Is(err, errFull) {
+	switch {
+	case errors.Is(err, errFull):
 		return fmt.Sprintf("store is full: at most %d keys", s.cfg.maxKeys)
+	case errors.Is(err, errNotWritten):
+		return "the server could not write its data files, and is stopping"
 	}
 	s.log.Error("write failed", "err", err)
 	return "internal error"

@@ -48,6 +48,8 @@ type config struct {
 	maxSubs       int64
 	kvserverREST  string
 	history       int
+	data          string
+	fsync         fsyncMode
 }
 
 // ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
@@ -83,6 +85,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.StringVar(&c.kvserverREST, "kvserver-rest", "", "serve KvServer's REST shape under this `path`, e.g. /storage (off if empty)")
 	fs.Var(&c.defaultTTL, "default-ttl", "TTL of every key written without one, e.g. 24h (0: keys without a TTL never expire)")
 	fs.IntVar(&c.history, "history", defaultHistory, "remember at least this many recent changes, so that clients can resume from them")
+	fs.StringVar(&c.data, "data", "", "keep the store on disk in this `directory` (off if empty: in memory only)")
+	fs.Var(&c.fsync, "fsync", "with -data, when the log reaches the disk itself: always, 1s or never")
 
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -126,6 +130,17 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	}
 	log := slog.New(slog.NewTextHandler(stdout, nil))
 	srv := newServer(cfg, log)
+	var failed <-chan struct{} // a write to the data files failed
+	if cfg.data != "" {
+		start := time.Now()
+		data, err := openData(cfg.data, cfg.fsync, srv.store, log)
+		if err != nil {
+			return err
+		}
+		defer data.close()
+		failed = data.failed
+		log.Info("data loaded", "dir", cfg.data, "keys", srv.store.Len(), "fsync", cfg.fsync.String(), "duration", time.Since(start))
+	}
 
 	ln, err := net.Listen("tcp", cfg.addr)
 	if err != nil {
@@ -147,10 +162,13 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 
 	served := make(chan error, 1)
 	go func() { served <- hs.Serve(ln) }()
+	var stopErr error
 	select {
 	case err := <-served:
 		return err
 	case <-ctx.Done():
+	case <-failed:
+		stopErr = errors.New("a write to the data files failed (see the log); stopped")
 	}
 
 	// Streams first: Shutdown does not know of them (their connections
@@ -165,6 +183,9 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		hs.Close()
 	}
 	<-served
+	// Then no change comes but from expiries: stop them, and the data
+	// files (deferred above) take what is left and make it durable.
+	srv.store.expiry.stop()
 	log.Info("stopped")
-	return nil
+	return stopErr
 }

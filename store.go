@@ -83,6 +83,24 @@ type Store struct {
 	// changes through it instead.
 	publish func(change)
 	subs    registry
+
+	// With -data, a change is published, answered and shown to readers
+	// only once its record is in the data files. Until then, unsettled
+	// holds what readers see of its key: the version on disk. Writers
+	// work on the slot's current version, so that writes to a key go on
+	// while the earlier ones are being written.
+	data       *dataDir     // nil: memory only
+	unsettled  sync.Map     // *slot -> *onDisk, while the slot has changes not yet written
+	nUnsettled atomic.Int64 // entries in unsettled, so that reads in memory mode cost one load
+	liveBytes  atomic.Int64 // bytes of the keys and values held, for compaction
+}
+
+// onDisk is the version of a slot that is in the data files while later
+// changes to it are not yet; e nil if the key is missing there.
+type onDisk struct {
+	e     atomic.Pointer[entry]
+	last  int64  // the number of the slot's latest change; guarded by the slot's mu
+	batch *batch // that change's batch; guarded by the slot's mu
 }
 
 // NewStore returns an empty store that holds at most maxKeys keys (0: no
@@ -112,7 +130,19 @@ func (s *Store) Get(key string) *entry {
 	if !ok {
 		return nil
 	}
-	return s.unexpired(v.(*slot).load())
+	return s.unexpired(s.visible(v.(*slot)))
+}
+
+// visible returns the version of a slot that readers see: the current
+// one, or with -data, the one in the data files.
+func (s *Store) visible(sl *slot) *entry {
+	e := sl.load() // first: a change installed after is then in unsettled
+	if s.nUnsettled.Load() > 0 {
+		if d, ok := s.unsettled.Load(sl); ok {
+			return d.(*onDisk).e.Load()
+		}
+	}
+	return e
 }
 
 // unexpired returns e, or nil if it has expired.
@@ -183,10 +213,30 @@ func (e *entry) next() int64 {
 }
 
 // write runs change on the current version of key with the key locked,
-// installs what it returns (nil deletes the key) and publishes it.
+// installs what it returns (nil deletes the key) and publishes it. With
+// -data it returns once the key's changes, this one or those it saw, are
+// in the data files: the answer a client gets, a conflict included, tells
+// of nothing a crash could take back.
 func (s *Store) write(key string, change func(cur *entry) (*entry, error)) (*entry, error) {
 	sl := s.lock(key)
-	defer sl.mu.Unlock()
+	next, err := s.writeLocked(key, sl, change)
+	var pending *batch
+	if s.data != nil {
+		if d, ok := s.unsettled.Load(sl); ok {
+			pending = d.(*onDisk).batch
+		}
+	}
+	sl.mu.Unlock()
+	if pending != nil {
+		if werr := pending.wait(); werr != nil {
+			return nil, werr
+		}
+	}
+	return next, err
+}
+
+// writeLocked is write with the key's slot locked.
+func (s *Store) writeLocked(key string, sl *slot, change func(cur *entry) (*entry, error)) (*entry, error) {
 	cur := sl.cur.Load()
 	if cur != nil && s.unexpired(cur) == nil {
 		// Expired, but its timer has not run yet: expire it now, so
@@ -223,6 +273,15 @@ func (s *Store) lock(key string) *slot {
 // install makes next the current version of the slot and commits the
 // change. why says what a nil next means. The slot must be locked.
 func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
+	if next == nil && cur == nil {
+		return // deleting what is missing changes nothing
+	}
+	var d *onDisk
+	if s.data != nil {
+		// Before the new version is in place: a reader that sees it
+		// then finds this.
+		d = s.unsettle(sl, cur)
+	}
 	sl.cur.Store(next)
 	if cur != nil && cur.ttl != nil {
 		s.expiry.remove(cur.ttl)
@@ -230,13 +289,38 @@ func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 	if next != nil && next.ttl != nil {
 		s.expiry.add(next.ttl)
 	}
-	switch {
-	case next != nil:
-		s.commit(change{key: key, e: next, why: changed})
-	case cur != nil:
+	s.liveBytes.Add(size(key, next) - size(key, cur))
+	c := change{key: key, e: next, why: changed, sl: sl}
+	if next == nil {
 		s.live.Add(-1)
-		s.commit(change{key: key, why: why})
+		c.why = why
 	}
+	seq, b := s.commit(c)
+	if d != nil {
+		d.last, d.batch = seq, b
+	}
+}
+
+// size is what a version of key weighs in the data files, about.
+func size(key string, e *entry) int64 {
+	if e == nil {
+		return 0
+	}
+	return int64(len(key) + len(e.value))
+}
+
+// unsettle returns the record of what is on disk of a slot whose current
+// version, cur, is about to be replaced, making it if the slot has no
+// change in flight (cur is then on disk). The slot must be locked.
+func (s *Store) unsettle(sl *slot, cur *entry) *onDisk {
+	if d, ok := s.unsettled.Load(sl); ok {
+		return d.(*onDisk)
+	}
+	d := new(onDisk)
+	d.e.Store(cur)
+	s.unsettled.Store(sl, d)
+	s.nUnsettled.Add(1)
+	return d
 }
 
 // expire deletes the key of d if its current version is still the one d
@@ -265,12 +349,37 @@ func (s *Store) slot(key string) *slot {
 	return v.(*slot)
 }
 
-// release removes an empty slot from the map. The slot must be locked.
+// release removes an empty slot from the map, unless a change of it is
+// still to be written (the flusher releases it then). The slot must be
+// locked.
 func (s *Store) release(key string, sl *slot) {
-	if sl.cur.Load() == nil {
-		sl.cur.Store(tombstone)
-		s.keys.CompareAndDelete(key, sl)
+	if sl.cur.Load() != nil {
+		return
 	}
+	if s.nUnsettled.Load() > 0 {
+		if _, ok := s.unsettled.Load(sl); ok {
+			return
+		}
+	}
+	sl.cur.Store(tombstone)
+	s.keys.CompareAndDelete(key, sl)
+}
+
+// load puts a version of key in place as recovery finds it, without a
+// change: nothing is published or written. e nil removes the key.
+func (s *Store) load(key string, e *entry) {
+	sl := s.lock(key)
+	defer sl.mu.Unlock()
+	cur := sl.cur.Load()
+	sl.cur.Store(e)
+	s.liveBytes.Add(size(key, e) - size(key, cur))
+	switch {
+	case cur == nil && e != nil:
+		s.live.Add(1)
+	case cur != nil && e == nil:
+		s.live.Add(-1)
+	}
+	s.release(key, sl)
 }
 
 // reserve counts one more live key, or reports false if the store is full.
@@ -300,7 +409,7 @@ func (s *Store) List(prefix string) []item {
 	s.keys.Range(func(k, v any) bool {
 		key := k.(string)
 		if strings.HasPrefix(key, prefix) {
-			if e := s.unexpired(v.(*slot).load()); e != nil {
+			if e := s.unexpired(s.visible(v.(*slot))); e != nil {
 				items = append(items, item{key, e})
 			}
 		}

@@ -166,6 +166,18 @@ type expiry struct {
 	pending deadlineHeap
 	timer   timer // nil until the first deadline
 	armedAt int64 // when timer fires; 0 if stopped
+	stopped bool  // by stop: no more expiries
+}
+
+// stop ends expiring, for shutdown: keys keep their deadlines, and with
+// -data they count on from there after a restart.
+func (x *expiry) stop() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.stopped = true
+	if x.timer != nil {
+		x.timer.Stop()
+	}
 }
 
 // add schedules d.
@@ -195,7 +207,7 @@ func (x *expiry) Len() int {
 
 // arm makes the timer fire at the earliest deadline. x.mu must be held.
 func (x *expiry) arm() {
-	if len(x.pending) == 0 {
+	if len(x.pending) == 0 || x.stopped {
 		return
 	}
 	at := x.pending[0].at
@@ -216,6 +228,10 @@ func (x *expiry) arm() {
 // expiring locks the key and writers lock the key before x.mu.
 func (x *expiry) run() {
 	x.mu.Lock()
+	if x.stopped {
+		x.mu.Unlock()
+		return
+	}
 	now := x.clock.Now().UnixNano()
 	var due []*deadline
 	for len(x.pending) > 0 && x.pending[0].at <= now {
