@@ -1,0 +1,658 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"math/rand/v2"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// TestDataRestart: a server with -data, stopped and started again, holds
+// every key byte for byte, with its revision, its TTL counting down (or
+// gone if it ran out while the server was down), and its change sequence,
+// so that a client resumes across the restart.
+func TestDataRestart(t *testing.T) {
+	dir := t.TempDir()
+	url, stop := startStoppable(t, "-data", dir)
+	values := map[string]string{}
+	for i, key := range oddKeys[:12] {
+		value := fmt.Sprintf(`{"n":12345678901234567890,"i":%d,"s":"ключ \"q\" \u2028"}`, i)
+		do(t, "POST", url+keyURL(key), `0`)
+		do(t, "POST", url+keyURL(key), value)
+		values[key] = value
+	}
+	do(t, "POST", url+"/ttl/long", `1`, "X-TTL", "1h")
+	do(t, "POST", url+"/ttl/short", `1`, "X-TTL", "300ms")
+	shortDeadline := time.Now().Add(300 * time.Millisecond)
+	do(t, "POST", url+"/gone", `1`)
+	do(t, "DELETE", url+"/gone", "")
+	do(t, "PUT", url+"/cas", `"c"`, "X-Revision", "0")
+	before := do(t, "GET", url+"/ttl/long", "").header.Get("X-TTL")
+	ch, stopStream := openStream(t, url, "/?initial")
+	_, _, synced := untilSynced(t, ch)
+	stopStream()
+	stop()
+
+	time.Sleep(time.Until(shortDeadline)) // the deadline passes while the server is down
+	url, stop = startStoppable(t, "-data", dir)
+	defer stop()
+	for key, value := range values {
+		if r := do(t, "GET", url+keyURL(key), ""); r.code != 200 || r.body != value || r.header.Get("X-Revision") != "1" {
+			t.Errorf("after restart, %q: got %d %s revision %s; want %s revision 1", key, r.code, r.body, r.header.Get("X-Revision"), value)
+		}
+	}
+	after, _ := strconv.Atoi(do(t, "GET", url+"/ttl/long", "").header.Get("X-TTL"))
+	if b, _ := strconv.Atoi(before); after <= 0 || after > b {
+		t.Errorf("TTL of /ttl/long: %s ms before the restart, %d after; want it counting on down", before, after)
+	}
+	for _, key := range []string{"/ttl/short", "/gone"} {
+		if r := do(t, "GET", url+key, ""); r.code != 404 {
+			t.Errorf("%s after restart: got %d %s; want 404", key, r.code, r.body)
+		}
+	}
+	if r := do(t, "PUT", url+"/cas", `"d"`, "X-Revision", "1"); r.code != 200 {
+		t.Errorf("CAS after restart: got %d %s; want 200 (revisions continue)", r.code, r.body)
+	}
+	// Resuming from before the restart: nothing is missed (the change
+	// just made) and nothing resets.
+	ch, _ = openStream(t, url, "/", "Last-Event-ID", synced.id)
+	got, _, resumed := untilSynced(t, ch)
+	if len(got) != 1 || got[0] != `/cas:1="d"` || resumed.seq != synced.seq+1 {
+		t.Errorf("resumed across the restart from %d: got %v, synced at %d; want /cas:1=\"d\" and %d", synced.seq, got, resumed.seq, synced.seq+1)
+	}
+}
+
+// openTestData opens dir as a store's data directory, with compaction
+// once the logs pass minCompact bytes, and closes it when the test ends.
+func openTestData(t *testing.T, dir string, mode fsyncMode, minCompact int64, log *slog.Logger) (*Store, *dataDir) {
+	t.Helper()
+	if log == nil {
+		log = discardLogger()
+	}
+	s := NewStore(0, nil)
+	d, err := loadData(dir, mode, s, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.minCompact = minCompact
+	d.start()
+	t.Cleanup(func() { d.close() })
+	return s, d
+}
+
+// state is a store's keys as revision=value, for comparing.
+func state(s *Store) map[string]string {
+	m := map[string]string{}
+	for _, it := range s.List("/") {
+		m[it.key] = fmt.Sprintf("%d=%s", it.revision, it.value)
+	}
+	return m
+}
+
+// dirSize is the bytes of a directory's snapshots and logs.
+func dirSize(t *testing.T, dir string) (size int64, names []string) {
+	t.Helper()
+	entries, _ := os.ReadDir(dir)
+	for _, e := range entries {
+		if fi, err := e.Info(); err == nil && e.Name() != "LOCK" {
+			size += fi.Size()
+			names = append(names, e.Name())
+		}
+	}
+	return size, names
+}
+
+// TestDataCompaction: while writers change keys and readers read them,
+// the logs grow past four times the live data and are compacted into a
+// snapshot, again and again; afterwards the files are about the size of
+// the live data, and the store opened again is the same.
+func TestDataCompaction(t *testing.T) {
+	dir := t.TempDir()
+	s, d := openTestData(t, dir, fsyncNever, 16<<10, nil)
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() { // each key's value is its revision
+			defer wg.Done()
+			for i := 0; !stop.Load(); i++ {
+				key := fmt.Sprintf("/k/%d/%d", w, i%50)
+				cur := s.Get(key)
+				next := int64(0)
+				if cur != nil {
+					next = cur.revision + 1
+				}
+				if i%97 == 0 {
+					s.Delete(key, -1)
+					continue
+				}
+				s.CompareAndSwap(key, strconv.FormatInt(next, 10), next, 0)
+			}
+		}()
+	}
+	var reads atomic.Int64
+	for range 2 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for !stop.Load() {
+				for _, it := range s.List("/k/") {
+					if it.value != strconv.FormatInt(it.revision, 10) {
+						t.Errorf("read %s at revision %d = %s", it.key, it.revision, it.value)
+					}
+				}
+				reads.Add(1)
+			}
+		}()
+	}
+	waitFor(t, "three compactions", func() bool { return d.snapshots.Load() >= 3 })
+	stop.Store(true)
+	wg.Wait()
+	d.compaction.Wait()
+	live := s.liveBytes.Load()
+	size, names := dirSize(t, dir)
+	t.Logf("%d compactions, %d reads meanwhile; files %v: %d bytes for %d bytes of keys and values", d.snapshots.Load(), reads.Load(), names, size, live)
+	if size > 2*live+(16<<10)*5 { // the logs since the last compaction may hold up to 4× the minimum
+		t.Errorf("after compaction: %d bytes of files for %d bytes of live data", size, live)
+	}
+	want := state(s)
+	d.close()
+	s2, _ := openTestData(t, dir, fsyncNever, 16<<10, nil)
+	if got := state(s2); !mapsEqual(got, want) {
+		t.Errorf("reopened after compactions: %d keys, want %d; differ", len(got), len(want))
+	}
+}
+
+// TestDataGroupCommit: changes committed while the flusher is busy share
+// its next write and, with -fsync always, its one fsync; and none of
+// their writers is answered before it.
+func TestDataGroupCommit(t *testing.T) {
+	s := NewStore(0, nil)
+	d, err := loadData(t.TempDir(), fsyncAlways, s, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	const n = 64
+	var answered atomic.Int64
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if _, err := s.Set(fmt.Sprintf("/g/%d", i), "1", 0); err != nil {
+				t.Error(err)
+			}
+			answered.Add(1)
+		}()
+	}
+	waitFor(t, "every write to be committed", func() bool {
+		s.seqMu.Lock()
+		defer s.seqMu.Unlock()
+		return len(d.pending.changes) == n
+	})
+	if a := answered.Load(); a != 0 {
+		t.Fatalf("%d writes answered before their record was written", a)
+	}
+	if got := len(s.List("/g/")); got != 0 {
+		t.Errorf("%d keys visible before their records were written; want 0", got)
+	}
+	fsyncs := d.fsyncs.Load()
+	d.write(d.take())
+	if got := d.fsyncs.Load() - fsyncs; got != 1 {
+		t.Errorf("%d writes took %d fsyncs; want 1", n, got)
+	}
+	wg.Wait()
+	if got := len(s.List("/g/")); got != n {
+		t.Errorf("%d keys visible after; want %d", got, n)
+	}
+	d.start()
+	d.close()
+}
+
+// TestDataWriteFails: a change the log cannot take is not acknowledged
+// nor shown to readers; the server is told to stop (fail-stop), later
+// writes fail at once, and an HTTP write gets 503 with a clear message.
+func TestDataWriteFails(t *testing.T) {
+	s := NewStore(0, nil)
+	d, err := loadData(t.TempDir(), fsyncNever, s, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.seg.Close() // as a disk that fails
+	d.start()
+	defer d.close()
+	if _, err := s.Set("/x", "1", 0); err != errNotWritten {
+		t.Errorf("a write the log could not take: %v; want errNotWritten", err)
+	}
+	if e := s.Get("/x"); e != nil {
+		t.Errorf("GET of the write that failed: %v; want nothing", e)
+	}
+	select {
+	case <-d.failed:
+	default:
+		t.Error("the server was not told to stop")
+	}
+	if _, err := s.CompareAndSwap("/y", "1", 0, 0); err != errNotWritten {
+		t.Errorf("a later write: %v; want errNotWritten", err)
+	}
+	srv := &server{log: discardLogger()}
+	rec := httptest.NewRecorder()
+	srv.serveWritten(rec, nil, errNotWritten)
+	if rec.Code != 503 || !strings.Contains(rec.Body.String(), "could not write its data files") {
+		t.Errorf("HTTP: got %d %s; want 503 and why", rec.Code, rec.Body)
+	}
+}
+
+// writeThenClose writes changes to a new data directory and closes it,
+// and returns its one log's path.
+func writeThenClose(t *testing.T, n int) (dir, log string) {
+	t.Helper()
+	dir = t.TempDir()
+	s, d := openTestData(t, dir, fsyncNever, 1<<30, nil)
+	for i := range n {
+		s.Set(fmt.Sprintf("/k/%d", i), fmt.Sprintf(`"value %d"`, i), 0)
+	}
+	s.Delete("/k/0", -1)
+	d.close()
+	logs, _ := filepath.Glob(filepath.Join(dir, "log-*"))
+	if len(logs) != 1 {
+		t.Fatalf("logs %v; want one", logs)
+	}
+	return dir, logs[0]
+}
+
+// TestDataTornTail: a log whose last record a crash cut short (or left
+// as zeroes) loads without that record, with a warning naming the file,
+// and is truncated there; writes go on after it.
+func TestDataTornTail(t *testing.T) {
+	for _, tt := range []struct {
+		name string
+		tear func(t *testing.T, log string)
+	}{
+		{"cut short", func(t *testing.T, log string) {
+			fi, _ := os.Stat(log)
+			os.Truncate(log, fi.Size()-3)
+		}},
+		{"zeroes at the end", func(t *testing.T, log string) {
+			f, _ := os.OpenFile(log, os.O_WRONLY|os.O_APPEND, 0)
+			f.Write(make([]byte, 4096))
+			f.Close()
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir, log := writeThenClose(t, 10)
+			fi, _ := os.Stat(log)
+			tt.tear(t, log)
+			var logged bytes.Buffer
+			s, d := openTestData(t, dir, fsyncNever, 1<<30, slog.New(slog.NewTextHandler(&logged, nil)))
+			warning := fmt.Sprintf("level=WARN msg=\"data files: the last record was cut short by a crash; dropped\" file=%s", log)
+			if !strings.Contains(logged.String(), warning) {
+				t.Errorf("log %q; want a warning naming %s", logged.String(), log)
+			}
+			switch got := len(s.List("/")); {
+			case tt.name == "cut short" && (got != 10 || s.Get("/k/0") == nil):
+				t.Errorf("%d keys after loading; want 10: the last record, the delete of /k/0, dropped", got)
+			case tt.name == "zeroes at the end" && got != 9:
+				t.Errorf("%d keys after loading; want 9: every record kept", got)
+			}
+			if after, _ := os.Stat(log); tt.name == "zeroes at the end" && after.Size() != fi.Size() {
+				t.Errorf("log of %d bytes, %d before the zeroes; want it truncated back", after.Size(), fi.Size())
+			}
+			s.Set("/after", "1", 0)
+			want2 := state(s)
+			d.close()
+			s2, _ := openTestData(t, dir, fsyncNever, 1<<30, nil)
+			if got := state(s2); !mapsEqual(got, want2) {
+				t.Errorf("written after the truncation, then reopened: %v; want %v", got, want2)
+			}
+		})
+	}
+}
+
+// TestDataDamage: damage anywhere but a torn last record stops loading
+// with an error naming the file and the offset, and leaves the files as
+// they were.
+func TestDataDamage(t *testing.T) {
+	flip := func(path string, off int64) {
+		b, _ := os.ReadFile(path)
+		b[off] ^= 0x20
+		os.WriteFile(path, b, 0o644)
+	}
+	// The log's records: a header, then the changes; the offset of the
+	// third change's record, and of one in the middle of its body.
+	recordAt := func(t *testing.T, log string, n int) int64 {
+		rr, f, err := openRecords(log)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer f.Close()
+		for range n {
+			rr.next()
+		}
+		return rr.off
+	}
+	for _, tt := range []struct {
+		name   string
+		damage func(t *testing.T, dir, log string) // returns nothing; the error is checked against want
+		want   string                              // a regexp
+	}{
+		{"a flipped byte in the middle of the log", func(t *testing.T, dir, log string) {
+			flip(log, recordAt(t, log, 3)+headerSize+4)
+		}, `log-[0-9a-f]{16}: damaged at offset (\d+): bad record checksum`},
+		{"a flipped length", func(t *testing.T, dir, log string) {
+			flip(log, recordAt(t, log, 3)+1)
+		}, `log-[0-9a-f]{16}: damaged at offset (\d+): bad record header checksum`},
+		{"a flipped byte in the snapshot", func(t *testing.T, dir, log string) {
+			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
+			flip(snaps[0], headerSize+2)
+		}, `snap-[0-9a-f]{16}: damaged at offset (0): bad record checksum`},
+		{"no snapshot", func(t *testing.T, dir, log string) {
+			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
+			os.Remove(snaps[0])
+		}, `log-[0-9a-f]{16}: no snapshot holds the changes before it`},
+		{"a gap before the log", func(t *testing.T, dir, log string) {
+			first, _ := strconv.ParseInt(strings.TrimPrefix(filepath.Base(log), "log-"), 16, 64)
+			os.Rename(log, filepath.Join(dir, fmt.Sprintf("log-%016x", first+5)))
+		}, `log-[0-9a-f]{16}: starts at change \d+, but \S*snap-[0-9a-f]{16} ends at change \d+: the changes between are missing`},
+		{"a change out of sequence", func(t *testing.T, dir, log string) {
+			// A valid record, but for a change that does not follow.
+			f, _ := os.OpenFile(log, os.O_WRONLY|os.O_APPEND, 0)
+			f.Write(appendChange(nil, change{key: "/x", e: &entry{value: "1"}, seq: 1}))
+			f.Write(appendChange(nil, change{key: "/y", e: &entry{value: "1"}, seq: 2}))
+			f.Close()
+		}, `log-[0-9a-f]{16}: damaged at offset (\d+): change 1 where change \d+ belongs`},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			dir, log := writeThenClose(t, 10)
+			tt.damage(t, dir, log)
+			size, names := dirSize(t, dir)
+			_, err := loadData(dir, fsyncNever, NewStore(0, nil), discardLogger())
+			if err == nil || !regexp.MustCompile(tt.want).MatchString(err.Error()) {
+				t.Fatalf("loading: %v; want an error matching %s", err, tt.want)
+			}
+			if m := regexp.MustCompile(tt.want).FindStringSubmatch(err.Error()); len(m) > 1 && m[1] != "0" {
+				if want := fmt.Sprint(recordAt(t, log, 3)); tt.name != "a change out of sequence" && m[1] != want {
+					t.Errorf("offset %s; want %s, the damaged record's", m[1], want)
+				}
+			}
+			if !strings.Contains(err.Error(), dir) {
+				t.Errorf("error %q does not name the file's path", err)
+			}
+			if size2, names2 := dirSize(t, dir); size2 != size || len(names2) != len(names) {
+				t.Errorf("files changed by a failed load: %v (%d bytes), before %v (%d bytes)", names2, size2, names, size)
+			}
+		})
+	}
+
+	t.Run("the server refuses to start", func(t *testing.T) {
+		dir, log := writeThenClose(t, 10)
+		flip(log, recordAt(t, log, 3)+headerSize+4)
+		err := run(context.Background(), []string{"-addr", "127.0.0.1:0", "-data", dir}, func(string) string { return "" }, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "damaged at offset") {
+			t.Errorf("run: %v; want the damage", err)
+		}
+	})
+}
+
+// TestDataLocked: one server per directory; a second gets a clear error,
+// and the directory is free once the first is gone.
+func TestDataLocked(t *testing.T) {
+	dir := t.TempDir()
+	_, stop := startStoppable(t, "-data", dir)
+	err := run(context.Background(), []string{"-addr", "127.0.0.1:0", "-data", dir}, func(string) string { return "" }, io.Discard)
+	want := fmt.Sprintf("data directory %s is in use by another atomkv (pid %d)", dir, os.Getpid())
+	if err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("a second server: %v; want %q", err, want)
+	}
+	stop()
+	startServer(t, "-data", dir)
+}
+
+// TestDataUnwritable: a data directory that cannot be made or written is
+// a clear error at start.
+func TestDataUnwritable(t *testing.T) {
+	file := filepath.Join(t.TempDir(), "file")
+	os.WriteFile(file, nil, 0o644)
+	dirs := map[string]string{filepath.Join(file, "data"): "not a directory"}
+	if os.Getuid() != 0 { // root writes anywhere
+		ro := filepath.Join(t.TempDir(), "ro")
+		os.Mkdir(ro, 0o500)
+		dirs[ro] = "permission denied"
+	} else {
+		t.Log("running as root: a read-only directory is writable; checking a path under a file only")
+	}
+	for dir, want := range dirs {
+		err := run(context.Background(), []string{"-addr", "127.0.0.1:0", "-data", dir}, func(string) string { return "" }, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), "data directory") || !strings.Contains(err.Error(), want) {
+			t.Errorf("-data %s: %v; want a data directory error: %s", dir, err, want)
+		}
+	}
+}
+
+// TestDataCrash runs the real server (this test binary, as main) under 8
+// writers doing compare-and-swap increments, writes and deletes, kills it
+// with SIGKILL at a random moment, starts it again on the same directory,
+// and checks, 20 times: every acknowledged write is there, no counter
+// went backwards, revisions go on without reuse, and the change sequence
+// goes on from where the events sent before the kill left it. With
+// -fsync never too: a kill is not a power failure, and a write is
+// acknowledged only after write(2).
+func TestDataCrash(t *testing.T) {
+	rounds := 20
+	if testing.Short() {
+		rounds = 3
+	}
+	for _, mode := range []string{"1s", "never"} {
+		t.Run("fsync "+mode, func(t *testing.T) { crashRounds(t, mode, rounds) })
+	}
+}
+
+// crashWriter is one writer's knowledge of what the server acknowledged.
+type crashWriter struct {
+	counter  int64 // the last value acknowledged or read (value = revision)
+	present  map[string]bool
+	unknown  map[string]bool // a write of it was cut by the kill
+	requests int
+}
+
+func crashRounds(t *testing.T, mode string, rounds int) {
+	dir := t.TempDir()
+	writers := make([]*crashWriter, 8)
+	for w := range writers {
+		writers[w] = &crashWriter{counter: -1, present: map[string]bool{}, unknown: map[string]bool{}}
+	}
+	var maxSeq int64 // of the events sent before a kill
+	for round := range rounds {
+		child := startCrashChild(t, dir, mode)
+		url := "http://" + child.addr
+		// What was acknowledged is there.
+		if seq := streamStart(t, url); seq < maxSeq {
+			t.Fatalf("round %d: the change sequence starts at %d; events up to %d were sent before the kill", round, seq, maxSeq)
+		}
+		for w, cw := range writers {
+			r := do(t, "GET", fmt.Sprintf("%s/c/%d", url, w), "")
+			v, _ := strconv.ParseInt(r.body, 10, 64)
+			rev, _ := strconv.ParseInt(r.header.Get("X-Revision"), 10, 64)
+			switch {
+			case r.code == 404 && cw.counter >= 0:
+				t.Fatalf("round %d: counter %d is missing; %d was acknowledged", round, w, cw.counter)
+			case r.code == 200 && (v < cw.counter || v != rev):
+				t.Fatalf("round %d: counter %d is %d at revision %d; %d was acknowledged (value = revision)", round, w, v, rev, cw.counter)
+			case r.code == 200:
+				cw.counter = v
+			}
+			for key, present := range cw.present {
+				if code := do(t, "GET", url+key, "").code; cw.unknown[key] {
+					cw.present[key] = code == 200
+					delete(cw.unknown, key)
+				} else if (code == 200) != present {
+					t.Fatalf("round %d: %s answers %d; its acknowledged state is present=%v", round, key, code, present)
+				}
+			}
+		}
+		// Load, and a kill at a random moment.
+		var seen atomic.Int64
+		go watchSeq(url, &seen)
+		var wg sync.WaitGroup
+		for w, cw := range writers {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				crashWrite(url, w, cw)
+			}()
+		}
+		time.Sleep(time.Duration(100+rand.IntN(300)) * time.Millisecond)
+		child.cmd.Process.Kill()
+		child.cmd.Wait()
+		wg.Wait()
+		maxSeq = max(maxSeq, seen.Load())
+	}
+	total := 0
+	for _, cw := range writers {
+		total += cw.requests
+	}
+	t.Logf("%d rounds, %d acknowledged writes", rounds, total)
+}
+
+// crashWrite writes until the server dies: increments of /c/<w>, and
+// writes and deletes of /d/<w>/<i>, noting what was acknowledged.
+func crashWrite(url string, w int, cw *crashWriter) {
+	c := &http.Client{Transport: &http.Transport{}}
+	defer c.CloseIdleConnections()
+	send := func(method, path, body string, headers ...string) (int, http.Header, string, bool) {
+		req, _ := http.NewRequest(method, url+path, strings.NewReader(body))
+		for i := 0; i+1 < len(headers); i += 2 {
+			req.Header.Set(headers[i], headers[i+1])
+		}
+		resp, err := c.Do(req)
+		if err != nil {
+			return 0, nil, "", false
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, resp.Header, string(b), err == nil
+	}
+	counter := fmt.Sprintf("/c/%d", w)
+	for i := 0; ; i++ {
+		code, h, body, ok := send("GET", counter, "")
+		if !ok {
+			return
+		}
+		next, rev := int64(0), int64(0)
+		if code == 200 {
+			v, _ := strconv.ParseInt(body, 10, 64)
+			r, _ := strconv.ParseInt(h.Get("X-Revision"), 10, 64)
+			next, rev = v+1, r+1
+			cw.counter = max(cw.counter, v) // a read shows only what is on disk: it too must stay
+		}
+		code, _, _, ok = send("PUT", counter, strconv.FormatInt(next, 10), "X-Revision", strconv.FormatInt(rev, 10))
+		if !ok {
+			return
+		}
+		if code == 200 {
+			cw.counter = next
+			cw.requests++
+		}
+		if i%3 == 0 {
+			key := fmt.Sprintf("/d/%d/%d", w, i%5)
+			method := "POST"
+			if cw.present[key] {
+				method = "DELETE"
+			}
+			cw.unknown[key] = true
+			if _, _, _, ok := send(method, key, `"x"`); !ok {
+				return
+			}
+			cw.present[key] = method == "POST"
+			delete(cw.unknown, key)
+			cw.requests++
+		}
+	}
+}
+
+// streamStart returns where a new live stream starts: the last change
+// published.
+func streamStart(t *testing.T, url string) int64 {
+	resp, err := http.DefaultTransport.RoundTrip(sseRequest(t, url+"/"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		if id, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "id: "); ok {
+			return seqOf(id)
+		}
+	}
+}
+
+// watchSeq records the highest change number of the events a stream of
+// every key brings, until the server dies.
+func watchSeq(url string, seen *atomic.Int64) {
+	req, _ := http.NewRequest("GET", url+"/", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	for {
+		line, err := r.ReadString('\n')
+		if err != nil {
+			return
+		}
+		if id, ok := strings.CutPrefix(strings.TrimSuffix(line, "\n"), "id: /"); ok {
+			if seq := seqOf(id); seq > seen.Load() {
+				seen.Store(seq)
+			}
+		}
+	}
+}
+
+// startCrashChild runs the real main in a child process on dir.
+func startCrashChild(t *testing.T, dir, mode string) *child {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "ATOMKV_CHILD=main", "ATOMKV_DATA="+dir, "ATOMKV_FSYNC="+mode)
+	stdout, _ := cmd.StdoutPipe()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	c := &child{cmd: cmd, lines: bufio.NewScanner(stdout)}
+	for c.lines.Scan() {
+		if _, a, ok := strings.Cut(c.lines.Text(), "msg=listening addr="); ok {
+			c.addr = strings.Fields(a)[0]
+			break
+		}
+	}
+	if c.addr == "" {
+		cmd.Wait()
+		t.Fatalf("the server did not start: %s", stderr.String())
+	}
+	go io.Copy(io.Discard, stdout)
+	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() })
+	return c
+}
