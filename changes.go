@@ -79,9 +79,10 @@ func (s *Store) commit(c change) (seq int64, b *batch) {
 }
 
 // settle makes a change the flusher has written visible: readers see it,
-// and it is published. The key is locked meanwhile, so that a
-// subscription reading the key's state sees it either before (and gets
-// the change after) or after.
+// and it is published, and so are the earlier changes of its key that
+// the flusher wrote with it, which it supersedes. The key is locked
+// meanwhile, so that a subscription reading the key's state sees it
+// either before (and gets the change after) or after.
 func (s *Store) settle(c change) {
 	sl := c.sl
 	sl.mu.Lock()

@@ -47,6 +47,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -130,6 +131,7 @@ type dataDir struct {
 	closed  bool  // no more changes are taken
 	broken  error // a write failed: every change after fails too
 
+	startOnce sync.Once
 	closeOnce sync.Once
 	closeErr  error
 
@@ -142,6 +144,7 @@ type dataDir struct {
 	seg        *os.File // the log written to
 	logBytes   int64    // of the logs after the newest snapshot
 	buf        []byte
+	lastOf     map[*slot]int // of a batch: the index of each slot's last change
 	compacting atomic.Bool
 	compaction sync.WaitGroup
 	minCompact int64 // compact only once the logs hold at least this much
@@ -184,6 +187,7 @@ func loadData(dir string, mode fsyncMode, s *Store, log *slog.Logger) (*dataDir,
 		done:       make(chan struct{}),
 		failed:     make(chan struct{}),
 		minCompact: 1 << 20,
+		lastOf:     make(map[*slot]int),
 	}
 	if err := d.lock(); err != nil {
 		return nil, err
@@ -205,12 +209,14 @@ func loadData(dir string, mode fsyncMode, s *Store, log *slog.Logger) (*dataDir,
 	return d, nil
 }
 
-// start starts the flusher, and the syncer for -fsync 1s.
+// start starts the flusher, and the syncer for -fsync 1s, once.
 func (d *dataDir) start() {
-	go d.flush()
-	if d.fsync == fsyncSecond {
-		go d.syncEverySecond()
-	}
+	d.startOnce.Do(func() {
+		go d.flush()
+		if d.fsync == fsyncSecond {
+			go d.syncEverySecond()
+		}
+	})
 }
 
 // lock takes the directory's LOCK file, or says who has it.
@@ -264,6 +270,7 @@ func (d *dataDir) flush() {
 			d.write(d.take())
 			return
 		}
+		runtime.Gosched() // the writers of the moment join the batch
 		if !d.write(d.take()) {
 			return
 		}
@@ -305,9 +312,7 @@ func (d *dataDir) write(b *batch) bool {
 		d.dirty = true
 		d.syncMu.Unlock()
 	}
-	for _, c := range b.changes {
-		d.s.settle(c)
-	}
+	d.settle(b)
 	close(b.done)
 	if d.logBytes > 4*max(d.s.liveBytes.Load(), d.minCompact) && d.compacting.CompareAndSwap(false, true) {
 		if err := d.rotate(b.changes[len(b.changes)-1].seq); err != nil {
@@ -316,6 +321,23 @@ func (d *dataDir) write(b *batch) bool {
 		}
 	}
 	return true
+}
+
+// settle settles a written batch: of each key, its last change in the
+// batch, in sequence order. The earlier changes of a key are superseded:
+// a subscriber may skip intermediate revisions anyway, and their numbers
+// are behind the one published. So a hot key costs the flusher one lock
+// of its slot per batch, not one per write.
+func (d *dataDir) settle(b *batch) {
+	clear(d.lastOf)
+	for i, c := range b.changes {
+		d.lastOf[c.sl] = i
+	}
+	for i, c := range b.changes {
+		if d.lastOf[c.sl] == i {
+			d.s.settle(c)
+		}
+	}
 }
 
 // fail stops the store writing: a change it could not write has been
@@ -453,6 +475,7 @@ func (d *dataDir) close() error {
 		d.s.seqMu.Lock()
 		d.closed = true
 		d.s.seqMu.Unlock()
+		d.start() // if it never was: the flusher writes what is pending, then stops
 		close(d.stop)
 		<-d.done
 		d.compaction.Wait()
