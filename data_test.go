@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -106,7 +107,7 @@ func state(s *Store) map[string]string {
 }
 
 // dirSize is the bytes of a directory's snapshots and logs.
-func dirSize(t *testing.T, dir string) (size int64, names []string) {
+func dirSize(t testing.TB, dir string) (size int64, names []string) {
 	t.Helper()
 	entries, _ := os.ReadDir(dir)
 	for _, e := range entries {
@@ -655,4 +656,125 @@ func startCrashChild(t *testing.T, dir, mode string) *child {
 	go io.Copy(io.Discard, stdout)
 	t.Cleanup(func() { cmd.Process.Signal(syscall.SIGKILL); cmd.Wait() })
 	return c
+}
+
+// BenchmarkDataRestart stores 1,000,000 keys like /k/1234567 = {"v":1}
+// with -data and reports how long loading them takes, first from the log
+// alone, then from a snapshot; the files' size against the keys' and
+// values' bytes; and the heap a loaded key takes. Run it with
+// -benchtime=1x.
+func BenchmarkDataRestart(b *testing.B) {
+	const n = 1_000_000
+	dir := b.TempDir()
+	s := NewStore(0, nil)
+	d, err := loadData(dir, fsyncNever, s, discardLogger())
+	if err != nil {
+		b.Fatal(err)
+	}
+	d.minCompact = 1 << 40 // the log alone, first
+	d.start()
+	var wg sync.WaitGroup
+	for w := range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := w; i < n; i += 64 {
+				s.Set(fmt.Sprintf("/k/%07d", i), `{"v":1}`, 0)
+			}
+		}()
+	}
+	wg.Wait()
+	live := s.liveBytes.Load()
+	d.close()
+	restart := func(what string) *Store {
+		runtime.GC()
+		before := heapInUse()
+		s := NewStore(0, nil)
+		start := time.Now()
+		d, err := loadData(dir, fsyncNever, s, discardLogger())
+		if err != nil {
+			b.Fatal(err)
+		}
+		b.ReportMetric(float64(time.Since(start).Milliseconds()), "ms/load-"+what)
+		b.ReportMetric(float64(heapInUse()-before)/n, "heap-B/key-"+what)
+		size, _ := dirSize(b, dir)
+		b.ReportMetric(float64(size)/float64(live), "files/live-"+what)
+		if s.Len() != n {
+			b.Fatalf("%d keys loaded; want %d", s.Len(), n)
+		}
+		d.close()
+		return s
+	}
+	for range b.N {
+		s := restart("log")
+		d, _ := loadData(dir, fsyncNever, s, discardLogger()) // a snapshot as compaction writes it
+		d.writeSnapshot(s.seq)
+		d.removeBefore(s.seq)
+		d.lockf.Close()
+		restart("snapshot")
+	}
+}
+
+// BenchmarkFsync is what one fsync of a small append costs on this
+// machine's disk (where the tests' temporary files are).
+func BenchmarkFsync(b *testing.B) {
+	f, err := os.Create(filepath.Join(b.TempDir(), "f"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer f.Close()
+	rec := make([]byte, 64)
+	for b.Loop() {
+		f.Write(rec)
+		if err := f.Sync(); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// TestLoadData compares POST throughput with -data (-fsync 1s and
+// always) against the server in memory, at 64 connections, with wrk over
+// loopback, rounds alternating in one run: on one key, where every write
+// waits behind the one before, and spread over 64 keys.
+func TestLoadData(t *testing.T) {
+	needLoad(t)
+	wrk, err := exec.LookPath("wrk")
+	if err != nil {
+		t.Skip("wrk is not installed (apt-get install -y wrk)")
+	}
+	modes := []string{"memory", "1s", "always"}
+	urls := map[string]string{
+		"memory": startServer(t),
+		"1s":     startServer(t, "-data", t.TempDir()),
+		"always": startServer(t, "-data", t.TempDir(), "-fsync", "always"),
+	}
+	scripts := map[string]string{
+		"one key": `wrk.method = "POST"; wrk.body = '{"v":1}'; wrk.headers["Content-Type"] = "application/json"`,
+		"64 keys": `n = 0
+request = function()
+  n = n + 1
+  return wrk.format("POST", "/k/" .. (n % 64), {["Content-Type"] = "application/json"}, '{"v":1}')
+end`,
+	}
+	rps := regexp.MustCompile(`Requests/sec:\s+([0-9.]+)`)
+	for _, name := range []string{"one key", "64 keys"} {
+		script := filepath.Join(t.TempDir(), "post.lua")
+		os.WriteFile(script, []byte(scripts[name]), 0o644)
+		got := map[string][]float64{}
+		for round := range 5 {
+			for _, mode := range modes {
+				out, err := exec.Command(wrk, "-t1", "-c64", "-d2s", "-s", script, urls[mode]+"/k/1").CombinedOutput()
+				m := rps.FindSubmatch(out)
+				if err != nil || m == nil {
+					t.Fatalf("wrk: %v\n%s", err, out)
+				}
+				f, _ := strconv.ParseFloat(string(m[1]), 64)
+				got[mode] = append(got[mode], f)
+				t.Logf("%s, round %d, %s: %.0f req/s", name, round, mode, f)
+			}
+		}
+		fmt.Printf("POST, %s: memory %.0f req/s; -data -fsync 1s %.0f (%.2f×); -fsync always %.0f (%.2f×) (medians of 5 rounds)\n", name,
+			median(got["memory"]), median(got["1s"]), median(got["1s"])/median(got["memory"]),
+			median(got["always"]), median(got["always"])/median(got["memory"]))
+	}
 }
