@@ -78,24 +78,24 @@ func (s *Store) commit(c change) (seq int64, b *batch) {
 	return c.seq, nil
 }
 
-// settle makes a change the flusher has written visible: readers see it,
-// and it is published, and so are the earlier changes of its key that
-// the flusher wrote with it, which it supersedes. The key is locked
-// meanwhile, so that a subscription reading the key's state sees it
-// either before (and gets the change after) or after.
+// settle makes a change the flusher has written visible: its version
+// becomes the slot's cur, which readers see, and it is published; and so
+// are the earlier changes of its key that the flusher wrote with it,
+// which it supersedes. The key is locked meanwhile, so that a
+// subscription reading the key's state sees it either before (and gets
+// the change after) or after.
 func (s *Store) settle(c change) {
 	sl := c.sl
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
-	if v, ok := s.unsettled.Load(sl); ok {
-		d := v.(*onDisk)
-		d.e.Store(c.e)
-		if d.last == c.seq { // the slot's latest: nothing of it is in flight now
-			s.unsettled.Delete(sl)
-			s.nUnsettled.Add(-1)
-			s.release(c.key, sl)
-		}
+	sl.cur.Store(c.e)
+	sh := s.shard(c.key)
+	sh.mu.Lock()
+	if f, ok := sh.m[sl]; ok && f.last == c.seq { // the slot's newest: nothing of it is in flight now
+		delete(sh.m, sl)
 	}
+	sh.mu.Unlock()
+	s.release(c.key, sl)
 	s.seqMu.Lock()
 	s.publish(c)
 	s.published.Store(c.seq)
@@ -194,7 +194,7 @@ func (s *Store) Subscribe(sub *subscription, from int64) (start int64) {
 // locked; a missing key only if evenMissing.
 func (s *Store) queueState(sub *subscription, key string, evenMissing bool) {
 	sl := s.lock(key)
-	if e := s.unexpired(s.visible(sl)); e != nil || evenMissing {
+	if e := s.unexpired(sl.load()); e != nil || evenMissing {
 		sub.q.push(event{sub: sub, kind: evState, key: key, e: e})
 	}
 	s.release(key, sl)

@@ -2,6 +2,7 @@ package main
 
 import (
 	"errors"
+	"hash/maphash"
 	"math/rand/v2"
 	"sort"
 	"strings"
@@ -85,22 +86,52 @@ type Store struct {
 	subs    registry
 
 	// With -data, a change is published, answered and shown to readers
-	// only once its record is in the data files. Until then, unsettled
-	// holds what readers see of its key: the version on disk. Writers
-	// work on the slot's current version, so that writes to a key go on
-	// while the earlier ones are being written.
-	data       *dataDir     // nil: memory only
-	unsettled  sync.Map     // *slot -> *onDisk, while the slot has changes not yet written
-	nUnsettled atomic.Int64 // entries in unsettled, so that reads in memory mode cost one load
-	liveBytes  atomic.Int64 // bytes of the keys and values held, for compaction
+	// only once its record is in the data files: a slot's cur is then
+	// the version on disk, and a newer one waits in inflight while its
+	// change is being written. Writers work on the newer one, so that
+	// writes to a key go on while the earlier ones are written; readers
+	// load cur, as they do without -data.
+	data      *dataDir // nil: memory only
+	inflight  [inflightShards]inflightShard
+	seed      maphash.Seed // of the shards
+	liveBytes atomic.Int64 // bytes of the keys and values held, for compaction
 }
 
-// onDisk is the version of a slot that is in the data files while later
-// changes to it are not yet; e nil if the key is missing there.
-type onDisk struct {
-	e     atomic.Pointer[entry]
-	last  int64  // the number of the slot's latest change; guarded by the slot's mu
-	batch *batch // that change's batch; guarded by the slot's mu
+// inflight is, with -data, a slot's newest version while its change is
+// not yet in the data files.
+type inflight struct {
+	e     *entry // nil: deleted
+	last  int64  // the number of its change
+	batch *batch // its batch, to wait for
+}
+
+// inflightShard holds the in-flight versions of some of the keys: each
+// key's writers (which hold its slot's lock) and the flusher touch them.
+// Shards keep writers of different keys from contending on one lock.
+type inflightShard struct {
+	mu sync.Mutex
+	m  map[*slot]inflight
+}
+
+const inflightShards = 64
+
+func (s *Store) shard(key string) *inflightShard {
+	return &s.inflight[maphash.String(s.seed, key)%inflightShards]
+}
+
+// latest returns the newest version of a locked slot, the one writes work
+// on, and with -data the batch of its change if that is not yet written.
+func (s *Store) latest(key string, sl *slot) (*entry, *batch) {
+	if s.data != nil {
+		sh := s.shard(key)
+		sh.mu.Lock()
+		f, ok := sh.m[sl]
+		sh.mu.Unlock()
+		if ok {
+			return f.e, f.batch
+		}
+	}
+	return sl.load(), nil
 }
 
 // NewStore returns an empty store that holds at most maxKeys keys (0: no
@@ -114,7 +145,7 @@ func NewStore(maxKeys int64, clk clock) *Store {
 	if clk == nil {
 		clk = realClock{}
 	}
-	s := &Store{maxKeys: maxKeys, clock: clk}
+	s := &Store{maxKeys: maxKeys, clock: clk, seed: maphash.MakeSeed()}
 	s.publish = s.subs.publish
 	s.subs.paths = make(map[string]map[*subscription]struct{})
 	s.expiry = &expiry{clock: clk, expire: s.expire}
@@ -130,19 +161,7 @@ func (s *Store) Get(key string) *entry {
 	if !ok {
 		return nil
 	}
-	return s.unexpired(s.visible(v.(*slot)))
-}
-
-// visible returns the version of a slot that readers see: the current
-// one, or with -data, the one in the data files.
-func (s *Store) visible(sl *slot) *entry {
-	e := sl.load() // first: a change installed after is then in unsettled
-	if s.nUnsettled.Load() > 0 {
-		if d, ok := s.unsettled.Load(sl); ok {
-			return d.(*onDisk).e.Load()
-		}
-	}
-	return e
+	return s.unexpired(v.(*slot).load())
 }
 
 // unexpired returns e, or nil if it has expired.
@@ -220,12 +239,7 @@ func (e *entry) next() int64 {
 func (s *Store) write(key string, change func(cur *entry) (*entry, error)) (*entry, error) {
 	sl := s.lock(key)
 	next, err := s.writeLocked(key, sl, change)
-	var pending *batch
-	if s.data != nil {
-		if d, ok := s.unsettled.Load(sl); ok {
-			pending = d.(*onDisk).batch
-		}
-	}
+	_, pending := s.latest(key, sl)
 	sl.mu.Unlock()
 	if pending != nil {
 		if werr := pending.wait(); werr != nil {
@@ -237,7 +251,7 @@ func (s *Store) write(key string, change func(cur *entry) (*entry, error)) (*ent
 
 // writeLocked is write with the key's slot locked.
 func (s *Store) writeLocked(key string, sl *slot, change func(cur *entry) (*entry, error)) (*entry, error) {
-	cur := sl.cur.Load()
+	cur, _ := s.latest(key, sl)
 	if cur != nil && s.unexpired(cur) == nil {
 		// Expired, but its timer has not run yet: expire it now, so
 		// subscribers see the expiry before the key starts again at 0.
@@ -270,24 +284,20 @@ func (s *Store) lock(key string) *slot {
 	}
 }
 
-// install makes next the current version of the slot and commits the
+// install makes next the newest version of the slot and commits the
 // change. why says what a nil next means. The slot must be locked.
 func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 	if next == nil && cur == nil {
 		return // deleting what is missing changes nothing
 	}
-	var d *onDisk
-	if s.data != nil {
-		// Before the new version is in place: a reader that sees it
-		// then finds this.
-		d = s.unsettle(sl, cur)
+	if s.data == nil {
+		sl.cur.Store(next) // with -data, settle does, once it is written
 	}
-	sl.cur.Store(next)
 	if cur != nil && cur.ttl != nil {
 		s.expiry.remove(cur.ttl)
 	}
 	if next != nil && next.ttl != nil {
-		s.expiry.add(next.ttl)
+		s.expiry.add(next.ttl) // if it fires now, expire waits for the slot
 	}
 	s.liveBytes.Add(size(key, next) - size(key, cur))
 	c := change{key: key, e: next, why: changed, sl: sl}
@@ -295,9 +305,15 @@ func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 		s.live.Add(-1)
 		c.why = why
 	}
-	seq, b := s.commit(c)
-	if d != nil {
-		d.last, d.batch = seq, b
+	if seq, b := s.commit(c); b != nil {
+		// The flusher settles it only with the slot locked: after this.
+		sh := s.shard(key)
+		sh.mu.Lock()
+		if sh.m == nil {
+			sh.m = make(map[*slot]inflight)
+		}
+		sh.m[sl] = inflight{e: next, last: seq, batch: b}
+		sh.mu.Unlock()
 	}
 }
 
@@ -307,20 +323,6 @@ func size(key string, e *entry) int64 {
 		return 0
 	}
 	return int64(len(key) + len(e.value))
-}
-
-// unsettle returns the record of what is on disk of a slot whose current
-// version, cur, is about to be replaced, making it if the slot has no
-// change in flight (cur is then on disk). The slot must be locked.
-func (s *Store) unsettle(sl *slot, cur *entry) *onDisk {
-	if d, ok := s.unsettled.Load(sl); ok {
-		return d.(*onDisk)
-	}
-	d := new(onDisk)
-	d.e.Store(cur)
-	s.unsettled.Store(sl, d)
-	s.nUnsettled.Add(1)
-	return d
 }
 
 // expire deletes the key of d if its current version is still the one d
@@ -334,7 +336,7 @@ func (s *Store) expire(d *deadline) {
 	sl := v.(*slot)
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
-	if cur := sl.cur.Load(); cur != nil && cur != tombstone && cur.ttl == d {
+	if cur, _ := s.latest(d.key, sl); cur != nil && cur != tombstone && cur.ttl == d {
 		s.install(d.key, sl, cur, nil, expired)
 		s.release(d.key, sl)
 	}
@@ -356,10 +358,8 @@ func (s *Store) release(key string, sl *slot) {
 	if sl.cur.Load() != nil {
 		return
 	}
-	if s.nUnsettled.Load() > 0 {
-		if _, ok := s.unsettled.Load(sl); ok {
-			return
-		}
+	if _, pending := s.latest(key, sl); pending != nil {
+		return
 	}
 	sl.cur.Store(tombstone)
 	s.keys.CompareAndDelete(key, sl)
@@ -409,7 +409,7 @@ func (s *Store) List(prefix string) []item {
 	s.keys.Range(func(k, v any) bool {
 		key := k.(string)
 		if strings.HasPrefix(key, prefix) {
-			if e := s.unexpired(s.visible(v.(*slot))); e != nil {
+			if e := s.unexpired(v.(*slot).load()); e != nil {
 				items = append(items, item{key, e})
 			}
 		}
