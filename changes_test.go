@@ -328,9 +328,15 @@ func sseRequest(t *testing.T, url string) *http.Request {
 // bytes (mid-event, mid-batch, mid-state), and resume from the last id
 // they had, as EventSource does. When the writers stop, each resumes once
 // more: every one must then hold exactly the server's state of what it
-// watches, deletes included.
+// watches, deletes included. In memory, and with -data, where changes are
+// published by the flusher once written.
 func TestResumeAtRandomCuts(t *testing.T) {
-	srv, url := newTestServer(t, "-history", "200", "-heartbeat", "10ms")
+	t.Run("memory", func(t *testing.T) { resumeAtRandomCuts(t) })
+	t.Run("data", func(t *testing.T) { resumeAtRandomCuts(t, "-data", t.TempDir()) })
+}
+
+func resumeAtRandomCuts(t *testing.T, args ...string) {
+	srv, url := newTestServer(t, append([]string{"-history", "200", "-heartbeat", "10ms"}, args...)...)
 	var stopWriters atomic.Bool
 	stopped := make(chan struct{}) // ends the reads under way when the writers stop
 	var writers sync.WaitGroup

@@ -506,8 +506,21 @@ func newTestServer(t *testing.T, args ...string) (*server, string) {
 		t.Fatal(err)
 	}
 	srv := newServer(cfg, discardLogger())
+	var data *dataDir
+	if cfg.data != "" { // as run does
+		if data, err = openData(cfg.data, cfg.fsync, srv.store, discardLogger()); err != nil {
+			t.Fatal(err)
+		}
+	}
 	hs := httptest.NewServer(srv.routes())
-	t.Cleanup(func() { hs.Close(); srv.close() })
+	t.Cleanup(func() {
+		hs.Close()
+		srv.close()
+		if data != nil {
+			srv.store.expiry.stop()
+			data.close()
+		}
+	})
 	return srv, hs.URL
 }
 
