@@ -58,8 +58,10 @@ func TestBrowser(t *testing.T) {
 	mux.HandleFunc("POST /drop", func(w http.ResponseWriter, r *http.Request) {
 		var drop []io.Closer
 		srv.streams.each(func(c io.Closer) {
-			if st, ok := c.(*sseStream); ok && st.sub.path == r.URL.Query().Get("path") {
-				drop = append(drop, c)
+			if st, ok := c.(*stream); ok {
+				if sse, ok := st.proto.(*sseStream); ok && sse.sub.path == r.URL.Query().Get("path") {
+					drop = append(drop, c)
+				}
 			}
 		})
 		for _, c := range drop {

@@ -486,16 +486,18 @@ func (v *view) read(t *testing.T, url string, limit int64, stop <-chan struct{})
 func TestEveryIDIsSafe(t *testing.T) {
 	s := NewStore(0, nil)
 	s.keepHistory(100)
-	open := func(from int64) (*sseStream, []byte) {
-		st := &sseStream{}
-		st.sub = subscription{path: "/p/", q: &st.q}
-		st.resumeAt = s.Subscribe(&st.sub, from)
-		return st, fmt.Appendf(nil, "retry: 2000\nid: %d\n\n", st.resumeAt) // as handleEvents writes it
+	open := func(from int64) (*stream, []byte) {
+		st := &stream{}
+		sse := &sseStream{}
+		sse.sub = subscription{path: "/p/", q: &st.q}
+		st.proto = sse
+		sse.resumeAt = s.Subscribe(&sse.sub, from)
+		return st, fmt.Appendf(nil, "retry: 2000\nid: %d\n\n", sse.resumeAt) // as handleEvents writes it
 	}
-	flush := func(st *sseStream, out []byte) []byte {
+	flush := func(st *stream, out []byte) []byte { // as the writers do
 		upTo := s.published.Load()
 		batch := st.q.drain()
-		out = st.appendBatch(out, batch, upTo)
+		out = st.proto.appendBatch(out, batch, upTo)
 		st.q.recycle(batch)
 		return out
 	}
@@ -534,7 +536,7 @@ func TestEveryIDIsSafe(t *testing.T) {
 		}
 	}
 	out = flush(st, out)
-	s.Unsubscribe(&st.sub)
+	s.Unsubscribe(&st.proto.(*sseStream).sub)
 
 	want := map[string]string{}
 	for _, it := range s.List("/p/") {
@@ -554,7 +556,7 @@ func TestEveryIDIsSafe(t *testing.T) {
 		}
 		rs, resumed := open(from)
 		resumed = flush(rs, resumed)
-		s.Unsubscribe(&rs.sub)
+		s.Unsubscribe(&rs.proto.(*sseStream).sub)
 		synced := false
 		readEvents(t, bufio.NewReader(bytes.NewReader(resumed)), v.lastID, func(ev sseEvent) bool {
 			synced = v.apply(ev)

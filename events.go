@@ -17,8 +17,8 @@ type event struct {
 	sub  *subscription // whose event it is; nil for a reply
 	key  string
 	e    *entry // nil: the key is missing
-	seq  int64  // of a change; of synced, the point it marks
-	raw  []byte // a reply
+	seq   int64    // of a change; of synced, the point it marks
+	reply *wsReply // a WebSocket reply
 	kind eventKind
 	why  reason // of a change to missing
 }
@@ -32,7 +32,7 @@ const (
 	evSynced                     // the state is whole: resume from seq
 	evReset                      // forget what you held of the subscription's path
 	evHeartbeat                  // a comment line, and how far the stream has come
-	evReply                      // raw
+	evReply                      // reply
 )
 
 // coalesces reports whether a newer event of the same subscription and
@@ -184,7 +184,10 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 		serveError(w, http.StatusHTTPVersionNotSupported, "event streams need HTTP/1.1")
 		return
 	}
-	st := s.writers.newStream(conn, path)
+	st := s.writers.newStream(conn)
+	sse := &sseStream{s: s}
+	sse.sub = subscription{path: path, q: &st.q}
+	st.proto = sse
 	from := fromNow
 	if _, initial := r.URL.Query()["initial"]; initial {
 		from = fromScratch
@@ -192,7 +195,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	if id := r.Header.Get("Last-Event-ID"); id != "" {
 		from = resumePoint(id)
 	}
-	st.resumeAt = s.store.Subscribe(&st.sub, from)
+	sse.resumeAt = s.store.Subscribe(&sse.sub, from)
 
 	// The head, the retry hint and the stream's starting point go out at
 	// once, so the client knows the stream is open before any change
@@ -204,7 +207,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	// would forget where it was.
 	buf.Writer.WriteString("HTTP/1.1 200 OK\r\n")
 	h.Write(buf.Writer)
-	fmt.Fprintf(buf.Writer, "\r\nretry: 2000\nid: %d\n\n", st.resumeAt)
+	fmt.Fprintf(buf.Writer, "\r\nretry: 2000\nid: %d\n\n", sse.resumeAt)
 	conn.SetWriteDeadline(time.Now().Add(s.cfg.writeTimeout))
 	err = buf.Writer.Flush()
 	conn.SetWriteDeadline(time.Time{})
@@ -224,6 +227,24 @@ func resumePoint(id string) int64 {
 		return fromUnknown
 	}
 	return seq
+}
+
+// sseStream is the protocol of one subscriber's event stream.
+type sseStream struct {
+	s   *server
+	sub subscription // of the stream's queue, to its path
+	// resumeAt is the change number of the last id sent; only the writer
+	// that has the stream touches it.
+	resumeAt int64
+}
+
+func (p *sseStream) sent()      {}
+func (p *sseStream) more() bool { return false }
+
+// close unsubscribes, and counts the stream out.
+func (p *sseStream) close() {
+	p.s.store.Unsubscribe(&p.sub)
+	p.s.streams.done()
 }
 
 // appendBatch appends a drained batch as SSE. Every change numbered up

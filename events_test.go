@@ -219,8 +219,8 @@ func TestCoalescer(t *testing.T) {
 		for _, ev := range batch {
 			switch {
 			case ev.kind == evGone:
-			case ev.raw != nil:
-				got = append(got, string(ev.raw))
+			case ev.reply != nil:
+				got = append(got, string(ev.reply.append(nil)))
 			case ev.e == nil:
 				got = append(got, ev.key+":-1")
 			default:
@@ -234,8 +234,8 @@ func TestCoalescer(t *testing.T) {
 	q.push(change("/b", 0))
 	q.push(change("/a", 1))
 	q.push(change("/a", -1))
-	q.push(event{kind: evReply, raw: []byte("reply")})
-	q.push(event{kind: evReply, raw: []byte("reply")})
+	q.push(event{kind: evReply, reply: &wsReply{head: []byte("reply")}})
+	q.push(event{kind: evReply, reply: &wsReply{head: []byte("reply")}})
 	if got, want := pending(), []string{"/b:0", "/a:-1", "reply", "reply"}; !slices.Equal(got, want) {
 		t.Errorf("batch: got %v; want %v (one event per key, the latest, in the order of the latest changes; replies all kept)", got, want)
 	}
@@ -748,8 +748,11 @@ func BenchmarkPublish(b *testing.B) {
 			s := NewStore(0, nil)
 			w := &eventWriters{wake: make(chan struct{}, 1)}
 			for range n {
-				st := w.newStream(nil, "/k")
-				s.Subscribe(&st.sub, fromNow)
+				st := w.newStream(nil)
+				sse := &sseStream{}
+				sse.sub = subscription{path: "/k", q: &st.q}
+				st.proto = sse
+				s.Subscribe(&sse.sub, fromNow)
 				st.idle()
 			}
 			take := func() {

@@ -240,22 +240,19 @@ func (s *server) serveEntry(w http.ResponseWriter, code int, e *entry) {
 func (s *server) serveList(w http.ResponseWriter, prefix string) {
 	buf := getBuffer()
 	defer putBuffer(buf)
-	b := s.appendList(buf.AvailableBuffer(), prefix, false)
+	b := s.appendList(buf.AvailableBuffer(), prefix)
 	w.Header()["Content-Type"] = hdrJSON
 	w.Write(b)
 }
 
-// appendList appends the JSON array of every key under prefix, as the
-// HTTP listing and the WebSocket "values" reply give it; kvserver spells
-// the keys without their leading "/".
-func (s *server) appendList(b []byte, prefix string, kvserver bool) []byte {
+// appendList appends the JSON array of every key under prefix.
+func (s *server) appendList(b []byte, prefix string) []byte {
 	now := s.store.now()
 	b = append(b, '[')
 	for i, it := range s.store.List(prefix) {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		it.key = spell(it.key, kvserver)
 		b = appendItem(b, it, now)
 	}
 	return append(b, ']')

@@ -1,6 +1,7 @@
-// The writers of event streams: a few goroutines that write every
-// stream's pending events without blocking on any client, and the
-// registry of long-lived connections that shutdown closes.
+// The writers of long-lived connections, event streams and WebSockets: a
+// few goroutines that write every one's pending events and replies
+// without blocking on any client, and the registry of those connections
+// that shutdown closes.
 
 package main
 
@@ -15,11 +16,12 @@ import (
 	"time"
 )
 
-// eventWriters writes the event streams: a few goroutines, one per CPU,
-// take the streams that have events pending in the order they became
-// ready, and write each one's whole batch with one non-blocking write. A
-// stream whose client does not take it all gets a goroutine of its own
-// until the rest is out, so one slow client never holds up the others.
+// eventWriters writes the long-lived connections, event streams and
+// WebSockets: a few goroutines, one per CPU, take the streams that have
+// something pending in the order they became ready, and write each one's
+// whole batch with one non-blocking write. A stream whose client does not
+// take it all gets a goroutine of its own until the rest is out, so one
+// slow client never holds up the others.
 //
 // A goroutine per stream, the usual design, costs a stack per idle
 // subscriber, and under load puts thousands of runnable goroutines ahead
@@ -36,40 +38,52 @@ type eventWriters struct {
 	slow atomic.Int64 // writes left to the slow path: clients that fell behind
 
 	mu    sync.Mutex
-	ready []*sseStream // streams with events pending, from head on
+	ready []*stream // streams with something pending, from head on
 	head  int
 	wake  chan struct{} // one token per idle writer to wake
 }
 
-// newEventWriters returns the writers of s's event streams, one per CPU:
-// 82% of their time is the write(2) itself, so fewer would leave CPUs idle
-// when the fan-out is the work. (One fewer than the CPUs answered writes
+// newEventWriters returns the writers of s's streams, one per CPU: 82% of
+// their time is the write(2) itself, so fewer would leave CPUs idle when
+// the fan-out is the work. (One fewer than the CPUs answered writes
 // sooner when the server is overloaded, but had 1.4 times the fan-out
 // latency on 2 CPUs when it is not.)
 func newEventWriters(s *server) *eventWriters {
 	return &eventWriters{s: s, stop: make(chan struct{}), wake: make(chan struct{}, runtime.GOMAXPROCS(0))}
 }
 
-// sseStream is one subscriber's event stream.
-type sseStream struct {
-	w    *eventWriters
-	conn net.Conn
-	raw  syscall.RawConn // nil: every write takes the slow path
-	q    coalescer
-	sub  subscription // of q, to the stream's path
+// stream is a long-lived connection that the writers write: an event
+// stream or a WebSocket. What differs between the two, how a batch of
+// events becomes bytes, is its protocol's.
+type stream struct {
+	w     *eventWriters
+	conn  net.Conn
+	raw   syscall.RawConn // nil: every write takes the slow path
+	q     coalescer
+	proto protocol
 	// busy is set while the stream is queued or being written, so that
 	// only one writer has it at a time.
-	busy atomic.Bool
-	// resumeAt is the change number of the last id sent; only the writer
-	// that has the stream touches it.
-	resumeAt int64
-	closed   sync.Once
+	busy   atomic.Bool
+	closed sync.Once
+}
+
+// protocol is what an event stream and a WebSocket do their own way. The
+// writer that has the stream calls appendBatch and sent.
+type protocol interface {
+	// appendBatch appends the bytes of a drained batch. Every change
+	// numbered up to upTo was queued before the batch was drained.
+	appendBatch(b []byte, batch []event, upTo int64) []byte
+	// sent is called when the bytes of the last batch are all written.
+	sent()
+	// more reports whether there are bytes to send besides the queue's.
+	more() bool
+	// close ends the protocol's part, before the connection is closed.
+	close()
 }
 
 // newStream returns a stream for conn, busy until start.
-func (w *eventWriters) newStream(conn net.Conn, path string) *sseStream {
-	st := &sseStream{w: w, conn: conn}
-	st.sub = subscription{path: path, q: &st.q}
+func (w *eventWriters) newStream(conn net.Conn) *stream {
+	st := &stream{w: w, conn: conn}
 	if sc, ok := conn.(syscall.Conn); ok {
 		st.raw, _ = sc.SyscallConn()
 	}
@@ -79,7 +93,7 @@ func (w *eventWriters) newStream(conn net.Conn, path string) *sseStream {
 }
 
 // start hands st to the writers, and has it closed on shutdown.
-func (w *eventWriters) start(st *sseStream) {
+func (w *eventWriters) start(st *stream) {
 	w.started.Do(func() {
 		for range cap(w.wake) {
 			w.wg.Add(1)
@@ -97,7 +111,7 @@ func (w *eventWriters) start(st *sseStream) {
 
 // ready queues st for a writer, unless it is already queued or being
 // written. The coalescer calls it after each push.
-func (st *sseStream) ready() {
+func (st *stream) ready() {
 	if !st.busy.CompareAndSwap(false, true) {
 		return
 	}
@@ -118,16 +132,16 @@ func (st *sseStream) ready() {
 }
 
 // idle marks st as no longer being written, then queues it again if
-// events came meanwhile (their push saw it busy and left it).
-func (st *sseStream) idle() {
+// something came meanwhile (a push that saw it busy and left it).
+func (st *stream) idle() {
 	st.busy.Store(false)
-	if st.q.Len() > 0 {
+	if st.q.Len() > 0 || st.proto.more() {
 		st.ready()
 	}
 }
 
 // next takes the oldest ready stream, or returns nil if there is none.
-func (w *eventWriters) next() *sseStream {
+func (w *eventWriters) next() *stream {
 	w.mu.Lock()
 	defer w.mu.Unlock()
 	if w.head == len(w.ready) {
@@ -161,13 +175,13 @@ func (w *eventWriters) write() {
 // flush writes everything pending on st in one write, as far as the
 // client takes it without blocking; a goroutine of st's own writes the
 // rest.
-func (st *sseStream) flush() {
+func (st *stream) flush() {
 	// Every change numbered up to upTo was queued before the drain, so
 	// once this batch is out the stream has sent all it must of them.
 	upTo := st.w.s.store.published.Load()
 	buf := getBuffer()
 	batch := st.q.drain()
-	buf.Write(st.appendBatch(buf.AvailableBuffer(), batch, upTo)) // a grown array stays with buf, for the pool
+	buf.Write(st.proto.appendBatch(buf.AvailableBuffer(), batch, upTo)) // a grown array stays with buf, for the pool
 	st.q.recycle(batch)
 	n, err := writeNow(st.raw, buf.Bytes())
 	switch {
@@ -176,6 +190,7 @@ func (st *sseStream) flush() {
 		st.Close()
 	case n == buf.Len():
 		putBuffer(buf)
+		st.proto.sent()
 		st.idle()
 	default:
 		st.w.slow.Add(1)
@@ -186,7 +201,7 @@ func (st *sseStream) flush() {
 
 // finish writes buf from byte n on, blocking, and closes the stream if
 // its client has not taken it all within -write-timeout.
-func (st *sseStream) finish(buf *bytes.Buffer, n int) {
+func (st *stream) finish(buf *bytes.Buffer, n int) {
 	defer st.w.wg.Done()
 	defer putBuffer(buf)
 	st.conn.SetWriteDeadline(time.Now().Add(st.w.s.cfg.writeTimeout))
@@ -196,6 +211,7 @@ func (st *sseStream) finish(buf *bytes.Buffer, n int) {
 	}
 	// A deadline left in place would fail the next non-blocking write.
 	st.conn.SetWriteDeadline(time.Time{})
+	st.proto.sent()
 	st.idle()
 }
 
@@ -208,8 +224,10 @@ func (w *eventWriters) beat() {
 		select {
 		case <-tick.C:
 			w.s.streams.each(func(c io.Closer) {
-				if st, ok := c.(*sseStream); ok && st.q.Len() == 0 {
-					st.q.push(event{kind: evHeartbeat})
+				if st, ok := c.(*stream); ok && st.q.Len() == 0 {
+					if _, sse := st.proto.(*sseStream); sse {
+						st.q.push(event{kind: evHeartbeat})
+					}
 				}
 			})
 		case <-w.stop:
@@ -218,16 +236,14 @@ func (w *eventWriters) beat() {
 	}
 }
 
-// Close ends the stream, once: it unsubscribes and closes the connection.
+// Close ends the stream, once: its protocol's part, then the connection.
 // A writer that has the stream gets an error from its write and lets go.
 // streams.close calls it on shutdown.
-func (st *sseStream) Close() error {
+func (st *stream) Close() error {
 	st.closed.Do(func() {
-		s := st.w.s
-		s.store.Unsubscribe(&st.sub)
+		st.proto.close()
 		st.conn.Close()
-		s.streams.untrack(st)
-		s.streams.done()
+		st.w.s.streams.untrack(st)
 	})
 	return nil
 }

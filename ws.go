@@ -12,6 +12,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 	"unicode/utf8"
 
@@ -47,7 +48,9 @@ func headerHasToken(h http.Header, name, token string) bool {
 // buffers and the request's state alive as long as the socket lives. So
 // the handler hijacks the connection itself, hands it to websocket.Server
 // on a fresh goroutine with small buffers, and returns. An idle WebSocket
-// then costs about a third as much.
+// then costs about a third as much. What x/net/websocket writes goes to a
+// wsOut: the handshake straight to the connection, and then every frame
+// into the batch that the stream writers send.
 func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	if !s.streams.reserve() {
 		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
@@ -59,15 +62,70 @@ func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		serveError(w, http.StatusHTTPVersionNotSupported, "WebSocket needs HTTP/1.1")
 		return
 	}
-	rw := bufio.NewReadWriter(buf.Reader, bufio.NewWriterSize(conn, 1024))
+	out := &wsOut{conn: conn, direct: true}
+	rw := bufio.NewReadWriter(buf.Reader, bufio.NewWriterSize(out, 64))
 	if buf.Reader.Buffered() == 0 { // else keep it: it holds the client's first bytes
 		rw.Reader = bufio.NewReaderSize(conn, 512)
 	}
 	go func() {
 		defer s.streams.done()
-		ws := websocket.Server{Handshake: s.checkOrigin, Handler: s.serveWebSocket}
+		serve := func(ws *websocket.Conn) { s.serveWebSocket(ws, conn, out) }
+		ws := websocket.Server{Handshake: s.checkOrigin, Handler: serve}
 		ws.ServeHTTP(&hijacked{conn, rw}, r)
 	}()
+}
+
+// wsOut is where a WebSocket's bytes go. x/net/websocket frames each
+// message into its bufio.Writer, which writes here: during the handshake
+// (and after the connection closes) straight to the connection; in
+// between into a batch, which the stream writers send with one write.
+// The pongs and the close frame that x/net writes from the reading
+// goroutine land in the batch too, and have it sent.
+type wsOut struct {
+	conn  net.Conn
+	ready func() // queues the stream for a writer
+
+	mu     sync.Mutex
+	direct bool
+	buf    []byte
+}
+
+func (o *wsOut) Write(p []byte) (int, error) {
+	o.mu.Lock()
+	if o.direct {
+		o.mu.Unlock()
+		return o.conn.Write(p)
+	}
+	o.buf = append(o.buf, p...)
+	o.mu.Unlock()
+	o.ready() // a no-op while a writer has the stream: it takes this itself
+	return len(p), nil
+}
+
+// take appends the batch to b and empties it.
+func (o *wsOut) take(b []byte) []byte {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	b = append(b, o.buf...)
+	if cap(o.buf) > 64<<10 {
+		o.buf = nil // a large reply went by: let the GC have its array
+	} else {
+		o.buf = o.buf[:0]
+	}
+	return b
+}
+
+func (o *wsOut) len() int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	return len(o.buf)
+}
+
+// setDirect sends what comes from now on straight to the connection.
+func (o *wsOut) setDirect(direct bool) {
+	o.mu.Lock()
+	o.direct = direct
+	o.mu.Unlock()
 }
 
 // hijacked is the http.ResponseWriter websocket.Server gets: a connection
@@ -101,45 +159,66 @@ func (s *server) checkOrigin(cfg *websocket.Config, r *http.Request) error {
 	return fmt.Errorf("origin %q not allowed", origin)
 }
 
-// wsConn is one WebSocket client. The reader (the connection's goroutine)
-// answers messages; replies and events leave, in the order they were
-// queued, from one coalescing queue, so a slow client skips intermediate
-// revisions of a key as a slow event stream does. A writer goroutine runs
-// only while there is something to send: an idle connection has just its
-// parked reader.
+// wsConn is the protocol of one WebSocket client. Its goroutine reads
+// and answers messages; replies and events leave, in the order they were
+// queued, from the stream's one coalescing queue, written by the stream
+// writers, so a slow client skips intermediate revisions of a key as a
+// slow event stream does. An idle connection costs just its parked
+// reader.
+//
+// A client that sends requests without reading the replies could make
+// the server hold any amount of them. So the bytes of queued replies are
+// counted, and past a bound the reader stops reading until the writers
+// have sent enough: the client's sends then block in TCP, and a client
+// that reads nothing is closed after -write-timeout like any stream.
 type wsConn struct {
 	s    *server
 	ws   *websocket.Conn
-	q    *coalescer
+	st   *stream
+	out  *wsOut
 	subs map[string]*subscription // by path as the client spelled it; only the reader touches it
 
-	mu      sync.Mutex
-	writing bool // a flush goroutine runs; guarded by mu
-	closed  bool // no more flushes may start; guarded by mu
-	flushes sync.WaitGroup
-}
-
-func newWSConn(s *server, ws *websocket.Conn) *wsConn {
-	c := &wsConn{s: s, ws: ws, subs: make(map[string]*subscription)}
-	c.q = &coalescer{notify: c.wake}
-	return c
+	bound   int64         // of pending, past which the reader waits
+	pending atomic.Int64  // bytes of replies queued or being written
+	batched int64         // of the batch being written; the writer's
+	drained chan struct{} // a token when pending falls to the bound
+	done    chan struct{} // closed when the stream closes
 }
 
 // serveWebSocket runs one connection until the client leaves, a write
 // fails or stalls for -write-timeout, or the server shuts down.
-func (s *server) serveWebSocket(ws *websocket.Conn) {
+func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut) {
 	// The envelope, the key and an id need room beside the largest value.
 	ws.MaxPayloadBytes = int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096
 	// The HTTP server's ReadTimeout set a deadline for the request; a
 	// WebSocket lives as long as its client wants.
 	ws.SetReadDeadline(time.Time{})
-	if !s.streams.track(ws) {
-		return // shutting down
+	c := &wsConn{
+		s: s, ws: ws, out: out,
+		subs:    make(map[string]*subscription),
+		bound:   max(4<<20, int64(ws.MaxPayloadBytes)),
+		drained: make(chan struct{}, 1),
+		done:    make(chan struct{}),
 	}
-	defer s.streams.untrack(ws)
-	c := newWSConn(s, ws)
-	defer c.close()
+	c.st = s.writers.newStream(conn)
+	c.st.proto = c
+	out.ready = c.st.ready
+	out.setDirect(false)
+	s.writers.start(c.st)
+	defer func() {
+		for _, sub := range c.subs {
+			s.store.Unsubscribe(sub)
+		}
+		c.st.Close()
+	}()
 	for {
+		for c.pending.Load() > c.bound {
+			select {
+			case <-c.drained:
+			case <-c.done:
+				return
+			}
+		}
 		var msg []byte
 		err := websocket.Message.Receive(ws, &msg)
 		switch {
@@ -153,81 +232,58 @@ func (s *server) serveWebSocket(ws *websocket.Conn) {
 	}
 }
 
-// close ends the connection: no more events, no more flushes, and it
-// returns when the last flush has.
+// close ends the connection: the reader stops waiting, and what x/net
+// writes from now on (the close frame) goes straight out. The reader
+// unsubscribes once it has returned.
 func (c *wsConn) close() {
-	for _, sub := range c.subs {
-		c.s.store.Unsubscribe(sub)
-	}
-	c.mu.Lock()
-	c.closed = true
-	c.mu.Unlock()
-	c.ws.Close() // ends a flush stuck in a write
-	c.flushes.Wait()
+	close(c.done)
+	c.out.setDirect(true)
+	c.ws.Close()
 }
 
-// wake starts a flush unless one is running. The queue calls it after
-// every push, so it must not block.
-func (c *wsConn) wake() {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.writing || c.closed {
+func (c *wsConn) more() bool { return c.out.len() > 0 }
+
+// sent counts the replies of the batch just written out of pending, and
+// wakes the reader if that took it down to the bound.
+func (c *wsConn) sent() {
+	if c.batched == 0 {
 		return
 	}
-	c.writing = true
-	c.flushes.Add(1)
-	go c.flush()
-}
-
-// flush sends what is queued until the queue is empty, then ends. On a
-// failed or stalled write it closes the connection, which ends the reader.
-func (c *wsConn) flush() {
-	defer c.flushes.Done()
-	for {
-		batch := c.q.drain()
-		if len(batch) == 0 {
-			c.mu.Lock()
-			// A push after drain saw writing set and started nothing:
-			// look again before leaving.
-			if c.q.Len() == 0 {
-				c.writing = false
-				c.mu.Unlock()
-				return
-			}
-			c.mu.Unlock()
-			continue
-		}
-		err := c.send(batch)
-		c.q.recycle(batch)
-		if err != nil {
-			c.ws.Close() // writing stays set: this connection is done
-			return
+	if c.pending.Add(-c.batched) <= c.bound {
+		select {
+		case c.drained <- struct{}{}:
+		default:
 		}
 	}
+	c.batched = 0
 }
 
-// send writes a batch, one frame per message.
-func (c *wsConn) send(batch []event) error {
-	buf := getBuffer()
-	defer putBuffer(buf)
-	c.ws.SetWriteDeadline(time.Now().Add(c.s.cfg.writeTimeout))
+// appendBatch frames each event and reply of a batch, as x/net frames
+// them, and appends the frames, and whatever else x/net wrote meanwhile.
+func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
+	select {
+	case <-c.done:
+		return b // closed: nothing more goes out
+	default:
+	}
+	msg := getBuffer()
+	defer putBuffer(msg)
 	for i := range batch {
 		ev := &batch[i]
-		msg := ev.raw
 		switch ev.kind {
 		case evGone, evHeartbeat:
 			continue
 		case evReply:
+			c.batched += ev.reply.size
+			msg.Reset()
+			msg.Write(ev.reply.append(msg.AvailableBuffer()))
 		default:
-			buf.Reset()
-			buf.Write(appendWSEvent(buf.AvailableBuffer(), ev))
-			msg = buf.Bytes()
+			msg.Reset()
+			msg.Write(appendWSEvent(msg.AvailableBuffer(), ev))
 		}
-		if _, err := c.ws.Write(msg); err != nil {
-			return err
-		}
+		c.ws.Write(msg.Bytes()) // into c.out; it cannot fail there
 	}
-	return nil
+	return c.out.take(b)
 }
 
 // appendWSEvent appends an event of a subscription as a WebSocket message,
@@ -318,7 +374,7 @@ func (c *wsConn) handle(data []byte) {
 			return
 		}
 		if e := s.store.Get(key); e != nil {
-			c.reply(msg.ID, "value", appendItem(nil, item{spelled, e}, s.store.now()))
+			c.replyValue(msg.ID, spelled, e)
 		} else {
 			c.reply(msg.ID, "no-value", appendKeyPayload(nil, spelled))
 		}
@@ -370,7 +426,7 @@ func (c *wsConn) handle(data []byte) {
 			if sub != nil {
 				s.store.Unsubscribe(sub) // subscribing again starts afresh
 			}
-			sub = &subscription{path: path, q: c.q, kvserver: kvserver}
+			sub = &subscription{path: path, q: &c.st.q, kvserver: kvserver}
 			c.subs[spelled] = sub
 			s.store.Subscribe(sub, subscribeFrom(p))
 		} else if sub != nil {
@@ -390,7 +446,7 @@ func (c *wsConn) handle(data []byte) {
 			fail(err)
 			return
 		}
-		c.reply(msg.ID, "values", s.appendList(nil, path, kvserver))
+		c.replyList(msg.ID, path, kvserver)
 	default:
 		fail(fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
 	}
@@ -489,6 +545,42 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 	}
 }
 
+// wsReply is a reply to a WebSocket client: its message; or for a get or
+// a list, what to build it from when it is written, so that a queued
+// reply shares the stored values rather than copying them.
+type wsReply struct {
+	head     []byte // the message, or what comes before the values
+	e        *entry // a get's value
+	items    []item // a list's keys and values
+	kvserver bool   // the list's keys are named without the leading "/"
+	now      int64  // when the list was taken, for its TTLs
+	tail     []byte // what comes after the values
+	size     int64  // of the message, about: counted against the bound
+}
+
+// append appends the reply's message.
+func (r *wsReply) append(b []byte) []byte {
+	b = append(b, r.head...)
+	if r.e != nil {
+		b = append(b, r.e.value...)
+	}
+	for i, it := range r.items {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		it.key = spell(it.key, r.kvserver)
+		b = appendItem(b, it, r.now)
+	}
+	return append(b, r.tail...)
+}
+
+// push queues a reply. Its bytes count as pending from now until a
+// writer has sent them.
+func (c *wsConn) push(r *wsReply) {
+	c.pending.Add(r.size)
+	c.st.q.push(event{kind: evReply, reply: r})
+}
+
 // reply queues {"type": typ, "payload": payload[, "id": id]}.
 func (c *wsConn) reply(id json.RawMessage, typ string, payload []byte) {
 	b := make([]byte, 0, len(payload)+len(typ)+len(id)+32)
@@ -496,13 +588,49 @@ func (c *wsConn) reply(id json.RawMessage, typ string, payload []byte) {
 	b = append(b, typ...)
 	b = append(b, `","payload":`...)
 	b = append(b, payload...)
-	if id != nil {
-		b = append(b, `,"id":`...)
-		var compact bytes.Buffer
-		json.Compact(&compact, id) // id came from a message that parsed
-		b = append(b, compact.Bytes()...)
+	b = appendID(b, id)
+	b = append(b, '}')
+	c.push(&wsReply{head: b, size: int64(len(b))})
+}
+
+// appendID appends the "id" member of a reply to a message with id, if
+// it had one.
+func appendID(b []byte, id json.RawMessage) []byte {
+	if id == nil {
+		return b
 	}
-	c.q.push(event{kind: evReply, raw: append(b, '}')})
+	b = append(b, `,"id":`...)
+	var compact bytes.Buffer
+	json.Compact(&compact, id) // id came from a message that parsed
+	return append(b, compact.Bytes()...)
+}
+
+// replyValue queues value {key, value, revision[, ttl]}, sharing e's value.
+func (c *wsConn) replyValue(id json.RawMessage, key string, e *entry) {
+	r := &wsReply{e: e}
+	r.head = append(append([]byte(`{"type":"value","payload":{"key":`), appendKey(nil, key)...), `,"value":`...)
+	r.tail = append(r.tail, `,"revision":`...)
+	r.tail = strconv.AppendInt(r.tail, e.revision, 10)
+	if ms, ok := e.ttlLeft(c.s.store.now()); ok {
+		r.tail = append(r.tail, `,"ttl":`...)
+		r.tail = strconv.AppendInt(r.tail, ms, 10)
+	}
+	r.tail = append(appendID(append(r.tail, '}'), id), '}')
+	r.size = int64(len(r.head) + len(e.value) + len(r.tail))
+	c.push(r)
+}
+
+// replyList queues values [{key, value, revision[, ttl]}...] of the keys
+// under prefix, sharing their values.
+func (c *wsConn) replyList(id json.RawMessage, prefix string, kvserver bool) {
+	r := &wsReply{items: c.s.store.List(prefix), kvserver: kvserver, now: c.s.store.now()}
+	r.head = []byte(`{"type":"values","payload":[`)
+	r.tail = append(appendID([]byte{']'}, id), '}')
+	r.size = int64(len(r.head) + len(r.tail))
+	for _, it := range r.items {
+		r.size += int64(len(it.key)+len(it.value)) + 48 // the members around them, about
+	}
+	c.push(r)
 }
 
 // replyConflict queues conflict {key, value, revision}: the current state.

@@ -402,17 +402,18 @@ func FuzzDecodeMessage(f *testing.F) {
 	srv := newServer(cfg, discardLogger())
 	known := []string{"value", "no-value", "ok", "conflict", "values", "error", "synced", "reset"}
 	f.Fuzz(func(t *testing.T, frame []byte) {
-		c := &wsConn{s: srv, q: &coalescer{}, subs: map[string]*subscription{}} // no writer: replies stay queued
+		c := &wsConn{s: srv, st: &stream{}, subs: map[string]*subscription{}} // no writer: replies stay queued
 		c.handle(frame)
 		for _, sub := range c.subs {
 			srv.store.Unsubscribe(sub)
 		}
-		for _, ev := range c.q.drain() {
-			msg := ev.raw
+		for _, ev := range c.st.q.drain() {
+			var msg []byte
 			switch ev.kind {
 			case evGone, evHeartbeat:
 				continue
 			case evReply:
+				msg = ev.reply.append(nil)
 			default:
 				msg = appendWSEvent(nil, &ev)
 			}
