@@ -144,10 +144,12 @@ type child struct {
 	addr  string
 }
 
-func startChild(t *testing.T, mode string) *child {
+// startChild runs a server in a child process; env adds variables, such
+// as ATOMKV_<FLAG> settings.
+func startChild(t *testing.T, mode string, env ...string) *child {
 	t.Helper()
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), "ATOMKV_CHILD="+mode)
+	cmd.Env = append(append(os.Environ(), "ATOMKV_CHILD="+mode), env...)
 	stdin, _ := cmd.StdinPipe()
 	stdout, _ := cmd.StdoutPipe()
 	cmd.Stderr = os.Stderr

@@ -10,6 +10,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -527,4 +528,98 @@ func TestWebSocketCloseUnsubscribes(t *testing.T) {
 	c.ws.Close()
 	waitFor(t, "the subscriptions to go", func() bool { return srv.store.subs.count.Load() == 0 })
 	waitFor(t, "the connection to be released", func() bool { return srv.streams.Len() == 0 })
+}
+
+// TestWebSocketFlood: clients that pipeline requests for large replies
+// (a get of a 500 KB value, a list of 1,000 keys) and never read them
+// cannot grow the server's memory: past a bound the server stops reading
+// them, their sends block in TCP, and after -write-timeout they are
+// closed. Meanwhile another client's requests and events go on. The
+// server runs in a child process, so that its heap is measured alone.
+func TestWebSocketFlood(t *testing.T) {
+	c := startChild(t, "atomkv", "ATOMKV_WRITE_TIMEOUT=2s")
+	url := "http://" + c.addr
+	big := `"` + strings.Repeat("x", 500_000) + `"`
+	do(t, "POST", url+"/big", big)
+	for i := range 1000 {
+		do(t, "POST", fmt.Sprintf("%s/l/%04d", url, i), fmt.Sprintf(`{"n":%d,"pad":"%s"}`, i, strings.Repeat("p", 100)))
+	}
+	idle := c.mem()
+
+	var flooders sync.WaitGroup
+	var sent [2]atomic.Int64
+	for i, msg := range []string{
+		`{"type":"get","payload":{"key":"/big"},"id":1}`,
+		`{"type":"list","payload":{"prefix":"/l/"},"id":2}`,
+	} {
+		raw, err := net.Dial("tcp", c.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		raw.(*net.TCPConn).SetReadBuffer(4096) // and it reads nothing
+		cfg, _ := websocket.NewConfig("ws://"+c.addr+"/", "http://localhost/")
+		ws, err := websocket.NewClient(cfg, raw)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ws.Close() })
+		flooders.Add(1)
+		go func() {
+			defer flooders.Done()
+			// Until the server closes it; a hang breaker past that.
+			ws.SetWriteDeadline(time.Now().Add(60 * time.Second))
+			for websocket.Message.Send(ws, msg) == nil {
+				sent[i].Add(1)
+			}
+		}()
+	}
+
+	// Another client goes on meanwhile: its round trips and an event.
+	other := dialWS(t, url, "")
+	other.roundTrip(`{"type":"subscribe","payload":{"key":"/ev"},"id":0}`, `{"type":"ok","payload":{"key":"/ev"},"id":0}`)
+	var peak uint64
+	for i := range 20 {
+		other.roundTrip(fmt.Sprintf(`{"type":"set","payload":{"key":"/ev","value":%d},"id":%d}`, i, i+1),
+			fmt.Sprintf(`{"type":"value","payload":{"key":"/ev","value":%d,"revision":%d,"seq":_}}`, i, i))
+		if got := other.recv(); got != fmt.Sprintf(`{"type":"ok","payload":{"key":"/ev","revision":%d},"id":%d}`, i, i+1) {
+			t.Errorf("another client's set %d during the flood: got %s", i, got)
+		}
+		peak = max(peak, c.mem())
+	}
+	flooders.Wait() // the server closed them: their sends fail
+	peak = max(peak, c.mem())
+	t.Logf("flooders sent %d gets of 500 KB and %d lists before the server stopped reading them, then closed them; server heap %d MiB idle, %d MiB at most during the flood",
+		sent[0].Load(), sent[1].Load(), idle>>20, peak>>20)
+	if peak > idle+64<<20 {
+		t.Errorf("server memory reached %d MiB above idle during the flood; want at most 64", (peak-idle)>>20)
+	}
+	other.roundTrip(`{"type":"get","payload":{"key":"/ev"}}`, `{"type":"value","payload":{"key":"/ev","value":19,"revision":19}}`)
+}
+
+// TestWebSocketBurst: a client that sends 10,000 requests, then reads,
+// gets all 10,000 replies, in order, ids intact.
+func TestWebSocketBurst(t *testing.T) {
+	url := startServer(t)
+	c := dialWS(t, url, "")
+	const n = 10_000
+	c.ws.SetWriteDeadline(time.Now().Add(60 * time.Second)) // a hang breaker
+	for i := range n {
+		if i%2 == 0 {
+			c.send(fmt.Sprintf(`{"type":"set","payload":{"key":"/burst/%d","value":%d},"id":%d}`, i%100, i, i))
+		} else {
+			c.send(fmt.Sprintf(`{"type":"get","payload":{"key":"/burst/%d"},"id":"g%d"}`, (i-1)%100, i))
+		}
+	}
+	for i := range n {
+		got := c.recv()
+		var want string
+		if i%2 == 0 {
+			want = fmt.Sprintf(`{"type":"ok","payload":{"key":"/burst/%d","revision":%d},"id":%d}`, i%100, i/100, i)
+		} else {
+			want = fmt.Sprintf(`{"type":"value","payload":{"key":"/burst/%d","value":%d,"revision":%d},"id":"g%d"}`, (i-1)%100, i-1, (i-1)/100, i)
+		}
+		if got != want {
+			t.Fatalf("reply %d: got %s; want %s", i, got, want)
+		}
+	}
 }
