@@ -14,13 +14,13 @@ import (
 // API, a reply to send as it is (replies are queued with the events, so
 // both leave in order).
 type event struct {
-	sub  *subscription // whose event it is; nil for a reply
-	key  string
-	e    *entry // nil: the key is missing
+	sub   *subscription // whose event it is; nil for a reply
+	key   string
+	e     *entry   // nil: the key is missing
 	seq   int64    // of a change; of synced, the point it marks
 	reply *wsReply // a WebSocket reply
-	kind eventKind
-	why  reason // of a change to missing
+	kind  eventKind
+	why   reason // of a change to missing
 }
 
 type eventKind uint8
