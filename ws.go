@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -211,7 +213,11 @@ func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut) {
 		}
 		c.st.Close()
 	}()
+	var msg []byte // read into, again and again: handle keeps no part of it
 	for {
+		if cap(msg) > 64<<10 {
+			msg = nil // a large message went by: let the GC have its array
+		}
 		for c.pending.Load() > c.bound {
 			select {
 			case <-c.drained:
@@ -219,8 +225,8 @@ func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut) {
 				return
 			}
 		}
-		var msg []byte
-		err := websocket.Message.Receive(ws, &msg)
+		var err error
+		msg, err = receive(ws, msg)
 		switch {
 		case errors.Is(err, websocket.ErrFrameTooLarge):
 			c.reply(nil, "error", appendJSONString(nil, fmt.Sprintf("message larger than %d bytes", ws.MaxPayloadBytes)))
@@ -229,6 +235,46 @@ func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut) {
 			return
 		}
 		c.handle(msg)
+	}
+}
+
+// receive reads the next message into buf's array, growing it as needed,
+// and returns it. As websocket.Message.Receive does, it reads a frame at
+// a time, lets x/net answer pings and close frames on the way, and drains
+// a frame larger than ws.MaxPayloadBytes and says so; unlike it, it does
+// not allocate a new slice per message, grown a step at a time.
+func receive(ws *websocket.Conn, buf []byte) ([]byte, error) {
+	for {
+		frame, err := ws.NewFrameReader()
+		if err != nil {
+			return buf, err
+		}
+		if frame, err = ws.HandleFrame(frame); err != nil {
+			return buf, err
+		}
+		if frame == nil {
+			continue // a ping or a pong, answered
+		}
+		buf = buf[:0]
+		for {
+			if len(buf) == cap(buf) {
+				buf = slices.Grow(buf, max(512, len(buf)))
+			}
+			// Never more than one byte past the limit.
+			n, err := frame.Read(buf[len(buf):min(cap(buf), ws.MaxPayloadBytes+1)])
+			buf = buf[:len(buf)+n]
+			switch {
+			case len(buf) > ws.MaxPayloadBytes:
+				if _, err := io.Copy(io.Discard, frame); err != nil {
+					return buf[:0], err
+				}
+				return buf[:0], websocket.ErrFrameTooLarge
+			case err == io.EOF:
+				return buf, nil
+			case err != nil:
+				return buf, err
+			}
+		}
 	}
 }
 
@@ -337,11 +383,10 @@ func appendWSEvent(b []byte, ev *event) []byte {
 	return append(b, "}}"...)
 }
 
-// wsMessage is a client's message. Fields stay raw until the type says
-// what they must be, so that a value is never decoded.
+// wsMessage is a client's message. A value stays raw, never decoded.
 type wsMessage struct {
 	Type    string          `json:"type"`
-	Payload json.RawMessage `json:"payload"`
+	Payload *wsPayload      `json:"payload"`
 	ID      json.RawMessage `json:"id"`
 }
 
@@ -465,40 +510,40 @@ func subscribeFrom(p wsPayload) int64 {
 	return fromNow
 }
 
-// decodeMessage parses a message and its payload. On error the message
-// holds whatever id could be read, so the error can echo it.
+// decodeMessage parses a message and its payload, in one pass. On error
+// the message holds whatever id could be read, so the error can echo it.
 func decodeMessage(data []byte) (wsMessage, wsPayload, error) {
 	var msg wsMessage
-	var p wsPayload
 	if !utf8.Valid(data) {
 		// A text frame must be UTF-8 (RFC 6455), and encoding/json would
 		// quietly turn the bad bytes of a key into U+FFFD: another key.
-		return msg, p, errors.New("invalid message: not valid UTF-8")
+		return msg, wsPayload{}, errors.New("invalid message: not valid UTF-8")
 	}
-	if err := json.Unmarshal(data, &msg); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		if errors.As(err, &typeErr) && typeErr.Field != "" {
-			return msg, p, fmt.Errorf("invalid message: %q must be %s", typeErr.Field, wantType(typeErr.Field))
-		}
-		if errors.As(err, &typeErr) {
-			return msg, p, errors.New(`invalid message: want a JSON object {"type": …, "payload": …}`)
-		}
-		return msg, p, fmt.Errorf("invalid message: not JSON: %v", err)
+	err := json.Unmarshal(data, &msg)
+	// Unmarshal goes on past a member of the wrong type, so the type and
+	// id are read whatever their place in the message.
+	var typeErr *json.UnmarshalTypeError
+	switch {
+	case err == nil:
+	case !errors.As(err, &typeErr):
+		return msg, wsPayload{}, fmt.Errorf("invalid message: not JSON: %v", err)
+	case typeErr.Field == "":
+		return msg, wsPayload{}, errors.New(`invalid message: want a JSON object {"type": …, "payload": …}`)
+	case typeErr.Field == "payload":
+		return msg, wsPayload{}, fmt.Errorf(`%s: "payload" must be an object`, msg.Type)
+	case strings.HasPrefix(typeErr.Field, "payload."):
+		field := strings.TrimPrefix(typeErr.Field, "payload.")
+		return msg, wsPayload{}, fmt.Errorf("%s: %q must be %s", msg.Type, field, wantType(field))
+	default:
+		return msg, wsPayload{}, fmt.Errorf("invalid message: %q must be %s", typeErr.Field, wantType(typeErr.Field))
 	}
 	if msg.Type == "" {
-		return msg, p, errors.New(`invalid message: missing "type"`)
+		return msg, wsPayload{}, errors.New(`invalid message: missing "type"`)
 	}
-	if len(msg.Payload) == 0 || string(msg.Payload) == "null" {
-		return msg, p, fmt.Errorf(`%s: missing "payload"`, msg.Type)
+	if msg.Payload == nil {
+		return msg, wsPayload{}, fmt.Errorf(`%s: missing "payload"`, msg.Type)
 	}
-	if err := json.Unmarshal(msg.Payload, &p); err != nil {
-		var typeErr *json.UnmarshalTypeError
-		if errors.As(err, &typeErr) && typeErr.Field != "" {
-			return msg, p, fmt.Errorf("%s: %q must be %s", msg.Type, typeErr.Field, wantType(typeErr.Field))
-		}
-		return msg, p, fmt.Errorf(`%s: "payload" must be an object`, msg.Type)
-	}
-	return msg, p, nil
+	return msg, *msg.Payload, nil
 }
 
 func wantType(field string) string {
@@ -600,6 +645,9 @@ func appendID(b []byte, id json.RawMessage) []byte {
 		return b
 	}
 	b = append(b, `,"id":`...)
+	if !bytes.ContainsAny(id, " \t\r\n") {
+		return append(b, id...) // as it came: compact already
+	}
 	var compact bytes.Buffer
 	json.Compact(&compact, id) // id came from a message that parsed
 	return append(b, compact.Bytes()...)
