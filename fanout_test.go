@@ -190,10 +190,11 @@ type fanout struct {
 	memPerSub           float64
 }
 
-// runFanout connects subs SSE clients to the child's /k, sends updates
-// POSTs of {"t": <send time>, "i": <n>} to /k, and waits for every client
-// to see the last one (or gives up after a while).
-func runFanout(t *testing.T, c *child, subs, updates int, every time.Duration) fanout {
+// runFanout connects subs clients to the child's /k, over SSE or, with
+// ws, as WebSocket subscribers; sends updates POSTs of {"t": <send time>,
+// "i": <n>} to /k; and waits for every client to see the last one (or
+// gives up after a while).
+func runFanout(t *testing.T, c *child, subs, updates int, every time.Duration, ws bool) fanout {
 	base := c.mem()
 	type client struct {
 		last      atomic.Int64
@@ -212,9 +213,27 @@ func runFanout(t *testing.T, c *child, subs, updates int, every time.Duration) f
 			t.Fatalf("client %d: %v", i, err)
 		}
 		conns = append(conns, conn)
-		fmt.Fprintf(conn, "GET /k HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
 		ready.Add(1)
 		wg.Add(1)
+		// An update arrives as {"t":<ns>,"i":<n>}, parsed by hand: the
+		// clients share the CPU with the server and must cost little.
+		update := func(data []byte) {
+			tpart, ipart, _ := bytes.Cut(data, []byte(`,"i":`))
+			sent, _ := strconv.ParseInt(string(tpart), 10, 64)
+			end := bytes.IndexByte(ipart, '}')
+			n, _ := strconv.ParseInt(string(ipart[:max(end, 0)]), 10, 64)
+			cl.latencies = append(cl.latencies, time.Duration(time.Now().UnixNano()-sent))
+			cl.delivered.Add(1)
+			cl.last.Store(n)
+		}
+		if ws {
+			go func() {
+				defer wg.Done()
+				fanoutWebSocket(conn, ready.Done, update)
+			}()
+			continue
+		}
+		fmt.Fprintf(conn, "GET /k HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
 		go func() {
 			defer wg.Done()
 			r := bufio.NewReaderSize(conn, 4096)
@@ -231,15 +250,8 @@ func runFanout(t *testing.T, c *child, subs, updates int, every time.Duration) f
 					started = true
 					ready.Done()
 				}
-				// data: {"t":<ns>,"i":<n>}, parsed by hand: the clients
-				// share the CPU with the server and must cost little.
 				if data, ok := bytes.CutPrefix(line, []byte(`data: {"t":`)); ok {
-					tpart, ipart, _ := bytes.Cut(data, []byte(`,"i":`))
-					sent, _ := strconv.ParseInt(string(tpart), 10, 64)
-					n, _ := strconv.ParseInt(string(bytes.TrimRight(ipart, "}\n")), 10, 64)
-					cl.latencies = append(cl.latencies, time.Duration(time.Now().UnixNano()-sent))
-					cl.delivered.Add(1)
-					cl.last.Store(n)
+					update(data)
 				}
 			}
 		}()
@@ -322,11 +334,68 @@ func runFanout(t *testing.T, c *child, subs, updates int, every time.Duration) f
 	return f
 }
 
-// TestLoadFanout: 5,000 SSE subscribers of one key over loopback, 300
-// updates 10 ms apart, against AtomKV and against the bare broadcast loop
-// in the same run. It reports and checks convergence (every subscriber
-// must end at the final revision: that is correctness, not speed) and
-// prints the latency and memory figures for README.md.
+// fanoutWebSocket is a WebSocket subscriber of /k, on the wire by hand
+// as the SSE clients are: the handshake, a subscribe message, then the
+// frames of the server's messages. It calls ready once subscribed (or
+// failed), and update with what follows "value":{"t": in each value.
+func fanoutWebSocket(conn net.Conn, ready func(), update func([]byte)) {
+	fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+		"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://localhost\r\n\r\n")
+	r := bufio.NewReaderSize(conn, 4096)
+	started := false
+	defer func() {
+		if !started {
+			ready()
+		}
+	}()
+	for {
+		line, err := r.ReadSlice('\n')
+		if err != nil {
+			return
+		}
+		if string(line) == "\r\n" {
+			break // the end of the 101 response
+		}
+	}
+	// A client frame: FIN and text, masked with a zero key, which leaves
+	// the payload as it is.
+	msg := `{"type":"subscribe","payload":{"key":"/k"},"id":1}`
+	conn.Write(append([]byte{0x81, 0x80 | byte(len(msg)), 0, 0, 0, 0}, msg...))
+	var payload []byte
+	for {
+		var h [10]byte
+		if _, err := io.ReadFull(r, h[:2]); err != nil {
+			return
+		}
+		n := int(h[1] & 0x7f)
+		switch n {
+		case 126:
+			if _, err := io.ReadFull(r, h[2:4]); err != nil {
+				return
+			}
+			n = int(h[2])<<8 | int(h[3])
+		case 127:
+			return // no message here is that large
+		}
+		payload = slices.Grow(payload[:0], n)[:n]
+		if _, err := io.ReadFull(r, payload); err != nil {
+			return
+		}
+		if !started && bytes.HasPrefix(payload, []byte(`{"type":"ok"`)) {
+			started = true
+			ready()
+		}
+		if _, data, ok := bytes.Cut(payload, []byte(`"value":{"t":`)); ok {
+			update(data)
+		}
+	}
+}
+
+// TestLoadFanout: 5,000 subscribers of one key over loopback, 300 updates
+// 10 ms apart, against the bare broadcast loop, AtomKV's SSE and AtomKV's
+// WebSocket in the same run. It reports and checks convergence (every
+// subscriber must end at the final revision: that is correctness, not
+// speed) and prints the latency and memory figures for README.md.
 func TestLoadFanout(t *testing.T) {
 	needLoad(t)
 	const subs, updates = 5000, 300
@@ -336,17 +405,26 @@ func TestLoadFanout(t *testing.T) {
 	}
 	fmt.Printf("%d subscribers, %d updates %v apart\n", subs, updates, every)
 	results := map[string]fanout{}
-	for _, mode := range []string{"bare", "atomkv"} {
+	for _, run := range []string{"bare", "sse", "websocket"} {
+		mode := "atomkv"
+		if run == "bare" {
+			mode = "bare"
+		}
 		c := startChild(t, mode)
-		f := runFanout(t, c, subs, updates, every)
-		results[mode] = f
-		fmt.Printf("%-6s: delivered %d/%d, %d/%d subscribers at the final update, latency p50 %v p99 %v (POST answered: p99 %v), %.0f B per idle subscriber\n",
-			mode, f.delivered, f.expected, f.converged, subs, f.p50.Round(time.Microsecond), f.p99.Round(time.Microsecond), f.postP99.Round(time.Microsecond), f.memPerSub)
+		f := runFanout(t, c, subs, updates, every, run == "websocket")
+		results[run] = f
+		fmt.Printf("%-9s: delivered %d/%d, %d/%d subscribers at the final update, latency p50 %v p99 %v (POST answered: p99 %v), %.0f B per idle subscriber\n",
+			run, f.delivered, f.expected, f.converged, subs, f.p50.Round(time.Microsecond), f.p99.Round(time.Microsecond), f.postP99.Round(time.Microsecond), f.memPerSub)
+		if run != "bare" && f.converged != subs {
+			t.Errorf("%s: %d of %d AtomKV subscribers ended at the final revision; want all", run, f.converged, subs)
+		}
 	}
-	a, b := results["atomkv"], results["bare"]
-	fmt.Printf("atomkv / bare: p99 latency %.2f×, memory per idle subscriber %.2f×\n",
+	a, b, w := results["sse"], results["bare"], results["websocket"]
+	fmt.Printf("sse / bare: p99 latency %.2f×, memory per idle subscriber %.2f×\n",
 		float64(a.p99)/float64(b.p99), a.memPerSub/b.memPerSub)
-	if a.converged != subs {
-		t.Errorf("%d of %d AtomKV subscribers ended at the final revision; want all", a.converged, subs)
+	fmt.Printf("websocket / sse: p99 latency %.2f×, memory per idle subscriber %.2f×\n",
+		float64(w.p99)/float64(a.p99), w.memPerSub/a.memPerSub)
+	if w.memPerSub > 16<<10 {
+		t.Errorf("%.0f bytes per idle WebSocket; the bound is 16 KiB", w.memPerSub)
 	}
 }
