@@ -10,6 +10,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -34,6 +35,10 @@ func TestBrowser(t *testing.T) {
 	// a reset.
 	srv, server := newTestServer(t, "-heartbeat", "100ms", "-history", "100")
 	server = strings.Replace(server, "127.0.0.1", "localhost", 1) // another origin than the page's, by name too
+	tokens := filepath.Join(t.TempDir(), "tokens")
+	os.WriteFile(tokens, []byte("room-writer write /room/\n"), 0o600)
+	_, guarded := newTestServer(t, "-tokens", tokens)
+	guarded = strings.Replace(guarded, "127.0.0.1", "localhost", 1)
 
 	page, err := os.ReadFile("testdata/browser.html")
 	if err != nil {
@@ -44,6 +49,7 @@ func TestBrowser(t *testing.T) {
 		t.Fatal(err)
 	}
 	page = bytes.ReplaceAll(page, []byte("{{SERVER}}"), []byte(server))
+	page = bytes.ReplaceAll(page, []byte("{{GUARDED}}"), []byte(guarded))
 	example = bytes.ReplaceAll(example, []byte("http://localhost:8000"), []byte(server))
 
 	report := make(chan []byte, 1)
@@ -118,7 +124,7 @@ func TestBrowser(t *testing.T) {
 		"basic get/set/list", "fibonacci with update and retry", "subscribe to a prefix, delete, and break",
 		"subscribe with initial", "TTL via the client", "raw WebSocket, KvServer style",
 		"errors carry the server message", "any key through the client", "a dropped stream resumes, or resets",
-		"example page: shared counter",
+		"a token through the client", "example page: shared counter",
 	}
 	if len(results) != len(want) {
 		t.Errorf("got %d results; want %d", len(results), len(want))

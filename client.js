@@ -6,6 +6,9 @@ var AtomKV = (function () {
     const script = document.currentScript;
     const self = {
         BASE: script && script.src ? new URL(script.src).origin : '',
+        // token, if set, goes with every call (Authorization: Bearer) and
+        // stream (?token=, all EventSource can send): see -tokens.
+        token: '',
     };
 
     // urlPath spells a key or path for a URL: each component
@@ -28,6 +31,9 @@ var AtomKV = (function () {
     // message on any status it was not told to expect.
     async function request(method, key, {body, headers = {}, ok = []} = {}) {
         const init = {method, headers};
+        if (self.token) {
+            headers['Authorization'] = 'Bearer ' + self.token;
+        }
         if (body !== undefined) {
             init.body = JSON.stringify(body);
             headers['Content-Type'] = 'application/json';
@@ -122,6 +128,9 @@ var AtomKV = (function () {
         const url = new URL(self.BASE + urlPath(path), location.href);
         if (options && options.initial) {
             url.searchParams.set('initial', '1');
+        }
+        if (self.token) {
+            url.searchParams.set('token', self.token);
         }
         const queue = [];
         let head = 0;

@@ -185,6 +185,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 		return
 	}
 	st := s.writers.newStream(conn)
+	st.who = s.identify(r)
 	sse := &sseStream{s: s}
 	sse.sub = subscription{path: path, q: &st.q}
 	st.proto = sse

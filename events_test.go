@@ -505,7 +505,10 @@ func newTestServer(t *testing.T, args ...string) (*server, string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := newServer(cfg, discardLogger())
+	srv, err := newServer(cfg, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
 	var data *dataDir
 	if cfg.data != "" { // as run does
 		if data, err = openData(cfg.data, cfg.fsync, srv.store, discardLogger()); err != nil {

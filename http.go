@@ -35,17 +35,23 @@ type server struct {
 	store   *Store
 	streams *streams // event streams and WebSockets
 	writers *eventWriters
+	access  *access // nil: no -tokens, everything open
 
 	clientETag string
 	origins    map[string]bool // nil: any origin
 }
 
-func newServer(cfg config, log *slog.Logger) *server {
+func newServer(cfg config, log *slog.Logger) (*server, error) {
+	access, err := newAccess(cfg)
+	if err != nil {
+		return nil, err
+	}
 	sum := sha256.Sum256(clientJS)
 	s := &server{
 		cfg:        cfg,
 		log:        log,
 		store:      NewStore(cfg.maxKeys, nil),
+		access:     access,
 		streams:    &streams{max: cfg.maxSubs, closing: make(chan struct{})},
 		clientETag: `"` + hex.EncodeToString(sum[:8]) + `"`,
 	}
@@ -58,7 +64,7 @@ func newServer(cfg config, log *slog.Logger) *server {
 			s.origins[strings.TrimSpace(o)] = true
 		}
 	}
-	return s
+	return s, nil
 }
 
 // close ends what http.Server.Shutdown does not: the event streams and
@@ -90,7 +96,11 @@ func (s *server) routes() http.Handler {
 	// plain-text body, and every error here is JSON.
 	mux.HandleFunc("/", s.handleMethodNotAllowed)
 
-	var h http.Handler = s.cors(mux)
+	var h http.Handler = mux
+	if s.access != nil {
+		h = s.guard(h)
+	}
+	h = s.cors(h)
 	if s.cfg.logRequests {
 		h = logRequests(s.log, h)
 	}
@@ -106,7 +116,7 @@ var (
 	hdrVaryOrigin    = []string{"Origin"}
 	hdrJSON          = []string{"application/json"}
 	hdrAllowMethods  = []string{"GET, POST, PUT, DELETE, OPTIONS"}
-	hdrAllowHeaders  = []string{"Content-Type, X-Revision, X-TTL, Last-Event-ID"}
+	hdrAllowHeaders  = []string{"Authorization, Content-Type, X-Revision, X-TTL, Last-Event-ID"}
 	hdrAllow         = []string{"GET, HEAD, POST, PUT, DELETE, OPTIONS"}
 	hdrPreflightLife = []string{"86400"}
 )
@@ -508,7 +518,13 @@ func logRequests(log *slog.Logger, next http.Handler) http.Handler {
 		start := time.Now()
 		rec := &statusRecorder{ResponseWriter: w, code: http.StatusOK}
 		next.ServeHTTP(rec, r)
-		log.Info("request", "method", r.Method, "path", r.URL.Path, "status", rec.code, "duration", time.Since(start))
+		args := []any{"method", r.Method, "path", r.URL.Path}
+		if r.URL.RawQuery != "" {
+			// Tokens never reach the log: not the Authorization header,
+			// and not ?token=, elided from the query.
+			args = append(args, "query", redactQuery(r.URL.RawQuery))
+		}
+		log.Info("request", append(args, "status", rec.code, "duration", time.Since(start))...)
 	})
 }
 

@@ -50,6 +50,8 @@ type config struct {
 	history       int
 	data          string
 	fsync         fsyncMode
+	tokens        string
+	public        publicFlag
 }
 
 // ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
@@ -87,6 +89,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.IntVar(&c.history, "history", defaultHistory, "remember at least this many recent changes, so that clients can resume from them")
 	fs.StringVar(&c.data, "data", "", "keep the store on disk in this `directory` (off if empty: in memory only)")
 	fs.Var(&c.fsync, "fsync", "with -data, when the log reaches the disk itself: always, 1s or never")
+	fs.StringVar(&c.tokens, "tokens", "", "require tokens, read from this `file` (<token> <read|write> <path>... per line); SIGHUP reloads it")
+	fs.Var(&c.public, "public", "with -tokens, what a request without a token may do: none, read or write")
 
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -116,6 +120,9 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	case c.heartbeat <= 0 || c.writeTimeout <= 0:
 		return c, errors.New("-heartbeat and -write-timeout must be positive")
 	}
+	if c.public.set && c.tokens == "" {
+		return c, errors.New("-public needs -tokens: without it every request may do everything")
+	}
 	if err := checkRESTPrefix(c.kvserverREST); err != nil {
 		return c, err
 	}
@@ -129,7 +136,10 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		return err
 	}
 	log := slog.New(slog.NewTextHandler(stdout, nil))
-	srv := newServer(cfg, log)
+	srv, err := newServer(cfg, log)
+	if err != nil {
+		return err
+	}
 	var failed <-chan struct{} // a write to the data files failed
 	if cfg.data != "" {
 		start := time.Now()

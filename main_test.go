@@ -184,7 +184,7 @@ func TestHTTPAPI(t *testing.T) {
 		case "OPTIONS":
 			for h, want := range map[string]string{
 				"Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
-				"Access-Control-Allow-Headers": "Content-Type, X-Revision, X-TTL, Last-Event-ID",
+				"Access-Control-Allow-Headers": "Authorization, Content-Type, X-Revision, X-TTL, Last-Event-ID",
 			} {
 				if got := resp.header.Get(h); got != want {
 					t.Errorf("%s: %s: got %q; want %q", st.name, h, got, want)
@@ -314,7 +314,8 @@ func TestRoutes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := newServer(cfg, discardLogger()).routes()
+	srv, _ := newServer(cfg, discardLogger())
+	h := srv.routes()
 	tests := []struct {
 		method, target string
 		headers        []string
@@ -432,7 +433,8 @@ func TestLogRequests(t *testing.T) {
 		}
 		cfg, _ := parseConfig(args, func(string) string { return "" }, io.Discard)
 		var log strings.Builder
-		h := newServer(cfg, slog.New(slog.NewTextHandler(&log, nil))).routes()
+		srv, _ := newServer(cfg, slog.New(slog.NewTextHandler(&log, nil)))
+		h := srv.routes()
 		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/nope", nil))
 		logged := strings.Contains(log.String(), "msg=request method=GET path=/nope status=404")
 		if logged != on {

@@ -65,6 +65,7 @@ type stream struct {
 	// only one writer has it at a time.
 	busy   atomic.Bool
 	closed sync.Once
+	who    identity // with -tokens: closed on reload if its grants change
 }
 
 // protocol is what an event stream and a WebSocket do their own way. The
@@ -334,6 +335,23 @@ func (c *streams) each(f func(io.Closer)) {
 	for conn := range c.conns {
 		f(conn)
 	}
+}
+
+// closeIf closes every tracked stream for which drop reports true, and
+// returns how many.
+func (c *streams) closeIf(drop func(*stream) bool) int {
+	var doomed []io.Closer
+	c.mu.Lock()
+	for conn := range c.conns {
+		if st, ok := conn.(*stream); ok && drop(st) {
+			doomed = append(doomed, conn)
+		}
+	}
+	c.mu.Unlock()
+	for _, conn := range doomed { // outside the lock: closing untracks
+		conn.Close()
+	}
+	return len(doomed)
 }
 
 // close closes every tracked connection and waits until every stream has

@@ -54,6 +54,11 @@ func headerHasToken(h http.Header, name, token string) bool {
 // wsOut: the handshake straight to the connection, and then every frame
 // into the batch that the stream writers send.
 func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
+	who := s.identify(r)
+	if err := s.access.connect(who.caller); err != nil {
+		serveError(w, err.code, err.msg)
+		return
+	}
 	if !s.streams.reserve() {
 		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
 		return
@@ -71,7 +76,7 @@ func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	}
 	go func() {
 		defer s.streams.done()
-		serve := func(ws *websocket.Conn) { s.serveWebSocket(ws, conn, out) }
+		serve := func(ws *websocket.Conn) { s.serveWebSocket(ws, conn, out, who) }
 		ws := websocket.Server{Handshake: s.checkOrigin, Handler: serve}
 		ws.ServeHTTP(&hijacked{conn, rw}, r)
 	}()
@@ -189,7 +194,7 @@ type wsConn struct {
 
 // serveWebSocket runs one connection until the client leaves, a write
 // fails or stalls for -write-timeout, or the server shuts down.
-func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut) {
+func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut, who identity) {
 	// The envelope, the key and an id need room beside the largest value.
 	ws.MaxPayloadBytes = int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096
 	// The HTTP server's ReadTimeout set a deadline for the request; a
@@ -203,6 +208,7 @@ func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut) {
 		done:    make(chan struct{}),
 	}
 	c.st = s.writers.newStream(conn)
+	c.st.who = who
 	c.st.proto = c
 	out.ready = c.st.ready
 	out.setDirect(false)
@@ -413,7 +419,7 @@ func (c *wsConn) handle(data []byte) {
 	// Replies name keys as the message spelled them ("foo" or "/foo").
 	switch msg.Type {
 	case "get":
-		key, spelled, err := c.key(p.Key)
+		key, spelled, err := c.key(p.Key, permRead)
 		if err != nil {
 			fail(err)
 			return
@@ -440,7 +446,7 @@ func (c *wsConn) handle(data []byte) {
 		}
 		c.answerWrite(msg.ID, spelled, err, msg.Type == "update", func() []byte { return appendRevisionPayload(nil, spelled, e.revision) })
 	case "delete":
-		key, spelled, err := c.key(p.Key)
+		key, spelled, err := c.key(p.Key, permWrite)
 		if err != nil {
 			fail(err)
 			return
@@ -458,6 +464,9 @@ func (c *wsConn) handle(data []byte) {
 		}
 		spelled := *p.Key
 		path, kvserver, err := checkSpelled(spelled, s.cfg.maxKeyBytes, false)
+		if err == nil && msg.Type == "subscribe" {
+			err = c.allow(path, permRead)
+		}
 		if err != nil {
 			fail(err)
 			return
@@ -487,6 +496,9 @@ func (c *wsConn) handle(data []byte) {
 			prefix += "/"
 		}
 		path, kvserver, err := checkSpelled(prefix, s.cfg.maxKeyBytes, false)
+		if err == nil {
+			err = c.allow(path, permRead)
+		}
 		if err != nil {
 			fail(err)
 			return
@@ -556,19 +568,29 @@ func wantType(field string) string {
 	return "a string"
 }
 
-// key checks a payload's key, and returns the store key and the key as
-// the client spelled it.
-func (c *wsConn) key(k *string) (key, spelled string, err error) {
+// key checks a payload's key, and that the connection may do p on it,
+// and returns the store key and the key as the client spelled it.
+func (c *wsConn) key(k *string, p perm) (key, spelled string, err error) {
 	if k == nil {
 		return "", "", errors.New(`missing "key"`)
 	}
-	key, _, err = checkSpelled(*k, c.s.cfg.maxKeyBytes, true)
-	return key, *k, err
+	if key, _, err = checkSpelled(*k, c.s.cfg.maxKeyBytes, true); err != nil {
+		return "", "", err
+	}
+	return key, *k, c.allow(key, p)
+}
+
+// allow returns nil if the connection's token lets it do p on path.
+func (c *wsConn) allow(path string, p perm) error {
+	if err := c.s.access.allow(c.st.who.caller, path, p); err != nil {
+		return err
+	}
+	return nil // not the nil *accessError, which is a non-nil error
 }
 
 // write checks the key, value and TTL of a set or update.
 func (c *wsConn) write(p wsPayload) (key, spelled, value string, ttl time.Duration, err error) {
-	if key, spelled, err = c.key(p.Key); err != nil {
+	if key, spelled, err = c.key(p.Key, permWrite); err != nil {
 		return "", "", "", 0, err
 	}
 	value, ttl, err = c.s.valueAndTTL(p.Value, p.TTL)

@@ -401,7 +401,7 @@ func FuzzDecodeMessage(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	cfg, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
-	srv := newServer(cfg, discardLogger())
+	srv, _ := newServer(cfg, discardLogger())
 	known := []string{"value", "no-value", "ok", "conflict", "values", "error", "synced", "reset"}
 	f.Fuzz(func(t *testing.T, frame []byte) {
 		c := &wsConn{s: srv, st: &stream{}, subs: map[string]*subscription{}} // no writer: replies stay queued
