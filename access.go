@@ -234,14 +234,18 @@ func (a *access) grants(c caller) ([]grant, *accessError) {
 }
 
 // allow returns nil if c may do p on path (a key, or a prefix to list or
-// watch), else why not. What the public may do, a token may do too.
+// watch), else why not. What the public may do, a known token may do
+// too.
 func (a *access) allow(c caller, path string, p perm) *accessError {
-	if a == nil || p <= a.public {
+	if a == nil || (!c.token && p <= a.public) {
 		return nil
 	}
 	grants, err := a.grants(c)
 	if err != nil {
-		return err
+		return err // an unknown token is refused even where none is needed
+	}
+	if p <= a.public {
+		return nil
 	}
 	if !c.token {
 		return &accessError{http.StatusUnauthorized, fmt.Sprintf(
@@ -344,4 +348,3 @@ func redactQuery(raw string) string {
 	}
 	return strings.Join(parts, "&")
 }
-

@@ -172,6 +172,25 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 
 	served := make(chan error, 1)
 	go func() { served <- hs.Serve(ln) }()
+	if srv.access != nil {
+		// SIGHUP reloads -tokens, until shutdown.
+		hup := make(chan os.Signal, 1)
+		signal.Notify(hup, syscall.SIGHUP)
+		defer signal.Stop(hup)
+		stop, stopped := make(chan struct{}), make(chan struct{})
+		defer func() { close(stop); <-stopped }()
+		go func() {
+			defer close(stopped)
+			for {
+				select {
+				case <-hup:
+					srv.reloadTokens()
+				case <-stop:
+					return
+				}
+			}
+		}()
+	}
 	var stopErr error
 	select {
 	case err := <-served:

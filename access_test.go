@@ -1,0 +1,430 @@
+package main
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/net/websocket"
+)
+
+// writeTokens writes a -tokens file and returns its name.
+func writeTokens(t *testing.T, lines ...string) string {
+	t.Helper()
+	name := filepath.Join(t.TempDir(), "tokens")
+	if err := os.WriteFile(name, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return name
+}
+
+// The callers of the access matrix, and their tokens.
+var matrixTokens = []string{
+	"# who may do what",
+	"",
+	"reader-token   read  /room/",
+	"writer-token   write /room/",
+	"elsewhere-token write /elsewhere/ /one-key",
+}
+
+var matrixCallers = []struct{ name, token string }{
+	{"no token", ""},
+	{"read token", "reader-token"},
+	{"write token", "writer-token"},
+	{"out-of-scope token", "elsewhere-token"},
+	{"unknown token", "no-such-token"},
+}
+
+// matrixWant is the SPEC 9 answer for a caller doing a read or a write in
+// scope (/room/) or out of it: 0 if allowed, else 401 or 403.
+func matrixWant(caller string, write, inScope bool) int {
+	switch caller {
+	case "no token", "unknown token":
+		return http.StatusUnauthorized
+	case "read token":
+		if !write && inScope {
+			return 0
+		}
+	case "write token":
+		if inScope {
+			return 0
+		}
+	}
+	return http.StatusForbidden
+}
+
+// TestAccessMatrix: every caller × every HTTP operation, SSE, KvServer
+// REST and WebSocket message, on a path in the tokens' scope (/room/) and
+// one out of it (/else/), each with the SPEC answer.
+func TestAccessMatrix(t *testing.T) {
+	srv, url := newTestServer(t, "-tokens", writeTokens(t, matrixTokens...), "-kvserver-rest", "/storage")
+	for _, k := range []string{"/room/a", "/else/a"} {
+		srv.store.Set(k, "1", 0)
+	}
+	type op struct {
+		name, method, path, body string
+		write                    bool
+		headers                  []string
+	}
+	ops := func(dir string) []op {
+		key := dir + "a"
+		return []op{
+			{"GET", "GET", key, "", false, nil},
+			{"listing", "GET", dir, "", false, nil},
+			{"SSE", "GET", dir, "", false, []string{"Accept", "text/event-stream"}},
+			{"POST", "POST", key, "2", true, nil},
+			{"PUT", "PUT", key, "3", true, []string{"X-Revision", "999"}},
+			{"DELETE", "DELETE", key, "", true, []string{"X-Revision", "999"}},
+			{"REST GET", "GET", "/storage" + key, "", false, nil},
+			{"REST POST", "POST", "/storage" + key, `{"value":4}`, true, nil},
+			{"REST DELETE", "DELETE", "/storage" + dir + "gone", "", true, nil},
+		}
+	}
+	for _, c := range matrixCallers {
+		for _, via := range []string{"header", "query"} {
+			for _, inScope := range []bool{true, false} {
+				dir := "/else/"
+				if inScope {
+					dir = "/room/"
+				}
+				for _, o := range ops(dir) {
+					target, headers := url+o.path, o.headers
+					if c.token != "" && via == "header" {
+						headers = append([]string{"Authorization", "Bearer " + c.token}, headers...)
+					} else if c.token != "" {
+						target += "?token=" + c.token
+					}
+					got := doAccess(t, o.method, target, o.body, headers...)
+					want := matrixWant(c.name, o.write, inScope)
+					switch {
+					case want == 0 && (got.code == 401 || got.code == 403 || got.code >= 500):
+						t.Errorf("%s (%s) %s %s: %d %s; want it allowed", c.name, via, o.name, o.path, got.code, got.body)
+					case want != 0 && got.code != want:
+						t.Errorf("%s (%s) %s %s: %d %s; want %d", c.name, via, o.name, o.path, got.code, got.body, want)
+					case want != 0 && !strings.Contains(errorMessage(got), "token") || want != 0 && got.header.Get("Access-Control-Allow-Origin") != "*":
+						t.Errorf("%s %s %s: %q, headers %v; want a JSON error about the token, with CORS headers", c.name, o.name, o.path, got.body, got.header)
+					}
+				}
+			}
+		}
+	}
+
+	// The WebSocket: an unknown token, or none, cannot connect; the
+	// others can, and each message is checked on its own, in both
+	// spellings of keys.
+	for _, c := range matrixCallers {
+		ws, code := dialToken(t, url, c.token)
+		if c.name == "no token" || c.name == "unknown token" {
+			if code != http.StatusUnauthorized {
+				t.Errorf("%s: WebSocket upgrade answered %d; want 401", c.name, code)
+			}
+			continue
+		}
+		if ws == nil {
+			t.Fatalf("%s: WebSocket upgrade answered %d; want 101", c.name, code)
+		}
+		for _, inScope := range []bool{true, false} {
+			for _, slash := range []string{"/", ""} {
+				dir := slash + "else/"
+				if inScope {
+					dir = slash + "room/"
+				}
+				key := dir + "a"
+				for _, m := range []struct {
+					msg, allowed string
+					write        bool
+				}{
+					{`{"type":"get","payload":{"key":"` + key + `"},"id":1}`, "value", false},
+					{`{"type":"list","payload":{"prefix":"` + dir + `"},"id":1}`, "values", false},
+					{`{"type":"subscribe","payload":{"key":"` + dir + `"},"id":1}`, "ok", false},
+					{`{"type":"unsubscribe","payload":{"key":"` + dir + `"},"id":1}`, "ok", false}, // needs nothing
+					{`{"type":"set","payload":{"key":"` + key + `","value":5},"id":1}`, "ok", true},
+					{`{"type":"update","payload":{"key":"` + key + `","value":6,"revision":999},"id":1}`, "conflict", true},
+					{`{"type":"delete","payload":{"key":"` + key + `","revision":999},"id":1}`, "conflict", true},
+				} {
+					ws.send(m.msg)
+					got := ws.recv()
+					want := `{"type":"` + m.allowed + `"`
+					if matrixWant(c.name, m.write, inScope) != 0 && !strings.Contains(m.msg, "unsubscribe") {
+						op := "read"
+						if m.write {
+							op = "write"
+						}
+						want = `{"type":"error","payload":"this token may not ` + op + ` \"/` + strings.TrimPrefix(dir, "/")
+					}
+					if !strings.HasPrefix(got, want) {
+						t.Errorf("%s: sent %s\n got %s\nwant %s…", c.name, m.msg, got, want)
+					}
+				}
+			}
+		}
+	}
+	// Nothing the refused writes tried is there; the allowed ones are.
+	if e := srv.store.Get("/else/a"); e == nil || e.value != "1" {
+		t.Errorf("/else/a after the matrix: %v; want untouched", e)
+	}
+}
+
+// doAccess sends one request like do, and for an event stream closes it
+// once the answer's head has come.
+func doAccess(t *testing.T, method, url, body string, headers ...string) response {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, method, url, strings.NewReader(body))
+	for i := 0; i+1 < len(headers); i += 2 {
+		req.Header.Set(headers[i], headers[i+1])
+	}
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatalf("%s %s: %v", method, url, err)
+	}
+	defer resp.Body.Close()
+	if resp.Header.Get("Content-Type") == "text/event-stream" {
+		return response{resp.StatusCode, resp.Header, ""}
+	}
+	b, _ := io.ReadAll(resp.Body)
+	return response{resp.StatusCode, resp.Header, string(b)}
+}
+
+// dialToken opens a WebSocket with ?token= (none if token is ""), or
+// returns the status that refused it.
+func dialToken(t *testing.T, url, token string) (*wsClient, int) {
+	t.Helper()
+	path := "/"
+	if token != "" {
+		path += "?token=" + token
+	}
+	req, _ := http.NewRequest("GET", url+path, nil)
+	for _, h := range [][2]string{{"Connection", "Upgrade"}, {"Upgrade", "websocket"},
+		{"Sec-WebSocket-Version", "13"}, {"Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="}} {
+		req.Header.Set(h[0], h[1])
+	}
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close() // a 101's body is the connection: closed unread
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		return nil, resp.StatusCode
+	}
+	cfg, _ := websocket.NewConfig(strings.Replace(url, "http://", "ws://", 1)+path, "http://localhost/")
+	ws, err := websocket.DialConfig(cfg)
+	if err != nil {
+		t.Fatalf("dial: %v", err)
+	}
+	t.Cleanup(func() { ws.Close() })
+	return &wsClient{t, ws}, resp.StatusCode
+}
+
+// TestAccessPublic: what a request without a token may do under each
+// -public, and that without -tokens everything is open, as before.
+func TestAccessPublic(t *testing.T) {
+	tokens := writeTokens(t, "writer-token write /room/")
+	bearer := []string{"Authorization", "Bearer writer-token"}
+	t.Run("read", func(t *testing.T) {
+		_, url := newTestServer(t, "-tokens", tokens, "-public", "read")
+		for _, step := range []struct {
+			method, path string
+			headers      []string
+			want         int
+		}{
+			{"POST", "/room/a", nil, 401},
+			{"POST", "/room/a", bearer, 200},
+			{"POST", "/else/a", bearer, 403},
+			{"GET", "/room/a", nil, 200},
+			{"GET", "/room/", nil, 200},
+			{"GET", "/else/a", bearer, 404}, // public read, with a token too: a missing key
+			{"DELETE", "/room/a", nil, 401},
+		} {
+			if got := do(t, step.method, url+step.path, "1", step.headers...); got.code != step.want {
+				t.Errorf("-public read: %s %s %v: %d %s; want %d", step.method, step.path, step.headers, got.code, got.body, step.want)
+			}
+		}
+		if got := errorMessage(do(t, "POST", url+"/room/a", "1")); got != `missing token: writing "/room/a" needs one (Authorization: Bearer <token>, or ?token=)` {
+			t.Errorf("the 401 message: %q", got)
+		}
+		ch, _ := openStream(t, url, "/room/")
+		do(t, "POST", url+"/room/b", "7", bearer...)
+		if ev := nextEvent(t, ch); ev.data != "7" {
+			t.Errorf("a public stream got %v; want the change", ev)
+		}
+		ws, code := dialToken(t, url, "")
+		if ws == nil {
+			t.Fatalf("a WebSocket without a token under -public read: %d; want 101", code)
+		}
+		ws.roundTrip(`{"type":"get","payload":{"key":"room/b"}}`, `{"type":"value","payload":{"key":"room/b","value":7,"revision":0}}`)
+		ws.roundTrip(`{"type":"set","payload":{"key":"room/b","value":8}}`,
+			`{"type":"error","payload":"missing token: writing \"/room/b\" needs one (Authorization: Bearer \u003ctoken\u003e, or ?token=)"}`)
+	})
+	t.Run("write", func(t *testing.T) {
+		_, url := newTestServer(t, "-tokens", tokens, "-public", "write")
+		if got := do(t, "POST", url+"/else/a", "1"); got.code != 200 {
+			t.Errorf("-public write: POST without a token: %d %s", got.code, got.body)
+		}
+		if got := do(t, "POST", url+"/else/a", "1", "Authorization", "Bearer wrong"); got.code != 401 {
+			t.Errorf("-public write: an unknown token: %d; want 401", got.code)
+		}
+	})
+	t.Run("none", func(t *testing.T) {
+		_, url := newTestServer(t, "-tokens", tokens, "-public", "none")
+		for _, path := range []string{"/room/a", "/room/"} {
+			if got := do(t, "GET", url+path, ""); got.code != 401 {
+				t.Errorf("-public none: GET %s without a token: %d; want 401", path, got.code)
+			}
+		}
+		if got := do(t, "GET", url+"/", ""); got.code != 200 || !strings.Contains(got.body, "AtomKV") {
+			t.Errorf("-public none: the client script: %d; want it served to all", got.code)
+		}
+		if got := do(t, "OPTIONS", url+"/room/a", "", "Origin", "http://x", "Access-Control-Request-Headers", "authorization"); got.code != 204 ||
+			!strings.Contains(got.header.Get("Access-Control-Allow-Headers"), "Authorization") {
+			t.Errorf("-public none: a preflight: %d %v; want 204 allowing Authorization", got.code, got.header)
+		}
+	})
+	t.Run("no tokens", func(t *testing.T) {
+		_, url := newTestServer(t)
+		if got := do(t, "POST", url+"/x", "1", "Authorization", "Bearer anything"); got.code != 200 {
+			t.Errorf("without -tokens: %d; want everything open", got.code)
+		}
+		if _, err := parseConfig([]string{"-public", "read"}, func(string) string { return "" }, io.Discard); err == nil ||
+			!strings.Contains(err.Error(), "-public needs -tokens") {
+			t.Errorf("-public without -tokens: %v; want an error", err)
+		}
+	})
+}
+
+// TestTokensFile: a bad -tokens file stops the start with its name and
+// line, and never quotes a token.
+func TestTokensFile(t *testing.T) {
+	for _, tc := range []struct{ line, want string }{
+		{"secret-1", ":3: want <token> <read|write> <path>..."},
+		{"secret-1 read", ":3: want <token> <read|write> <path>..."},
+		{"secret-1 admin /", `:3: permission "admin": want read or write`},
+		{"secret-1 read room/", `:3: invalid path "room/": must begin with "/"`},
+		{"secret-1 read /a//b", `:3: invalid key "/a//b": empty component`},
+	} {
+		name := writeTokens(t, "# tokens", "ok-token read /", tc.line)
+		_, err := newServer(config{tokens: name, maxKeyBytes: 4096}, discardLogger())
+		if err == nil || !strings.HasPrefix(err.Error(), name+tc.want) || strings.Contains(err.Error(), "secret") {
+			t.Errorf("line %q: %v; want %s%s…", tc.line, err, name, tc.want)
+		}
+	}
+	err := run(context.Background(), []string{"-tokens", "/nonexistent/tokens"}, func(string) string { return "" }, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "/nonexistent/tokens") {
+		t.Errorf("a missing file: %v", err)
+	}
+}
+
+// TestTokensNotLogged: with -log-requests, neither a ?token= nor an
+// Authorization header reaches the log.
+func TestTokensNotLogged(t *testing.T) {
+	cfg, _ := parseConfig([]string{"-log-requests", "-tokens", writeTokens(t, "s3cret-token read /")}, func(string) string { return "" }, io.Discard)
+	var log strings.Builder
+	srv, err := newServer(cfg, slog.New(slog.NewTextHandler(&log, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := srv.routes()
+	for _, target := range []string{"/a?token=s3cret-token", "/a?initial&token=s3cret-token&x=1", "/a?token=s3cret-wrong"} {
+		h.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", target, nil))
+	}
+	req := httptest.NewRequest("GET", "/a", nil)
+	req.Header.Set("Authorization", "Bearer s3cret-token")
+	h.ServeHTTP(httptest.NewRecorder(), req)
+	if strings.Contains(log.String(), "s3cret") || !strings.Contains(log.String(), `query="token=…"`) ||
+		!strings.Contains(log.String(), `query="initial&token=…&x=1"`) {
+		t.Errorf("log:\n%s\nwant every token elided as token=…", log.String())
+	}
+}
+
+// TestTokensReload runs the real server in a child process and sends it
+// SIGHUP: a token added works, one removed is refused and its stream
+// closed, one whose grants changed has its stream closed, the others'
+// streams and WebSocket go on; a bad file keeps the old tokens.
+func TestTokensReload(t *testing.T) {
+	file := writeTokens(t, "keep write /k/", "gone write /k/", "changed write /k/")
+	c := startChild(t, "main", "ATOMKV_TOKENS="+file)
+	t.Cleanup(func() { c.cmd.Process.Signal(syscall.SIGTERM) }) // main does not watch stdin
+	logged := make(chan string, 100)
+	go func() {
+		for c.lines.Scan() {
+			select {
+			case logged <- c.lines.Text():
+			default:
+			}
+		}
+	}()
+	url := "http://" + c.addr
+	bearer := func(tok string) []string { return []string{"Authorization", "Bearer " + tok} }
+	waitLog := func(what string) string {
+		t.Helper()
+		timeout := time.After(10 * time.Second)
+		for {
+			select {
+			case line := <-logged:
+				if strings.Contains(line, what) {
+					return line
+				}
+			case <-timeout:
+				t.Fatalf("no %q in the log", what)
+			}
+		}
+	}
+
+	keep, _ := openStream(t, url, "/k/", bearer("keep")...)
+	gone, _ := openStream(t, url, "/k/", bearer("gone")...)
+	changed, _ := openStream(t, url, "/k/", bearer("changed")...)
+	ws, _ := dialToken(t, url, "keep")
+	ws.roundTrip(`{"type":"subscribe","payload":{"key":"/k/"},"id":1}`, `{"type":"ok","payload":{"key":"/k/"},"id":1}`)
+
+	os.WriteFile(file, []byte("keep write /k/\nchanged read /k/\nnew write /k/\n"), 0o600)
+	c.cmd.Process.Signal(syscall.SIGHUP)
+	if line := waitLog("tokens reloaded"); !strings.Contains(line, "tokens=3 streams_closed=2") {
+		t.Errorf("reload logged %q; want 3 tokens, 2 streams closed", line)
+	}
+	for name, ch := range map[string]<-chan sseEvent{"removed": gone, "changed": changed} {
+		select {
+		case ev, open := <-ch:
+			if open {
+				t.Errorf("the stream of the %s token got %v; want it closed", name, ev)
+			}
+		case <-time.After(10 * time.Second):
+			t.Errorf("the stream of the %s token is still open", name)
+		}
+	}
+	if got := do(t, "POST", url+"/k/a", "1", bearer("new")...); got.code != 200 {
+		t.Errorf("the added token: %d %s", got.code, got.body)
+	}
+	if got := do(t, "POST", url+"/k/a", "1", bearer("gone")...); got.code != 401 {
+		t.Errorf("the removed token: %d; want 401", got.code)
+	}
+	if got := do(t, "POST", url+"/k/a", "1", bearer("changed")...); got.code != 403 {
+		t.Errorf("the token now read-only: %d; want 403", got.code)
+	}
+	if ev := nextEvent(t, keep); ev.data != "1" {
+		t.Errorf("the kept token's stream got %v; want the change", ev)
+	}
+	if got := ws.recv(); !strings.HasPrefix(got, `{"type":"value","payload":{"key":"/k/a","value":1`) {
+		t.Errorf("the kept token's WebSocket got %s; want the change", got)
+	}
+
+	os.WriteFile(file, []byte("keep write /k/\nnew writer /k/\n"), 0o600)
+	c.cmd.Process.Signal(syscall.SIGHUP)
+	if line := waitLog("tokens not reloaded"); !strings.Contains(line, file+`:2: permission \"writer\"`) {
+		t.Errorf("a bad file logged %q; want its name and line", line)
+	}
+	if got := do(t, "POST", url+"/k/a", "2", bearer("new")...); got.code != 200 {
+		t.Errorf("after a bad file, the tokens in force: %d %s", got.code, got.body)
+	}
+	if ev := nextEvent(t, keep); ev.data != "2" {
+		t.Errorf("after a bad file, the kept stream got %v", ev)
+	}
+}
