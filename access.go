@@ -249,7 +249,7 @@ func (a *access) allow(c caller, path string, p perm) *accessError {
 	}
 	if !c.token {
 		return &accessError{http.StatusUnauthorized, fmt.Sprintf(
-			"missing token: %s %s needs one (Authorization: Bearer <token>, or ?token=)", doing(p), quoteKey(path))}
+			"missing token: %s %s needs one (Authorization: Bearer …, or ?token=…)", doing(p), quoteKey(path))}
 	}
 	for _, g := range grants {
 		if g.covers(path, p) {
@@ -277,7 +277,7 @@ func (a *access) connect(c caller) *accessError {
 		return err
 	}
 	if !c.token && a.public == permNone {
-		return &accessError{http.StatusUnauthorized, "missing token: a WebSocket needs one (?token=, or Authorization: Bearer <token>)"}
+		return &accessError{http.StatusUnauthorized, "missing token: a WebSocket needs one (?token=…, or Authorization: Bearer …)"}
 	}
 	return nil
 }

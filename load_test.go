@@ -11,6 +11,7 @@ import (
 	"regexp"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -38,6 +39,15 @@ func TestLoadHTTP(t *testing.T) {
 	}
 	url := startServer(t)
 	do(t, "POST", url+"/k/1", `{"v":1}`)
+	// The same server with -tokens: 100 tokens, the requests sending the
+	// 51st, which may write /k/.
+	var lines []string
+	for i := range 100 {
+		lines = append(lines, fmt.Sprintf("token-%03d-%s write /t%d/ /k/", i, strings.Repeat("x", 24), i))
+	}
+	bearer := "Authorization: Bearer token-050-" + strings.Repeat("x", 24)
+	guarded := startServer(t, "-tokens", writeTokens(t, lines...))
+	do(t, "POST", guarded+"/k/1", `{"v":1}`, "Authorization", strings.TrimPrefix(bearer, "Authorization: "))
 	// The yardstick answers the same bytes, headers included (SPEC
 	// requires the CORS ones on every answer), so the ratio measures what
 	// this server adds: routing, validation and the store.
@@ -74,16 +84,22 @@ func TestLoadHTTP(t *testing.T) {
 		if method == "POST" {
 			script = []string{"-s", post}
 		}
-		var speed, cpu []float64
+		var speed, cpu, gspeed, gcpu []float64
 		for round := range 7 {
 			b, bcpu := measure(bare.URL+"/k/1", script...)
 			a, acpu := measure(url+"/k/1", script...)
+			g, gcpuReq := measure(guarded+"/k/1", append([]string{"-H", bearer}, script...)...)
 			speed = append(speed, a/b)
 			cpu = append(cpu, float64(bcpu)/float64(acpu))
-			t.Logf("%s round %d: atomkv %.0f req/s %v CPU/req, bare %.0f req/s %v CPU/req", method, round, a, acpu, b, bcpu)
+			gspeed = append(gspeed, g/b)
+			gcpu = append(gcpu, float64(bcpu)/float64(gcpuReq))
+			t.Logf("%s round %d: atomkv %.0f req/s %v CPU/req, with -tokens %.0f req/s %v CPU/req, bare %.0f req/s %v CPU/req",
+				method, round, a, acpu, g, gcpuReq, b, bcpu)
 		}
 		fmt.Printf("%s: atomkv / bare net/http: throughput %.3f, CPU efficiency %.3f (medians of %d rounds)\n",
 			method, median(speed), median(cpu), len(speed))
+		fmt.Printf("%s: atomkv -tokens (100) / bare net/http: throughput %.3f, CPU efficiency %.3f\n",
+			method, median(gspeed), median(gcpu))
 	}
 }
 
