@@ -69,6 +69,7 @@ type coalescer struct {
 	gaps    int              // events in pending that are evGone
 	index   map[eventKey]int // position in pending of each coalescing event
 	spare   []event          // the slice of the last batch, for reuse
+	dropped int64            // events replaced by newer ones, since takeDropped
 }
 
 // push queues ev.
@@ -81,12 +82,14 @@ func (q *coalescer) push(ev event) {
 		case ok && i == len(q.pending)-1:
 			// Last already: replacing it in place keeps the order.
 			q.pending[i] = ev
+			q.dropped++
 			q.mu.Unlock()
 			q.wake()
 			return
 		case ok:
 			q.pending[i] = event{}
 			q.gaps++
+			q.dropped++
 		case q.index == nil:
 			q.index = make(map[eventKey]int)
 		}
@@ -136,6 +139,16 @@ func (q *coalescer) drain() []event {
 	q.gaps = 0
 	clear(q.index)
 	return batch
+}
+
+// takeDropped returns how many events were replaced by newer ones since
+// it was last called.
+func (q *coalescer) takeDropped() int64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	n := q.dropped
+	q.dropped = 0
+	return n
 }
 
 // recycle returns a drained batch's memory for the next one.
@@ -189,6 +202,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	sse := &sseStream{s: s}
 	sse.sub = subscription{path: path, q: &st.q}
 	st.proto = sse
+	s.metrics.sse.Add(1) // and sse.close takes it off
 	from := fromNow
 	if _, initial := r.URL.Query()["initial"]; initial {
 		from = fromScratch
@@ -246,6 +260,7 @@ func (p *sseStream) more() bool { return false }
 func (p *sseStream) close() {
 	p.s.store.Unsubscribe(&p.sub)
 	p.s.streams.done()
+	p.s.metrics.sse.Add(-1)
 }
 
 // appendBatch appends a drained batch as SSE. Every change numbered up

@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -36,6 +37,8 @@ type server struct {
 	streams *streams // event streams and WebSockets
 	writers *eventWriters
 	access  *access // nil: no -tokens, everything open
+	metrics metrics
+	health  atomic.Int32 // healthLoading, healthServing or healthStopping
 
 	clientETag string
 	origins    map[string]bool // nil: any origin
@@ -100,7 +103,7 @@ func (s *server) routes() http.Handler {
 	if s.access != nil {
 		h = s.guard(h)
 	}
-	h = s.cors(h)
+	h = s.cors(s.observe(h))
 	if s.cfg.logRequests {
 		h = logRequests(s.log, h)
 	}
@@ -428,7 +431,7 @@ func (s *server) valueAndTTL(rawValue, rawTTL json.RawMessage) (string, time.Dur
 		return "", 0, err
 	}
 	if int64(len(value)) > s.cfg.maxValueBytes {
-		return "", 0, fmt.Errorf("value larger than %d bytes", s.cfg.maxValueBytes)
+		return "", 0, &tooLargeError{s.cfg.maxValueBytes}
 	}
 	var ttl time.Duration
 	if rawTTL != nil && string(rawTTL) != "null" {
@@ -438,6 +441,11 @@ func (s *server) valueAndTTL(rawValue, rawTTL json.RawMessage) (string, time.Dur
 	}
 	return value, ttl, nil
 }
+
+// tooLargeError is a value past -max-value-bytes.
+type tooLargeError struct{ max int64 }
+
+func (e *tooLargeError) Error() string { return fmt.Sprintf("value larger than %d bytes", e.max) }
 
 // serveWritten answers a write: the new revision, or the error.
 func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {

@@ -18,6 +18,8 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -52,6 +54,8 @@ type config struct {
 	fsync         fsyncMode
 	tokens        string
 	public        publicFlag
+	adminAddr     string
+	logFormat     string
 }
 
 // ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
@@ -91,6 +95,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.Var(&c.fsync, "fsync", "with -data, when the log reaches the disk itself: always, 1s or never")
 	fs.StringVar(&c.tokens, "tokens", "", "require tokens, read from this `file` (<token> <read|write> <path>... per line); SIGHUP reloads it")
 	fs.Var(&c.public, "public", "with -tokens, what a request without a token may do: none, read or write")
+	fs.StringVar(&c.adminAddr, "admin-addr", "", "serve /healthz, /metrics, /debug/vars and /debug/pprof/ on this `address` (off if empty)")
+	fs.StringVar(&c.logFormat, "log-format", "text", "log as text or json")
 
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -120,6 +126,9 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	case c.heartbeat <= 0 || c.writeTimeout <= 0:
 		return c, errors.New("-heartbeat and -write-timeout must be positive")
 	}
+	if c.logFormat != "text" && c.logFormat != "json" {
+		return c, fmt.Errorf("-log-format %q: want text or json", c.logFormat)
+	}
 	if c.public.set && c.tokens == "" {
 		return c, errors.New("-public needs -tokens: without it every request may do everything")
 	}
@@ -135,10 +144,32 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
-	log := slog.New(slog.NewTextHandler(stdout, nil))
+	var log *slog.Logger
+	if cfg.logFormat == "json" {
+		log = slog.New(slog.NewJSONHandler(stdout, nil))
+	} else {
+		log = slog.New(slog.NewTextHandler(stdout, nil))
+	}
 	srv, err := newServer(cfg, log)
 	if err != nil {
 		return err
+	}
+	// The admin listener comes first, so that /healthz says "loading"
+	// while the data files load.
+	if cfg.adminAddr != "" {
+		ln, err := net.Listen("tcp", cfg.adminAddr)
+		if err != nil {
+			return fmt.Errorf("-admin-addr: %v", err)
+		}
+		admin := &http.Server{
+			Handler:           srv.adminRoutes(),
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelError),
+		}
+		go admin.Serve(ln)
+		defer admin.Close() // last, after the data files are closed
+		log.Info("admin listening", "addr", ln.Addr().String())
 	}
 	var failed <-chan struct{} // a write to the data files failed
 	if cfg.data != "" {
@@ -156,6 +187,7 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	if err != nil {
 		return err
 	}
+	var fresh freshConns
 	hs := &http.Server{
 		Handler:           srv.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
@@ -165,10 +197,12 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		IdleTimeout:    2 * time.Minute,
 		MaxHeaderBytes: 64 << 10,
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelError),
+		ConnState:      fresh.track,
 	}
 	log.Info("listening", "addr", ln.Addr().String(),
 		"max_key_bytes", cfg.maxKeyBytes, "max_value_bytes", cfg.maxValueBytes,
 		"max_keys", cfg.maxKeys, "default_ttl", time.Duration(cfg.defaultTTL), "origins", cfg.origins)
+	srv.health.Store(healthServing)
 
 	served := make(chan error, 1)
 	go func() { served <- hs.Serve(ln) }()
@@ -200,14 +234,19 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		stopErr = errors.New("a write to the data files failed (see the log); stopped")
 	}
 
-	// Streams first: Shutdown does not know of them (their connections
-	// were hijacked), and they must not wait behind it.
+	// Within a second, whatever is open. Streams first: Shutdown does not
+	// know of them (their connections were hijacked), and they must not
+	// wait behind it. Then Shutdown closes the listener and idle
+	// connections, and waits for running requests; connections that
+	// never sent a request it would wait 5 s for, so they are closed here.
+	srv.health.Store(healthStopping)
 	srv.close()
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	shutdownCtx, cancel := context.WithTimeout(context.Background(), 800*time.Millisecond)
 	defer cancel()
-	if err := hs.Shutdown(shutdownCtx); err != nil {
-		// A request still running, or a connection that never sent one
-		// (Shutdown waits 5 s for those): stop waiting.
+	shut := make(chan error, 1)
+	go func() { shut <- hs.Shutdown(shutdownCtx) }()
+	fresh.closeAll()
+	if err := <-shut; err != nil {
 		log.Warn("shutdown timed out; closing the remaining connections", "err", err)
 		hs.Close()
 	}
@@ -217,4 +256,34 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 	srv.store.expiry.stop()
 	log.Info("stopped")
 	return stopErr
+}
+
+// freshConns are the connections that have not sent a request yet, which
+// http.Server.Shutdown waits 5 s for before it closes them.
+type freshConns struct {
+	conns    sync.Map // net.Conn → struct{}
+	stopping atomic.Bool
+}
+
+// track is the http.Server's ConnState hook.
+func (f *freshConns) track(c net.Conn, state http.ConnState) {
+	switch state {
+	case http.StateNew:
+		f.conns.Store(c, struct{}{})
+		if f.stopping.Load() {
+			c.Close() // came as the server stops: closeAll may have missed it
+		}
+	case http.StateActive, http.StateHijacked, http.StateClosed:
+		f.conns.Delete(c)
+	}
+}
+
+// closeAll closes every connection that has not sent a request, and any
+// that comes later.
+func (f *freshConns) closeAll() {
+	f.stopping.Store(true)
+	f.conns.Range(func(c, _ any) bool {
+		c.(net.Conn).Close()
+		return true
+	})
 }

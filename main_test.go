@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // startServer runs the real server in-process on a free port with the
@@ -458,6 +460,66 @@ func TestSignal(t *testing.T) {
 	go io.Copy(io.Discard, out)
 	cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err != nil {
+		t.Errorf("after SIGTERM: %v; want exit status 0", err)
+	}
+}
+
+// TestSignalWithOpenConnections: SIGTERM with 1,000 open event streams,
+// 100 idle WebSockets and 100 connections that never sent a byte. The
+// real main must exit 0; it asserts nothing of the time it takes (the
+// test logs it; README.md reports it), but http.Server.Shutdown alone
+// waits 5 s for the silent connections.
+func TestSignalWithOpenConnections(t *testing.T) {
+	c := startChild(t, "main")
+	go func() {
+		for c.lines.Scan() {
+		}
+	}()
+	var conns []net.Conn
+	t.Cleanup(func() {
+		for _, conn := range conns {
+			conn.Close()
+		}
+	})
+	dial := func() net.Conn {
+		conn, err := net.Dial("tcp", c.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, conn)
+		return conn
+	}
+	for range 100 {
+		dial() // and silent
+	}
+	// Each opened, and its head read, so that it is open when the signal
+	// comes.
+	open := func(request, until string) {
+		conn := dial()
+		io.WriteString(conn, request)
+		r := bufio.NewReader(conn)
+		for {
+			line, err := r.ReadString('\n')
+			if err != nil {
+				t.Fatalf("opening %q: %v", request, err)
+			}
+			if strings.HasPrefix(line, until) {
+				return
+			}
+		}
+	}
+	for i := range 1000 {
+		open(fmt.Sprintf("GET /s/%d HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n", i), "retry:")
+	}
+	for range 100 {
+		open("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nOrigin: http://localhost\r\n\r\n", "\r\n")
+	}
+	start := time.Now()
+	c.cmd.Process.Signal(syscall.SIGTERM)
+	err := c.cmd.Wait()
+	t.Logf("exited %v after SIGTERM with 1,000 streams, 100 WebSockets and 100 silent connections open", time.Since(start).Round(time.Millisecond))
+	if err != nil {
 		t.Errorf("after SIGTERM: %v; want exit status 0", err)
 	}
 }

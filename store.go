@@ -91,10 +91,12 @@ type Store struct {
 	// change is being written. Writers work on the newer one, so that
 	// writes to a key go on while the earlier ones are written; readers
 	// load cur, as they do without -data.
-	data      *dataDir // nil: memory only
-	inflight  [inflightShards]inflightShard
-	seed      maphash.Seed // of the shards
-	liveBytes atomic.Int64 // bytes of the keys and values held, for compaction
+	data *dataDir // nil: memory only
+
+	deletes, expiries atomic.Int64 // keys deleted and expired, for /metrics
+	inflight          [inflightShards]inflightShard
+	seed              maphash.Seed // of the shards
+	liveBytes         atomic.Int64 // bytes of the keys and values held, for compaction
 }
 
 // inflight is, with -data, a slot's newest version while its change is
@@ -304,6 +306,11 @@ func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 	if next == nil {
 		s.live.Add(-1)
 		c.why = why
+		if why == expired {
+			s.expiries.Add(1)
+		} else {
+			s.deletes.Add(1)
+		}
 	}
 	if seq, b := s.commit(c); b != nil {
 		// The flusher settles it only with the slot locked: after this.

@@ -183,6 +183,7 @@ func (st *stream) flush() {
 	buf := getBuffer()
 	batch := st.q.drain()
 	buf.Write(st.proto.appendBatch(buf.AvailableBuffer(), batch, upTo)) // a grown array stays with buf, for the pool
+	st.count(batch)
 	st.q.recycle(batch)
 	n, err := writeNow(st.raw, buf.Bytes())
 	switch {
@@ -197,6 +198,26 @@ func (st *stream) flush() {
 		st.w.slow.Add(1)
 		st.w.wg.Add(1)
 		go st.finish(buf, n)
+	}
+}
+
+// count adds a batch's events to the metrics, and the events coalesced
+// away before it: two atomic adds per batch, none per event.
+func (st *stream) count(batch []event) {
+	var n int64
+	for i := range batch {
+		switch batch[i].kind {
+		case evGone, evHeartbeat, evReply:
+		default:
+			n++
+		}
+	}
+	m := &st.w.s.metrics
+	if n > 0 {
+		m.eventsSent.Add(n)
+	}
+	if d := st.q.takeDropped(); d > 0 {
+		m.eventsCoalesced.Add(d)
 	}
 }
 

@@ -209,6 +209,8 @@ func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut, w
 	}
 	c.st = s.writers.newStream(conn)
 	c.st.who = who
+	s.metrics.ws.Add(1)
+	defer s.metrics.ws.Add(-1)
 	c.st.proto = c
 	out.ready = c.st.ready
 	out.setDirect(false)
@@ -416,6 +418,10 @@ func (c *wsConn) handle(data []byte) {
 	}
 	fail := func(err error) { c.reply(msg.ID, "error", appendJSONString(nil, err.Error())) }
 	s := c.s
+	failWrite := func(err error) {
+		s.metrics.wrote(err)
+		fail(err)
+	}
 	// Replies name keys as the message spelled them ("foo" or "/foo").
 	switch msg.Type {
 	case "get":
@@ -432,14 +438,14 @@ func (c *wsConn) handle(data []byte) {
 	case "set", "update":
 		key, spelled, value, ttl, err := c.write(p)
 		if err != nil {
-			fail(err)
+			failWrite(err)
 			return
 		}
 		var e *entry
 		if msg.Type == "set" {
 			e, err = s.store.Set(key, value, ttl)
 		} else if p.Revision == nil {
-			fail(errors.New(`update: missing "revision": the revision the write will have (0 to create)`))
+			failWrite(errors.New(`update: missing "revision": the revision the write will have (0 to create)`))
 			return
 		} else {
 			e, err = s.store.CompareAndSwap(key, value, *p.Revision, ttl)
@@ -448,7 +454,7 @@ func (c *wsConn) handle(data []byte) {
 	case "delete":
 		key, spelled, err := c.key(p.Key, permWrite)
 		if err != nil {
-			fail(err)
+			failWrite(err)
 			return
 		}
 		rev := int64(-1)
@@ -601,6 +607,7 @@ func (c *wsConn) write(p wsPayload) (key, spelled, value string, ttl time.Durati
 // with the current state, or error, or ok with the payload ok makes, sent
 // if always or if the message had an id (KvServer's writes are silent).
 func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always bool, ok func() []byte) {
+	c.s.metrics.wrote(err)
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):

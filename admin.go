@@ -1,0 +1,238 @@
+// The admin listener (-admin-addr): what an operator needs, on a port of
+// its own so that no key can collide with it. /healthz for load
+// balancers, /metrics in the Prometheus text format (written by hand:
+// standard library only), /debug/vars (expvar) and /debug/pprof/.
+//
+// The counters are atomics that requests and writers add to; nothing on
+// a request's path takes a lock for them.
+
+package main
+
+import (
+	"bufio"
+	"errors"
+	"expvar"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/pprof"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// adminRoutes returns the handler of the admin listener.
+func (s *server) adminRoutes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", s.handleHealth)
+	mux.HandleFunc("GET /metrics", s.handleMetrics)
+	mux.Handle("GET /debug/vars", expvar.Handler())
+	mux.HandleFunc("/debug/pprof/", pprof.Index)
+	mux.HandleFunc("/debug/pprof/cmdline", pprof.Cmdline)
+	mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+	return mux
+}
+
+// handleHealth answers 200 "ok" while the server serves; 503 while it
+// loads its data files (-data), and once it is stopping, so that a load
+// balancer sends it nothing new.
+func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	switch s.health.Load() {
+	case healthServing:
+		io.WriteString(w, "ok\n")
+	case healthStopping:
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, "stopping\n")
+	default:
+		w.WriteHeader(http.StatusServiceUnavailable)
+		io.WriteString(w, "loading\n")
+	}
+}
+
+// The states /healthz reports.
+const (
+	healthLoading int32 = iota
+	healthServing
+	healthStopping
+)
+
+// Results of a write, the label of atomkv_writes_total.
+const (
+	resultOK = iota
+	resultConflict
+	resultBadRequest
+	resultTooLarge
+	resultFull
+	resultDenied
+	resultUnavailable
+	results
+)
+
+var resultNames = [results]string{"ok", "conflict", "bad_request", "too_large", "full", "denied", "unavailable"}
+
+// metrics are the counters the server keeps for /metrics. The store's own
+// figures (keys, bytes, deletes, expiries) and the data files' live in
+// Store and dataDir, and are read when scraped.
+type metrics struct {
+	writes          [results]atomic.Int64
+	sse, ws         atomic.Int64 // open event streams and WebSockets
+	eventsSent      atomic.Int64
+	eventsCoalesced atomic.Int64
+	requests        histogram
+}
+
+// wrote counts a write that ended with err; see writeResult.
+func (m *metrics) wrote(err error) { m.writes[writeResult(err)].Add(1) }
+
+// writeResult classifies the outcome of a write.
+func writeResult(err error) int {
+	var conflict *conflictError
+	var refused *accessError
+	var tooLarge *tooLargeError
+	switch {
+	case err == nil:
+		return resultOK
+	case errors.As(err, &conflict):
+		return resultConflict
+	case errors.Is(err, errFull):
+		return resultFull
+	case errors.Is(err, errNotWritten):
+		return resultUnavailable
+	case errors.As(err, &refused):
+		return resultDenied
+	case errors.As(err, &tooLarge):
+		return resultTooLarge
+	}
+	return resultBadRequest
+}
+
+// statusResult classifies an HTTP write by its answer's status.
+func statusResult(code int) int {
+	switch {
+	case code < 300:
+		return resultOK
+	case code == http.StatusConflict:
+		return resultConflict
+	case code == http.StatusRequestEntityTooLarge:
+		return resultTooLarge
+	case code == http.StatusInsufficientStorage:
+		return resultFull
+	case code == http.StatusUnauthorized || code == http.StatusForbidden:
+		return resultDenied
+	case code == http.StatusServiceUnavailable:
+		return resultUnavailable
+	}
+	return resultBadRequest
+}
+
+// histogram counts durations into fixed buckets, Prometheus style. Each
+// observation is two atomic adds.
+type histogram struct {
+	counts [len(latencyBounds) + 1]atomic.Int64 // per bucket, not cumulative; the last is +Inf
+	sum    atomic.Int64                         // nanoseconds
+}
+
+// latencyBounds are the buckets' upper bounds, from 100 µs to 10 s.
+var latencyBounds = [...]time.Duration{
+	100 * time.Microsecond, 250 * time.Microsecond, 500 * time.Microsecond,
+	time.Millisecond, 2500 * time.Microsecond, 5 * time.Millisecond,
+	10 * time.Millisecond, 25 * time.Millisecond, 50 * time.Millisecond,
+	100 * time.Millisecond, 250 * time.Millisecond, 500 * time.Millisecond,
+	time.Second, 2500 * time.Millisecond, 5 * time.Second, 10 * time.Second,
+}
+
+func (h *histogram) observe(d time.Duration) {
+	i := 0
+	for i < len(latencyBounds) && d > latencyBounds[i] {
+		i++
+	}
+	h.counts[i].Add(1)
+	h.sum.Add(int64(d))
+}
+
+// observe times every request of the main listener, and counts each write
+// (POST, PUT, DELETE) by the status it was answered with. An event stream
+// or WebSocket is timed until it is set up: its handler hands the
+// connection over and returns.
+func (s *server) observe(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		switch r.Method {
+		case http.MethodPost, http.MethodPut, http.MethodDelete:
+			rec := recorders.Get().(*statusRecorder)
+			rec.ResponseWriter, rec.code = w, http.StatusOK
+			next.ServeHTTP(rec, r)
+			s.metrics.writes[statusResult(rec.code)].Add(1)
+			rec.ResponseWriter = nil
+			recorders.Put(rec)
+		default:
+			next.ServeHTTP(w, r)
+		}
+		s.metrics.requests.observe(time.Since(start))
+	})
+}
+
+// recorders keeps statusRecorders for reuse: a write's handler holds its
+// ResponseWriter only while it runs.
+var recorders = sync.Pool{New: func() any { return new(statusRecorder) }}
+
+// handleMetrics answers the metrics in the Prometheus text format
+// (version 0.0.4).
+func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
+	w.Header().Set("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+	b := bufio.NewWriter(w)
+	defer b.Flush()
+	m := &s.metrics
+	metric := func(name, kind, help string) {
+		fmt.Fprintf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind)
+	}
+	sample := func(name string, v int64) { fmt.Fprintf(b, "%s %d\n", name, v) }
+
+	metric("atomkv_keys", "gauge", "Keys holding a value.")
+	sample("atomkv_keys", s.store.Len())
+	metric("atomkv_stored_bytes", "gauge", "Bytes of the keys and values held.")
+	sample("atomkv_stored_bytes", s.store.liveBytes.Load())
+	metric("atomkv_writes_total", "counter", "Writes (HTTP POST, PUT, DELETE; WebSocket set, update, delete; KvServer REST POST, DELETE), by result.")
+	for i, name := range resultNames {
+		fmt.Fprintf(b, "atomkv_writes_total{result=%q} %d\n", name, m.writes[i].Load())
+	}
+	metric("atomkv_deletes_total", "counter", "Keys deleted.")
+	sample("atomkv_deletes_total", s.store.deletes.Load())
+	metric("atomkv_expiries_total", "counter", "Keys that expired.")
+	sample("atomkv_expiries_total", s.store.expiries.Load())
+	metric("atomkv_open_streams", "gauge", "Open event streams (Server-Sent Events).")
+	sample("atomkv_open_streams", m.sse.Load())
+	metric("atomkv_open_websockets", "gauge", "Open WebSocket connections.")
+	sample("atomkv_open_websockets", m.ws.Load())
+	metric("atomkv_events_sent_total", "counter", "Events written to event streams and WebSockets.")
+	sample("atomkv_events_sent_total", m.eventsSent.Load())
+	metric("atomkv_events_coalesced_total", "counter", "Events replaced, before they were sent, by a newer one of their key.")
+	sample("atomkv_events_coalesced_total", m.eventsCoalesced.Load())
+
+	metric("atomkv_request_duration_seconds", "histogram", "HTTP requests of the main listener, until answered (event streams and WebSockets: until set up).")
+	var cum int64
+	for i, bound := range latencyBounds {
+		cum += m.requests.counts[i].Load()
+		fmt.Fprintf(b, "atomkv_request_duration_seconds_bucket{le=%q} %d\n", strconv.FormatFloat(bound.Seconds(), 'g', -1, 64), cum)
+	}
+	cum += m.requests.counts[len(latencyBounds)].Load()
+	fmt.Fprintf(b, "atomkv_request_duration_seconds_bucket{le=\"+Inf\"} %d\n", cum)
+	fmt.Fprintf(b, "atomkv_request_duration_seconds_sum %g\n", time.Duration(m.requests.sum.Load()).Seconds())
+	fmt.Fprintf(b, "atomkv_request_duration_seconds_count %d\n", cum)
+
+	if d := s.store.data; d != nil {
+		metric("atomkv_data_log_bytes", "gauge", "Bytes of the current log file (-data).")
+		sample("atomkv_data_log_bytes", d.logSize.Load())
+		metric("atomkv_data_snapshot_bytes", "gauge", "Bytes of the newest snapshot (-data).")
+		sample("atomkv_data_snapshot_bytes", d.snapBytes.Load())
+		metric("atomkv_data_snapshots_total", "counter", "Snapshots written since the server started (-data).")
+		sample("atomkv_data_snapshots_total", d.snapshots.Load())
+		metric("atomkv_fsync_duration_seconds", "summary", "Time taken by fsync of the log (-data).")
+		fmt.Fprintf(b, "atomkv_fsync_duration_seconds_sum %g\n", time.Duration(d.fsyncNanos.Load()).Seconds())
+		sample("atomkv_fsync_duration_seconds_count", d.fsyncs.Load())
+	}
+}
