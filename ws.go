@@ -477,21 +477,28 @@ func (c *wsConn) handle(data []byte) {
 			fail(err)
 			return
 		}
-		// The reply is queued before any event, so it arrives first.
-		if msg.ID != nil {
-			c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
-		}
+		// A subscribe's ok is queued before any of its events, so it
+		// arrives first; an unsubscribe's after the subscription is gone,
+		// so no event of it follows the ok.
 		sub := c.subs[spelled]
 		if msg.Type == "subscribe" {
+			if msg.ID != nil {
+				c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
+			}
 			if sub != nil {
 				s.store.Unsubscribe(sub) // subscribing again starts afresh
 			}
 			sub = &subscription{path: path, q: &c.st.q, kvserver: kvserver}
 			c.subs[spelled] = sub
 			s.store.Subscribe(sub, subscribeFrom(p))
-		} else if sub != nil {
+			return
+		}
+		if sub != nil {
 			delete(c.subs, spelled)
 			s.store.Unsubscribe(sub)
+		}
+		if msg.ID != nil {
+			c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
 		}
 	case "list":
 		prefix := "/"
