@@ -190,28 +190,23 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	metric := func(name, kind, help string) {
 		fmt.Fprintf(b, "# HELP %s %s\n# TYPE %s %s\n", name, help, name, kind)
 	}
-	sample := func(name string, v int64) { fmt.Fprintf(b, "%s %d\n", name, v) }
+	single := func(name, kind, help string, v int64) { // a metric of one sample
+		metric(name, kind, help)
+		fmt.Fprintf(b, "%s %d\n", name, v)
+	}
 
-	metric("atomkv_keys", "gauge", "Keys holding a value.")
-	sample("atomkv_keys", s.store.Len())
-	metric("atomkv_stored_bytes", "gauge", "Bytes of the keys and values held.")
-	sample("atomkv_stored_bytes", s.store.liveBytes.Load())
+	single("atomkv_keys", "gauge", "Keys holding a value.", s.store.Len())
+	single("atomkv_stored_bytes", "gauge", "Bytes of the keys and values held.", s.store.liveBytes.Load())
 	metric("atomkv_writes_total", "counter", "Writes (HTTP POST, PUT, DELETE; WebSocket set, update, delete; KvServer REST POST, DELETE), by result.")
 	for i, name := range resultNames {
 		fmt.Fprintf(b, "atomkv_writes_total{result=%q} %d\n", name, m.writes[i].Load())
 	}
-	metric("atomkv_deletes_total", "counter", "Keys deleted.")
-	sample("atomkv_deletes_total", s.store.deletes.Load())
-	metric("atomkv_expiries_total", "counter", "Keys that expired.")
-	sample("atomkv_expiries_total", s.store.expiries.Load())
-	metric("atomkv_open_streams", "gauge", "Open event streams (Server-Sent Events).")
-	sample("atomkv_open_streams", m.sse.Load())
-	metric("atomkv_open_websockets", "gauge", "Open WebSocket connections.")
-	sample("atomkv_open_websockets", m.ws.Load())
-	metric("atomkv_events_sent_total", "counter", "Events written to event streams and WebSockets.")
-	sample("atomkv_events_sent_total", m.eventsSent.Load())
-	metric("atomkv_events_coalesced_total", "counter", "Events replaced, before they were sent, by a newer one of their key.")
-	sample("atomkv_events_coalesced_total", m.eventsCoalesced.Load())
+	single("atomkv_deletes_total", "counter", "Keys deleted.", s.store.deletes.Load())
+	single("atomkv_expiries_total", "counter", "Keys that expired.", s.store.expiries.Load())
+	single("atomkv_open_streams", "gauge", "Open event streams (Server-Sent Events).", m.sse.Load())
+	single("atomkv_open_websockets", "gauge", "Open WebSocket connections.", m.ws.Load())
+	single("atomkv_events_sent_total", "counter", "Events written to event streams and WebSockets.", m.eventsSent.Load())
+	single("atomkv_events_coalesced_total", "counter", "Events replaced, before they were sent, by a newer one of their key.", m.eventsCoalesced.Load())
 
 	metric("atomkv_request_duration_seconds", "histogram", "HTTP requests of the main listener, until answered (event streams and WebSockets: until set up).")
 	var cum int64
@@ -225,14 +220,11 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(b, "atomkv_request_duration_seconds_count %d\n", cum)
 
 	if d := s.store.data; d != nil {
-		metric("atomkv_data_log_bytes", "gauge", "Bytes of the current log file (-data).")
-		sample("atomkv_data_log_bytes", d.logSize.Load())
-		metric("atomkv_data_snapshot_bytes", "gauge", "Bytes of the newest snapshot (-data).")
-		sample("atomkv_data_snapshot_bytes", d.snapBytes.Load())
-		metric("atomkv_data_snapshots_total", "counter", "Snapshots written since the server started (-data).")
-		sample("atomkv_data_snapshots_total", d.snapshots.Load())
+		single("atomkv_data_log_bytes", "gauge", "Bytes of the current log file (-data).", d.logSize.Load())
+		single("atomkv_data_snapshot_bytes", "gauge", "Bytes of the newest snapshot (-data).", d.snapBytes.Load())
+		single("atomkv_data_snapshots_total", "counter", "Snapshots written since the server started (-data).", d.snapshots.Load())
 		metric("atomkv_fsync_duration_seconds", "summary", "Time taken by fsync of the log (-data).")
 		fmt.Fprintf(b, "atomkv_fsync_duration_seconds_sum %g\n", time.Duration(d.fsyncNanos.Load()).Seconds())
-		sample("atomkv_fsync_duration_seconds_count", d.fsyncs.Load())
+		fmt.Fprintf(b, "atomkv_fsync_duration_seconds_count %d\n", d.fsyncs.Load())
 	}
 }

@@ -3,7 +3,6 @@ package main
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -31,40 +30,6 @@ func untilSynced(t *testing.T, ch <-chan sseEvent) (got []string, tags []int64, 
 		got = append(got, ev.String())
 		tags = append(tags, ev.seq)
 	}
-}
-
-// openStream is subscribe with a function that closes the stream.
-func openStream(t *testing.T, url, path string, headers ...string) (<-chan sseEvent, func()) {
-	t.Helper()
-	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, "GET", url+path, nil)
-	req.Header.Set("Accept", "text/event-stream")
-	for i := 0; i+1 < len(headers); i += 2 {
-		req.Header.Set(headers[i], headers[i+1])
-	}
-	resp, err := http.DefaultTransport.RoundTrip(req)
-	if err != nil || resp.StatusCode != 200 {
-		cancel()
-		t.Fatalf("subscribe %s: %v %v", path, resp, err)
-	}
-	ch := make(chan sseEvent, 1024)
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		defer close(ch)
-		defer resp.Body.Close()
-		readEvents(t, bufio.NewReader(resp.Body), "", func(ev sseEvent) bool {
-			select {
-			case ch <- ev:
-				return true
-			case <-ctx.Done():
-				return false
-			}
-		})
-	}()
-	stop := func() { cancel(); <-done }
-	t.Cleanup(stop)
-	return ch, stop
 }
 
 // awayChanges makes the changes of a client's absence under /r/: /r/a

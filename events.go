@@ -69,7 +69,7 @@ type coalescer struct {
 	gaps    int              // events in pending that are evGone
 	index   map[eventKey]int // position in pending of each coalescing event
 	spare   []event          // the slice of the last batch, for reuse
-	dropped int64            // events replaced by newer ones, since takeDropped
+	dropped int64            // events replaced by newer ones, since recycle
 }
 
 // push queues ev.
@@ -141,22 +141,16 @@ func (q *coalescer) drain() []event {
 	return batch
 }
 
-// takeDropped returns how many events were replaced by newer ones since
-// it was last called.
-func (q *coalescer) takeDropped() int64 {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	n := q.dropped
-	q.dropped = 0
-	return n
-}
-
-// recycle returns a drained batch's memory for the next one.
-func (q *coalescer) recycle(batch []event) {
+// recycle returns a drained batch's memory for the next one, and how many
+// events were replaced by newer ones since it was last called (taken
+// here, under the lock recycle holds anyway, for the metrics).
+func (q *coalescer) recycle(batch []event) (dropped int64) {
 	clear(batch) // drop the references to values
 	q.mu.Lock()
 	q.spare = batch[:0]
+	dropped, q.dropped = q.dropped, 0
 	q.mu.Unlock()
+	return dropped
 }
 
 // Len returns the number of pending events.

@@ -42,6 +42,13 @@ func (ev sseEvent) String() string {
 // returns its events as they arrive; the channel closes with the stream.
 func subscribe(t testing.TB, url, path string, headers ...string) <-chan sseEvent {
 	t.Helper()
+	ch, _ := openStream(t, url, path, headers...)
+	return ch
+}
+
+// openStream is subscribe with a function that closes the stream.
+func openStream(t testing.TB, url, path string, headers ...string) (<-chan sseEvent, func()) {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	req, _ := http.NewRequestWithContext(ctx, "GET", url+path, nil)
 	req.Header.Set("Accept", "text/event-stream")
@@ -64,10 +71,18 @@ func subscribe(t testing.TB, url, path string, headers ...string) <-chan sseEven
 		defer close(done)
 		defer close(ch)
 		defer resp.Body.Close()
-		readEvents(t, bufio.NewReader(resp.Body), "", func(ev sseEvent) bool { ch <- ev; return true })
+		readEvents(t, bufio.NewReader(resp.Body), "", func(ev sseEvent) bool {
+			select {
+			case ch <- ev:
+				return true
+			case <-ctx.Done():
+				return false
+			}
+		})
 	}()
-	t.Cleanup(func() { cancel(); <-done })
-	return ch
+	stop := func() { cancel(); <-done }
+	t.Cleanup(stop)
+	return ch, stop
 }
 
 // readEvents parses an event stream as EventSource does, and calls f with

@@ -183,8 +183,7 @@ func (st *stream) flush() {
 	buf := getBuffer()
 	batch := st.q.drain()
 	buf.Write(st.proto.appendBatch(buf.AvailableBuffer(), batch, upTo)) // a grown array stays with buf, for the pool
-	st.count(batch)
-	st.q.recycle(batch)
+	st.recycle(batch)
 	n, err := writeNow(st.raw, buf.Bytes())
 	switch {
 	case err != nil:
@@ -201,9 +200,10 @@ func (st *stream) flush() {
 	}
 }
 
-// count adds a batch's events to the metrics, and the events coalesced
-// away before it: two atomic adds per batch, none per event.
-func (st *stream) count(batch []event) {
+// recycle hands a drained batch back to the queue, and counts its events
+// and those coalesced away before it in the metrics: two atomic adds per
+// batch, none per event.
+func (st *stream) recycle(batch []event) {
 	var n int64
 	for i := range batch {
 		switch batch[i].kind {
@@ -216,7 +216,7 @@ func (st *stream) count(batch []event) {
 	if n > 0 {
 		m.eventsSent.Add(n)
 	}
-	if d := st.q.takeDropped(); d > 0 {
+	if d := st.q.recycle(batch); d > 0 {
 		m.eventsCoalesced.Add(d)
 	}
 }
