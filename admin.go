@@ -1,7 +1,8 @@
 // The admin listener (-admin-addr): what an operator needs, on a port of
 // its own so that no key can collide with it. /healthz for load
 // balancers, /metrics in the Prometheus text format (written by hand:
-// standard library only), /debug/vars (expvar) and /debug/pprof/.
+// standard library only), /debug/vars (expvar) and /debug/pprof/, and
+// at / the console, a page that shows the store live.
 //
 // The counters are atomics that requests and writers add to; nothing on
 // a request's path takes a lock for them.
@@ -10,13 +11,17 @@ package main
 
 import (
 	"bufio"
+	_ "embed"
 	"errors"
 	"expvar"
 	"fmt"
+	"html"
 	"io"
+	"net"
 	"net/http"
 	"net/http/pprof"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -25,6 +30,7 @@ import (
 // adminRoutes returns the handler of the admin listener.
 func (s *server) adminRoutes() http.Handler {
 	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", s.handleConsole)
 	mux.HandleFunc("GET /healthz", s.handleHealth)
 	mux.HandleFunc("GET /metrics", s.handleMetrics)
 	mux.Handle("GET /debug/vars", expvar.Handler())
@@ -34,6 +40,40 @@ func (s *server) adminRoutes() http.Handler {
 	mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
 	mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
 	return mux
+}
+
+//go:embed console.html
+var consoleHTML string
+
+// handleConsole answers the console: one page that loads client.js from
+// the main listener and shows its keys live, with /metrics of this
+// listener as sparklines. The page takes the main listener's URL from its
+// ?server= query, or else from mainURL.
+func (s *server) handleConsole(w http.ResponseWriter, r *http.Request) {
+	page := strings.NewReplacer(
+		"{{MAIN}}", html.EscapeString(s.mainURL(r)),
+		"{{TOKENS}}", strconv.FormatBool(s.access != nil),
+	).Replace(consoleHTML)
+	w.Header().Set("Content-Type", "text/html; charset=utf-8")
+	w.Header().Set("Cache-Control", "no-cache")
+	io.WriteString(w, page)
+}
+
+// mainURL guesses the main listener's URL for a console page reached by
+// r: -addr, on the host the page was reached by where -addr names none.
+func (s *server) mainURL(r *http.Request) string {
+	host, port, err := net.SplitHostPort(s.cfg.addr)
+	if err != nil {
+		return ""
+	}
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		if h, _, err := net.SplitHostPort(r.Host); err == nil {
+			host = h
+		} else {
+			host = r.Host
+		}
+	}
+	return "http://" + net.JoinHostPort(host, port)
 }
 
 // handleHealth answers 200 "ok" while the server serves; 503 while it

@@ -1,0 +1,244 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestConsolePage: the admin listener serves the console at / (only
+// there: other paths are 404), with the main listener's URL and whether
+// tokens are needed filled in.
+func TestConsolePage(t *testing.T) {
+	for _, tc := range []struct {
+		args       []string
+		host, main string
+		tokens     string
+	}{
+		{[]string{"-addr", ":8000"}, "vm.example:9000", "http://vm.example:8000", "false"},
+		{[]string{"-addr", "0.0.0.0:8001"}, "10.0.0.5:9000", "http://10.0.0.5:8001", "false"},
+		{[]string{"-addr", "127.0.0.1:8000"}, "localhost:9000", "http://127.0.0.1:8000", "false"},
+		{[]string{"-addr", "[::1]:8000", "-tokens", writeTokens(t, "t write /")}, "x:9", "http://[::1]:8000", "true"},
+	} {
+		cfg, err := parseConfig(tc.args, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, err := newServer(cfg, discardLogger())
+		if err != nil {
+			t.Fatal(err)
+		}
+		admin := srv.adminRoutes()
+		req := httptest.NewRequest("GET", "/", nil)
+		req.Host = tc.host
+		w := httptest.NewRecorder()
+		admin.ServeHTTP(w, req)
+		body := w.Body.String()
+		if w.Code != 200 || w.Header().Get("Content-Type") != "text/html; charset=utf-8" {
+			t.Errorf("%v: GET / on the admin listener: %d %s", tc.args, w.Code, w.Header().Get("Content-Type"))
+		}
+		for _, want := range []string{
+			`<meta name="atomkv-main" content="` + tc.main + `">`,
+			`<meta name="atomkv-tokens" content="` + tc.tokens + `">`,
+		} {
+			if !strings.Contains(body, want) {
+				t.Errorf("%v, reached as %s: the page lacks %s", tc.args, tc.host, want)
+			}
+		}
+		w = httptest.NewRecorder()
+		admin.ServeHTTP(w, httptest.NewRequest("GET", "/console", nil))
+		if w.Code != 404 {
+			t.Errorf("GET /console on the admin listener: %d; want 404", w.Code)
+		}
+		srv.close()
+	}
+}
+
+// TestConsole drives the console in headless Chromium. A harness page
+// holds it in a frame of the same origin, so that it can read and click
+// the console's DOM like a user: keys written with plain HTTP show up
+// with their revision and TTL, a change made elsewhere is highlighted, a
+// compare-and-swap edit that loses shows the current value, deletes leave
+// the tree, a TTL is set, the figures come from /metrics, and with
+// -tokens the console asks for a token and keeps it for the tab.
+func TestConsole(t *testing.T) {
+	chromium := needTool(t, "chromium", "chromium")
+	srv, server := newTestServer(t)
+	guardedSrv, guarded := newTestServer(t, "-tokens", writeTokens(t, "console-token write /"))
+
+	// Written before the page opens, as curl would.
+	for _, w := range []struct{ key, value, ttl string }{
+		{"/console/a", `{"n": 1}`, ""},
+		{"/console/b", `"theirs"`, ""},
+		{"/console/c", `3`, ""},
+		{"/console/d", `4`, ""},
+		{"/console/deep/x", `[1, 2]`, ""},
+		{"/console/t", `"brief"`, "2h"},
+	} {
+		if r := do(t, "POST", server+w.key, w.value, "X-TTL", w.ttl); r.code != 200 {
+			t.Fatalf("POST %s: %d %s", w.key, r.code, r.body)
+		}
+	}
+	if r := do(t, "POST", guarded+"/room/x", `"guarded"`, "Authorization", "Bearer console-token"); r.code != 200 {
+		t.Fatalf("POST with the token: %d %s", r.code, r.body)
+	}
+
+	harness, err := os.ReadFile("testdata/console.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	harness = bytes.ReplaceAll(harness, []byte("{{SERVER}}"), []byte(server))
+	harness = bytes.ReplaceAll(harness, []byte("{{GUARDED}}"), []byte(guarded))
+	report := make(chan []byte, 1)
+	mux := http.NewServeMux()
+	mux.Handle("/", srv.adminRoutes())
+	mux.Handle("/guarded/", http.StripPrefix("/guarded", guardedSrv.adminRoutes()))
+	mux.HandleFunc("GET /harness", func(w http.ResponseWriter, r *http.Request) { w.Write(harness) })
+	// write makes a change elsewhere than in the console.
+	mux.HandleFunc("POST /write", func(w http.ResponseWriter, r *http.Request) {
+		var req struct{ Method, Key, Body string }
+		json.NewDecoder(r.Body).Decode(&req)
+		out, err := http.NewRequest(req.Method, server+req.Key, strings.NewReader(req.Body))
+		if err != nil {
+			http.Error(w, err.Error(), 400)
+			return
+		}
+		resp, err := http.DefaultClient.Do(out)
+		if err != nil {
+			http.Error(w, err.Error(), 502)
+			return
+		}
+		resp.Body.Close()
+		w.WriteHeader(resp.StatusCode)
+	})
+	mux.HandleFunc("POST /report", func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		select {
+		case report <- b:
+		default:
+		}
+	})
+	pages := httptest.NewServer(mux)
+	defer pages.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	var log strings.Builder
+	cmd := exec.CommandContext(ctx, chromium, append(chromiumFlags(t), pages.URL+"/harness")...)
+	cmd.Stdout, cmd.Stderr = &log, &log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+
+	var results []struct {
+		Name   string
+		OK     bool
+		Detail string
+	}
+	select {
+	case b := <-report:
+		if err := json.Unmarshal(b, &results); err != nil {
+			t.Fatalf("report %s: %v", b, err)
+		}
+	case <-ctx.Done():
+		t.Fatalf("no report from the harness; chromium said:\n%s", consoleLines(log.String()))
+	}
+	want := []string{
+		"keys written with curl show, with revision and TTL", "a change made elsewhere is highlighted",
+		"a CAS edit that conflicts shows the current value", "a delete leaves the tree", "a TTL is set",
+		"a new key is created", "the figures come from /metrics", "with -tokens it asks for a token, kept for the tab",
+	}
+	if len(results) != len(want) {
+		t.Errorf("got %d results; want %d", len(results), len(want))
+	}
+	for i, r := range results {
+		if i < len(want) && r.Name != want[i] {
+			t.Errorf("result %d is %q; want %q", i, r.Name, want[i])
+		}
+		if r.OK {
+			t.Logf("pass: %s", r.Name)
+		} else {
+			t.Errorf("fail: %s: %s", r.Name, r.Detail)
+		}
+	}
+	// What the console did reached the server.
+	if r := do(t, "GET", server+"/console/b", ""); r.body != `"mine"` {
+		t.Errorf("/console/b after the second save: %s; want \"mine\"", r.body)
+	}
+	if r := do(t, "GET", server+"/console/a", ""); r.header.Get("X-TTL") == "" {
+		t.Errorf("/console/a has no TTL after the console set one")
+	}
+	if t.Failed() {
+		t.Logf("chromium console:\n%s", consoleLines(log.String()))
+	}
+}
+
+// chromiumFlags are the flags of a headless Chromium run by a test.
+func chromiumFlags(t *testing.T) []string {
+	return []string{
+		"--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+		"--disable-background-networking", "--disable-component-update", "--disable-sync",
+		"--user-data-dir=" + t.TempDir(), "--enable-logging=stderr", "--v=0",
+	}
+}
+
+// TestConsoleScreenshot writes docs/console.png, the screenshot README.md
+// shows: the console on a store with some keys, a few of them changing.
+// It runs only with ATOMKV_SCREENSHOT=1:
+//
+//	ATOMKV_SCREENSHOT=1 go test -run TestConsoleScreenshot .
+func TestConsoleScreenshot(t *testing.T) {
+	if os.Getenv("ATOMKV_SCREENSHOT") == "" {
+		t.Skip("writes docs/console.png; run with ATOMKV_SCREENSHOT=1")
+	}
+	chromium := needTool(t, "chromium", "chromium")
+	srv, server := newTestServer(t)
+	for key, value := range map[string]string{
+		"/config/theme": `"dark"`, "/config/max-players": `8`,
+		"/room/42/topic": `"Friday planning"`, "/room/42/cursor/ann": `{"x":120,"y":48}`,
+		"/room/42/cursor/bob": `{"x":310,"y":200}`, "/room/7/topic": `"retro"`,
+		"/user:42": `{"name":"Ann","langs":["go","js"]}`, "/user:43": `{"name":"Bob"}`,
+	} {
+		do(t, "POST", server+key, value)
+	}
+	do(t, "POST", server+"/session/ann", `{"since":"09:14"}`, "X-TTL", "25m")
+	do(t, "POST", server+"/room/42/typing/bob", `true`, "X-TTL", "8s")
+	admin := httptest.NewServer(srv.adminRoutes())
+	defer admin.Close()
+
+	// Changes while the page runs, so that the figures and the highlight
+	// have something to show.
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			srv.store.Set("/room/42/cursor/bob", fmt.Sprintf(`{"x":%d,"y":%d}`, 310+i, 200-i%30), 0)
+			if i%5 == 0 {
+				srv.store.Set("/room/42/topic", fmt.Sprintf(`"Friday planning (%d)"`, i/5), 0)
+			}
+		}
+	}()
+	out, _ := filepath.Abs("docs/console.png")
+	cmd := exec.Command(chromium, append(chromiumFlags(t), "--hide-scrollbars", "--window-size=1280,720",
+		"--virtual-time-budget=4000", "--screenshot="+out, admin.URL+"/?server="+server)...)
+	if b, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("chromium: %v\n%s", err, consoleLines(string(b)))
+	}
+	t.Logf("wrote %s", out)
+}
