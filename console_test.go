@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -14,6 +15,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"golang.org/x/net/websocket"
 )
 
 // TestConsolePage: the admin listener serves the console at / (only
@@ -213,7 +216,7 @@ func TestConsoleScreenshot(t *testing.T) {
 		do(t, "POST", server+key, value)
 	}
 	do(t, "POST", server+"/session/ann", `{"since":"09:14"}`, "X-TTL", "25m")
-	do(t, "POST", server+"/room/42/typing/bob", `true`, "X-TTL", "8s")
+	do(t, "POST", server+"/room/42/typing/bob", `true`, "X-TTL", "30s")
 	admin := httptest.NewServer(srv.adminRoutes())
 	defer admin.Close()
 
@@ -228,17 +231,109 @@ func TestConsoleScreenshot(t *testing.T) {
 				return
 			case <-time.After(100 * time.Millisecond):
 			}
-			srv.store.Set("/room/42/cursor/bob", fmt.Sprintf(`{"x":%d,"y":%d}`, 310+i, 200-i%30), 0)
+			// Over HTTP, so that the metrics count them.
+			post := func(key, value string) {
+				if resp, err := http.Post(server+key, "application/json", strings.NewReader(value)); err == nil {
+					resp.Body.Close()
+				}
+			}
+			post("/room/42/cursor/bob", fmt.Sprintf(`{"x":%d,"y":%d}`, 310+i, 200-i%30))
 			if i%5 == 0 {
-				srv.store.Set("/room/42/topic", fmt.Sprintf(`"Friday planning (%d)"`, i/5), 0)
+				post("/room/42/topic", fmt.Sprintf(`"Friday planning (%d)"`, i/5))
 			}
 		}
 	}()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	// Ready once every key is in the tree, a change is highlighted and the
+	// sparklines have a few points; then the editor is opened on a key.
+	png := screenshot(t, ctx, chromium, admin.URL+"/?server="+server,
+		`document.querySelectorAll('.row').length >= 10 && document.querySelector('.row.changed') !== null &&
+		 document.querySelector('#figure-writes polyline').getAttribute('points').split(' ').length >= 6`,
+		`document.querySelector('.row[data-key="/user:42"]').click()`)
 	out, _ := filepath.Abs("docs/console.png")
-	cmd := exec.Command(chromium, append(chromiumFlags(t), "--hide-scrollbars", "--window-size=1280,720",
-		"--virtual-time-budget=4000", "--screenshot="+out, admin.URL+"/?server="+server)...)
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("chromium: %v\n%s", err, consoleLines(string(b)))
+	if err := os.WriteFile(out, png, 0o644); err != nil {
+		t.Fatal(err)
 	}
 	t.Logf("wrote %s", out)
+}
+
+// screenshot opens url in headless Chromium, waits until the page's
+// expression ready is true, evaluates then, and returns a PNG of the page. It speaks the
+// DevTools protocol over its WebSocket: --screenshot alone takes the
+// picture at the load event, before the console has its keys.
+func screenshot(t *testing.T, ctx context.Context, chromium, url, ready, then string) []byte {
+	t.Helper()
+	cmd := exec.CommandContext(ctx, chromium, append(chromiumFlags(t), "--hide-scrollbars", "--window-size=1280,900",
+		"--remote-debugging-port=0", url)...)
+	stderr, _ := cmd.StderrPipe()
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	var browser string // ws://127.0.0.1:port/devtools/browser/…
+	sc := bufio.NewScanner(stderr)
+	for sc.Scan() {
+		if _, u, ok := strings.Cut(sc.Text(), "DevTools listening on "); ok {
+			browser = u
+			break
+		}
+	}
+	go io.Copy(io.Discard, stderr)
+	if browser == "" {
+		t.Fatal("chromium printed no DevTools address")
+	}
+	// The page's own target.
+	host := strings.Split(strings.TrimPrefix(browser, "ws://"), "/")[0]
+	var target string
+	waitFor(t, "the page's DevTools target", func() bool {
+		resp, err := http.Get("http://" + host + "/json/list")
+		if err != nil {
+			return false
+		}
+		defer resp.Body.Close()
+		var targets []struct{ Type, URL, WebSocketDebuggerURL string }
+		json.NewDecoder(resp.Body).Decode(&targets)
+		for _, tg := range targets {
+			if tg.Type == "page" && tg.URL == url {
+				target = tg.WebSocketDebuggerURL
+			}
+		}
+		return target != ""
+	})
+	ws, err := websocket.Dial(target, "", "http://"+host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	id := 0
+	call := func(method string, params any) json.RawMessage {
+		id++
+		websocket.JSON.Send(ws, map[string]any{"id": id, "method": method, "params": params})
+		for {
+			var msg struct {
+				ID     int
+				Result json.RawMessage
+				Error  json.RawMessage
+			}
+			if err := websocket.JSON.Receive(ws, &msg); err != nil {
+				t.Fatalf("%s: %v", method, err)
+			}
+			if msg.ID == id {
+				if msg.Error != nil {
+					t.Fatalf("%s: %s", method, msg.Error)
+				}
+				return msg.Result
+			}
+		}
+	}
+	waitFor(t, "the page to be ready ("+ready+")", func() bool {
+		var r struct{ Result struct{ Value bool } }
+		json.Unmarshal(call("Runtime.evaluate", map[string]any{"expression": ready, "returnByValue": true}), &r)
+		return r.Result.Value
+	})
+	call("Runtime.evaluate", map[string]any{"expression": then})
+	var shot struct{ Data []byte }
+	json.Unmarshal(call("Page.captureScreenshot", map[string]any{"format": "png"}), &shot)
+	return shot.Data
 }
