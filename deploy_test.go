@@ -22,6 +22,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -420,6 +421,7 @@ func testCertificate(t *testing.T, dir string) (certFile, keyFile string, roots 
 func throughProxy(t *testing.T, p *proxied) {
 	t.Run("http", func(t *testing.T) { proxyHTTP(t, p) })
 	t.Run("sse", func(t *testing.T) { proxySSE(t, p) })
+	t.Run("latency", func(t *testing.T) { proxyLatency(t, p) })
 	t.Run("websocket", func(t *testing.T) { proxyWebSocket(t, p) })
 	t.Run("browser", func(t *testing.T) { proxyBrowser(t, p) })
 }
@@ -477,7 +479,7 @@ func proxyHTTP(t *testing.T, p *proxied) {
 	}
 }
 
-// proxyStream opens an event stream through the proxy.
+// stream opens an event stream through the proxy.
 func (p *proxied) stream(t *testing.T, path string, headers ...string) (*bufio.Reader, func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
@@ -505,13 +507,11 @@ func proxySSE(t *testing.T, p *proxied) {
 	events, stop := p.stream(t, "/live/?initial")
 	lastID := readEvents(t, events, "", func(ev sseEvent) bool { return ev.name != "synced" })
 
-	start := time.Now()
 	if r, _ := p.send(t, "POST", "/live/x", `"first"`); r.code != 200 {
 		t.Fatalf("POST: %d %s", r.code, r.body)
 	}
 	var got sseEvent
 	lastID = readEvents(t, events, lastID, func(ev sseEvent) bool { got = ev; return false })
-	t.Logf("a change reached the stream %v after its POST was sent", time.Since(start).Round(time.Millisecond))
 	if got.key != "/live/x" || got.data != `"first"` {
 		t.Fatalf("got %v; want /live/x:0=\"first\"", got)
 	}
@@ -528,6 +528,60 @@ func proxySSE(t *testing.T, p *proxied) {
 	if len(resumed) != 2 || resumed[0] != `/live/y:0="missed"` || !strings.HasPrefix(resumed[1], "synced@") {
 		t.Errorf("resumed with %v; want just /live/y:0=\"missed\", then synced", resumed)
 	}
+}
+
+// proxyLatency logs how long a change takes to reach an event stream
+// through the proxy and one straight from the server, both open at once,
+// each change written straight to the server: medians of 21 rounds, and
+// their ratio (docs/performance.md). It asserts nothing of them.
+func proxyLatency(t *testing.T, p *proxied) {
+	arrivals := func(r *bufio.Reader) <-chan time.Time {
+		ch := make(chan time.Time, 64)
+		go readEvents(t, r, "", func(ev sseEvent) bool {
+			if ev.name == "" {
+				ch <- time.Now()
+			}
+			return true
+		})
+		return ch
+	}
+	proxiedStream, stop := p.stream(t, "/latency/")
+	defer stop()
+	req, _ := http.NewRequest("GET", p.srv.url+"/latency/", nil)
+	req.Header.Set("Accept", "text/event-stream")
+	resp, err := http.DefaultTransport.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	viaProxy, direct := arrivals(proxiedStream), arrivals(bufio.NewReader(resp.Body))
+
+	const rounds = 21
+	var proxyTimes, directTimes []time.Duration
+	for i := range rounds {
+		start := time.Now()
+		if r := do(t, "POST", p.srv.url+"/latency/k", strconv.Itoa(i)); r.code != 200 {
+			t.Fatalf("POST: %d %s", r.code, r.body)
+		}
+		for _, c := range []struct {
+			ch    <-chan time.Time
+			times *[]time.Duration
+		}{{viaProxy, &proxyTimes}, {direct, &directTimes}} {
+			select {
+			case at := <-c.ch:
+				*c.times = append(*c.times, at.Sub(start))
+			case <-time.After(20 * time.Second): // a hang breaker, not a timing assertion
+				t.Fatalf("round %d: no event", i)
+			}
+		}
+	}
+	median := func(d []time.Duration) time.Duration {
+		slices.Sort(d)
+		return d[len(d)/2]
+	}
+	mp, md := median(proxyTimes), median(directTimes)
+	t.Logf("a change written to the server reaches a stream through the proxy in %v, straight from the server in %v (medians of %d): %.2f×",
+		mp.Round(time.Microsecond), md.Round(time.Microsecond), rounds, float64(mp)/float64(md))
 }
 
 // proxyWebSocket: a session of the WebSocket API through the proxy.
