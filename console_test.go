@@ -86,7 +86,7 @@ func TestConsole(t *testing.T) {
 		{"/console/c", `3`, ""},
 		{"/console/d", `4`, ""},
 		{"/console/deep/x", `[1, 2]`, ""},
-		{"/console/t", `"brief"`, "2h"},
+		{"/console/t", `"brief"`, "90s"},
 	} {
 		if r := do(t, "POST", server+w.key, w.value, "X-TTL", w.ttl); r.code != 200 {
 			t.Fatalf("POST %s: %d %s", w.key, r.code, r.body)
