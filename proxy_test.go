@@ -42,21 +42,28 @@ type proxied struct {
 	tls    *tls.Config // trusts the proxy's certificate
 	client *http.Client
 	srv    *process
+	// The server's -heartbeat, and how long the proxy lets a connection
+	// be quiet (0: no limit): the tests scale both down in one ratio.
+	heartbeat, idleTimeout time.Duration
 }
 
-func newProxied(base string, roots *x509.CertPool, srv *process) *proxied {
+func newProxied(base string, roots *x509.CertPool, srv *process, heartbeat, idleTimeout time.Duration) *proxied {
 	cfg := &tls.Config{RootCAs: roots}
 	return &proxied{
-		base: base, tls: cfg, srv: srv,
+		base: base, tls: cfg, srv: srv, heartbeat: heartbeat, idleTimeout: idleTimeout,
 		client: &http.Client{Transport: &http.Transport{TLSClientConfig: cfg, ForceAttemptHTTP2: true}},
 	}
 }
+
+// testHeartbeat is the -heartbeat of the servers behind proxies: short,
+// so that proxyIdle sees many in little time.
+const testHeartbeat = 200 * time.Millisecond
 
 // TestProxyCaddy runs the real binary behind real Caddy, configured by
 // deploy/Caddyfile: HTTPS from Caddy's internal CA, HTTP/2 to clients.
 func TestProxyCaddy(t *testing.T) {
 	caddy := needTool(t, "caddy", "caddy")
-	srv := startBinary(t, buildStatic(t), "-addr", "127.0.0.1:0", "-admin-addr", "127.0.0.1:0")
+	srv := startBinary(t, buildStatic(t), "-addr", "127.0.0.1:0", "-admin-addr", "127.0.0.1:0", "-heartbeat", testHeartbeat.String())
 
 	dir := t.TempDir()
 	port := freePort(t)
@@ -107,7 +114,7 @@ import %s
 		roots = x509.NewCertPool()
 		return roots.AppendCertsFromPEM(pem)
 	})
-	p := newProxied(base, roots, srv)
+	p := newProxied(base, roots, srv, testHeartbeat, 0)
 	waitFor(t, "Caddy to serve HTTPS", func() bool {
 		resp, err := p.client.Get(base + "/")
 		if err == nil {
@@ -122,19 +129,34 @@ import %s
 // deploy/nginx.conf, with a certificate made for the test.
 func TestProxyNginx(t *testing.T) {
 	nginx := needTool(t, "nginx", "nginx")
-	srv := startBinary(t, buildStatic(t), "-addr", "127.0.0.1:0", "-admin-addr", "127.0.0.1:0")
-
-	dir := t.TempDir()
-	port := freePort(t)
-	certFile, keyFile, roots := testCertificate(t, dir)
 	recipe, err := os.ReadFile("deploy/nginx.conf")
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The recipe with this test's address, certificate and upstream: the
-	// lines a user edits, and nothing else.
+	// The recipe's timeouts outlast the heartbeat, or quiet streams and
+	// WebSockets would be cut by nginx between two heartbeats.
+	cfg, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
+	m := regexp.MustCompile(`\n        proxy_read_timeout (\d+)s;\n        proxy_send_timeout (\d+)s;\n`).FindStringSubmatch(string(recipe))
+	if m == nil || m[1] != m[2] {
+		t.Fatal("deploy/nginx.conf sets no proxy_read_timeout and equal proxy_send_timeout in seconds")
+	}
+	timeout, _ := strconv.Atoi(m[1])
+	if time.Duration(timeout)*time.Second < 2*cfg.heartbeat {
+		t.Errorf("proxy_read_timeout %ds; want at least twice -heartbeat (%v)", timeout, cfg.heartbeat)
+	}
+	// Both scaled down in that ratio, so that proxyIdle can see a stream
+	// outlive the timeout in a second or two.
+	idle := time.Duration(timeout) * time.Second / (cfg.heartbeat / testHeartbeat)
+	srv := startBinary(t, buildStatic(t), "-addr", "127.0.0.1:0", "-admin-addr", "127.0.0.1:0", "-heartbeat", testHeartbeat.String())
+
+	dir := t.TempDir()
+	port := freePort(t)
+	certFile, keyFile, roots := testCertificate(t, dir)
+	// The recipe with this test's address, certificate and upstream (the
+	// lines a user edits) and its timeouts scaled down; nothing else.
 	site := string(recipe)
 	for _, r := range [][2]string{
+		{m[0], fmt.Sprintf("\n        proxy_read_timeout %[1]dms;\n        proxy_send_timeout %[1]dms;\n", idle.Milliseconds())},
 		{"    listen 443 ssl http2;\n", fmt.Sprintf("    listen 127.0.0.1:%d ssl http2;\n", port)},
 		{"    listen [::]:443 ssl http2;\n", ""},
 		{"/etc/letsencrypt/live/kv.example.com/fullchain.pem", certFile},
@@ -177,7 +199,7 @@ http {
 			t.Logf("nginx said:\n%s%s", out.String(), errors)
 		}
 	})
-	p := newProxied(fmt.Sprintf("https://127.0.0.1:%d", port), roots, srv)
+	p := newProxied(fmt.Sprintf("https://127.0.0.1:%d", port), roots, srv, testHeartbeat, idle)
 	waitFor(t, "nginx to serve HTTPS", func() bool {
 		resp, err := p.client.Get(p.base + "/")
 		if err == nil {
@@ -186,17 +208,6 @@ http {
 		return err == nil && resp.StatusCode == 200
 	})
 	throughProxy(t, p)
-
-	// The recipe's read timeout outlasts the heartbeat, or quiet streams
-	// and WebSockets would be cut by nginx between two heartbeats.
-	cfg, _ := parseConfig(nil, func(string) string { return "" }, io.Discard)
-	m := regexp.MustCompile(`proxy_read_timeout (\d+)s;`).FindStringSubmatch(string(recipe))
-	if m == nil {
-		t.Fatal("deploy/nginx.conf sets no proxy_read_timeout in seconds")
-	}
-	if n, _ := strconv.Atoi(m[1]); time.Duration(n)*time.Second < 2*cfg.heartbeat {
-		t.Errorf("proxy_read_timeout %ss; want at least twice -heartbeat (%v)", m[1], cfg.heartbeat)
-	}
 }
 
 // testCertificate writes a self-signed certificate for 127.0.0.1 and its
@@ -238,6 +249,7 @@ func throughProxy(t *testing.T, p *proxied) {
 	t.Run("http", func(t *testing.T) { proxyHTTP(t, p) })
 	t.Run("sse", func(t *testing.T) { proxySSE(t, p) })
 	t.Run("latency", func(t *testing.T) { proxyLatency(t, p) })
+	t.Run("idle", func(t *testing.T) { proxyIdle(t, p) })
 	t.Run("websocket", func(t *testing.T) { proxyWebSocket(t, p) })
 	t.Run("browser", func(t *testing.T) { proxyBrowser(t, p) })
 }
@@ -398,6 +410,35 @@ func proxyLatency(t *testing.T, p *proxied) {
 	mp, md := median(proxyTimes), median(directTimes)
 	t.Logf("a change written to the server reaches a stream through the proxy in %v, straight from the server in %v (medians of %d): %.2f×",
 		mp.Round(time.Microsecond), md.Round(time.Microsecond), rounds, float64(mp)/float64(md))
+}
+
+// proxyIdle: a quiet event stream outlives the proxy's idle timeout: its
+// heartbeats keep it open for more than twice that timeout (counted in
+// heartbeats, which the stream brings: nothing here sleeps), and a change
+// after them still arrives.
+func proxyIdle(t *testing.T, p *proxied) {
+	events, stop := p.stream(t, "/idle/")
+	defer stop()
+	quiet := 2 * p.idleTimeout
+	if quiet == 0 {
+		quiet = 2 * time.Second // the proxy has no idle timeout: show it
+	}
+	want := int(quiet/p.heartbeat) + 1
+	for beats := 0; beats < want; {
+		line, err := events.ReadString('\n')
+		if err != nil {
+			t.Fatalf("the quiet stream ended after %d heartbeats of %v (proxy idle timeout %v): %v", beats, p.heartbeat, p.idleTimeout, err)
+		}
+		if strings.HasPrefix(line, ":") {
+			beats++
+		}
+	}
+	p.send(t, "POST", "/idle/k", `"still here"`)
+	var got sseEvent
+	readEvents(t, events, "", func(ev sseEvent) bool { got = ev; return false })
+	if got.key != "/idle/k" || got.data != `"still here"` {
+		t.Errorf("after %d heartbeats: got %v; want /idle/k:0=\"still here\"", want, got)
+	}
 }
 
 // proxyWebSocket: a session of the WebSocket API through the proxy.
