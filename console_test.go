@@ -142,13 +142,7 @@ func TestConsole(t *testing.T) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	var log strings.Builder
-	cmd := exec.CommandContext(ctx, chromium, append(chromiumFlags(t), pages.URL+"/harness")...)
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	log := startChromium(t, ctx, chromium, pages.URL+"/harness")
 
 	var results []struct {
 		Name   string
@@ -201,6 +195,29 @@ func chromiumFlags(t *testing.T) []string {
 		"--disable-background-networking", "--disable-component-update", "--disable-sync",
 		"--user-data-dir=" + t.TempDir(), "--enable-logging=stderr", "--v=0",
 	}
+}
+
+// startChromium opens url in headless Chromium, with extra flags, until
+// ctx is done or the test ends; what Chromium says is in the log it
+// returns (consoleLines picks the page's lines from it).
+func startChromium(t *testing.T, ctx context.Context, chromium, url string, extra ...string) *lockedWriter {
+	t.Helper()
+	log := &lockedWriter{w: new(strings.Builder)}
+	cmd := exec.CommandContext(ctx, chromium, append(append(chromiumFlags(t), extra...), url)...)
+	cmd.Stdout, cmd.Stderr = log, log
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	return log
+}
+
+// String returns what was written, for a lockedWriter around a
+// strings.Builder (or any writer that is a fmt.Stringer).
+func (l *lockedWriter) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.w.(fmt.Stringer).String()
 }
 
 // TestConsoleScreenshot writes docs/console.png, the screenshot README.md

@@ -90,18 +90,7 @@ import %s
 		"XDG_DATA_HOME=" + filepath.Join(dir, "xdg-data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "xdg-config"),
 		"ATOMKV_SITE=" + base, "ATOMKV_UPSTREAM=" + strings.TrimPrefix(srv.url, "http://"),
 	}
-	var log strings.Builder
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		if t.Failed() {
-			t.Logf("caddy said:\n%s", log.String())
-		}
-	})
+	runProxy(t, cmd, "")
 
 	// Caddy makes its CA, then the site's certificate, then serves.
 	root := filepath.Join(dir, "data", "pki", "authorities", "local", "root.crt")
@@ -186,19 +175,7 @@ http {
 `, dir)
 	os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(config), 0o644)
 	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
-	var out strings.Builder
-	cmd.Stdout, cmd.Stderr = &out, &out
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		cmd.Process.Signal(syscall.SIGTERM)
-		cmd.Wait()
-		if t.Failed() {
-			errors, _ := os.ReadFile(filepath.Join(dir, "error.log"))
-			t.Logf("nginx said:\n%s%s", out.String(), errors)
-		}
-	})
+	runProxy(t, cmd, filepath.Join(dir, "error.log"))
 	p := newProxied(fmt.Sprintf("https://127.0.0.1:%d", port), roots, srv, testHeartbeat, idle)
 	waitFor(t, "nginx to serve HTTPS", func() bool {
 		resp, err := p.client.Get(p.base + "/")
@@ -208,6 +185,29 @@ http {
 		return err == nil && resp.StatusCode == 200
 	})
 	throughProxy(t, p)
+}
+
+// runProxy starts a proxy. The test's end stops it with SIGTERM, and if
+// the test failed shows what it said: its output, and its log file if
+// it has one.
+func runProxy(t *testing.T, cmd *exec.Cmd, logFile string) {
+	t.Helper()
+	var out strings.Builder
+	cmd.Stdout, cmd.Stderr = &out, &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+		if t.Failed() {
+			var logged []byte
+			if logFile != "" {
+				logged, _ = os.ReadFile(logFile)
+			}
+			t.Logf("%s said:\n%s%s", filepath.Base(cmd.Path), out.String(), logged)
+		}
+	})
 }
 
 // testCertificate writes a self-signed certificate for 127.0.0.1 and its
@@ -506,16 +506,7 @@ func proxyBrowser(t *testing.T, p *proxied) {
 
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	var log strings.Builder
-	cmd := exec.CommandContext(ctx, chromium,
-		"--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--ignore-certificate-errors",
-		"--disable-background-networking", "--disable-component-update", "--disable-sync",
-		"--user-data-dir="+t.TempDir(), "--enable-logging=stderr", "--v=0", pages.URL+"/")
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	defer func() { cmd.Process.Kill(); cmd.Wait() }()
+	log := startChromium(t, ctx, chromium, pages.URL+"/", "--ignore-certificate-errors")
 	for range 2 {
 		var report struct {
 			Transport, Detail string
