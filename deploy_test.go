@@ -3,12 +3,14 @@ package main
 import (
 	"bufio"
 	"debug/elf"
+	"encoding/json"
 	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -66,7 +68,9 @@ func buildStatic(t *testing.T) string {
 
 // TestDeployContainer checks deploy/Dockerfile: a static build (which
 // buildStatic proves), an empty final image, -data on a volume owned by
-// the user the server runs as.
+// the user the server runs as, and its entry point's command line run:
+// the data outlives a SIGTERM (docker stop), which exits 0. No container
+// runtime is needed.
 func TestDeployContainer(t *testing.T) {
 	recipe, err := os.ReadFile("deploy/Dockerfile")
 	if err != nil {
@@ -76,15 +80,28 @@ func TestDeployContainer(t *testing.T) {
 	if last := string(stages[len(stages)-1][1]); last != "scratch" && !strings.HasPrefix(last, "gcr.io/distroless/static") {
 		t.Errorf("the final image is %s; want scratch or distroless/static", last)
 	}
-	for _, want := range []string{
-		"VOLUME /data", "USER 65532:65532", "COPY --from=build --chown=65532:65532 /data /data",
-		`ENTRYPOINT ["/atomkv", "-addr", ":8000", "-data", "/data"]`,
-	} {
+	for _, want := range []string{"VOLUME /data", "USER 65532:65532", "COPY --from=build --chown=65532:65532 /data /data"} {
 		if !strings.Contains(string(recipe), "\n"+want+"\n") {
 			t.Errorf("deploy/Dockerfile lacks %q", want)
 		}
 	}
-	buildStatic(t)
+	m := regexp.MustCompile(`(?m)^ENTRYPOINT (\[.*\])$`).FindSubmatch(recipe)
+	var entry []string
+	if m == nil || json.Unmarshal(m[1], &entry) != nil || len(entry) == 0 || entry[0] != "/atomkv" {
+		t.Fatal(`deploy/Dockerfile has no ENTRYPOINT ["/atomkv", …]`)
+	}
+	if !slices.Contains(entry, "/data") {
+		t.Errorf("ENTRYPOINT %s does not keep the data on the volume /data", m[1])
+	}
+	// The entry point's command line as the container would run it, the
+	// volume a directory of the test's.
+	args := slices.Clone(entry[1:])
+	for i := range args {
+		if args[i] == "/data" {
+			args[i] = t.TempDir()
+		}
+	}
+	keptAcrossRestart(t, buildStatic(t), args)
 }
 
 // TestDeploySystemd checks deploy/atomkv.service: the directives the
@@ -123,24 +140,31 @@ func TestDeploySystemd(t *testing.T) {
 	}
 
 	// The command line, with what systemd would put for the state
-	// directory, and free ports on loopback.
-	state := t.TempDir()
-	args := strings.Fields(strings.ReplaceAll(string(m[1]), "${STATE_DIRECTORY}", state))
+	// directory.
+	keptAcrossRestart(t, bin, strings.Fields(strings.ReplaceAll(string(m[1]), "${STATE_DIRECTORY}", t.TempDir())))
+}
+
+// keptAcrossRestart runs bin with a recipe's command line (its listen
+// addresses made free ports of loopback): a key written, SIGTERM, exit 0,
+// and the key is there when the same command line starts again.
+func keptAcrossRestart(t *testing.T, bin string, args []string) {
+	t.Helper()
+	args = slices.Clone(args)
 	for i := range args {
 		if i > 0 && (args[i-1] == "-addr" || args[i-1] == "-admin-addr") {
 			args[i] = "127.0.0.1:0"
 		}
 	}
 	srv := startBinary(t, bin, args...)
-	if r := do(t, "POST", srv.url+"/unit/kept", `"on disk"`); r.code != 200 {
+	if r := do(t, "POST", srv.url+"/deploy/kept", `"on disk"`); r.code != 200 {
 		t.Fatalf("POST: %d %s", r.code, r.body)
 	}
 	if err := srv.stop(); err != nil {
-		t.Fatalf("after SIGTERM: %v; want exit status 0", err)
+		t.Fatalf("%v after SIGTERM: %v; want exit status 0", args, err)
 	}
 	srv = startBinary(t, bin, args...)
-	if r := do(t, "GET", srv.url+"/unit/kept", ""); r.body != `"on disk"` {
-		t.Errorf("after a restart on the state directory: got %d %s; want \"on disk\"", r.code, r.body)
+	if r := do(t, "GET", srv.url+"/deploy/kept", ""); r.body != `"on disk"` {
+		t.Errorf("%v after a restart: got %d %s; want \"on disk\"", args, r.code, r.body)
 	}
 }
 
