@@ -56,6 +56,7 @@ func (s *server) handleConsole(w http.ResponseWriter, r *http.Request) {
 	).Replace(consoleHTML)
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-cache")
+	w.Header().Set("X-Frame-Options", "SAMEORIGIN") // no page elsewhere may frame it and steer its clicks
 	io.WriteString(w, page)
 }
 

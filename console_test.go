@@ -47,8 +47,8 @@ func TestConsolePage(t *testing.T) {
 		w := httptest.NewRecorder()
 		admin.ServeHTTP(w, req)
 		body := w.Body.String()
-		if w.Code != 200 || w.Header().Get("Content-Type") != "text/html; charset=utf-8" {
-			t.Errorf("%v: GET / on the admin listener: %d %s", tc.args, w.Code, w.Header().Get("Content-Type"))
+		if w.Code != 200 || w.Header().Get("Content-Type") != "text/html; charset=utf-8" || w.Header().Get("X-Frame-Options") != "SAMEORIGIN" {
+			t.Errorf("%v: GET / on the admin listener: %d %s, X-Frame-Options %q", tc.args, w.Code, w.Header().Get("Content-Type"), w.Header().Get("X-Frame-Options"))
 		}
 		for _, want := range []string{
 			`<meta name="atomkv-main" content="` + tc.main + `">`,
