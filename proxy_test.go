@@ -530,10 +530,16 @@ func proxyBrowser(t *testing.T, p *proxied) {
 		if report.Transport == "http" && report.Open.Streams < 8 {
 			t.Errorf("transport http: %d event streams open; want the frame's 8 at once", report.Open.Streams)
 		}
+		// The client in use may report its transport (AtomKV.onstatus):
+		// the forced one must be EventSource, and a WebSocket it reports
+		// open must be one the server counts.
 		for _, s := range report.Status {
 			if report.Transport == "http" && strings.HasSuffix(s, ":websocket") {
 				t.Errorf("transport http: onstatus reported %s", s)
 			}
+		}
+		if slices.Contains(report.Status, "open:websocket") && report.Open.WebSockets < 1 {
+			t.Errorf("transport %s: onstatus reported a WebSocket open; the server counts none", report.Transport)
 		}
 	}
 }
