@@ -203,9 +203,9 @@ func TestDataGroupCommit(t *testing.T) {
 		}()
 	}
 	waitFor(t, "every write to be committed", func() bool {
-		s.seqMu.Lock()
-		defer s.seqMu.Unlock()
-		return len(d.pending.changes) == n
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return len(d.queued.changes) == n
 	})
 	if a := answered.Load(); a != 0 {
 		t.Fatalf("%d writes answered before their record was written", a)
@@ -235,7 +235,7 @@ func TestDataWriteFails(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.seg.Close() // as a disk that fails
+	d.seg.f.Close() // as a disk that fails
 	d.start()
 	defer d.close()
 	if _, err := s.Set("/x", "1", 0); err != errNotWritten {
@@ -338,7 +338,7 @@ func TestDataDamage(t *testing.T) {
 	// The log's records: a header, then the changes; the offset of the
 	// third change's record, and of one in the middle of its body.
 	recordAt := func(t *testing.T, log string, n int) int64 {
-		rr, f, err := openRecords(log)
+		rr, f, err := (&dataDir{fs: osFS{}}).openRecords(log)
 		if err != nil {
 			t.Fatal(err)
 		}
