@@ -161,6 +161,13 @@ type dataDir struct {
 	compaction sync.WaitGroup
 	minCompact int64 // compact only once the logs hold at least this much
 
+	// Tests only: how often the syncer runs (-fsync 1s); and the rotation
+	// order reversed, the new log created before the old one is made
+	// durable, as it was before, to show that the crash-state test finds
+	// what that order loses.
+	syncEvery   time.Duration
+	newLogFirst bool
+
 	// The log the syncer makes durable every second, if dirty. syncMu is
 	// held while it does, so that the flusher does not close the file
 	// under it when it rotates.
@@ -206,6 +213,7 @@ func loadDataFS(fs fileSystem, dir string, mode fsyncMode, s *Store, log *slog.L
 		done:       make(chan struct{}),
 		failed:     make(chan struct{}),
 		minCompact: 1 << 20,
+		syncEvery:  time.Second,
 		lastOf:     make(map[*slot]int),
 	}
 	d.inflight.seed = maphash.MakeSeed()
@@ -404,7 +412,7 @@ func (d *dataDir) sync(l logFile) error {
 // syncEverySecond makes the log durable every second it was written to.
 func (d *dataDir) syncEverySecond() {
 	defer d.syncers.Done()
-	tick := time.NewTicker(time.Second)
+	tick := time.NewTicker(d.syncEvery)
 	defer tick.Stop()
 	for {
 		select {
@@ -442,14 +450,21 @@ func (d *dataDir) rotate(upTo int64) error {
 	d.syncMu.Lock()
 	defer d.syncMu.Unlock()
 	old := d.seg
-	if err := d.sync(old); err != nil {
-		return err
+	if !d.newLogFirst {
+		if err := d.sync(old); err != nil {
+			return err
+		}
 	}
-	old.f.Close()
 	seg, err := d.createLog(upTo + 1)
 	if err != nil {
 		return err
 	}
+	if d.newLogFirst {
+		if err := d.sync(old); err != nil {
+			return err
+		}
+	}
+	old.f.Close()
 	d.seg, d.synced = seg, seg
 	d.dirty.Store(false)
 	d.logBytes = 0
