@@ -169,11 +169,12 @@ type dataDir struct {
 	newLogFirst bool
 
 	// The log the syncer makes durable every second, if dirty. syncMu is
-	// held while it does, so that the flusher does not close the file
-	// under it when it rotates.
+	// held while it does, so that the flusher neither closes the file
+	// under it when it rotates nor acknowledges a change while an fsync
+	// that may fail is under way.
 	syncMu sync.Mutex
 	synced logFile
-	dirty  atomic.Bool
+	dirty  bool
 
 	// figures for /metrics
 	fsyncs, fsyncNanos atomic.Int64
@@ -326,15 +327,23 @@ func (d *dataDir) write(b *batch) bool {
 	d.logBytes += int64(len(d.buf))
 	d.logSize.Add(int64(len(d.buf)))
 	if d.fsync == fsyncSecond {
-		d.dirty.Store(true)
+		// An fsync of the syncer's under way ends first: if it fails,
+		// what the log holds is not known, and nothing more may be
+		// acknowledged. (The flusher waits so at most one fsync a second.)
+		d.syncMu.Lock()
+		d.dirty = true
 	}
-	if err := d.failure(); err != nil {
-		// The syncer's fsync failed meanwhile: what the log holds is
-		// not known, so nothing more is acknowledged.
+	err := d.failure()
+	if err == nil {
+		d.settle(b)
+	}
+	if d.fsync == fsyncSecond {
+		d.syncMu.Unlock()
+	}
+	if err != nil {
 		d.fail(err, b)
 		return false
 	}
-	d.settle(b)
 	close(b.done)
 	if d.logBytes > 4*max(d.s.liveBytes.Load(), d.minCompact) && d.compacting.CompareAndSwap(false, true) {
 		if err := d.rotate(b.changes[len(b.changes)-1].seq); err != nil {
@@ -351,6 +360,16 @@ func (d *dataDir) failure() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	return d.broken
+}
+
+// breakWith marks the data files broken by err, if nothing broke them
+// before: no change is taken nor acknowledged from now on.
+func (d *dataDir) breakWith(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.broken == nil {
+		d.broken = err
+	}
 }
 
 // settle settles a written batch: of each key, its last change in the
@@ -380,11 +399,9 @@ func (d *dataDir) settle(b *batch) {
 // may have dropped the dirty pages, and a retry would report success for
 // lost data. Any goroutine may call it, more than once.
 func (d *dataDir) fail(err error, b *batch) {
+	d.breakWith(err)
 	d.log.Error("data files: the server stops", "err", err)
 	d.mu.Lock()
-	if d.broken == nil {
-		d.broken = err
-	}
 	rest := d.queued
 	d.queued = newBatch()
 	d.mu.Unlock()
@@ -432,10 +449,15 @@ func (d *dataDir) syncEverySecond() {
 func (d *dataDir) syncDirty() error {
 	d.syncMu.Lock()
 	defer d.syncMu.Unlock()
-	if !d.dirty.Swap(false) {
+	if !d.dirty {
 		return nil
 	}
-	return d.sync(d.synced)
+	d.dirty = false
+	err := d.sync(d.synced)
+	if err != nil {
+		d.breakWith(err) // before the flusher, waiting for syncMu, acknowledges more
+	}
+	return err
 }
 
 // rotate starts a new log after the change numbered upTo, all of which
@@ -466,7 +488,7 @@ func (d *dataDir) rotate(upTo int64) error {
 	}
 	old.f.Close()
 	d.seg, d.synced = seg, seg
-	d.dirty.Store(false)
+	d.dirty = false
 	d.logBytes = 0
 	d.compaction.Add(1)
 	go d.compact(upTo)

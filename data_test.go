@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,6 +16,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -778,5 +780,250 @@ end`,
 			median(got["memory"]), median(got["never"]), median(got["never"])/median(got["memory"]),
 			median(got["1s"]), median(got["1s"])/median(got["memory"]),
 			median(got["always"]), median(got["always"])/median(got["memory"]))
+	}
+}
+
+// TestDataFailStop: in every -fsync mode, when the n-th write or fsync of
+// the data files fails (injected through the file-system seam), the data
+// files are broken for good: the server is told to stop, no change is
+// published (so none acknowledged) after the failure, every later write
+// gets errNotWritten, close reports the failure, and the directory as
+// the failure left it starts with every write acknowledged before.
+func TestDataFailStop(t *testing.T) {
+	for _, mode := range []fsyncMode{fsyncAlways, fsyncSecond, fsyncNever} {
+		for _, kind := range []opKind{opWrite, opSync} {
+			for _, n := range []int{1, 4} {
+				name := fmt.Sprintf("-fsync %s, fsync %d fails", mode.String(), n)
+				if kind == opWrite {
+					name = fmt.Sprintf("-fsync %s, write %d fails", mode.String(), n)
+				}
+				t.Run(name, func(t *testing.T) { failStop(t, mode, kind, n) })
+			}
+		}
+	}
+}
+
+func failStop(t *testing.T, mode fsyncMode, kind opKind, n int) {
+	m := newMemFS()
+	s := NewStore(0, nil)
+	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.minCompact = 1 << 8 // rotations and snapshots, whose fsyncs fail too
+	d.syncEvery = time.Millisecond
+	failedAt := -1 // the index in m.ops of the failure
+	seen, ofLog := 0, false
+	m.fault = func(op fsOp) error { // with m.mu held
+		if op.kind == kind && failedAt < 0 {
+			if seen++; seen == n {
+				failedAt = len(m.ops)
+				for p, ino := range m.names {
+					ofLog = ofLog || ino == op.ino && strings.Contains(p, "/log-")
+				}
+				return errInjected
+			}
+		}
+		return nil
+	}
+	s.publish = func(c change) { m.ack(c.seq) } // published, as opAck, in the same order as the operations
+	d.start()
+	var wg sync.WaitGroup
+	acked := make([]int, 4) // of each writer, the last value acknowledged
+	for w := range acked {
+		acked[w] = -1
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				_, err := s.Set(fmt.Sprintf("/w/%d", w), strconv.Itoa(i), 0)
+				if err != nil {
+					if err != errNotWritten {
+						t.Errorf("a write once the data files broke: %v; want errNotWritten", err)
+					}
+					return
+				}
+				acked[w] = i
+			}
+		}()
+	}
+	select {
+	case <-d.failed:
+	case <-time.After(20 * time.Second): // a hang breaker, not a timing
+		t.Fatal("the server was not told to stop")
+	}
+	wg.Wait()
+	if _, err := s.Set("/later", "1", 0); err != errNotWritten {
+		t.Errorf("a write after the failure: %v; want errNotWritten", err)
+	}
+	if err := d.close(); err == nil || !errors.Is(err, errInjected) {
+		t.Errorf("close: %v; want the injected error", err)
+	}
+	m.mu.Lock()
+	ops := slices.Clone(m.ops)
+	kill := image{}
+	for p, ino := range m.names {
+		kill[p] = m.inos[ino]
+	}
+	m.mu.Unlock()
+	if failedAt < 0 {
+		t.Fatalf("no %v failed", kind)
+	}
+	// After a failed write or fsync of the log, nothing is published. (A
+	// snapshot's failure, in the background, breaks the data files as
+	// well, but the log's records, which the flusher may settle
+	// meanwhile, are not in doubt.)
+	for _, op := range ops[failedAt:] {
+		if op.kind == opAck && ofLog {
+			t.Fatalf("change %d published after the failure", op.seq)
+		}
+	}
+	// What the failure left starts, with every acknowledged write.
+	s2 := NewStore(0, nil)
+	d2, err := loadDataFS(memFSOf(kill), crashDir, mode, s2, discardLogger())
+	if err != nil {
+		t.Fatalf("the directory the failure left does not start: %v", err)
+	}
+	defer d2.close()
+	for w, i := range acked {
+		got := -1
+		if e := s2.Get(fmt.Sprintf("/w/%d", w)); e != nil {
+			got, _ = strconv.Atoi(e.value)
+		}
+		if got < i {
+			t.Errorf("writer %d: %d acknowledged, %d after a restart", w, i, got)
+		}
+	}
+}
+
+// faultFS is the real file system, but for the n-th write or fsync of a
+// data file, which fails: what ATOMKV_FAULT=write:N or fsync:N sets up in
+// a child process (see init).
+type faultFS struct {
+	osFS
+	kind  string
+	n     int64
+	count atomic.Int64
+}
+
+func (f *faultFS) create(path string) (dataFile, error) {
+	file, err := f.osFS.create(path)
+	return &faultFile{file, f}, err
+}
+
+func (f *faultFS) openAppend(path string) (dataFile, error) {
+	file, err := f.osFS.openAppend(path)
+	return &faultFile{file, f}, err
+}
+
+// fails counts an operation of kind and reports whether it is the one to
+// fail.
+func (f *faultFS) fails(kind string) bool {
+	return kind == f.kind && f.count.Add(1) == f.n
+}
+
+type faultFile struct {
+	dataFile
+	fs *faultFS
+}
+
+func (f *faultFile) Write(p []byte) (int, error) {
+	if f.fs.fails("write") {
+		return 0, errInjected
+	}
+	return f.dataFile.Write(p)
+}
+
+func (f *faultFile) Sync() error {
+	if f.fs.fails("fsync") {
+		return errInjected
+	}
+	return f.dataFile.Sync()
+}
+
+func init() {
+	if spec := os.Getenv("ATOMKV_FAULT"); spec != "" {
+		kind, n, _ := strings.Cut(spec, ":")
+		count, _ := strconv.ParseInt(n, 10, 64)
+		dataFS = &faultFS{kind: kind, n: count}
+	}
+}
+
+// lockedBuffer is a bytes.Buffer for a child's output, read while it is
+// written.
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (b *lockedBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.Write(p)
+}
+
+func (b *lockedBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.b.String()
+}
+
+// TestDataFailStopExit: the real server, in a child process whose n-th
+// fsync (or write) of a data file fails, stops by itself with a non-zero
+// exit and the error in its log; started again on the directory, it
+// holds every write it acknowledged.
+func TestDataFailStopExit(t *testing.T) {
+	for _, tt := range []struct{ mode, fault string }{
+		{"always", "fsync:6"},
+		{"1s", "write:6"},
+	} {
+		t.Run(tt.mode+" "+tt.fault, func(t *testing.T) {
+			dir := t.TempDir()
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), "ATOMKV_CHILD=main", "ATOMKV_DATA="+dir, "ATOMKV_FSYNC="+tt.mode, "ATOMKV_FAULT="+tt.fault)
+			var out lockedBuffer
+			cmd.Stdout, cmd.Stderr = &out, &out
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan error, 1)
+			go func() { exited <- cmd.Wait() }()
+			t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+			var addr string
+			waitFor(t, "the child to listen", func() bool {
+				_, a, ok := strings.Cut(out.String(), "msg=listening addr=")
+				if ok {
+					addr = strings.Fields(a)[0]
+				}
+				return ok
+			})
+			var acked []int
+			for i := 0; ; i++ {
+				resp, err := http.Post(fmt.Sprintf("http://%s/f/%d", addr, i), "application/json", strings.NewReader("1"))
+				if err != nil {
+					break
+				}
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					acked = append(acked, i)
+				}
+			}
+			err := <-exited
+			exited <- err // for the cleanup
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() == 0 {
+				t.Fatalf("the server ended with %v; want a non-zero exit", err)
+			}
+			if log := out.String(); !strings.Contains(log, "data files: the server stops") || !strings.Contains(log, errInjected.Error()) {
+				t.Errorf("log %q; want the failure", log)
+			}
+			url := startServer(t, "-data", dir)
+			for _, i := range acked {
+				if r := do(t, "GET", fmt.Sprintf("%s/f/%d", url, i), ""); r.code != 200 {
+					t.Errorf("/f/%d, acknowledged before the failure: %d after a restart", i, r.code)
+				}
+			}
+			t.Logf("%d writes acknowledged before the failure; exit %v", len(acked), err)
+		})
 	}
 }
