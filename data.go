@@ -724,7 +724,7 @@ func (d *dataDir) replay(first, next, snap int64, last bool) (_ int64, headerles
 			}
 			return next, false, nil
 		case err != nil:
-			return next, false, err
+			return next, false, asDamage(err) // torn before the end of the newest log: no crash does that
 		}
 		c, expires, err := decodeChange(body)
 		switch {
@@ -814,7 +814,7 @@ func (d *dataDir) loadSnapshot(upTo int64) error {
 		case err == io.EOF:
 			return rr.damaged("the snapshot ends before its end record")
 		case err != nil:
-			return err // cut short too: a snapshot is renamed into place whole
+			return asDamage(err) // cut short too: a snapshot is renamed into place whole
 		}
 		switch body[0] {
 		case 'B':

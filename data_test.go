@@ -328,6 +328,41 @@ func TestDataTornTail(t *testing.T) {
 	}
 }
 
+// TestDataHeaderlessLog: a newest log a crash left empty, zero-filled or
+// cut inside its header (between its creation and its header reaching
+// the disk) is a torn tail, not damage: the server starts with every
+// change, with a warning naming the file, writes the header again, and
+// goes on.
+func TestDataHeaderlessLog(t *testing.T) {
+	for name, contents := range map[string][]byte{
+		"empty":       nil,
+		"zeroes":      make([]byte, 4096),
+		"half header": appendRecord(nil, appendHeader(nil, 'L', 1))[:7],
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir, log := writeThenClose(t, 10)
+			first, _ := strconv.ParseInt(strings.TrimPrefix(filepath.Base(log), "log-"), 16, 64)
+			newest := filepath.Join(dir, fmt.Sprintf("log-%016x", first+11)) // after the 11 changes the log holds
+			os.WriteFile(newest, contents, 0o644)
+			var logged bytes.Buffer
+			s, d := openTestData(t, dir, fsyncNever, 1<<30, slog.New(slog.NewTextHandler(&logged, nil)))
+			if want := "file=" + newest; !strings.Contains(logged.String(), "the newest log has no header") || !strings.Contains(logged.String(), want) {
+				t.Errorf("log %q; want a warning naming %s", logged.String(), newest)
+			}
+			if got := len(s.List("/")); got != 9 {
+				t.Errorf("%d keys; want 9", got)
+			}
+			s.Set("/after", "1", 0)
+			want := state(s)
+			d.close()
+			s2, _ := openTestData(t, dir, fsyncNever, 1<<30, nil)
+			if got := state(s2); !mapsEqual(got, want) {
+				t.Errorf("reopened: %v; want %v", got, want)
+			}
+		})
+	}
+}
+
 // TestDataDamage: damage anywhere but a torn last record stops loading
 // with an error naming the file and the offset, and leaves the files as
 // they were.
@@ -365,6 +400,17 @@ func TestDataDamage(t *testing.T) {
 			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
 			flip(snaps[0], headerSize+2)
 		}, `snap-[0-9a-f]{16}: damaged at offset (0): bad record checksum`},
+		{"a snapshot cut short", func(t *testing.T, dir, log string) {
+			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
+			fi, _ := os.Stat(snaps[0])
+			os.Truncate(snaps[0], fi.Size()-2)
+		}, `snap-[0-9a-f]{16}: damaged at offset \d+: the file ends inside a record: \d+ of its \d+ bytes`},
+		{"a log cut short before the newest", func(t *testing.T, dir, log string) {
+			os.Truncate(log, recordAt(t, log, 3)+headerSize+2)
+			first, _ := strconv.ParseInt(strings.TrimPrefix(filepath.Base(log), "log-"), 16, 64)
+			newer := filepath.Join(dir, fmt.Sprintf("log-%016x", first+1000))
+			os.WriteFile(newer, appendRecord(nil, appendHeader(nil, 'L', first+1000)), 0o644)
+		}, `log-[0-9a-f]{16}: damaged at offset (\d+): the file ends inside a record: 2 of its \d+ bytes`},
 		{"no snapshot", func(t *testing.T, dir, log string) {
 			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
 			os.Remove(snaps[0])
@@ -971,11 +1017,17 @@ func (b *lockedBuffer) String() string {
 // TestDataFailStopExit: the real server, in a child process whose n-th
 // fsync (or write) of a data file fails, stops by itself with a non-zero
 // exit and the error in its log; started again on the directory, it
-// holds every write it acknowledged.
+// holds every write it acknowledged. With -fsync never, the third fsync
+// is the last one, at shutdown (after the first snapshot's and log's):
+// a SIGTERM then exits non-zero too.
 func TestDataFailStopExit(t *testing.T) {
-	for _, tt := range []struct{ mode, fault string }{
-		{"always", "fsync:6"},
-		{"1s", "write:6"},
+	for _, tt := range []struct {
+		mode, fault string
+		term        bool // stop it with SIGTERM after a few writes
+	}{
+		{"always", "fsync:6", false},
+		{"1s", "write:6", false},
+		{"never", "fsync:3", true},
 	} {
 		t.Run(tt.mode+" "+tt.fault, func(t *testing.T) {
 			dir := t.TempDir()
@@ -999,6 +1051,9 @@ func TestDataFailStopExit(t *testing.T) {
 			})
 			var acked []int
 			for i := 0; ; i++ {
+				if tt.term && i == 5 {
+					cmd.Process.Signal(syscall.SIGTERM)
+				}
 				resp, err := http.Post(fmt.Sprintf("http://%s/f/%d", addr, i), "application/json", strings.NewReader("1"))
 				if err != nil {
 					break

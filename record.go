@@ -217,9 +217,33 @@ func (rr *recordReader) damaged(what string) error {
 	return fmt.Errorf("%s: damaged at offset %d: %s", rr.path, rr.off, what)
 }
 
+// tornError is a file that ends inside a record: a torn tail where a
+// crash can leave one (the end of the newest log), damage anywhere else.
+type tornError struct {
+	path string
+	off  int64
+	what string
+}
+
+func (e *tornError) Error() string {
+	return fmt.Sprintf("%s: at offset %d: %v: %s", e.path, e.off, errTorn, e.what)
+}
+
+func (e *tornError) Unwrap() error { return errTorn }
+
+// asDamage returns err, if it is a torn tail, as the damage it is where
+// no crash leaves one.
+func asDamage(err error) error {
+	var torn *tornError
+	if errors.As(err, &torn) {
+		return fmt.Errorf("%s: damaged at offset %d: %v: %s", torn.path, torn.off, errTorn, torn.what)
+	}
+	return err
+}
+
 // torn is the error of a file that ends inside its current record.
 func (rr *recordReader) torn(format string, args ...any) error {
-	return fmt.Errorf("%s: at offset %d: %w: %s", rr.path, rr.off, errTorn, fmt.Sprintf(format, args...))
+	return &tornError{rr.path, rr.off, fmt.Sprintf(format, args...)}
 }
 
 // next returns the next record's body, valid until the next call; io.EOF
