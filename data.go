@@ -397,12 +397,15 @@ func (d *dataDir) settle(b *batch) {
 // lost data. Any goroutine may call it, more than once.
 func (d *dataDir) fail(err error, b *batch) {
 	d.breakWith(err)
-	d.log.Error("data files: the server stops", "err", err)
 	d.mu.Lock()
 	rest := d.queued
 	d.queued = newBatch()
+	cause := d.broken // the first failure, if another came first
 	d.mu.Unlock()
-	d.failOnce.Do(func() { close(d.failed) }) // before anyone hears of the failure
+	d.failOnce.Do(func() { // before anyone hears of the failure
+		d.log.Error("data files: the server stops", "err", cause)
+		close(d.failed)
+	})
 	for _, b := range []*batch{b, rest} {
 		if b != nil {
 			b.err = errNotWritten
