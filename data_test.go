@@ -317,14 +317,21 @@ func TestDataTornTail(t *testing.T) {
 			if after, _ := os.Stat(log); tt.name == "zeroes at the end" && after.Size() != fi.Size() {
 				t.Errorf("log of %d bytes, %d before the zeroes; want it truncated back", after.Size(), fi.Size())
 			}
-			s.Set("/after", "1", 0)
-			want2 := state(s)
-			d.close()
-			s2, _ := openTestData(t, dir, fsyncNever, 1<<30, nil)
-			if got := state(s2); !mapsEqual(got, want2) {
-				t.Errorf("written after the truncation, then reopened: %v; want %v", got, want2)
-			}
+			checkGoesOn(t, dir, s, d)
 		})
+	}
+}
+
+// checkGoesOn writes a key to s, closes its data directory and opens it
+// again: it must hold what s held, that write included.
+func checkGoesOn(t *testing.T, dir string, s *Store, d *dataDir) {
+	t.Helper()
+	s.Set("/after", "1", 0)
+	want := state(s)
+	d.close()
+	s2, _ := openTestData(t, dir, fsyncNever, 1<<30, nil)
+	if got := state(s2); !mapsEqual(got, want) {
+		t.Errorf("written after loading, then reopened: %v; want %v", got, want)
 	}
 }
 
@@ -352,13 +359,7 @@ func TestDataHeaderlessLog(t *testing.T) {
 			if got := len(s.List("/")); got != 9 {
 				t.Errorf("%d keys; want 9", got)
 			}
-			s.Set("/after", "1", 0)
-			want := state(s)
-			d.close()
-			s2, _ := openTestData(t, dir, fsyncNever, 1<<30, nil)
-			if got := state(s2); !mapsEqual(got, want) {
-				t.Errorf("reopened: %v; want %v", got, want)
-			}
+			checkGoesOn(t, dir, s, d)
 		})
 	}
 }
@@ -995,25 +996,6 @@ func init() {
 	}
 }
 
-// lockedBuffer is a bytes.Buffer for a child's output, read while it is
-// written.
-type lockedBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *lockedBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *lockedBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
-
 // TestDataFailStopExit: the real server, in a child process whose n-th
 // fsync (or write) of a data file fails, stops by itself with a non-zero
 // exit and the error in its log; started again on the directory, it
@@ -1033,8 +1015,14 @@ func TestDataFailStopExit(t *testing.T) {
 			dir := t.TempDir()
 			cmd := exec.Command(os.Args[0], "-test.run=^$")
 			cmd.Env = append(os.Environ(), "ATOMKV_CHILD=main", "ATOMKV_DATA="+dir, "ATOMKV_FSYNC="+tt.mode, "ATOMKV_FAULT="+tt.fault)
-			var out lockedBuffer
-			cmd.Stdout, cmd.Stderr = &out, &out
+			var buf bytes.Buffer
+			out := &lockedWriter{w: &buf} // the child's log, read while it is written
+			logged := func() string {
+				out.mu.Lock()
+				defer out.mu.Unlock()
+				return buf.String()
+			}
+			cmd.Stdout, cmd.Stderr = out, out
 			if err := cmd.Start(); err != nil {
 				t.Fatal(err)
 			}
@@ -1043,7 +1031,7 @@ func TestDataFailStopExit(t *testing.T) {
 			t.Cleanup(func() { cmd.Process.Kill(); <-exited })
 			var addr string
 			waitFor(t, "the child to listen", func() bool {
-				_, a, ok := strings.Cut(out.String(), "msg=listening addr=")
+				_, a, ok := strings.Cut(logged(), "msg=listening addr=")
 				if ok {
 					addr = strings.Fields(a)[0]
 				}
@@ -1069,7 +1057,7 @@ func TestDataFailStopExit(t *testing.T) {
 			if !errors.As(err, &exit) || exit.ExitCode() == 0 {
 				t.Fatalf("the server ended with %v; want a non-zero exit", err)
 			}
-			if log := out.String(); !strings.Contains(log, "data files: the server stops") || !strings.Contains(log, errInjected.Error()) {
+			if log := logged(); !strings.Contains(log, "data files: the server stops") || !strings.Contains(log, errInjected.Error()) {
 				t.Errorf("log %q; want the failure", log)
 			}
 			url := startServer(t, "-data", dir)
