@@ -374,10 +374,14 @@ func crashStates(ops []fsOp) []crashState {
 		for p, ino := range names {
 			kill[p] = inos[ino]
 		}
-		add(crashState{what: fmt.Sprintf("kill -9 after op %d", k), img: kill, exact: true, promise: acked, written: written})
+		at := fmt.Sprintf("op %d", k)
+		if k > 0 {
+			at = fmt.Sprintf("op %d (%v)", k, ops[k-1])
+		}
+		add(crashState{what: "kill -9 after " + at, img: kill, exact: true, promise: acked, written: written})
 		prefix := ops[:k]
 		for _, l := range losses(prefix) {
-			add(crashState{what: fmt.Sprintf("power loss after op %d, losing %+v", k, l), img: powerLoss(prefix, l), promise: durable, written: written})
+			add(crashState{what: fmt.Sprintf("power loss after %s, losing %+v", at, l), img: powerLoss(prefix, l), promise: durable, written: written})
 		}
 	}
 	return states
