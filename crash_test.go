@@ -61,6 +61,7 @@ type fsOp struct {
 	data     []byte
 	size     int64
 	seq      int64
+	value    string // opAck: the value written, when seq is not known yet
 }
 
 func (op fsOp) String() string {
@@ -615,6 +616,115 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 	return m.ops, cl
 }
 
+// crashWorkloadConcurrent is four writers at once, so that changes share
+// batches (group commit) and compactions run beside them: sets (some
+// with a TTL), deletes and compare-and-swaps of their own keys and of one
+// they share. The changes are read back from the records written, in
+// sequence order; each acknowledgement is marked with its value, unique,
+// and numbered from them.
+func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
+	t.Helper()
+	m := newMemFS()
+	s := NewStore(0, clk)
+	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.minCompact = 1 << 8
+	d.syncEvery = time.Millisecond
+	d.newLogFirst = newLogFirst
+	d.start()
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range 60 {
+				key := fmt.Sprintf("/c/%d/%d", w, i%5)
+				value := fmt.Sprintf(`"%d-%d"`, w, i)
+				var err error
+				switch i % 5 {
+				case 0, 1:
+					_, err = s.Set(key, value, 0)
+				case 2:
+					_, err = s.Set(key, value, time.Hour)
+				case 3:
+					_, err = s.CompareAndSwap("/shared", value, s.Get("/shared").next(), 0)
+					if errors.Is(err, errConflict) {
+						continue // another writer's came first: no change
+					}
+				case 4:
+					if _, err = s.Delete(key, -1); err == nil {
+						continue // a delete's acknowledgement: not marked
+					}
+				}
+				if err != nil {
+					t.Errorf("writer %d, write %d: %v", w, i, err)
+					return
+				}
+				m.mu.Lock()
+				m.do(fsOp{kind: opAck, value: value})
+				m.mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	if err := d.close(); err != nil {
+		t.Fatal(err)
+	}
+	if d.snapshots.Load() < 1 { // how many varies: a rotation waits for the compaction before
+		t.Fatalf("%d compactions in the workload; want some", d.snapshots.Load())
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	cl := &changeLog{}
+	seqOf := map[string]int64{}
+	batches, largest := 0, 0
+	for _, op := range m.ops {
+		if op.kind != opWrite {
+			continue
+		}
+		rr := newRecordReader("", bytes.NewReader(op.data), int64(len(op.data)))
+		n := 0 // changes in this write: a batch
+		for body, err := rr.next(); err == nil; body, err = rr.next() {
+			if body[0] != 'S' && body[0] != 'D' && body[0] != 'X' {
+				continue
+			}
+			n++
+			c, expires, err := decodeChange(body)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cl.first == 0 {
+				cl.first = c.seq
+			}
+			if c.seq != cl.first+int64(len(cl.changes)) {
+				t.Fatalf("change %d written after %d from %d", c.seq, len(cl.changes), cl.first)
+			}
+			if c.e != nil && expires != 0 {
+				c.e.ttl = &deadline{at: expires, key: c.key, index: -1}
+			}
+			cl.changes = append(cl.changes, loggedChange{c.key, c.e})
+			if c.e != nil {
+				seqOf[c.e.value] = c.seq
+			}
+		}
+		if n > 0 {
+			batches, largest = batches+1, max(largest, n)
+		}
+	}
+	t.Logf("%d changes in %d batches, the largest of %d", len(cl.changes), batches, largest)
+	ops := slices.Clone(m.ops)
+	for i, op := range ops {
+		if op.kind == opAck {
+			if ops[i].seq = seqOf[op.value]; ops[i].seq == 0 {
+				t.Fatalf("%s acknowledged, but no record of it was written", op.value)
+			}
+		}
+	}
+	return ops, cl
+}
+
 // checkCrashState recovers st and checks what it must hold.
 func checkCrashState(st crashState, cl *changeLog, mode fsyncMode, clk *fakeClock) error {
 	fs := memFSOf(st.img)
@@ -689,9 +799,9 @@ func checkCrashState(st crashState, cl *changeLog, mode fsyncMode, clk *fakeCloc
 
 // crashCheck runs the workload in mode and checks every crash state; it
 // returns how many states it checked and the failures.
-func crashCheck(t *testing.T, mode fsyncMode, newLogFirst bool) (states int, failures []string) {
+func crashCheck(t *testing.T, workload crashWorkloadFunc, mode fsyncMode, newLogFirst bool) (states int, failures []string) {
 	clk := newFakeClock()
-	ops, cl := crashWorkload(t, mode, clk, newLogFirst)
+	ops, cl := workload(t, mode, clk, newLogFirst)
 	sts := crashStates(ops)
 	for _, st := range sts {
 		if err := checkCrashState(st, cl, mode, clk); err != nil {
@@ -716,22 +826,36 @@ func crashCheck(t *testing.T, mode fsyncMode, newLogFirst bool) (states int, fai
 	return len(sts), failures
 }
 
-// TestCrashStates enumerates the crash states of a workload in each
-// -fsync mode and checks each one.
+// crashWorkloadFunc runs a workload in mode on a memFS and returns the
+// operations it recorded and the changes it made.
+type crashWorkloadFunc func(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog)
+
+// TestCrashStates enumerates the crash states of the workloads in each
+// -fsync mode and checks each one: one writer, whose every change the
+// test knows; and four at once, whose changes share batches.
 func TestCrashStates(t *testing.T) {
 	total := 0
-	for _, mode := range []fsyncMode{fsyncAlways, fsyncSecond, fsyncNever} {
-		t.Run(mode.String(), func(t *testing.T) {
-			n, failures := crashCheck(t, mode, false)
-			total += n
-			for i, f := range failures {
-				if i == 10 {
-					t.Errorf("... and %d more", len(failures)-10)
-					break
+	for _, w := range []struct {
+		name     string
+		workload crashWorkloadFunc
+		modes    []fsyncMode
+	}{
+		{"one writer", crashWorkload, []fsyncMode{fsyncAlways, fsyncSecond, fsyncNever}},
+		{"four writers", crashWorkloadConcurrent, []fsyncMode{fsyncAlways, fsyncSecond}},
+	} {
+		for _, mode := range w.modes {
+			t.Run(w.name+", -fsync "+mode.String(), func(t *testing.T) {
+				n, failures := crashCheck(t, w.workload, mode, false)
+				total += n
+				for i, f := range failures {
+					if i == 10 {
+						t.Errorf("... and %d more", len(failures)-10)
+						break
+					}
+					t.Error(f)
 				}
-				t.Error(f)
-			}
-		})
+			})
+		}
 	}
 	t.Logf("%d crash states checked", total)
 }
@@ -740,7 +864,7 @@ func TestCrashStates(t *testing.T) {
 // (the new log created before the old one is made durable), the
 // enumeration finds power-loss states that do not start.
 func TestCrashStatesFindReversedRotation(t *testing.T) {
-	_, failures := crashCheck(t, fsyncSecond, true)
+	_, failures := crashCheck(t, crashWorkload, fsyncSecond, true)
 	found := false
 	for _, f := range failures {
 		found = found || strings.Contains(f, "power loss") && strings.Contains(f, "the changes between are missing")
