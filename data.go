@@ -131,7 +131,7 @@ type dataDir struct {
 	s     *Store
 	lockf io.Closer
 
-	mu       sync.Mutex // guards the four below; taken inside the store's seqMu
+	mu       sync.Mutex // guards the three below; taken inside the store's seqMu
 	queued   *batch     // the changes for the next write
 	closed   bool       // no more changes are taken
 	broken   error      // a write or fsync failed: every change after fails too
