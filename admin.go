@@ -260,7 +260,7 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(b, "atomkv_request_duration_seconds_sum %g\n", time.Duration(m.requests.sum.Load()).Seconds())
 	fmt.Fprintf(b, "atomkv_request_duration_seconds_count %d\n", cum)
 
-	if d := s.store.data; d != nil {
+	if d, _ := s.store.journal.(*dataDir); d != nil {
 		single("atomkv_data_log_bytes", "gauge", "Bytes of the current log file (-data).", d.logSize.Load())
 		single("atomkv_data_snapshot_bytes", "gauge", "Bytes of the newest snapshot (-data).", d.snapBytes.Load())
 		single("atomkv_data_snapshots_total", "counter", "Snapshots written since the server started (-data).", d.snapshots.Load())

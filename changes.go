@@ -51,15 +51,6 @@ func (s *Store) keepHistory(n int) {
 	s.history.reset(s.seq + 1)
 }
 
-// startSequence makes seq the number of the last change: the next is seq+1.
-func (s *Store) startSequence(seq int64) {
-	s.seqMu.Lock()
-	defer s.seqMu.Unlock()
-	s.seq = seq
-	s.history.reset(seq + 1)
-	s.published.Store(seq)
-}
-
 // commit numbers a change, remembers it and publishes it; or, with
 // -data, queues it for the flusher, which publishes it once it is
 // written, and returns the batch it went in. The key's slot must be
@@ -70,36 +61,12 @@ func (s *Store) commit(c change) (seq int64, b *batch) {
 	s.seq++
 	c.seq = s.seq
 	s.history.add(c.key)
-	if s.data != nil {
-		return c.seq, s.data.queue(c)
+	if s.journal != nil {
+		return c.seq, s.journal.queue(c)
 	}
 	s.publish(c)
 	s.published.Store(c.seq)
 	return c.seq, nil
-}
-
-// settle makes a change the flusher has written visible: its version
-// becomes the slot's cur, which readers see, and it is published; and so
-// are the earlier changes of its key that the flusher wrote with it,
-// which it supersedes. The key is locked meanwhile, so that a
-// subscription reading the key's state sees it either before (and gets
-// the change after) or after.
-func (s *Store) settle(c change) {
-	sl := c.sl
-	sl.mu.Lock()
-	defer sl.mu.Unlock()
-	sl.cur.Store(c.e)
-	sh := s.shard(c.key)
-	sh.mu.Lock()
-	if f, ok := sh.m[sl]; ok && f.last == c.seq { // the slot's newest: nothing of it is in flight now
-		delete(sh.m, sl)
-	}
-	sh.mu.Unlock()
-	s.release(c.key, sl)
-	s.seqMu.Lock()
-	s.publish(c)
-	s.published.Store(c.seq)
-	s.seqMu.Unlock()
 }
 
 // subscription is one registration of a queue on a path: an event

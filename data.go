@@ -10,47 +10,41 @@
 //
 // with <seq> in 16 hex digits, so that names sort in sequence order. The
 // newest snapshot and the logs after it are the store: recovery loads
-// the one and replays the others.
+// the one and replays the others (recovery.go). record.go holds the
+// format of their records; datafs.go the few file operations used,
+// through a seam that tests replace to enumerate the states a crash can
+// leave.
 //
-// Every record, in both kinds of file, is framed as etcd's WAL frames
-// them, and its header has a check of its own:
+// What a crash may leave, and what each becomes on the next start:
 //
-//	uint32 n     length of the body (little-endian)
-//	uint32 crc   CRC-32C of the body
-//	uint32 hcrc  CRC-32C of n and crc
-//	[n]byte      the body
+//   - the newest log cut inside a record, or zeroes after its last
+//     record (kill -9 or power loss mid-write): the tail is dropped with
+//     a warning and the log truncated there;
+//   - the newest log empty, zeroes or cut inside its header (a crash
+//     between creating it and its header reaching the disk): its header
+//     is written again;
+//   - a snap-*.tmp (a snapshot never finished): removed;
+//   - files a compaction was about to remove: removed.
 //
-// so that a record cut short at the end of the log (a crash mid-write)
-// is told apart from damage (a check that fails before the end, or a
-// length that was flipped), which stops the server with the file and
-// the offset rather than lose data silently. Bodies hold varints:
-//
-//	'H' "atomkv" version kind first   a file's first record; kind 'L' (first: its first change)
-//	                                  or 'S' (first: the last change it holds)
-//	'S' seq revision deadline len key value   a write; deadline in Unix ns, 0 for none
-//	'D' seq key                       a delete
-//	'X' seq key                       an expiry
-//	'B' (len key len value revision deadline)...   a block of a snapshot's keys
-//	'E' count                         the end of a snapshot, which holds count keys
+// A log is made durable before the log after it is created, so the one
+// loss a power failure may add, a tail not yet fsynced, is always at the
+// end of the newest log. Anything else (a bad checksum before the end, a
+// gap between logs, a log without the snapshot it needs, a snapshot cut
+// short: snapshots are renamed into place whole) is damage no crash
+// causes, and stops the server with the file and the offset.
 
 package main
 
 import (
 	"bufio"
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"hash/crc32"
+	"hash/maphash"
 	"io"
 	"log/slog"
-	"math/rand/v2"
-	"os"
 	"path/filepath"
 	"runtime"
-	"slices"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -96,6 +90,10 @@ var errLocked = errors.New("locked")
 // to the data files: the server then stops (see dataDir.fail).
 var errNotWritten = errors.New("the change could not be written to the data files")
 
+// dataFS is the file system the data files are kept in; a test's child
+// process may replace it, before anything runs, to inject errors.
+var dataFS fileSystem = osFS{}
+
 // batch is the changes one write of the log holds. Their writers wait
 // for done; err, set before done is closed, says if it failed.
 type batch struct {
@@ -112,46 +110,67 @@ func (b *batch) wait() error {
 	return b.err
 }
 
-// dataDir keeps a store in a directory. One goroutine, the flusher,
-// writes the log: it takes the changes committed since its last write,
-// writes them with one write(2), and with -fsync always one fsync, which
-// concurrent writes thus share (group commit); then it settles them: they
-// become visible, are published, and their writers are answered. No lock
-// is held while it writes, so writes to a key go on meanwhile and join
-// the next batch.
+// logFile is an open log and its path, for errors.
+type logFile struct {
+	f    dataFile
+	path string
+}
+
+// dataDir keeps a store in a directory; it is the store's journal. One
+// goroutine, the flusher, writes the log: it takes the changes committed
+// since its last write, writes them with one write(2), and with -fsync
+// always one fsync, which concurrent writes thus share (group commit);
+// then it settles them: they become visible, are published, and their
+// writers are answered. No lock is held while it writes, so writes to a
+// key go on meanwhile and join the next batch.
 type dataDir struct {
+	fs    fileSystem
 	dir   string
 	fsync fsyncMode
 	log   *slog.Logger
 	s     *Store
-	lockf *os.File
+	lockf io.Closer
 
-	// guarded by s.seqMu
-	pending *batch
-	closed  bool  // no more changes are taken
-	broken  error // a write failed: every change after fails too
+	mu       sync.Mutex // guards the three below; taken inside the store's seqMu
+	queued   *batch     // the changes for the next write
+	closed   bool       // no more changes are taken
+	broken   error      // a write or fsync failed: every change after fails too
+	failOnce sync.Once
+
+	inflight inflightTable
 
 	startOnce sync.Once
 	closeOnce sync.Once
 	closeErr  error
 
-	wake   chan struct{} // the flusher has changes to write (capacity 1)
-	stop   chan struct{} // closed to stop the flusher, once it has written all
-	done   chan struct{} // closed when the flusher has stopped
-	failed chan struct{} // closed when a write failed: the server must stop
+	wake    chan struct{} // the flusher has changes to write (capacity 1)
+	stop    chan struct{} // closed to stop the flusher, once it has written all
+	done    chan struct{} // closed when the flusher has stopped
+	failed  chan struct{} // closed when a write or fsync failed: the server must stop
+	syncers sync.WaitGroup
 
 	// owned by the flusher
-	seg        *os.File // the log written to
-	logBytes   int64    // of the logs after the newest snapshot
+	seg        logFile // the log written to
+	logBytes   int64   // of the logs after the newest snapshot
 	buf        []byte
 	lastOf     map[*slot]int // of a batch: the index of each slot's last change
 	compacting atomic.Bool
 	compaction sync.WaitGroup
 	minCompact int64 // compact only once the logs hold at least this much
 
-	// the log file the syncer makes durable every second
+	// Tests only: how often the syncer runs (-fsync 1s); and the rotation
+	// order reversed, the new log created before the old one is made
+	// durable, as it was before, to show that the crash-state test finds
+	// what that order loses.
+	syncEvery   time.Duration
+	newLogFirst bool
+
+	// The log the syncer makes durable every second, if dirty. syncMu is
+	// held while it does, so that the flusher neither closes the file
+	// under it when it rotates nor acknowledges a change while an fsync
+	// that may fail is under way.
 	syncMu sync.Mutex
-	synced *os.File
+	synced logFile
 	dirty  bool
 
 	// figures for /metrics
@@ -174,21 +193,28 @@ func openData(dir string, mode fsyncMode, s *Store, log *slog.Logger) (*dataDir,
 }
 
 // loadData is openData without starting the flusher: changes committed
-// then wait in d.pending.
+// then wait in d.queued.
 func loadData(dir string, mode fsyncMode, s *Store, log *slog.Logger) (*dataDir, error) {
-	if err := os.MkdirAll(dir, 0o755); err != nil {
+	return loadDataFS(dataFS, dir, mode, s, log)
+}
+
+// loadDataFS is loadData on the file system fs.
+func loadDataFS(fs fileSystem, dir string, mode fsyncMode, s *Store, log *slog.Logger) (*dataDir, error) {
+	if err := fs.mkdirAll(dir); err != nil {
 		return nil, fmt.Errorf("data directory: %w", err)
 	}
 	d := &dataDir{
-		dir: dir, fsync: mode, log: log, s: s,
-		pending:    newBatch(),
+		fs: fs, dir: dir, fsync: mode, log: log, s: s,
+		queued:     newBatch(),
 		wake:       make(chan struct{}, 1),
 		stop:       make(chan struct{}),
 		done:       make(chan struct{}),
 		failed:     make(chan struct{}),
 		minCompact: 1 << 20,
+		syncEvery:  time.Second,
 		lastOf:     make(map[*slot]int),
 	}
+	d.inflight.seed = maphash.MakeSeed()
 	if err := d.lock(); err != nil {
 		return nil, err
 	}
@@ -197,15 +223,7 @@ func loadData(dir string, mode fsyncMode, s *Store, log *slog.Logger) (*dataDir,
 		return nil, err
 	}
 	d.synced = d.seg
-	s.data = d
-	// Deadlines are scheduled only now: an expiry during recovery would
-	// have taken a change number in the middle of the replay.
-	s.keys.Range(func(_, v any) bool {
-		if e := v.(*slot).load(); e != nil && e.ttl != nil {
-			s.expiry.add(e.ttl)
-		}
-		return true
-	})
+	s.attach(d)
 	return d, nil
 }
 
@@ -214,6 +232,7 @@ func (d *dataDir) start() {
 	d.startOnce.Do(func() {
 		go d.flush()
 		if d.fsync == fsyncSecond {
+			d.syncers.Add(1)
 			go d.syncEverySecond()
 		}
 	})
@@ -221,42 +240,37 @@ func (d *dataDir) start() {
 
 // lock takes the directory's LOCK file, or says who has it.
 func (d *dataDir) lock() error {
-	path := filepath.Join(d.dir, "LOCK")
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE, 0o644)
-	if err != nil {
+	l, err := d.fs.lock(d.dir)
+	var locked *lockedError
+	switch {
+	case errors.As(err, &locked):
+		return fmt.Errorf("data directory %s is in use by another atomkv (pid %s); one server per directory", d.dir, locked.pid)
+	case err != nil:
 		return fmt.Errorf("data directory: %w", err)
 	}
-	if err := lockFile(f); err != nil {
-		pid, _ := io.ReadAll(f)
-		f.Close()
-		if errors.Is(err, errLocked) {
-			return fmt.Errorf("data directory %s is in use by another atomkv (pid %s); one server per directory", d.dir, bytes.TrimSpace(pid))
-		}
-		return fmt.Errorf("locking %s: %w", path, err)
-	}
-	f.Truncate(0)
-	f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
-	d.lockf = f
+	d.lockf = l
 	return nil
 }
 
 // queue takes a change for the next write of the log and returns its
-// batch. s.seqMu must be held.
+// batch. The store's seqMu is held, so changes join in sequence order.
 func (d *dataDir) queue(c change) *batch {
+	d.mu.Lock()
+	defer d.mu.Unlock()
 	if d.closed || d.broken != nil {
 		b := newBatch() // nobody will write it
 		b.err = errNotWritten
 		close(b.done)
 		return b
 	}
-	d.pending.changes = append(d.pending.changes, c)
-	if len(d.pending.changes) == 1 {
+	d.queued.changes = append(d.queued.changes, c)
+	if len(d.queued.changes) == 1 {
 		select {
 		case d.wake <- struct{}{}:
 		default:
 		}
 	}
-	return d.pending
+	return d.queued
 }
 
 // flush is the flusher: it writes batches until stopped, then writes
@@ -279,10 +293,10 @@ func (d *dataDir) flush() {
 
 // take returns the changes committed since the last take.
 func (d *dataDir) take() *batch {
-	d.s.seqMu.Lock()
-	defer d.s.seqMu.Unlock()
-	b := d.pending
-	d.pending = newBatch()
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	b := d.queued
+	d.queued = newBatch()
 	return b
 }
 
@@ -297,30 +311,62 @@ func (d *dataDir) write(b *batch) bool {
 	for _, c := range b.changes {
 		d.buf = appendChange(d.buf, c)
 	}
-	_, err := d.seg.Write(d.buf)
-	if err == nil && d.fsync == fsyncAlways {
-		err = d.sync(d.seg)
-	}
-	if err != nil {
-		d.fail(fmt.Errorf("writing %s: %w", d.seg.Name(), err), b)
+	if _, err := d.seg.f.Write(d.buf); err != nil {
+		d.fail(fmt.Errorf("writing %s: %w", d.seg.path, err), b)
 		return false
+	}
+	if d.fsync == fsyncAlways {
+		if err := d.sync(d.seg); err != nil {
+			d.fail(err, b)
+			return false
+		}
 	}
 	d.logBytes += int64(len(d.buf))
 	d.logSize.Add(int64(len(d.buf)))
 	if d.fsync == fsyncSecond {
+		// An fsync of the syncer's under way ends first: if it fails,
+		// what the log holds is not known, and nothing more may be
+		// acknowledged. (The flusher waits so at most one fsync a second.)
 		d.syncMu.Lock()
 		d.dirty = true
+	}
+	err := d.failure()
+	if err == nil {
+		d.settle(b)
+	}
+	if d.fsync == fsyncSecond {
 		d.syncMu.Unlock()
 	}
-	d.settle(b)
+	if err != nil {
+		d.fail(err, b)
+		return false
+	}
 	close(b.done)
 	if d.logBytes > 4*max(d.s.liveBytes.Load(), d.minCompact) && d.compacting.CompareAndSwap(false, true) {
 		if err := d.rotate(b.changes[len(b.changes)-1].seq); err != nil {
+			d.compacting.Store(false)
 			d.fail(err, nil)
 			return false
 		}
 	}
 	return true
+}
+
+// failure is the error that broke the data files, or nil.
+func (d *dataDir) failure() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.broken
+}
+
+// breakWith marks the data files broken by err, if nothing broke them
+// before: no change is taken nor acknowledged from now on.
+func (d *dataDir) breakWith(err error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.broken == nil {
+		d.broken = err
+	}
 }
 
 // settle settles a written batch: of each key, its last change in the
@@ -335,45 +381,55 @@ func (d *dataDir) settle(b *batch) {
 	}
 	for i, c := range b.changes {
 		if d.lastOf[c.sl] == i {
-			d.s.settle(c)
+			d.s.reveal(c)
 		}
 	}
 }
 
-// fail stops the store writing: a change it could not write has been
-// applied in memory, where readers do not see it, but on disk it is not,
-// and the two would drift apart. b's writers, and every later one, get
-// errNotWritten; the server stops (run watches failed), and on the next
-// start recovery finds the files as they were. Fail-stop, as etcd does on
-// a WAL write error.
+// fail stops the store writing: a change it could not write, or whose
+// file could not be made durable, has been applied in memory, where
+// readers do not see it, but on disk it may not be, and the two would
+// drift apart. b's writers, and every later one, get errNotWritten; the
+// server stops (run watches failed), and on the next start recovery
+// finds the files as they were. Fail-stop, as etcd does on a WAL write
+// error, and as PostgreSQL learned to do on a failed fsync: the kernel
+// may have dropped the dirty pages, and a retry would report success for
+// lost data. Any goroutine may call it, more than once.
 func (d *dataDir) fail(err error, b *batch) {
-	d.log.Error("data files: the server stops", "err", err)
-	d.s.seqMu.Lock()
-	d.broken = err
-	rest := d.pending
-	d.pending = newBatch()
-	d.s.seqMu.Unlock()
+	d.breakWith(err)
+	d.mu.Lock()
+	rest := d.queued
+	d.queued = newBatch()
+	cause := d.broken // the first failure, if another came first
+	d.mu.Unlock()
+	d.failOnce.Do(func() { // before anyone hears of the failure
+		d.log.Error("data files: the server stops", "err", cause)
+		close(d.failed)
+	})
 	for _, b := range []*batch{b, rest} {
 		if b != nil {
 			b.err = errNotWritten
 			close(b.done)
 		}
 	}
-	close(d.failed)
 }
 
-// sync makes f durable, and counts how long that took.
-func (d *dataDir) sync(f *os.File) error {
+// sync makes a log durable, and counts how long that took.
+func (d *dataDir) sync(l logFile) error {
 	start := time.Now()
-	err := f.Sync()
+	err := l.f.Sync()
 	d.fsyncs.Add(1)
 	d.fsyncNanos.Add(int64(time.Since(start)))
-	return err
+	if err != nil {
+		return fmt.Errorf("fsync of %s: %w", l.path, err)
+	}
+	return nil
 }
 
 // syncEverySecond makes the log durable every second it was written to.
 func (d *dataDir) syncEverySecond() {
-	tick := time.NewTicker(time.Second)
+	defer d.syncers.Done()
+	tick := time.NewTicker(d.syncEvery)
 	defer tick.Stop()
 	for {
 		select {
@@ -381,61 +437,80 @@ func (d *dataDir) syncEverySecond() {
 		case <-d.done:
 			return
 		}
-		d.syncMu.Lock()
-		f, dirty := d.synced, d.dirty
-		d.dirty = false
-		d.syncMu.Unlock()
-		if dirty {
-			// A file rotated out meanwhile is closed: the compaction
-			// made it durable first.
-			if err := d.sync(f); err != nil && !errors.Is(err, os.ErrClosed) {
-				d.log.Error("data files: fsync", "err", err)
-			}
+		if err := d.syncDirty(); err != nil {
+			d.fail(err, nil)
+			return
 		}
 	}
+}
+
+// syncDirty makes the log durable if it was written to since the last
+// time.
+func (d *dataDir) syncDirty() error {
+	d.syncMu.Lock()
+	defer d.syncMu.Unlock()
+	if !d.dirty {
+		return nil
+	}
+	d.dirty = false
+	err := d.sync(d.synced)
+	if err != nil {
+		d.breakWith(err) // before the flusher, waiting for syncMu, acknowledges more
+	}
+	return err
 }
 
 // rotate starts a new log after the change numbered upTo, all of which
 // (and all before) the old log holds, and compacts in the background: a
 // snapshot as of upTo, after which the old logs can go.
+//
+// The old log is made durable before the new one is created: were it
+// the other way round, a power failure could keep the new log and lose
+// the old one's tail, which -fsync 1s and never allow, and the changes
+// between would be missing, which no start-up can mend.
 func (d *dataDir) rotate(upTo int64) error {
+	d.syncMu.Lock()
+	defer d.syncMu.Unlock()
 	old := d.seg
+	if !d.newLogFirst {
+		if err := d.sync(old); err != nil {
+			return err
+		}
+	}
 	seg, err := d.createLog(upTo + 1)
 	if err != nil {
 		return err
 	}
-	d.seg = seg
-	d.syncMu.Lock()
-	d.synced, d.dirty = seg, false
-	d.syncMu.Unlock()
+	if d.newLogFirst {
+		if err := d.sync(old); err != nil {
+			return err
+		}
+	}
+	old.f.Close()
+	d.seg, d.synced = seg, seg
+	d.dirty = false
 	d.logBytes = 0
 	d.compaction.Add(1)
-	go d.compact(old, upTo)
+	go d.compact(upTo)
 	return nil
 }
 
-// compact makes the rotated-out log durable, writes a snapshot as of
-// upTo and removes what it replaces.
+// compact writes a snapshot as of upTo and removes what it replaces.
 //
 // The snapshot is taken while writes go on, so a key may be in it at a
 // version newer than upTo, or missing if deleted since. Either way the
 // log after upTo holds those changes, and replaying a record sets a key
 // to what it says whatever it was: the snapshot plus that log is the
-// store, as a snapshot taken at upTo would be. (A version newer than
-// upTo is installed before it is written to the log; if a crash then
-// loses its record, the snapshot keeps a write that was never
-// acknowledged, which is allowed: no acknowledged write is lost.)
-func (d *dataDir) compact(old *os.File, upTo int64) {
+// store, as a snapshot taken at upTo would be. (A version in the
+// snapshot is one already written to the log, but perhaps not yet
+// durable there: if a power failure then loses its record, the snapshot
+// keeps it, which is allowed: no acknowledged write is lost, and no
+// revision goes back.)
+func (d *dataDir) compact(upTo int64) {
 	defer d.compaction.Done()
 	defer d.compacting.Store(false)
-	err := d.sync(old)
-	old.Close()
-	if err == nil {
-		err = d.writeSnapshot(upTo)
-	}
-	if err != nil {
-		// Not fatal: the logs still hold everything.
-		d.log.Error("data files: compaction failed", "err", err)
+	if err := d.writeSnapshot(upTo); err != nil {
+		d.fail(err, nil)
 		return
 	}
 	d.removeBefore(upTo)
@@ -448,19 +523,19 @@ func (d *dataDir) removeBefore(upTo int64) {
 	snaps, logs, _ := d.files()
 	for _, seq := range snaps {
 		if seq < upTo {
-			os.Remove(d.path("snap", seq))
+			d.fs.remove(d.path("snap", seq))
 		}
 	}
 	for _, seq := range logs {
 		if seq <= upTo {
-			os.Remove(d.path("log", seq))
+			d.fs.remove(d.path("log", seq))
 		}
 	}
 	var size int64
 	for _, seq := range logs {
 		if seq > upTo {
-			if fi, err := os.Stat(d.path("log", seq)); err == nil {
-				size += fi.Size()
+			if n, err := d.fs.size(d.path("log", seq)); err == nil {
+				size += n
 			}
 		}
 	}
@@ -469,20 +544,23 @@ func (d *dataDir) removeBefore(upTo int64) {
 
 // close writes what is pending, makes it durable and releases the
 // directory; a second call does nothing. Changes committed after get
-// errNotWritten.
+// errNotWritten. It returns what broke the data files, if anything did.
 func (d *dataDir) close() error {
 	d.closeOnce.Do(func() {
-		d.s.seqMu.Lock()
+		d.mu.Lock()
 		d.closed = true
-		d.s.seqMu.Unlock()
+		d.mu.Unlock()
 		d.start() // if it never was: the flusher writes what is pending, then stops
 		close(d.stop)
 		<-d.done
+		d.syncers.Wait()
 		d.compaction.Wait()
-		d.closeErr = d.sync(d.seg)
-		if err := d.seg.Close(); d.closeErr == nil {
-			d.closeErr = err
+		if d.closeErr = d.failure(); d.closeErr == nil {
+			if d.closeErr = d.sync(d.seg); d.closeErr != nil {
+				d.fail(d.closeErr, nil)
+			}
 		}
+		d.seg.f.Close()
 		d.lockf.Close() // which unlocks it
 	})
 	return d.closeErr
@@ -493,170 +571,25 @@ func (d *dataDir) path(kind string, seq int64) string {
 	return filepath.Join(d.dir, fmt.Sprintf("%s-%016x", kind, seq))
 }
 
-// files lists the snapshots and logs in the directory, in order, and
-// removes temporary files a crash left behind.
-func (d *dataDir) files() (snaps, logs []int64, err error) {
-	entries, err := os.ReadDir(d.dir)
-	if err != nil {
-		return nil, nil, fmt.Errorf("data directory: %w", err)
-	}
-	for _, e := range entries {
-		name := e.Name()
-		kind, hex, _ := strings.Cut(name, "-")
-		seq, perr := strconv.ParseInt(hex, 16, 64)
-		switch {
-		case strings.HasSuffix(name, ".tmp"):
-			os.Remove(filepath.Join(d.dir, name)) // a snapshot never finished
-		case perr != nil || len(hex) != 16:
-		case kind == "snap":
-			snaps = append(snaps, seq)
-		case kind == "log":
-			logs = append(logs, seq)
-		}
-	}
-	slices.Sort(snaps)
-	slices.Sort(logs)
-	return snaps, logs, nil
-}
-
-// recover loads the newest snapshot and replays the logs after it, and
-// leaves d.seg open at the end of the last log; or, in a new directory,
-// starts both.
-func (d *dataDir) recover() error {
-	snaps, logs, err := d.files()
-	if err != nil {
-		return err
-	}
-	if len(snaps) == 0 {
-		if len(logs) > 0 {
-			return fmt.Errorf("%s: no snapshot holds the changes before it: files of the data directory are missing", d.path("log", logs[0]))
-		}
-		base := (1 + rand.Int64N(1<<20)) << 32 // as NewStore's
-		if err := d.writeSnapshot(base); err != nil {
-			return err
-		}
-		d.s.startSequence(base)
-		d.seg, err = d.createLog(base + 1)
-		return err
-	}
-	snap := snaps[len(snaps)-1]
-	if err := d.loadSnapshot(snap); err != nil {
-		return err
-	}
-	d.s.startSequence(snap)
-	// Replay from the log that holds the change after the snapshot.
-	start := -1
-	for i, first := range logs {
-		if first <= snap+1 {
-			start = i
-		}
-	}
-	if start < 0 {
-		if len(logs) > 0 {
-			return fmt.Errorf("%s: starts at change %d, but %s ends at change %d: the changes between are missing",
-				d.path("log", logs[0]), logs[0], d.path("snap", snap), snap)
-		}
-		d.seg, err = d.createLog(snap + 1)
-		return err
-	}
-	next := logs[start] // the number the next record must have
-	for i, first := range logs[start:] {
-		if first != next {
-			return fmt.Errorf("%s: starts at change %d, but the log before ends at change %d: the changes between are missing",
-				d.path("log", first), first, next-1)
-		}
-		last := start+i == len(logs)-1
-		if next, err = d.replay(first, next, snap, last); err != nil {
-			return err
-		}
-	}
-	d.s.published.Store(d.s.seq)
-	d.removeBefore(snap) // what an interrupted compaction left
-	d.seg, err = os.OpenFile(d.path("log", logs[len(logs)-1]), os.O_WRONLY|os.O_APPEND, 0o644)
-	if err != nil {
-		return fmt.Errorf("data directory: %w", err)
-	}
-	return nil
-}
-
 // createLog creates the log whose first change is first, durably.
-func (d *dataDir) createLog(first int64) (*os.File, error) {
+func (d *dataDir) createLog(first int64) (logFile, error) {
 	path := d.path("log", first)
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL|os.O_APPEND, 0o644)
+	f, err := d.fs.create(path)
 	if err != nil {
-		return nil, fmt.Errorf("data directory: %w", err)
+		return logFile{}, fmt.Errorf("data directory: %w", err)
 	}
 	head := appendRecord(nil, appendHeader(nil, 'L', first))
 	if _, err = f.Write(head); err == nil {
 		if err = f.Sync(); err == nil {
-			err = syncDir(d.dir)
+			err = d.fs.syncDir(d.dir)
 		}
 	}
 	if err != nil {
 		f.Close()
-		return nil, fmt.Errorf("creating %s: %w", path, err)
+		return logFile{}, fmt.Errorf("creating %s: %w", path, err)
 	}
 	d.logSize.Add(int64(len(head)))
-	return f, nil
-}
-
-// replay applies the log that starts at change first: each change
-// numbered next, next+1, ..., those after snap to the store. It returns
-// the number the following change must have. A record cut short at the
-// end of the last log is a crash mid-write: it is dropped, with a warning,
-// and the log truncated there.
-func (d *dataDir) replay(first, next, snap int64, last bool) (int64, error) {
-	path := d.path("log", first)
-	rr, f, err := openRecords(path)
-	if err != nil {
-		return next, err
-	}
-	defer f.Close()
-	if err := rr.header('L', first); err != nil {
-		return next, err
-	}
-	for {
-		body, err := rr.next()
-		switch {
-		case err == io.EOF:
-			return next, nil
-		case errors.Is(err, errTorn) && last:
-			d.log.Warn("data files: the last record was cut short by a crash; dropped", "file", path, "offset", rr.off, "reason", err)
-			if err := os.Truncate(path, rr.off); err != nil {
-				return next, fmt.Errorf("truncating %s: %w", path, err)
-			}
-			return next, nil
-		case err != nil:
-			return next, err
-		}
-		c, expires, err := decodeChange(body)
-		switch {
-		case err != nil:
-			return next, rr.damaged(err.Error())
-		case c.seq != next:
-			return next, rr.damaged(fmt.Sprintf("change %d where change %d belongs", c.seq, next))
-		}
-		next++
-		if c.seq <= snap {
-			continue // in the snapshot already
-		}
-		d.apply(c, expires)
-		d.s.seq = c.seq // recovery runs alone: seqMu guards nothing yet
-		d.s.history.add(c.key)
-	}
-}
-
-// apply puts a recovered key's version in the store: its deadline is
-// absolute, so a key that expired while the server was down stays gone.
-func (d *dataDir) apply(c change, expires int64) {
-	if c.e != nil && expires != 0 {
-		if expires <= d.s.now() {
-			c.e = nil
-		} else {
-			c.e.ttl = &deadline{at: expires, key: c.key, index: -1}
-		}
-	}
-	d.s.load(c.key, c.e)
+	return logFile{f, path}, nil
 }
 
 // writeSnapshot writes every key of the store to the snapshot as of
@@ -665,11 +598,10 @@ func (d *dataDir) apply(c change, expires int64) {
 func (d *dataDir) writeSnapshot(upTo int64) error {
 	path := d.path("snap", upTo)
 	tmp := path + ".tmp"
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o644)
+	f, err := d.fs.create(tmp)
 	if err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
-	defer os.Remove(tmp) // if it is still there, it failed
 	w := bufio.NewWriterSize(f, 256<<10)
 	var written int64
 	var rec []byte // not d.buf: this runs beside the flusher
@@ -681,19 +613,13 @@ func (d *dataDir) writeSnapshot(upTo int64) error {
 	put(appendHeader(nil, 'S', upTo))
 	block := []byte{'B'}
 	var count uint64
-	now := d.s.now()
-	d.s.keys.Range(func(k, v any) bool {
-		e := v.(*slot).cur.Load()
-		if e == nil || e == tombstone || e.ttl != nil && e.ttl.at <= now {
-			return true
-		}
-		block = appendSnapshotKey(block, k.(string), e)
+	d.s.walk(func(key string, e *entry) {
+		block = appendSnapshotKey(block, key, e)
 		count++
 		if len(block) >= 64<<10 {
 			put(block)
 			block = block[:1]
 		}
-		return true
 	})
 	if len(block) > 1 {
 		put(block)
@@ -701,339 +627,83 @@ func (d *dataDir) writeSnapshot(upTo int64) error {
 	put(binary.AppendUvarint([]byte{'E'}, count))
 	err = w.Flush()
 	if err == nil {
-		err = d.sync(f)
+		err = f.Sync()
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
 	if err == nil {
-		err = os.Rename(tmp, path)
+		err = d.fs.rename(tmp, path)
 	}
 	if err == nil {
-		err = syncDir(d.dir)
+		err = d.fs.syncDir(d.dir)
 	}
 	if err != nil {
+		d.fs.remove(tmp)
 		return fmt.Errorf("writing snapshot %s: %w", path, err)
 	}
 	d.snapBytes.Store(written)
 	return nil
 }
 
-// loadSnapshot loads the snapshot as of change upTo into the store.
-func (d *dataDir) loadSnapshot(upTo int64) error {
-	path := d.path("snap", upTo)
-	rr, f, err := openRecords(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	d.snapBytes.Store(rr.size)
-	if err := rr.header('S', upTo); err != nil {
-		return err
-	}
-	var count uint64
-	for {
-		body, err := rr.next()
-		switch {
-		case err == io.EOF:
-			return rr.damaged("the snapshot ends before its end record")
-		case err != nil:
-			return err // cut short too: a snapshot is renamed into place whole
-		}
-		switch body[0] {
-		case 'B':
-			for rest := body[1:]; len(rest) > 0; {
-				var key string
-				var e *entry
-				var expires int64
-				if key, e, expires, rest, err = decodeSnapshotKey(rest); err != nil {
-					return rr.damaged(err.Error())
-				}
-				d.apply(change{key: key, e: e}, expires)
-				count++
-			}
-		case 'E':
-			want, n := binary.Uvarint(body[1:])
-			if n <= 0 || want != count {
-				return rr.damaged(fmt.Sprintf("the snapshot ends after %d keys, but says it holds %d", count, want))
-			}
-			return nil
-		default:
-			return rr.damaged(fmt.Sprintf("unknown record %q", body[0]))
-		}
-	}
+// inflightTable holds, with -data, each key's newest version while its
+// change is not yet in the data files: writers of the key (which hold
+// its slot's lock) work on it, readers see the slot's cur, the version
+// on disk. It is sharded, so that writers of different keys do not
+// contend on one lock, and keyed by slot, so that it allocates nothing
+// per write.
+type inflightTable struct {
+	seed   maphash.Seed
+	shards [inflightShards]inflightShard
 }
 
-// Records.
+const inflightShards = 64
 
-var castagnoli = crc32.MakeTable(crc32.Castagnoli)
-
-const (
-	headerSize = 12
-	maxRecord  = 256 << 20 // a larger length is damage, not data
-	dataMagic  = "atomkv"
-	dataFormat = 1
-)
-
-// appendRecord appends body, framed.
-func appendRecord(b, body []byte) []byte {
-	start := len(b)
-	b = append(b, make([]byte, headerSize)...)
-	b = append(b, body...)
-	frame(b[start:])
-	return b
+type inflightShard struct {
+	mu sync.Mutex
+	m  map[*slot]inflight
 }
 
-// frame fills in the header of the record rec, whose body follows it.
-func frame(rec []byte) {
-	body := rec[headerSize:]
-	binary.LittleEndian.PutUint32(rec[0:], uint32(len(body)))
-	binary.LittleEndian.PutUint32(rec[4:], crc32.Checksum(body, castagnoli))
-	binary.LittleEndian.PutUint32(rec[8:], crc32.Checksum(rec[:8], castagnoli))
+// inflight is a slot's newest version while its change is being written.
+type inflight struct {
+	e     *entry // nil: deleted
+	last  int64  // the number of its change
+	batch *batch // its batch, to wait for
 }
 
-// appendHeader appends the body of a file's first record.
-func appendHeader(b []byte, kind byte, first int64) []byte {
-	b = append(b, 'H')
-	b = append(b, dataMagic...)
-	b = binary.AppendUvarint(b, dataFormat)
-	b = append(b, kind)
-	return binary.AppendUvarint(b, uint64(first))
+func (t *inflightTable) shard(key string) *inflightShard {
+	return &t.shards[maphash.String(t.seed, key)%inflightShards]
 }
 
-// appendChange appends the record of a change to the log.
-func appendChange(b []byte, c change) []byte {
-	start := len(b)
-	b = append(b, make([]byte, headerSize)...)
-	switch {
-	case c.e != nil:
-		b = append(b, 'S')
-		b = binary.AppendUvarint(b, uint64(c.seq))
-		b = binary.AppendUvarint(b, uint64(c.e.revision))
-		b = binary.AppendVarint(b, c.e.deadline())
-		b = binary.AppendUvarint(b, uint64(len(c.key)))
-		b = append(b, c.key...)
-		b = append(b, c.e.value...)
-	case c.why == expired:
-		b = append(b, 'X')
-		b = binary.AppendUvarint(b, uint64(c.seq))
-		b = append(b, c.key...)
-	default:
-		b = append(b, 'D')
-		b = binary.AppendUvarint(b, uint64(c.seq))
-		b = append(b, c.key...)
+// hold records e, of the change numbered seq in batch b, as key's newest
+// version. The slot is locked.
+func (d *dataDir) hold(key string, sl *slot, e *entry, seq int64, b *batch) {
+	sh := d.inflight.shard(key)
+	sh.mu.Lock()
+	if sh.m == nil {
+		sh.m = make(map[*slot]inflight)
 	}
-	frame(b[start:])
-	return b
+	sh.m[sl] = inflight{e: e, last: seq, batch: b}
+	sh.mu.Unlock()
 }
 
-// deadline returns when e expires, in Unix ns, or 0.
-func (e *entry) deadline() int64 {
-	if e.ttl == nil {
-		return 0
-	}
-	return e.ttl.at
+// pending returns key's newest version and its batch, if its change is
+// not yet written. The slot is locked.
+func (d *dataDir) pending(key string, sl *slot) (*entry, *batch, bool) {
+	sh := d.inflight.shard(key)
+	sh.mu.Lock()
+	f, ok := sh.m[sl]
+	sh.mu.Unlock()
+	return f.e, f.batch, ok
 }
 
-// decodeChange reads a change record's body.
-func decodeChange(body []byte) (c change, expires int64, err error) {
-	r := byteReader{b: body[1:]}
-	c.seq = int64(r.uvarint())
-	switch body[0] {
-	case 'S':
-		c.e = &entry{revision: int64(r.uvarint())}
-		expires = r.varint()
-		c.key = r.string(int(r.uvarint()))
-		c.e.value = string(r.b)
-	case 'D', 'X':
-		c.key, c.why = string(r.b), deleted
-		if body[0] == 'X' {
-			c.why = expired
-		}
-	default:
-		return c, 0, fmt.Errorf("unknown record %q", body[0])
+// written forgets key's in-flight version once c, its newest change, is
+// written. The slot is locked.
+func (d *dataDir) written(c change) {
+	sh := d.inflight.shard(c.key)
+	sh.mu.Lock()
+	if f, ok := sh.m[c.sl]; ok && f.last == c.seq {
+		delete(sh.m, c.sl)
 	}
-	if r.err != nil || c.key == "" {
-		return c, 0, errors.New("malformed change record")
-	}
-	return c, expires, nil
-}
-
-// appendSnapshotKey appends a key and its version to a snapshot block.
-func appendSnapshotKey(b []byte, key string, e *entry) []byte {
-	b = binary.AppendUvarint(b, uint64(len(key)))
-	b = append(b, key...)
-	b = binary.AppendUvarint(b, uint64(len(e.value)))
-	b = append(b, e.value...)
-	b = binary.AppendUvarint(b, uint64(e.revision))
-	return binary.AppendVarint(b, e.deadline())
-}
-
-// decodeSnapshotKey reads a key and its version from a snapshot block,
-// and returns the rest of the block.
-func decodeSnapshotKey(b []byte) (key string, e *entry, expires int64, rest []byte, err error) {
-	r := byteReader{b: b}
-	key = r.string(int(r.uvarint()))
-	e = &entry{value: r.string(int(r.uvarint()))}
-	e.revision = int64(r.uvarint())
-	expires = r.varint()
-	if r.err != nil || key == "" {
-		return "", nil, 0, nil, errors.New("malformed snapshot block")
-	}
-	return key, e, expires, r.b, nil
-}
-
-// byteReader reads varints and strings from a record body, keeping the
-// first error.
-type byteReader struct {
-	b   []byte
-	err error
-}
-
-func (r *byteReader) uvarint() uint64 {
-	v, n := binary.Uvarint(r.b)
-	if n <= 0 {
-		r.err = io.ErrUnexpectedEOF
-		return 0
-	}
-	r.b = r.b[n:]
-	return v
-}
-
-func (r *byteReader) varint() int64 {
-	v, n := binary.Varint(r.b)
-	if n <= 0 {
-		r.err = io.ErrUnexpectedEOF
-		return 0
-	}
-	r.b = r.b[n:]
-	return v
-}
-
-func (r *byteReader) string(n int) string {
-	if n < 0 || n > len(r.b) {
-		r.err = io.ErrUnexpectedEOF
-		return ""
-	}
-	s := string(r.b[:n])
-	r.b = r.b[n:]
-	return s
-}
-
-// errTorn is the end of a file inside a record, as a crash mid-write
-// leaves it.
-var errTorn = errors.New("the file ends inside a record")
-
-// recordReader reads the records of a file.
-type recordReader struct {
-	path string
-	r    *bufio.Reader
-	off  int64 // of the next record
-	size int64
-	body []byte
-}
-
-func openRecords(path string) (*recordReader, *os.File, error) {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil, nil, fmt.Errorf("data directory: %w", err)
-	}
-	fi, err := f.Stat()
-	if err != nil {
-		f.Close()
-		return nil, nil, fmt.Errorf("data directory: %w", err)
-	}
-	return &recordReader{path: path, r: bufio.NewReaderSize(f, 256<<10), size: fi.Size()}, f, nil
-}
-
-// damaged is the error of damage at the current record.
-func (rr *recordReader) damaged(what string) error {
-	return fmt.Errorf("%s: damaged at offset %d: %s", rr.path, rr.off, what)
-}
-
-// next returns the next record's body, valid until the next call; io.EOF
-// at the end of the file; an error wrapping errTorn if the file ends
-// inside a record; or damage.
-func (rr *recordReader) next() ([]byte, error) {
-	left := rr.size - rr.off
-	switch {
-	case left == 0:
-		return nil, io.EOF
-	case left < headerSize:
-		return nil, fmt.Errorf("%w: %d bytes of a header", errTorn, left)
-	}
-	var h [headerSize]byte
-	if _, err := io.ReadFull(rr.r, h[:]); err != nil {
-		return nil, fmt.Errorf("reading %s: %w", rr.path, err)
-	}
-	n := int64(binary.LittleEndian.Uint32(h[0:]))
-	if crc32.Checksum(h[:8], castagnoli) != binary.LittleEndian.Uint32(h[8:]) {
-		if h == [headerSize]byte{} && rr.zeroToEnd() {
-			// A crash after the file grew and before its data landed
-			// leaves zeroes.
-			return nil, fmt.Errorf("%w: zeroes to the end", errTorn)
-		}
-		return nil, rr.damaged("bad record header checksum")
-	}
-	switch {
-	case n > maxRecord:
-		return nil, rr.damaged(fmt.Sprintf("a record of %d bytes", n))
-	case n > left-headerSize:
-		return nil, fmt.Errorf("%w: %d of its %d bytes", errTorn, left-headerSize, n)
-	case n == 0:
-		return nil, rr.damaged("an empty record")
-	}
-	rr.body = slices.Grow(rr.body[:0], int(n))[:n]
-	if _, err := io.ReadFull(rr.r, rr.body); err != nil {
-		return nil, fmt.Errorf("reading %s: %w", rr.path, err)
-	}
-	if crc32.Checksum(rr.body, castagnoli) != binary.LittleEndian.Uint32(h[4:]) {
-		if n == left-headerSize {
-			// The very last record, whole in length but not in
-			// content: a write the crash cut, as far as anyone can tell.
-			return nil, fmt.Errorf("%w: the last record's checksum fails", errTorn)
-		}
-		return nil, rr.damaged("bad record checksum")
-	}
-	rr.off += headerSize + n
-	return rr.body, nil
-}
-
-// zeroToEnd reports whether the rest of the file is zeroes.
-func (rr *recordReader) zeroToEnd() bool {
-	for {
-		c, err := rr.r.ReadByte()
-		if err == io.EOF {
-			return true
-		}
-		if err != nil || c != 0 {
-			return false
-		}
-	}
-}
-
-// header checks a file's first record: its kind and number.
-func (rr *recordReader) header(kind byte, first int64) error {
-	body, err := rr.next()
-	if err != nil {
-		if err == io.EOF || errors.Is(err, errTorn) {
-			return rr.damaged("no header record")
-		}
-		return err
-	}
-	want := appendHeader(nil, kind, first)
-	if !bytes.Equal(body, want) {
-		return rr.damaged(fmt.Sprintf("header %q; want %q", body, want))
-	}
-	return nil
-}
-
-// syncDir makes the entries of a directory durable.
-func syncDir(dir string) error {
-	f, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
+	sh.mu.Unlock()
 }

@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -15,6 +16,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"runtime"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -203,9 +205,9 @@ func TestDataGroupCommit(t *testing.T) {
 		}()
 	}
 	waitFor(t, "every write to be committed", func() bool {
-		s.seqMu.Lock()
-		defer s.seqMu.Unlock()
-		return len(d.pending.changes) == n
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return len(d.queued.changes) == n
 	})
 	if a := answered.Load(); a != 0 {
 		t.Fatalf("%d writes answered before their record was written", a)
@@ -235,7 +237,7 @@ func TestDataWriteFails(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.seg.Close() // as a disk that fails
+	d.seg.f.Close() // as a disk that fails
 	d.start()
 	defer d.close()
 	if _, err := s.Set("/x", "1", 0); err != errNotWritten {
@@ -315,13 +317,49 @@ func TestDataTornTail(t *testing.T) {
 			if after, _ := os.Stat(log); tt.name == "zeroes at the end" && after.Size() != fi.Size() {
 				t.Errorf("log of %d bytes, %d before the zeroes; want it truncated back", after.Size(), fi.Size())
 			}
-			s.Set("/after", "1", 0)
-			want2 := state(s)
-			d.close()
-			s2, _ := openTestData(t, dir, fsyncNever, 1<<30, nil)
-			if got := state(s2); !mapsEqual(got, want2) {
-				t.Errorf("written after the truncation, then reopened: %v; want %v", got, want2)
+			checkGoesOn(t, dir, s, d)
+		})
+	}
+}
+
+// checkGoesOn writes a key to s, closes its data directory and opens it
+// again: it must hold what s held, that write included.
+func checkGoesOn(t *testing.T, dir string, s *Store, d *dataDir) {
+	t.Helper()
+	s.Set("/after", "1", 0)
+	want := state(s)
+	d.close()
+	s2, _ := openTestData(t, dir, fsyncNever, 1<<30, nil)
+	if got := state(s2); !mapsEqual(got, want) {
+		t.Errorf("written after loading, then reopened: %v; want %v", got, want)
+	}
+}
+
+// TestDataHeaderlessLog: a newest log a crash left empty, zero-filled or
+// cut inside its header (between its creation and its header reaching
+// the disk) is a torn tail, not damage: the server starts with every
+// change, with a warning naming the file, writes the header again, and
+// goes on.
+func TestDataHeaderlessLog(t *testing.T) {
+	for name, contents := range map[string][]byte{
+		"empty":       nil,
+		"zeroes":      make([]byte, 4096),
+		"half header": appendRecord(nil, appendHeader(nil, 'L', 1))[:7],
+	} {
+		t.Run(name, func(t *testing.T) {
+			dir, log := writeThenClose(t, 10)
+			first, _ := strconv.ParseInt(strings.TrimPrefix(filepath.Base(log), "log-"), 16, 64)
+			newest := filepath.Join(dir, fmt.Sprintf("log-%016x", first+11)) // after the 11 changes the log holds
+			os.WriteFile(newest, contents, 0o644)
+			var logged bytes.Buffer
+			s, d := openTestData(t, dir, fsyncNever, 1<<30, slog.New(slog.NewTextHandler(&logged, nil)))
+			if want := "file=" + newest; !strings.Contains(logged.String(), "the newest log has no header") || !strings.Contains(logged.String(), want) {
+				t.Errorf("log %q; want a warning naming %s", logged.String(), newest)
 			}
+			if got := len(s.List("/")); got != 9 {
+				t.Errorf("%d keys; want 9", got)
+			}
+			checkGoesOn(t, dir, s, d)
 		})
 	}
 }
@@ -338,7 +376,7 @@ func TestDataDamage(t *testing.T) {
 	// The log's records: a header, then the changes; the offset of the
 	// third change's record, and of one in the middle of its body.
 	recordAt := func(t *testing.T, log string, n int) int64 {
-		rr, f, err := openRecords(log)
+		rr, f, err := (&dataDir{fs: osFS{}}).openRecords(log)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -363,6 +401,17 @@ func TestDataDamage(t *testing.T) {
 			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
 			flip(snaps[0], headerSize+2)
 		}, `snap-[0-9a-f]{16}: damaged at offset (0): bad record checksum`},
+		{"a snapshot cut short", func(t *testing.T, dir, log string) {
+			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
+			fi, _ := os.Stat(snaps[0])
+			os.Truncate(snaps[0], fi.Size()-2)
+		}, `snap-[0-9a-f]{16}: damaged at offset \d+: the file ends inside a record: \d+ of its \d+ bytes`},
+		{"a log cut short before the newest", func(t *testing.T, dir, log string) {
+			os.Truncate(log, recordAt(t, log, 3)+headerSize+2)
+			first, _ := strconv.ParseInt(strings.TrimPrefix(filepath.Base(log), "log-"), 16, 64)
+			newer := filepath.Join(dir, fmt.Sprintf("log-%016x", first+1000))
+			os.WriteFile(newer, appendRecord(nil, appendHeader(nil, 'L', first+1000)), 0o644)
+		}, `log-[0-9a-f]{16}: damaged at offset (\d+): the file ends inside a record: 2 of its \d+ bytes`},
 		{"no snapshot", func(t *testing.T, dir, log string) {
 			snaps, _ := filepath.Glob(filepath.Join(dir, "snap-*"))
 			os.Remove(snaps[0])
@@ -778,5 +827,246 @@ end`,
 			median(got["memory"]), median(got["never"]), median(got["never"])/median(got["memory"]),
 			median(got["1s"]), median(got["1s"])/median(got["memory"]),
 			median(got["always"]), median(got["always"])/median(got["memory"]))
+	}
+}
+
+// TestDataFailStop: in every -fsync mode, when the n-th write or fsync of
+// the data files fails (injected through the file-system seam), the data
+// files are broken for good: the server is told to stop, no change is
+// published (so none acknowledged) after the failure, every later write
+// gets errNotWritten, close reports the failure, and the directory as
+// the failure left it starts with every write acknowledged before.
+func TestDataFailStop(t *testing.T) {
+	for _, mode := range []fsyncMode{fsyncAlways, fsyncSecond, fsyncNever} {
+		for _, kind := range []opKind{opWrite, opSync} {
+			for _, n := range []int{1, 4} {
+				name := fmt.Sprintf("-fsync %s, fsync %d fails", mode.String(), n)
+				if kind == opWrite {
+					name = fmt.Sprintf("-fsync %s, write %d fails", mode.String(), n)
+				}
+				t.Run(name, func(t *testing.T) { failStop(t, mode, kind, n) })
+			}
+		}
+	}
+}
+
+func failStop(t *testing.T, mode fsyncMode, kind opKind, n int) {
+	m := newMemFS()
+	s := NewStore(0, nil)
+	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.minCompact = 1 << 8 // rotations and snapshots, whose fsyncs fail too
+	d.syncEvery = time.Millisecond
+	failedAt := -1 // the index in m.ops of the failure
+	seen, ofLog := 0, false
+	m.fault = func(op fsOp) error { // with m.mu held
+		if op.kind == kind && failedAt < 0 {
+			if seen++; seen == n {
+				failedAt = len(m.ops)
+				for p, ino := range m.names {
+					ofLog = ofLog || ino == op.ino && strings.Contains(p, "/log-")
+				}
+				return errInjected
+			}
+		}
+		return nil
+	}
+	s.publish = func(c change) { m.ack(c.seq) } // published, as opAck, in the same order as the operations
+	d.start()
+	var wg sync.WaitGroup
+	acked := make([]int, 4) // of each writer, the last value acknowledged
+	for w := range acked {
+		acked[w] = -1
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; ; i++ {
+				_, err := s.Set(fmt.Sprintf("/w/%d", w), strconv.Itoa(i), 0)
+				if err != nil {
+					if err != errNotWritten {
+						t.Errorf("a write once the data files broke: %v; want errNotWritten", err)
+					}
+					return
+				}
+				acked[w] = i
+			}
+		}()
+	}
+	select {
+	case <-d.failed:
+	case <-time.After(20 * time.Second): // a hang breaker, not a timing
+		t.Fatal("the server was not told to stop")
+	}
+	wg.Wait()
+	if _, err := s.Set("/later", "1", 0); err != errNotWritten {
+		t.Errorf("a write after the failure: %v; want errNotWritten", err)
+	}
+	if err := d.close(); err == nil || !errors.Is(err, errInjected) {
+		t.Errorf("close: %v; want the injected error", err)
+	}
+	m.mu.Lock()
+	ops := slices.Clone(m.ops)
+	kill := image{}
+	for p, ino := range m.names {
+		kill[p] = m.inos[ino]
+	}
+	m.mu.Unlock()
+	if failedAt < 0 {
+		t.Fatalf("no %v failed", kind)
+	}
+	// After a failed write or fsync of the log, nothing is published. (A
+	// snapshot's failure, in the background, breaks the data files as
+	// well, but the log's records, which the flusher may settle
+	// meanwhile, are not in doubt.)
+	for _, op := range ops[failedAt:] {
+		if op.kind == opAck && ofLog {
+			t.Fatalf("change %d published after the failure", op.seq)
+		}
+	}
+	// What the failure left starts, with every acknowledged write.
+	s2 := NewStore(0, nil)
+	d2, err := loadDataFS(memFSOf(kill), crashDir, mode, s2, discardLogger())
+	if err != nil {
+		t.Fatalf("the directory the failure left does not start: %v", err)
+	}
+	defer d2.close()
+	for w, i := range acked {
+		got := -1
+		if e := s2.Get(fmt.Sprintf("/w/%d", w)); e != nil {
+			got, _ = strconv.Atoi(e.value)
+		}
+		if got < i {
+			t.Errorf("writer %d: %d acknowledged, %d after a restart", w, i, got)
+		}
+	}
+}
+
+// faultFS is the real file system, but for the n-th write or fsync of a
+// data file, which fails: what ATOMKV_FAULT=write:N or fsync:N sets up in
+// a child process (see init).
+type faultFS struct {
+	osFS
+	kind  string
+	n     int64
+	count atomic.Int64
+}
+
+func (f *faultFS) create(path string) (dataFile, error) {
+	file, err := f.osFS.create(path)
+	return &faultFile{file, f}, err
+}
+
+func (f *faultFS) openAppend(path string) (dataFile, error) {
+	file, err := f.osFS.openAppend(path)
+	return &faultFile{file, f}, err
+}
+
+// fails counts an operation of kind and reports whether it is the one to
+// fail.
+func (f *faultFS) fails(kind string) bool {
+	return kind == f.kind && f.count.Add(1) == f.n
+}
+
+type faultFile struct {
+	dataFile
+	fs *faultFS
+}
+
+func (f *faultFile) Write(p []byte) (int, error) {
+	if f.fs.fails("write") {
+		return 0, errInjected
+	}
+	return f.dataFile.Write(p)
+}
+
+func (f *faultFile) Sync() error {
+	if f.fs.fails("fsync") {
+		return errInjected
+	}
+	return f.dataFile.Sync()
+}
+
+func init() {
+	if spec := os.Getenv("ATOMKV_FAULT"); spec != "" {
+		kind, n, _ := strings.Cut(spec, ":")
+		count, _ := strconv.ParseInt(n, 10, 64)
+		dataFS = &faultFS{kind: kind, n: count}
+	}
+}
+
+// TestDataFailStopExit: the real server, in a child process whose n-th
+// fsync (or write) of a data file fails, stops by itself with a non-zero
+// exit and the error in its log; started again on the directory, it
+// holds every write it acknowledged. With -fsync never, the third fsync
+// is the last one, at shutdown (after the first snapshot's and log's):
+// a SIGTERM then exits non-zero too.
+func TestDataFailStopExit(t *testing.T) {
+	for _, tt := range []struct {
+		mode, fault string
+		term        bool // stop it with SIGTERM after a few writes
+	}{
+		{"always", "fsync:6", false},
+		{"1s", "write:6", false},
+		{"never", "fsync:3", true},
+	} {
+		t.Run(tt.mode+" "+tt.fault, func(t *testing.T) {
+			dir := t.TempDir()
+			cmd := exec.Command(os.Args[0], "-test.run=^$")
+			cmd.Env = append(os.Environ(), "ATOMKV_CHILD=main", "ATOMKV_DATA="+dir, "ATOMKV_FSYNC="+tt.mode, "ATOMKV_FAULT="+tt.fault)
+			var buf bytes.Buffer
+			out := &lockedWriter{w: &buf} // the child's log, read while it is written
+			logged := func() string {
+				out.mu.Lock()
+				defer out.mu.Unlock()
+				return buf.String()
+			}
+			cmd.Stdout, cmd.Stderr = out, out
+			if err := cmd.Start(); err != nil {
+				t.Fatal(err)
+			}
+			exited := make(chan error, 1)
+			go func() { exited <- cmd.Wait() }()
+			t.Cleanup(func() { cmd.Process.Kill(); <-exited })
+			var addr string
+			waitFor(t, "the child to listen", func() bool {
+				_, a, ok := strings.Cut(logged(), "msg=listening addr=")
+				if ok {
+					addr = strings.Fields(a)[0]
+				}
+				return ok
+			})
+			var acked []int
+			for i := 0; ; i++ {
+				if tt.term && i == 5 {
+					cmd.Process.Signal(syscall.SIGTERM)
+				}
+				resp, err := http.Post(fmt.Sprintf("http://%s/f/%d", addr, i), "application/json", strings.NewReader("1"))
+				if err != nil {
+					break
+				}
+				resp.Body.Close()
+				if resp.StatusCode == 200 {
+					acked = append(acked, i)
+				}
+			}
+			err := <-exited
+			exited <- err // for the cleanup
+			var exit *exec.ExitError
+			if !errors.As(err, &exit) || exit.ExitCode() == 0 {
+				t.Fatalf("the server ended with %v; want a non-zero exit", err)
+			}
+			if log := logged(); !strings.Contains(log, "data files: the server stops") || !strings.Contains(log, errInjected.Error()) {
+				t.Errorf("log %q; want the failure", log)
+			}
+			url := startServer(t, "-data", dir)
+			for _, i := range acked {
+				if r := do(t, "GET", fmt.Sprintf("%s/f/%d", url, i), ""); r.code != 200 {
+					t.Errorf("/f/%d, acknowledged before the failure: %d after a restart", i, r.code)
+				}
+			}
+			t.Logf("%d writes acknowledged before the failure; exit %v", len(acked), err)
+		})
 	}
 }

@@ -139,7 +139,7 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 }
 
 // run starts the server and serves until ctx is done, then shuts down.
-func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) error {
+func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (runErr error) {
 	cfg, err := parseConfig(args, getenv, stdout)
 	if err != nil {
 		return err
@@ -178,7 +178,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		if err != nil {
 			return err
 		}
-		defer data.close()
+		defer func() { // a failed fsync of the last writes is a failure too
+			if err := data.close(); err != nil && runErr == nil {
+				runErr = err
+			}
+		}()
 		failed = data.failed
 		log.Info("data loaded", "dir", cfg.data, "keys", srv.store.Len(), "fsync", cfg.fsync.String(), "duration", time.Since(start))
 	}

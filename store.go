@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"hash/maphash"
 	"math/rand/v2"
 	"sort"
 	"strings"
@@ -87,50 +86,42 @@ type Store struct {
 
 	// With -data, a change is published, answered and shown to readers
 	// only once its record is in the data files: a slot's cur is then
-	// the version on disk, and a newer one waits in inflight while its
+	// the version on disk, and the journal holds a newer one while its
 	// change is being written. Writers work on the newer one, so that
 	// writes to a key go on while the earlier ones are written; readers
 	// load cur, as they do without -data.
-	data *dataDir // nil: memory only
+	journal journal // nil: memory only
 
 	deletes, expiries atomic.Int64 // keys deleted and expired, for /metrics
-	inflight          [inflightShards]inflightShard
-	seed              maphash.Seed // of the shards
 	liveBytes         atomic.Int64 // bytes of the keys and values held, for compaction
 }
 
-// inflight is, with -data, a slot's newest version while its change is
-// not yet in the data files.
-type inflight struct {
-	e     *entry // nil: deleted
-	last  int64  // the number of its change
-	batch *batch // its batch, to wait for
-}
-
-// inflightShard holds the in-flight versions of some of the keys: each
-// key's writers (which hold its slot's lock) and the flusher touch them.
-// Shards keep writers of different keys from contending on one lock.
-type inflightShard struct {
-	mu sync.Mutex
-	m  map[*slot]inflight
-}
-
-const inflightShards = 64
-
-func (s *Store) shard(key string) *inflightShard {
-	return &s.inflight[maphash.String(s.seed, key)%inflightShards]
+// journal is the store's one hook for durability: with -data, the data
+// files (dataDir). A change goes to it, numbered, before anyone is told
+// of it; it hands the change back to reveal once the change is written.
+// Meanwhile it keeps the key's newest version, which writers of the key
+// work on.
+type journal interface {
+	// queue takes a numbered change and returns the batch it will be
+	// written in. seqMu is held, so changes come in sequence order.
+	queue(c change) *batch
+	// hold keeps e, of the change numbered seq in batch b, as key's
+	// newest version until the change is written.
+	hold(key string, sl *slot, e *entry, seq int64, b *batch)
+	// pending returns key's newest version and its batch, if a change
+	// of the key is still to be written.
+	pending(key string, sl *slot) (*entry, *batch, bool)
+	// written forgets what hold kept, once c, the key's newest change,
+	// is written.
+	written(c change)
 }
 
 // latest returns the newest version of a locked slot, the one writes work
 // on, and with -data the batch of its change if that is not yet written.
 func (s *Store) latest(key string, sl *slot) (*entry, *batch) {
-	if s.data != nil {
-		sh := s.shard(key)
-		sh.mu.Lock()
-		f, ok := sh.m[sl]
-		sh.mu.Unlock()
-		if ok {
-			return f.e, f.batch
+	if s.journal != nil {
+		if e, b, ok := s.journal.pending(key, sl); ok {
+			return e, b
 		}
 	}
 	return sl.load(), nil
@@ -147,7 +138,7 @@ func NewStore(maxKeys int64, clk clock) *Store {
 	if clk == nil {
 		clk = realClock{}
 	}
-	s := &Store{maxKeys: maxKeys, clock: clk, seed: maphash.MakeSeed()}
+	s := &Store{maxKeys: maxKeys, clock: clk}
 	s.publish = s.subs.publish
 	s.subs.paths = make(map[string]map[*subscription]struct{})
 	s.expiry = &expiry{clock: clk, expire: s.expire}
@@ -292,8 +283,8 @@ func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 	if next == nil && cur == nil {
 		return // deleting what is missing changes nothing
 	}
-	if s.data == nil {
-		sl.cur.Store(next) // with -data, settle does, once it is written
+	if s.journal == nil {
+		sl.cur.Store(next) // with -data, reveal does, once it is written
 	}
 	if cur != nil && cur.ttl != nil {
 		s.expiry.remove(cur.ttl)
@@ -313,14 +304,8 @@ func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 		}
 	}
 	if seq, b := s.commit(c); b != nil {
-		// The flusher settles it only with the slot locked: after this.
-		sh := s.shard(key)
-		sh.mu.Lock()
-		if sh.m == nil {
-			sh.m = make(map[*slot]inflight)
-		}
-		sh.m[sl] = inflight{e: next, last: seq, batch: b}
-		sh.mu.Unlock()
+		// reveal needs the slot locked: it comes after this.
+		s.journal.hold(key, sl, next, seq, b)
 	}
 }
 
@@ -372,9 +357,30 @@ func (s *Store) release(key string, sl *slot) {
 	s.keys.CompareAndDelete(key, sl)
 }
 
-// load puts a version of key in place as recovery finds it, without a
-// change: nothing is published or written. e nil removes the key.
-func (s *Store) load(key string, e *entry) {
+// Recovery (-data): the data files put back what they hold through
+// startSequence, restore and restoreChange, then attach.
+
+// startSequence makes seq the number of the last change: the next is seq+1.
+func (s *Store) startSequence(seq int64) {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	s.seq = seq
+	s.history.reset(seq + 1)
+	s.published.Store(seq)
+}
+
+// restore puts a version of key in place as recovery finds it, without
+// a change: nothing is published or written. e nil removes the key. Its
+// deadline, expires (Unix ns, 0: none), is absolute, so a key that
+// expired while the server was down stays gone.
+func (s *Store) restore(key string, e *entry, expires int64) {
+	if e != nil && expires != 0 {
+		if expires <= s.now() {
+			e = nil
+		} else {
+			e.ttl = &deadline{at: expires, key: key, index: -1}
+		}
+	}
 	sl := s.lock(key)
 	defer sl.mu.Unlock()
 	cur := sl.cur.Load()
@@ -387,6 +393,67 @@ func (s *Store) load(key string, e *entry) {
 		s.live.Add(-1)
 	}
 	s.release(key, sl)
+}
+
+// restoreChange restores a change as recovery replays it: the key's
+// version, and the change's place in the sequence, which goes on after
+// it.
+func (s *Store) restoreChange(c change, expires int64) {
+	s.restore(c.key, c.e, expires)
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	s.seq = c.seq
+	s.history.add(c.key)
+}
+
+// attach makes j the journal of every change from now on, once recovery
+// has restored what it holds; and schedules the deadlines, only now: an
+// expiry during recovery would have taken a change number in the middle
+// of the replay.
+func (s *Store) attach(j journal) {
+	s.seqMu.Lock()
+	s.journal = j
+	s.published.Store(s.seq)
+	s.seqMu.Unlock()
+	s.keys.Range(func(_, v any) bool {
+		if e := v.(*slot).load(); e != nil && e.ttl != nil {
+			s.expiry.add(e.ttl)
+		}
+		return true
+	})
+}
+
+// walk calls fn with every key that holds a value and its version, as
+// readers see them: with -data, versions in the data files. A snapshot
+// is written from it. Range is not a snapshot, which the data files
+// allow for (see dataDir.compact).
+func (s *Store) walk(fn func(key string, e *entry)) {
+	now := s.now()
+	s.keys.Range(func(k, v any) bool {
+		if e := v.(*slot).load(); e != nil && (e.ttl == nil || e.ttl.at > now) {
+			fn(k.(string), e)
+		}
+		return true
+	})
+}
+
+// reveal makes a change the journal has written visible: its version
+// becomes the slot's cur, which readers see, and it is published; and so
+// are the earlier changes of its key written with it, which it
+// supersedes. The key is locked meanwhile, so that a subscription
+// reading the key's state sees it either before (and gets the change
+// after) or after.
+func (s *Store) reveal(c change) {
+	sl := c.sl
+	sl.mu.Lock()
+	defer sl.mu.Unlock()
+	sl.cur.Store(c.e)
+	s.journal.written(c)
+	s.release(c.key, sl)
+	s.seqMu.Lock()
+	s.publish(c)
+	s.published.Store(c.seq)
+	s.seqMu.Unlock()
 }
 
 // reserve counts one more live key, or reports false if the store is full.
