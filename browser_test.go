@@ -108,7 +108,7 @@ func browse(t *testing.T, chromium string, mux *http.ServeMux, flags ...string) 
 	pages := httptest.NewServer(mux)
 	defer pages.Close()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	var log bytes.Buffer
 	args := append([]string{
@@ -121,25 +121,25 @@ func browse(t *testing.T, chromium string, mux *http.ServeMux, flags ...string) 
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	}()
-
-	var results []pageResult
+	var b []byte
 	select {
-	case b := <-report:
-		if err := json.Unmarshal(b, &results); err != nil {
-			t.Fatalf("report %s: %v", b, err)
-		}
+	case b = <-report:
 	case <-ctx.Done():
-		t.Fatalf("no report from the page; chromium said:\n%s", consoleLines(log.String()))
 	}
+	cmd.Process.Kill()
+	cmd.Wait() // and then its log is ours to read
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("chromium console:\n%s", consoleLines(log.String()))
 		}
 	})
+	if b == nil {
+		t.Fatal("no report from the page")
+	}
+	var results []pageResult
+	if err := json.Unmarshal(b, &results); err != nil {
+		t.Fatalf("report %s: %v", b, err)
+	}
 	return results
 }
 

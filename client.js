@@ -179,11 +179,13 @@ var AtomKV = (function () {
             this.head = 0;
             this.wake = null;
             this.failed = null;
-            // By key: the last event taken, as [connection, seq, revision],
-            // to drop the copy a second subscription of the socket carries
-            // (see SocketHub.route).
+            // What it takes from its channel (see SocketHub.route): only
+            // events tagged above floor, the point it is live from, or
+            // the state it asked for; and by key, the last event taken,
+            // as [connection, seq, revision], to drop the copy a second
+            // channel of the socket carries.
+            this.floor = Infinity; // nothing until its channel's ok
             this.last = new Map();
-            this.joining = false; // set while a channel it joined asks for its state
         }
         push(ev) {
             this.queue.push(ev);
@@ -200,8 +202,12 @@ var AtomKV = (function () {
             }
         }
         // take queues a change unless it is a copy of one taken already,
-        // or older than it, on the same connection.
+        // or older than it, on the same connection, or not one it is to
+        // see: from before it was live, or a state another asked for.
         take(conn, key, value, rev, seq) {
+            if (!(seq > this.floor)) {
+                return;
+            }
             const last = this.last.get(key);
             if (last && last[0] === conn && (seq < last[1] || seq === last[1] && rev === last[2])) {
                 return;
@@ -246,7 +252,8 @@ var AtomKV = (function () {
             this.calls = new Map(); // by id: a request sent, waiting for its answer
             this.waiting = []; // requests to send once open
             this.channels = new Map(); // by path
-            this.seq = null; // the last change (seq) any message carried: where channels resume
+            this.seq = null; // where channels resume: the last change the last connection carried
+            this.connSeq = 0; // the highest change this connection carried
             this.http = null; // the fallback, once taken
         }
 
@@ -286,8 +293,9 @@ var AtomKV = (function () {
             this.opened = true;
             this.failures = 0;
             this.conn++;
+            this.connSeq = 0;
             for (const ch of this.channels.values()) {
-                this.subscribe(ch);
+                this.subscribe(ch, ch.subs);
             }
             const waiting = this.waiting;
             this.waiting = [];
@@ -350,7 +358,7 @@ var AtomKV = (function () {
             const waiting = this.waiting;
             this.waiting = [];
             for (const call of waiting) {
-                this.http[call.method](...call.args).then(call.resolve, call.reject);
+                this.http[call.method](...call.args).then(call.fulfil, call.reject);
             }
         }
 
@@ -376,6 +384,7 @@ var AtomKV = (function () {
                 const key = msg.payload.key !== undefined ? msg.payload.key : msg.payload.prefix;
                 this.send({
                     method, args, msg, write, key, reject,
+                    fulfil: resolve, // with an answer of the fallback
                     resolve: (reply) => {
                         if (reply.type === 'error') {
                             reject(new Error(reply.payload));
@@ -435,19 +444,20 @@ var AtomKV = (function () {
                 ch = {path: sub.path, subs: new Set(), active: false, from: sub.initial ? 'initial' : 'now', synced: false};
                 this.channels.set(sub.path, ch);
                 ch.subs.add(sub);
-                this.subscribe(ch);
+                this.subscribe(ch, ch.subs);
                 return;
             }
             ch.subs.add(sub);
             if (sub.initial) {
                 // The state is the channel's to ask for: subscribing again
-                // sends it afresh, and the others take from it only what
-                // they lack (Subscription.take drops the rest).
+                // sends it afresh, tagged below the floor of the others,
+                // which drop it (Subscription.take).
                 ch.from = 'initial';
                 ch.synced = false;
-                sub.joining = true; // until the state comes: the events before it are not its
-                this.subscribe(ch);
-            }
+                this.subscribe(ch, new Set([sub]));
+            } else if (ch.active) {
+                sub.floor = this.connSeq; // live from the next change
+            } // else its channel's ok sets it
         }
 
         detach(sub) {
@@ -468,18 +478,23 @@ var AtomKV = (function () {
         }
 
         // subscribe sends a channel's subscribe, on an open socket: from
-        // the last change the connection saw once the channel had all it
-        // needed, else as the page asked.
-        subscribe(ch) {
+        // the last change the last connection carried once the channel had
+        // all it needed, else as the page asked. Its ok sets the floor of
+        // starting (each sub that has none yet, and those of starting).
+        subscribe(ch, starting) {
             if (!this.open) {
                 this.connect();
                 return;
             }
             const payload = {key: ch.path};
+            let floor = -1; // the state is tagged 0, or since
             if (ch.synced && this.seq !== null) {
                 payload.since = this.seq;
+                floor = this.seq - 1;
             } else if (ch.from === 'initial') {
                 payload.initial = true;
+            } else {
+                floor = null; // live: from the next change
             }
             this.send({
                 msg: {type: 'subscribe', payload}, channel: ch,
@@ -497,7 +512,9 @@ var AtomKV = (function () {
                     // The ok comes before every event of the subscription.
                     ch.active = true;
                     for (const sub of ch.subs) {
-                        sub.joining = false;
+                        if (sub.floor === Infinity || starting.has(sub)) {
+                            sub.floor = floor === null ? this.connSeq : floor;
+                        }
                     }
                     if (ch.from === 'now') {
                         // Live from here: the last change the connection
@@ -531,20 +548,30 @@ var AtomKV = (function () {
                 this.route(p.key, msg.type === 'value' ? p.value : null, msg.type === 'value' ? p.revision : -1, p.seq);
                 break;
             case 'reset': {
+                // The state that follows is tagged 0, or the since it
+                // could not resume from.
                 const ch = this.channels.get(p.key);
                 if (ch && ch.active) {
                     for (const sub of ch.subs) {
+                        if (sub.floor < Infinity && sub.floor >= 0) {
+                            sub.floor = -1;
+                        }
                         sub.push(RESET);
                     }
                 }
                 break;
             }
             case 'synced': {
+                // Every event of the channel from now on is tagged above
+                // seq, and its state covers every change up to it.
                 this.saw(p.seq);
                 const ch = this.channels.get(p.key);
                 if (ch && ch.active) {
                     ch.synced = true;
                     for (const sub of ch.subs) {
+                        if (sub.floor < p.seq) {
+                            sub.floor = p.seq;
+                        }
                         sub.push(SYNCED);
                     }
                 }
@@ -556,9 +583,11 @@ var AtomKV = (function () {
         // saw notes the change number a message carried: every message the
         // server sends is a safe resume point for the whole connection
         // (SPEC 4a), so the highest one is where every channel resumes.
+        // Only this connection's count: another run of the server numbers
+        // its changes afresh, maybe lower.
         saw(seq) {
-            if (Number.isSafeInteger(seq) && (this.seq === null || seq > this.seq)) {
-                this.seq = seq;
+            if (Number.isSafeInteger(seq) && seq > this.connSeq) {
+                this.connSeq = this.seq = seq;
             }
         }
 
@@ -585,9 +614,7 @@ var AtomKV = (function () {
             const ch = this.channels.get(path);
             if (ch && ch.active) {
                 for (const sub of ch.subs) {
-                    if (!sub.joining) {
-                        sub.take(this.conn, key, value, rev, seq);
-                    }
+                    sub.take(this.conn, key, value, rev, seq);
                 }
             }
         }

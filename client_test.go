@@ -1,0 +1,376 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"regexp"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+)
+
+// TestBrowserOnePage runs testdata/onepage.html in headless Chromium: the
+// client carrying a page's subscriptions and requests on one WebSocket,
+// through reconnects, server restarts with and without -data, a cut in
+// the middle of requests, and a proxy that refuses the upgrade.
+//
+// The page reaches the restartable server through cutter, a TCP proxy
+// the page drives: it restarts the server behind it, keeps the page out
+// while the test changes the store, holds the page's bytes and cuts its
+// connections. A second server sits behind refuser, an HTTP proxy that
+// answers every WebSocket upgrade with 502.
+func TestBrowserOnePage(t *testing.T) {
+	chromium := needChromium(t)
+	main := startBackend(t, "-heartbeat", "100ms", "-data", t.TempDir())
+	proxy := newCutter(t, main.addr())
+	_, refused := newTestServer(t)
+	refuser := httptest.NewServer(refuseUpgrades(refused))
+	t.Cleanup(refuser.Close)
+
+	page, err := os.ReadFile("testdata/onepage.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := strings.Replace(proxy.url(), "127.0.0.1", "localhost", 1) // another origin than the page's
+	page = bytes.ReplaceAll(page, []byte("{{SERVER}}"), []byte(server))
+	page = bytes.ReplaceAll(page, []byte("{{REFUSING}}"), []byte(strings.Replace(refuser.URL, "127.0.0.1", "localhost", 1)))
+	second := fmt.Appendf(nil, `<!doctype html><meta charset="utf-8"><script src="%s/"></script>`, server)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { w.Write(page) })
+	mux.HandleFunc("GET /second.html", func(w http.ResponseWriter, r *http.Request) { w.Write(second) })
+	// What the server holds: subscriptions registered, and open event
+	// streams and WebSockets.
+	mux.HandleFunc("GET /held", func(w http.ResponseWriter, r *http.Request) {
+		srv := main.server()
+		fmt.Fprintf(w, `{"subscriptions":%d,"websockets":%d,"streams":%d}`,
+			srv.store.subs.count.Load(), srv.metrics.ws.Load(), srv.metrics.sse.Load())
+	})
+	// restart stops the server and starts it again, with its data
+	// directory or (data=0) without, and keeps the page out until open.
+	mux.HandleFunc("POST /restart", func(w http.ResponseWriter, r *http.Request) {
+		proxy.shut()
+		main.restart(r.URL.Query().Get("data") != "0")
+		proxy.target(main.addr())
+	})
+	mux.HandleFunc("POST /open", func(w http.ResponseWriter, r *http.Request) { proxy.open() })
+	// store changes the store behind the page's back.
+	mux.HandleFunc("POST /store", func(w http.ResponseWriter, r *http.Request) {
+		q := r.URL.Query()
+		srv := main.server()
+		if v := q.Get("value"); v != "" {
+			srv.store.Set(q.Get("key"), v, 0)
+		} else {
+			srv.store.Delete(q.Get("key"), -1)
+		}
+	})
+	mux.HandleFunc("POST /hold", func(w http.ResponseWriter, r *http.Request) { proxy.hold() })
+	mux.HandleFunc("GET /holding", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, proxy.holding()) })
+	mux.HandleFunc("POST /cut", func(w http.ResponseWriter, r *http.Request) { proxy.cut() })
+
+	results := browse(t, chromium, mux)
+	checkResults(t, results, []string{
+		"two pages, 60 subscriptions, one socket each",
+		"one path twice, and a prefix inside another",
+		"a restart with -data resumes every subscription",
+		"a restart without -data resets, and reports what is gone",
+		"a cut in the middle of requests",
+		"a proxy that refuses the upgrade",
+		"transport websocket never falls back",
+	})
+}
+
+// backend is a server the test can stop and start again, on another
+// port, with the same data directory (if it has one).
+type backend struct {
+	t    *testing.T
+	args []string
+
+	mu   sync.Mutex
+	srv  *server
+	hs   *httptest.Server
+	data *dataDir
+}
+
+func startBackend(t *testing.T, args ...string) *backend {
+	b := &backend{t: t, args: args}
+	b.start(b.args)
+	t.Cleanup(b.stop)
+	return b
+}
+
+// start serves a server as newTestServer does (and run: data loaded
+// before it serves).
+func (b *backend) start(args []string) {
+	t := b.t
+	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := newServer(cfg, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var data *dataDir
+	if cfg.data != "" {
+		if data, err = openData(cfg.data, cfg.fsync, srv.store, discardLogger()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	b.mu.Lock()
+	b.srv, b.hs, b.data = srv, httptest.NewServer(srv.routes()), data
+	b.mu.Unlock()
+}
+
+// stop closes the server, its streams and sockets, and its data.
+func (b *backend) stop() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.hs == nil {
+		return
+	}
+	b.hs.Close()
+	b.srv.close()
+	if b.data != nil {
+		b.srv.store.expiry.stop()
+		b.data.close()
+	}
+	b.hs = nil
+}
+
+// restart stops the server and starts another, with the data directory
+// or without.
+func (b *backend) restart(data bool) {
+	b.stop()
+	args := b.args
+	if !data {
+		if i := slices.Index(args, "-data"); i >= 0 {
+			args = slices.Delete(slices.Clone(args), i, i+2)
+		}
+	}
+	b.start(args)
+}
+
+func (b *backend) server() *server {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.srv
+}
+
+func (b *backend) addr() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.hs.Listener.Addr().String()
+}
+
+// cutter is a TCP proxy in front of a server, which the test can shut
+// (connections are refused), point elsewhere, hold (what the client
+// sends is counted and kept back) and cut (every connection closed).
+type cutter struct {
+	ln net.Listener
+
+	mu      sync.Mutex
+	to      string // "" while shut
+	pending string // where to after open
+	holdOn  bool
+	held    int
+	clients map[net.Conn]net.Conn // client → server
+}
+
+func newCutter(t *testing.T, to string) *cutter {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := &cutter{ln: ln, to: to, clients: make(map[net.Conn]net.Conn)}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			conn, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				c.serve(conn)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		c.shut()
+		wg.Wait()
+	})
+	return c
+}
+
+func (c *cutter) url() string { return "http://" + c.ln.Addr().String() }
+
+func (c *cutter) serve(client net.Conn) {
+	defer client.Close()
+	c.mu.Lock()
+	to := c.to
+	c.mu.Unlock()
+	if to == "" {
+		return
+	}
+	server, err := net.Dial("tcp", to)
+	if err != nil {
+		return
+	}
+	defer server.Close()
+	c.mu.Lock()
+	c.clients[client] = server
+	c.mu.Unlock()
+	defer func() {
+		c.mu.Lock()
+		delete(c.clients, client)
+		c.mu.Unlock()
+	}()
+	done := make(chan struct{})
+	go func() {
+		io.Copy(client, server)
+		client.Close()
+		close(done)
+	}()
+	buf := make([]byte, 32<<10)
+	for {
+		n, err := client.Read(buf)
+		c.mu.Lock()
+		held := c.holdOn
+		if held {
+			c.held += n
+		}
+		c.mu.Unlock()
+		if !held && n > 0 {
+			if _, err := server.Write(buf[:n]); err != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	server.Close()
+	<-done
+}
+
+// shut refuses new connections and closes the open ones.
+func (c *cutter) shut() {
+	c.mu.Lock()
+	c.to = ""
+	c.mu.Unlock()
+	c.cut()
+}
+
+// target points the proxy at another server, still shut until open.
+func (c *cutter) target(to string) {
+	c.mu.Lock()
+	c.pending = to
+	c.mu.Unlock()
+}
+
+func (c *cutter) open() {
+	c.mu.Lock()
+	c.to = c.pending
+	c.mu.Unlock()
+}
+
+func (c *cutter) hold() {
+	c.mu.Lock()
+	c.holdOn, c.held = true, 0
+	c.mu.Unlock()
+}
+
+func (c *cutter) holding() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.held
+}
+
+// cut closes every connection, what was held with them, and holds no
+// more.
+func (c *cutter) cut() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for client, server := range c.clients {
+		client.Close()
+		server.Close()
+	}
+	c.holdOn = false
+}
+
+// refuseUpgrades proxies HTTP to the server at base and answers every
+// WebSocket upgrade with 502, as a proxy that does not pass them does.
+func refuseUpgrades(base string) http.Handler {
+	u, _ := url.Parse(base)
+	proxy := httputil.NewSingleHostReverseProxy(u)
+	proxy.FlushInterval = -1 // event streams flow as they come
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if isWebSocket(r) {
+			http.Error(w, "this proxy does not pass WebSockets", http.StatusBadGateway)
+			return
+		}
+		proxy.ServeHTTP(w, r)
+	})
+}
+
+// TestClientDeclarations checks that client.d.ts declares every member
+// of AtomKV that client.js defines, and nothing it does not.
+func TestClientDeclarations(t *testing.T) {
+	js, err := os.ReadFile("client.js")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dts, err := os.ReadFile("client.d.ts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defined := map[string]bool{}
+	// Members of the literal `const self = {…};` and `self.name =`.
+	literal := regexp.MustCompile(`(?s)const self = \{(.*?)\n    \};`).FindSubmatch(js)
+	if literal == nil {
+		t.Fatal("client.js: no `const self = {…};`")
+	}
+	for _, m := range regexp.MustCompile(`(?m)^        (\w+):`).FindAllSubmatch(literal[1], -1) {
+		defined[string(m[1])] = true
+	}
+	for _, m := range regexp.MustCompile(`(?m)^    self\.(\w+) =`).FindAllSubmatch(js, -1) {
+		defined[string(m[1])] = true
+	}
+	iface := regexp.MustCompile(`(?s)interface AtomKVClient \{(.*?)\n\}`).FindSubmatch(dts)
+	if iface == nil {
+		t.Fatal("client.d.ts: no `interface AtomKVClient {…}`")
+	}
+	declared := map[string]bool{}
+	for _, m := range regexp.MustCompile(`(?m)^    (\w+)\??[:(<]`).FindAllSubmatch(iface[1], -1) {
+		declared[string(m[1])] = true
+	}
+	if len(defined) < 10 {
+		t.Fatalf("found only %d members in client.js: %v", len(defined), defined)
+	}
+	for name := range defined {
+		if !declared[name] {
+			t.Errorf("client.js defines AtomKV.%s; client.d.ts does not declare it", name)
+		}
+	}
+	for name := range declared {
+		if !defined[name] {
+			t.Errorf("client.d.ts declares AtomKV.%s; client.js does not define it", name)
+		}
+	}
+	if !bytes.Contains(dts, []byte("declare const AtomKV: AtomKVClient;")) {
+		t.Error("client.d.ts does not declare the global AtomKV")
+	}
+}
