@@ -10,6 +10,8 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
 	"strings"
@@ -372,5 +374,88 @@ func TestClientDeclarations(t *testing.T) {
 	}
 	if !bytes.Contains(dts, []byte("declare const AtomKV: AtomKVClient;")) {
 		t.Error("client.d.ts does not declare the global AtomKV")
+	}
+}
+
+// TestClientTypes type-checks a TypeScript page against client.d.ts with
+// tsc, where it is installed (npm install -g typescript; .ci/run does),
+// and checks that misuses of the API are refused.
+func TestClientTypes(t *testing.T) {
+	tsc, err := exec.LookPath("tsc")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("tsc is not installed, and on CI this test must run: .ci/run should have installed it")
+		}
+		t.Skip("tsc is not installed (npm install -g typescript)")
+	}
+	dts, err := filepath.Abs("client.d.ts")
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One tsc run over every file (it is slow to start); each error line
+	// names its file.
+	dir := t.TempDir()
+	files := map[string]string{}
+	write := func(name, code string) {
+		path := filepath.Join(dir, name+".ts")
+		src := fmt.Sprintf("/// <reference path=%q />\nexport {};\n%s\n", dts, code)
+		if err := os.WriteFile(path, []byte(src), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		files[name] = path
+	}
+	page := `
+AtomKV.BASE = 'http://localhost:8000';
+AtomKV.token = '';
+AtomKV.transport = 'auto';
+AtomKV.onstatus = (status, transport) => {
+    const offline: boolean = status !== 'open';
+    console.log(offline, transport === 'http');
+};
+async function main(): Promise<void> {
+    const [n, rev] = await AtomKV.get<number>('/counter');
+    const ok: boolean = await AtomKV.update('/counter', (n ?? 0) + 1, rev + 1, {ttl: '1h'});
+    const r: number = await AtomKV.set('/a', {nested: [1, 'two', null]}, {ttl: 1500});
+    const gone: boolean = await AtomKV.delete('/a', {revision: r});
+    for (const item of await AtomKV.list('/room/')) {
+        console.log(item.key, item.value, item.revision, item.ttl ?? 'permanent', ok, gone);
+    }
+    for await (const [key, value, revision] of AtomKV.subscribe<string>('/room/', {initial: true})) {
+        if (revision === -1) console.log(key, 'deleted');
+        else console.log(key, value?.toUpperCase());
+        break;
+    }
+    try {
+        await AtomKV.set('/b', 1);
+    } catch (err) {
+        if (err instanceof Error && err.name === 'OutcomeUnknownError') console.log('maybe applied');
+    }
+}
+main();
+`
+	write("page", page)
+	wrong := map[string]string{
+		"set-without-value":  `AtomKV.set('/a');`,
+		"bad-transport":      `AtomKV.transport = 'sse';`,
+		"revision-as-string": `AtomKV.update('/a', 1, '2');`,
+		"bad-status":         `AtomKV.onstatus = (s) => { if (s === 'offline') {} };`,
+		"undefined-value":    `AtomKV.set('/a', undefined);`,
+	}
+	for name, code := range wrong {
+		write(name, code)
+	}
+	args := []string{"--noEmit", "--strict", "--target", "es2022", "--lib", "es2022,dom"}
+	for _, path := range files {
+		args = append(args, path)
+	}
+	out, _ := exec.Command(tsc, args...).CombinedOutput()
+	errorsOf := func(name string) int { return strings.Count(string(out), name+".ts(") }
+	if errorsOf("page") > 0 {
+		t.Errorf("a correct page does not type-check:\n%s", out)
+	}
+	for name, code := range wrong {
+		if errorsOf(name) == 0 {
+			t.Errorf("%s: %s type-checks; want an error", name, code)
+		}
 	}
 }
