@@ -204,15 +204,20 @@ var AtomKV = (function () {
         // take queues a change unless it is a copy of one taken already,
         // or older than it, on the same connection, or not one it is to
         // see: from before it was live, or a state another asked for.
-        take(conn, key, value, rev, seq) {
+        // Only where two channels watch the key (shared) does it keep the
+        // key's last event, so a subscription costs the page nothing per
+        // key otherwise.
+        take(conn, key, value, rev, seq, shared) {
             if (!(seq > this.floor)) {
                 return;
             }
-            const last = this.last.get(key);
-            if (last && last[0] === conn && (seq < last[1] || seq === last[1] && rev === last[2])) {
-                return;
+            if (shared) {
+                const last = this.last.get(key);
+                if (last && last[0] === conn && (seq < last[1] || seq === last[1] && rev === last[2])) {
+                    return;
+                }
+                this.last.set(key, [conn, seq, rev]);
             }
-            this.last.set(key, [conn, seq, rev]);
             this.push([key, value, rev]);
         }
         forget(key) {
@@ -601,20 +606,24 @@ var AtomKV = (function () {
                 return;
             }
             this.saw(seq);
-            this.deliver(key, key, value, rev, seq);
+            const watching = [];
+            const watches = (path) => {
+                const ch = this.channels.get(path);
+                if (ch && ch.active) {
+                    watching.push(ch);
+                }
+            };
+            watches(key);
             for (let i = key.lastIndexOf('/'); i >= 0; i = key.lastIndexOf('/', i - 1)) {
-                this.deliver(key.slice(0, i + 1), key, value, rev, seq);
+                watches(key.slice(0, i + 1));
                 if (i === 0) {
                     break;
                 }
             }
-        }
-
-        deliver(path, key, value, rev, seq) {
-            const ch = this.channels.get(path);
-            if (ch && ch.active) {
+            const shared = watching.length > 1;
+            for (const ch of watching) {
                 for (const sub of ch.subs) {
-                    sub.take(this.conn, key, value, rev, seq);
+                    sub.take(this.conn, key, value, rev, seq, shared);
                 }
             }
         }
