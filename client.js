@@ -228,6 +228,9 @@ var AtomKV = (function () {
         }
     }
 
+    // bigMessage is the largest request, in bytes, sent on the socket.
+    const bigMessage = 60000;
+
     // outcomeUnknown is how a write in flight when the connection dropped
     // rejects: it was sent, its answer never came, so it may or may not
     // have been applied; the client does not send it again by itself.
@@ -260,6 +263,7 @@ var AtomKV = (function () {
             this.seq = null; // where channels resume: the last change the last connection carried
             this.connSeq = 0; // the highest change this connection carried
             this.http = null; // the fallback, once taken
+            this.direct = null; // fetch, for messages too big for the socket
         }
 
         idle() {
@@ -375,20 +379,30 @@ var AtomKV = (function () {
             }
             const id = this.nextID++;
             this.calls.set(id, call);
-            call.msg.id = id;
-            this.ws.send(JSON.stringify(call.msg));
+            const text = call.text || JSON.stringify(call.msg);
+            this.ws.send('{"id":' + id + ',' + text.slice(1));
         }
 
         // call sends a request and resolves with answer(reply) of its
         // reply; an error reply rejects with the server's message.
+        //
+        // A message past bigMessage goes by fetch instead: on the socket it
+        // would hold up every event and reply behind it, a browser splits
+        // it into frames, and one past the server's limit closes the
+        // socket (1009) where HTTP answers 413 with the server's message.
         call(method, args, msg, write, answer) {
             if (this.http) {
                 return this.http[method](...args);
             }
+            const text = JSON.stringify(msg);
+            if (text.length > bigMessage / 3 && new TextEncoder().encode(text).length > bigMessage) {
+                this.direct = this.direct || new HTTPHub(this.base, this.token);
+                return this.direct[method](...args);
+            }
             return new Promise((resolve, reject) => {
                 const key = msg.payload.key !== undefined ? msg.payload.key : msg.payload.prefix;
                 this.send({
-                    method, args, msg, write, key, reject,
+                    method, args, msg, text, write, key, reject,
                     fulfil: resolve, // with an answer of the fallback
                     resolve: (reply) => {
                         if (reply.type === 'error') {
@@ -537,6 +551,12 @@ var AtomKV = (function () {
                 msg = JSON.parse(data);
             } catch (_) {
                 return; // not ours to read
+            }
+            if (msg.id === undefined && msg.type === 'error') {
+                // A message the server could not read far enough to see
+                // its id (one over the size limit): replies come in the
+                // order of the requests, so it answers the oldest one.
+                msg.id = this.calls.keys().next().value;
             }
             if (msg.id !== undefined) {
                 const call = this.calls.get(msg.id);

@@ -89,6 +89,7 @@ func TestBrowserOnePage(t *testing.T) {
 		"a restart with -data resumes every subscription",
 		"a restart without -data resets, and reports what is gone",
 		"a cut in the middle of requests",
+		"large values, and one over the limit",
 		"a proxy that refuses the upgrade",
 		"transport websocket never falls back",
 	})
