@@ -80,27 +80,30 @@ var AtomKV = (function () {
         }
     }
 
+    // The calls are async functions, so that a bad key rejects, as every
+    // other failure does, rather than throwing.
+
     /** get(key) → [value, revision], or [null, -1] if the key is missing. */
-    self.get = (key) => hub().get(key);
+    self.get = async (key) => hub().get(key);
 
     /** set(key, value, {ttl}?) → the new revision. */
-    self.set = (key, value, options) => hub().set(key, value, options);
+    self.set = async (key, value, options) => hub().set(key, value, options);
 
     /**
      * update(key, value, revision, {ttl}?) → true if the key now has the
      * given revision (one more than the one last seen; 0 creates), false
      * if another write came first.
      */
-    self.update = (key, value, rev, options) => hub().update(key, value, rev, options);
+    self.update = async (key, value, rev, options) => hub().update(key, value, rev, options);
 
     /**
      * delete(key, {revision}?) → true; false if a revision was given and
      * the key is not at it.
      */
-    self.delete = (key, options) => hub().delete(key, options);
+    self.delete = async (key, options) => hub().delete(key, options);
 
     /** list(prefix) → [{key, value, revision, ttl?}], sorted by key. */
-    self.list = (prefix) => hub().list(prefix.endsWith('/') ? prefix : prefix + '/');
+    self.list = async (prefix) => hub().list(prefix.endsWith('/') ? prefix : prefix + '/');
 
     /**
      * subscribe(path, {initial}?) → an async generator of [key, value,
