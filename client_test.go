@@ -91,6 +91,7 @@ func TestBrowserOnePage(t *testing.T) {
 		"a cut in the middle of requests",
 		"large values, and one over the limit",
 		"a proxy that refuses the upgrade",
+		"a bad key rejects, it does not throw",
 		"transport websocket never falls back",
 	})
 }
