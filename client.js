@@ -265,6 +265,7 @@ var AtomKV = (function () {
             this.channels = new Map(); // by path
             this.seq = null; // where channels resume: the last change the last connection carried
             this.connSeq = 0; // the highest change this connection carried
+            this.probing = null; // the key of the probe in flight
             this.http = null; // the fallback, once taken
             this.direct = null; // fetch, for messages too big for the socket
         }
@@ -321,6 +322,7 @@ var AtomKV = (function () {
             const wasOpen = this.open;
             this.ws = null;
             this.open = false;
+            this.probing = null;
             if (!wasOpen) {
                 this.failures++;
             }
@@ -543,6 +545,31 @@ var AtomKV = (function () {
                         // sees from now on is a resume point of it (one
                         // seen before is too, only older).
                         ch.synced = true;
+                        if (this.connSeq === 0) {
+                            this.probe(ch.path);
+                        }
+                    }
+                },
+            });
+        }
+
+        // probe asks for a resume point where the connection has carried
+        // none, so that a live subscription on a quiet path misses nothing
+        // if the socket drops before any change: the synced of a one-key
+        // subscription holds the last change published. The key is under
+        // path (what the page may read) and spelled KvServer's way,
+        // without the leading '/', so its events reach no channel.
+        probe(path) {
+            if (this.probing) {
+                return;
+            }
+            const key = (path.endsWith('/') ? path + '.seq' : path).slice(1);
+            this.probing = key;
+            this.send({
+                msg: {type: 'subscribe', payload: {key, initial: true}}, channel: true,
+                resolve: (reply) => {
+                    if (reply.type === 'error') {
+                        this.probing = null;
                     }
                 },
             });
@@ -593,6 +620,11 @@ var AtomKV = (function () {
                 // Every event of the channel from now on is tagged above
                 // seq, and its state covers every change up to it.
                 this.saw(p.seq);
+                if (p.key === this.probing) {
+                    this.probing = null;
+                    this.send({msg: {type: 'unsubscribe', payload: {key: p.key}}, channel: true, resolve: () => {}});
+                    break;
+                }
                 const ch = this.channels.get(p.key);
                 if (ch && ch.active) {
                     ch.synced = true;

@@ -89,6 +89,7 @@ func TestBrowserOnePage(t *testing.T) {
 		"a restart with -data resumes every subscription",
 		"a restart without -data resets, and reports what is gone",
 		"a cut in the middle of requests",
+		"a quiet live subscription resumes too",
 		"large values, and one over the limit",
 		"a proxy that refuses the upgrade",
 		"a bad key rejects, it does not throw",
