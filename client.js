@@ -188,6 +188,7 @@ var AtomKV = (function () {
             // as [connection, seq, revision], to drop the copy a second
             // channel of the socket carries.
             this.floor = Infinity; // nothing until its channel's ok
+            this.channel = null; // of the SocketHub that carries it
             this.last = new Map();
         }
         push(ev) {
@@ -463,19 +464,25 @@ var AtomKV = (function () {
                 this.http.attach(sub);
                 return;
             }
-            let ch = this.channels.get(sub.path);
-            if (!ch) {
-                ch = {path: sub.path, subs: new Set(), active: false, from: sub.initial ? 'initial' : 'now', synced: false};
-                this.channels.set(sub.path, ch);
-                ch.subs.add(sub);
-                this.subscribe(ch, ch.subs);
+            const ch = this.channels.get(sub.path);
+            // A second subscription with initial on a path gets a channel
+            // of its own, the path spelled KvServer's way (no leading
+            // '/'): its state and events, spelled so too, reach it alone.
+            const other = sub.path.slice(1);
+            if (!ch || sub.initial && other !== '' && !this.channels.has(other)) {
+                const spelled = ch ? other : sub.path;
+                const fresh = {path: spelled, subs: new Set([sub]), active: false, from: sub.initial ? 'initial' : 'now', synced: false};
+                this.channels.set(spelled, fresh);
+                sub.channel = fresh;
+                this.subscribe(fresh, fresh.subs);
                 return;
             }
             ch.subs.add(sub);
+            sub.channel = ch;
             if (sub.initial) {
-                // The state is the channel's to ask for: subscribing again
-                // sends it afresh, tagged below the floor of the others,
-                // which drop it (Subscription.take).
+                // '/', or a third one: the state is the channel's to ask
+                // for. Subscribing again sends it afresh, tagged below the
+                // floor of the others, which drop it (Subscription.take).
                 ch.from = 'initial';
                 ch.synced = false;
                 this.subscribe(ch, new Set([sub]));
@@ -489,11 +496,11 @@ var AtomKV = (function () {
                 this.http.detach(sub);
                 return;
             }
-            const ch = this.channels.get(sub.path);
-            if (!ch || !ch.subs.delete(sub) || ch.subs.size) {
+            const ch = sub.channel;
+            if (!ch || !ch.subs.delete(sub) || ch.subs.size || this.channels.get(ch.path) !== ch) {
                 return;
             }
-            this.channels.delete(sub.path);
+            this.channels.delete(ch.path);
             if (this.open) {
                 this.send({msg: {type: 'unsubscribe', payload: {key: ch.path}}, channel: ch, resolve: () => {}});
             }
@@ -651,16 +658,20 @@ var AtomKV = (function () {
             }
         }
 
-        // route gives a change to every subscription watching its key: of
-        // the key itself, and of each prefix above it. Events do not name
-        // their subscription, so where two channels watch a key (/a/ and
-        // /a/b/) both copies reach both: each subscription takes the
-        // first and drops the other (Subscription.take).
+        // route gives a change to every subscription watching its key, as
+        // spelled (with or without the leading '/'): of the key itself, and
+        // of each prefix above it. Events do not name their subscription,
+        // so where two channels watch a key (/a/ and /a/b/) both copies
+        // reach both: each subscription takes the first and drops the
+        // other (Subscription.take).
         route(key, value, rev, seq) {
             if (typeof key !== 'string') {
                 return;
             }
             this.saw(seq);
+            if (key === this.probing) {
+                return;
+            }
             const watching = [];
             const watches = (path) => {
                 const ch = this.channels.get(path);
@@ -676,9 +687,10 @@ var AtomKV = (function () {
                 }
             }
             const shared = watching.length > 1;
+            const name = key[0] === '/' ? key : '/' + key;
             for (const ch of watching) {
                 for (const sub of ch.subs) {
-                    sub.take(this.conn, key, value, rev, seq, shared);
+                    sub.take(this.conn, name, value, rev, seq, shared);
                 }
             }
         }

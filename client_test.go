@@ -85,7 +85,7 @@ func TestBrowserOnePage(t *testing.T) {
 	results := browse(t, chromium, mux)
 	checkResults(t, results, []string{
 		"two pages, 60 subscriptions, one socket each",
-		"one path twice, and a prefix inside another",
+		"one path thrice, and a prefix inside another",
 		"a restart with -data resumes every subscription",
 		"a restart without -data resets, and reports what is gone",
 		"a cut in the middle of requests",
