@@ -469,7 +469,7 @@ var AtomKV = (function () {
             // of its own, the path spelled KvServer's way (no leading
             // '/'): its state and events, spelled so too, reach it alone.
             const other = sub.path.slice(1);
-            if (!ch || sub.initial && other !== '' && !this.channels.has(other)) {
+            if (!ch || sub.initial && other !== '' && !this.channels.has(other) && other !== this.probing) {
                 const spelled = ch ? other : sub.path;
                 const fresh = {path: spelled, subs: new Set([sub]), active: false, from: sub.initial ? 'initial' : 'now', synced: false};
                 this.channels.set(spelled, fresh);
@@ -567,10 +567,10 @@ var AtomKV = (function () {
         // path (what the page may read) and spelled KvServer's way,
         // without the leading '/', so its events reach no channel.
         probe(path) {
-            if (this.probing) {
-                return;
-            }
             const key = (path.endsWith('/') ? path + '.seq' : path).slice(1);
+            if (this.probing || this.channels.has(key)) {
+                return; // one at a time; and never on a channel's spelling
+            }
             this.probing = key;
             this.send({
                 msg: {type: 'subscribe', payload: {key, initial: true}}, channel: true,
