@@ -90,6 +90,7 @@ func TestBrowserOnePage(t *testing.T) {
 		"a restart without -data resets, and reports what is gone",
 		"a cut in the middle of requests",
 		"a quiet live subscription resumes too",
+		"a fresh page: one key live and with its state at once",
 		"large values, and one over the limit",
 		"a proxy that refuses the upgrade",
 		"a bad key rejects, it does not throw",
