@@ -23,13 +23,7 @@ import (
 // client.js with a script tag, runs each scenario and POSTs a report back.
 // It also drives example.html, with its script pointed at the server.
 func TestBrowser(t *testing.T) {
-	chromium, err := exec.LookPath("chromium")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("chromium is not installed, and on CI this test must run: .ci/run should have installed it")
-		}
-		t.Skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
-	}
+	chromium := needChromium(t)
 	// A short heartbeat, so that the server notices a closed stream soon.
 	// A short history, so that the page can be away long enough to need
 	// a reset.
@@ -52,34 +46,58 @@ func TestBrowser(t *testing.T) {
 	page = bytes.ReplaceAll(page, []byte("{{GUARDED}}"), []byte(guarded))
 	example = bytes.ReplaceAll(example, []byte("http://localhost:8000"), []byte(server))
 
-	report := make(chan []byte, 1)
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { w.Write(page) })
 	mux.HandleFunc("GET /example.html", func(w http.ResponseWriter, r *http.Request) { w.Write(example) })
 	mux.HandleFunc("GET /subscribers", func(w http.ResponseWriter, r *http.Request) {
 		io.WriteString(w, strconv.Itoa(subscribersOf(srv.store, r.URL.Query().Get("path"))))
 	})
-	// drop closes the server's event streams of a path, as a network
-	// failure would; churn makes changes until the history forgets.
+	// drop closes the server's connections that watch a path, as a
+	// network failure would; churn makes changes until the history
+	// forgets.
 	mux.HandleFunc("POST /drop", func(w http.ResponseWriter, r *http.Request) {
-		var drop []io.Closer
-		srv.streams.each(func(c io.Closer) {
-			if st, ok := c.(*stream); ok {
-				if sse, ok := st.proto.(*sseStream); ok && sse.sub.path == r.URL.Query().Get("path") {
-					drop = append(drop, c)
-				}
-			}
-		})
-		for _, c := range drop {
-			c.Close()
-		}
-		fmt.Fprint(w, len(drop))
+		fmt.Fprint(w, dropWatchers(srv, r.URL.Query().Get("path")))
 	})
 	mux.HandleFunc("POST /churn", func(w http.ResponseWriter, r *http.Request) {
 		for i := range 1000 {
 			srv.store.Set("/churn", strconv.Itoa(i), 0)
 		}
 	})
+	results := browse(t, chromium, mux)
+	checkResults(t, results, []string{
+		"basic get/set/list", "fibonacci with update and retry", "subscribe to a prefix, delete, and break",
+		"subscribe with initial", "TTL via the client", "raw WebSocket, KvServer style",
+		"errors carry the server message", "any key through the client", "a dropped stream resumes, or resets",
+		"a token through the client", "example page: shared counter",
+	})
+}
+
+// needChromium returns the path of Chromium, or skips the test where it
+// is missing (fails on CI, where .ci/run installs it).
+func needChromium(t *testing.T) string {
+	t.Helper()
+	chromium, err := exec.LookPath("chromium")
+	if err != nil {
+		if os.Getenv("CI") != "" {
+			t.Fatal("chromium is not installed, and on CI this test must run: .ci/run should have installed it")
+		}
+		t.Skip("chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+	}
+	return chromium
+}
+
+// pageResult is what a test page reports of one scenario.
+type pageResult struct {
+	Name   string
+	OK     bool
+	Detail string
+}
+
+// browse serves mux (its GET / is the page) and opens it in headless
+// Chromium, and returns what the page POSTs to /report.
+func browse(t *testing.T, chromium string, mux *http.ServeMux, flags ...string) []pageResult {
+	t.Helper()
+	report := make(chan []byte, 1)
 	mux.HandleFunc("POST /report", func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
 		select {
@@ -90,42 +108,45 @@ func TestBrowser(t *testing.T) {
 	pages := httptest.NewServer(mux)
 	defer pages.Close()
 
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	var log bytes.Buffer
-	cmd := exec.CommandContext(ctx, chromium,
+	args := append([]string{
 		"--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
 		"--disable-background-networking", "--disable-component-update", "--disable-sync",
-		"--user-data-dir="+t.TempDir(), "--enable-logging=stderr", "--v=0",
-		pages.URL+"/")
+		"--user-data-dir=" + t.TempDir(), "--enable-logging=stderr", "--v=0",
+	}, flags...)
+	cmd := exec.CommandContext(ctx, chromium, append(args, pages.URL+"/")...)
 	cmd.Stdout, cmd.Stderr = &log, &log
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	defer func() {
-		cmd.Process.Kill()
-		cmd.Wait()
-	}()
-
-	var results []struct {
-		Name   string
-		OK     bool
-		Detail string
-	}
+	var b []byte
 	select {
-	case b := <-report:
-		if err := json.Unmarshal(b, &results); err != nil {
-			t.Fatalf("report %s: %v", b, err)
-		}
+	case b = <-report:
 	case <-ctx.Done():
-		t.Fatalf("no report from the page; chromium said:\n%s", consoleLines(log.String()))
 	}
-	want := []string{
-		"basic get/set/list", "fibonacci with update and retry", "subscribe to a prefix, delete, and break",
-		"subscribe with initial", "TTL via the client", "raw WebSocket, KvServer style",
-		"errors carry the server message", "any key through the client", "a dropped stream resumes, or resets",
-		"a token through the client", "example page: shared counter",
+	cmd.Process.Kill()
+	cmd.Wait() // and then its log is ours to read
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("chromium console:\n%s", consoleLines(log.String()))
+		}
+	})
+	if b == nil {
+		t.Fatal("no report from the page")
 	}
+	var results []pageResult
+	if err := json.Unmarshal(b, &results); err != nil {
+		t.Fatalf("report %s: %v", b, err)
+	}
+	return results
+}
+
+// checkResults fails the test unless the page ran every scenario of want,
+// in order, and each passed.
+func checkResults(t *testing.T, results []pageResult, want []string) {
+	t.Helper()
 	if len(results) != len(want) {
 		t.Errorf("got %d results; want %d", len(results), len(want))
 	}
@@ -139,9 +160,27 @@ func TestBrowser(t *testing.T) {
 			t.Errorf("fail: %s: %s", r.Name, r.Detail)
 		}
 	}
-	if t.Failed() {
-		t.Logf("chromium console:\n%s", consoleLines(log.String()))
+}
+
+// dropWatchers closes every connection of srv (event stream or
+// WebSocket) with a subscription on path, and returns how many.
+func dropWatchers(srv *server, path string) int {
+	queues := make(map[*coalescer]bool)
+	srv.store.seqMu.Lock()
+	for sub := range srv.store.subs.paths[path] {
+		queues[sub.q] = true
 	}
+	srv.store.seqMu.Unlock()
+	var drop []io.Closer
+	srv.streams.each(func(c io.Closer) {
+		if st, ok := c.(*stream); ok && queues[&st.q] {
+			drop = append(drop, c)
+		}
+	})
+	for _, c := range drop {
+		c.Close()
+	}
+	return len(drop)
 }
 
 // subscribersOf counts the subscriptions registered on path.

@@ -1,15 +1,38 @@
 // AtomKV client: shared JSON state with compare-and-swap and live updates.
 // Load it with <script src="http://host:port/"></script>; it talks to the
 // server it was loaded from (AtomKV.BASE, which a page may change).
+//
+// A page holds one WebSocket to its server, opened on first use, and
+// carries every subscription and request on it: a browser allows six
+// HTTP/1.1 connections per host, shared by every tab, and an EventSource
+// per subscription would hold them all. Where the WebSocket cannot open
+// (a proxy that refuses the upgrade), the client falls back to
+// EventSource and fetch, with the same results. Types: client.d.ts.
 'use strict';
 var AtomKV = (function () {
     const script = document.currentScript;
     const self = {
         BASE: script && script.src ? new URL(script.src).origin : '',
         // token, if set, goes with every call (Authorization: Bearer) and
-        // stream (?token=, all EventSource can send): see -tokens.
+        // stream or socket (?token=, all EventSource and WebSocket can
+        // send): see -tokens.
         token: '',
+        // transport: 'auto' (a WebSocket; EventSource and fetch if two
+        // handshakes fail before any succeeded), 'websocket' (never fall
+        // back) or 'http' (EventSource and fetch only).
+        transport: 'auto',
+        // onstatus(status, transport), if set, hears 'connecting', 'open'
+        // and 'closed', and which transport ('websocket' or 'http').
+        onstatus: null,
     };
+
+    // How long to wait before reconnecting after n failures in a row:
+    // exponential from 100 ms, capped at 5 s, each wait jittered to
+    // between half and all of it, so that the pages of a restarted server
+    // do not all come back at once.
+    const retryBase = 100;
+    const retryCap = 5000;
+    const retryDelay = (n) => Math.min(retryCap, retryBase * 2 ** n) * (0.5 + Math.random() / 2);
 
     // urlPath spells a key or path for a URL: each component
     // percent-encoded, so that any key (' ', '?', '#', '%' included)
@@ -27,87 +50,60 @@ var AtomKV = (function () {
         return parts.map(encodeURIComponent).join('/');
     }
 
-    // request does one HTTP request and rejects with the server's own
-    // message on any status it was not told to expect.
-    async function request(method, key, {body, headers = {}, ok = []} = {}) {
-        const init = {method, headers};
-        if (self.token) {
-            headers['Authorization'] = 'Bearer ' + self.token;
+    // hub is the connection of the page to one server as one caller:
+    // BASE, token and transport decide it, so a page that changes them
+    // gets another (and the old one closes once nothing uses it).
+    const hubs = new Map();
+    function hub() {
+        const name = [self.BASE, self.token, self.transport].join(' ');
+        let h = hubs.get(name);
+        if (!h) {
+            h = self.transport === 'http' ? new HTTPHub(self.BASE, self.token) : new SocketHub(self.BASE, self.token, self.transport);
+            hubs.set(name, h);
         }
-        if (body !== undefined) {
-            init.body = JSON.stringify(body);
-            headers['Content-Type'] = 'application/json';
+        for (const [other, o] of hubs) {
+            if (o !== h && o.idle()) {
+                o.close();
+                hubs.delete(other);
+            }
         }
-        const resp = await fetch(self.BASE + urlPath(key), init);
-        if (resp.ok || ok.includes(resp.status)) {
-            return resp;
-        }
-        let message = `${method} ${key}: HTTP ${resp.status}`;
-        try {
-            message = (await resp.json()).error || message;
-        } catch (_) {
-            // not a JSON error body: keep the status line
-        }
-        throw new Error(message);
+        return h;
     }
 
-    function revision(resp) {
-        return Number(resp.headers.get('X-Revision'));
+    function status(s, transport) {
+        if (typeof self.onstatus === 'function') {
+            try {
+                self.onstatus(s, transport);
+            } catch (err) {
+                setTimeout(() => { throw err; }); // the page's bug: report it, keep going
+            }
+        }
     }
 
-    function writeHeaders(options, rev) {
-        const headers = {};
-        if (options && options.ttl !== undefined) {
-            headers['X-TTL'] = String(options.ttl);
-        }
-        if (rev !== undefined) {
-            headers['X-Revision'] = String(rev);
-        }
-        return headers;
-    }
+    // The calls are async functions, so that a bad key rejects, as every
+    // other failure does, rather than throwing.
 
     /** get(key) → [value, revision], or [null, -1] if the key is missing. */
-    self.get = async function (key) {
-        const resp = await request('GET', key, {ok: [404]});
-        if (resp.status === 404) {
-            return [null, -1];
-        }
-        return [await resp.json(), revision(resp)];
-    };
+    self.get = async (key) => hub().get(key);
 
     /** set(key, value, {ttl}?) → the new revision. */
-    self.set = async function (key, value, options) {
-        const resp = await request('POST', key, {body: value, headers: writeHeaders(options)});
-        return revision(resp);
-    };
+    self.set = async (key, value, options) => hub().set(key, value, options);
 
     /**
      * update(key, value, revision, {ttl}?) → true if the key now has the
      * given revision (one more than the one last seen; 0 creates), false
      * if another write came first.
      */
-    self.update = async function (key, value, rev, options) {
-        const resp = await request('PUT', key, {body: value, headers: writeHeaders(options, rev), ok: [409]});
-        return resp.status !== 409;
-    };
+    self.update = async (key, value, rev, options) => hub().update(key, value, rev, options);
 
     /**
      * delete(key, {revision}?) → true; false if a revision was given and
      * the key is not at it.
      */
-    self.delete = async function (key, options) {
-        const rev = options && options.revision;
-        const resp = await request('DELETE', key, {headers: writeHeaders(undefined, rev), ok: [409]});
-        return resp.status !== 409;
-    };
+    self.delete = async (key, options) => hub().delete(key, options);
 
     /** list(prefix) → [{key, value, revision, ttl?}], sorted by key. */
-    self.list = async function (prefix) {
-        // GET / alone is this script; Accept asks for the listing instead.
-        const path = prefix.endsWith('/') ? prefix : prefix + '/';
-        const resp = await request('GET', path, {headers: {Accept: 'application/json'}});
-        return resp.json();
-    };
+    self.list = async (prefix) => hub().list(prefix.endsWith('/') ? prefix : prefix + '/');
 
     /**
      * subscribe(path, {initial}?) → an async generator of [key, value,
@@ -115,64 +111,26 @@ var AtomKV = (function () {
      * ending with '/', or of every key ('/'). A delete or expiry is
      * [key, null, -1]. With {initial: true} it first yields the current
      * state. Events are queued as they arrive, so none is lost while the
-     * loop body awaits. EventSource reconnects by itself, with the id of
-     * the last event it had (Last-Event-ID), and the server then sends
-     * what changed meanwhile, deletes and expiries included; if it cannot
-     * (the client was away too long, or the server restarted), it resets
-     * the stream and sends the whole state, and this generator yields
-     * [key, null, -1] for each key it had reported that the state no
-     * longer holds. So the consumer's view of the path is right after any
-     * reconnect. Leaving the loop closes the stream.
+     * loop body awaits. After a reconnect the server sends what changed
+     * meanwhile, deletes and expiries included; if it cannot (the client
+     * was away too long, or the server restarted without -data), it sends
+     * the whole state, and this generator yields [key, null, -1] for each
+     * key it had reported that the state no longer holds. So the
+     * consumer's view of the path is right after any reconnect. Leaving
+     * the loop (break, return, throw) ends the subscription.
      */
     self.subscribe = async function* (path, options) {
-        const url = new URL(self.BASE + urlPath(path), location.href);
-        if (options && options.initial) {
-            url.searchParams.set('initial', '1');
-        }
-        if (self.token) {
-            url.searchParams.set('token', self.token);
-        }
-        const queue = [];
-        let head = 0;
-        let wake = null;
-        let failed = false;
-        const notify = () => {
-            if (wake) {
-                wake();
-                wake = null;
-            }
-        };
-        const source = new EventSource(url);
-        source.onmessage = (msg) => {
-            const [key, rev] = parseID(msg.lastEventId);
-            queue.push([key, JSON.parse(msg.data), rev]);
-            notify();
-        };
-        // Named events: they reach no onmessage, so a page that uses
-        // EventSource itself sees only changes.
-        source.addEventListener('reset', () => {
-            queue.push(RESET);
-            notify();
-        });
-        source.addEventListener('synced', () => {
-            queue.push(SYNCED);
-            notify();
-        });
-        source.onerror = () => {
-            // While CONNECTING, EventSource is retrying by itself; CLOSED
-            // means the server refused the stream.
-            if (source.readyState === EventSource.CLOSED) {
-                failed = true;
-                notify();
-            }
-        };
+        urlPath(path); // refuse '.' and '..' as every call does
+        const sub = new Subscription(path, Boolean(options && options.initial));
+        const h = hub();
+        h.attach(sub);
         const held = new Set(); // keys last yielded with a value
         let fresh = null; // after a reset, until synced: the keys the new state yielded
         try {
             for (;;) {
-                while (head < queue.length) {
-                    const ev = queue[head];
-                    queue[head++] = undefined;
+                while (sub.head < sub.queue.length) {
+                    const ev = sub.queue[sub.head];
+                    sub.queue[sub.head++] = undefined;
                     if (ev === RESET) {
                         fresh = new Set();
                     } else if (ev === SYNCED) {
@@ -180,6 +138,7 @@ var AtomKV = (function () {
                             for (const key of held) {
                                 if (!fresh.has(key)) {
                                     held.delete(key);
+                                    sub.forget(key);
                                     yield [key, null, -1];
                                 }
                             }
@@ -198,14 +157,14 @@ var AtomKV = (function () {
                         yield ev;
                     }
                 }
-                queue.length = head = 0;
-                if (failed) {
-                    throw await streamError(path);
+                sub.queue.length = sub.head = 0;
+                if (sub.failed) {
+                    throw sub.failed;
                 }
-                await new Promise((resolve) => { wake = resolve; });
+                await new Promise((resolve) => { sub.wake = resolve; });
             }
         } finally {
-            source.close();
+            h.detach(sub);
         }
     };
 
@@ -213,22 +172,681 @@ var AtomKV = (function () {
     const RESET = {};
     const SYNCED = {};
 
+    // Subscription is one subscribe call: the queue its generator drains,
+    // fed by the hub's transport.
+    class Subscription {
+        constructor(path, initial) {
+            this.path = path;
+            this.initial = initial;
+            this.queue = [];
+            this.head = 0;
+            this.wake = null;
+            this.failed = null;
+            // What it takes from its channel (see SocketHub.route): only
+            // events tagged above floor, the point it is live from, or
+            // the state it asked for; and by key, the last event taken,
+            // as [connection, seq, revision], to drop the copy a second
+            // channel of the socket carries.
+            this.floor = Infinity; // nothing until its channel's ok
+            this.channel = null; // of the SocketHub that carries it
+            this.last = new Map();
+        }
+        push(ev) {
+            this.queue.push(ev);
+            this.notify();
+        }
+        fail(err) {
+            this.failed = err;
+            this.notify();
+        }
+        notify() {
+            if (this.wake) {
+                this.wake();
+                this.wake = null;
+            }
+        }
+        // take queues a change unless it is a copy of one taken already,
+        // or older than it, on the same connection, or not one it is to
+        // see: from before it was live, or a state another asked for.
+        // Only where two channels watch the key (shared) does it keep the
+        // key's last event, so a subscription costs the page nothing per
+        // key otherwise.
+        take(conn, key, value, rev, seq, shared) {
+            if (!(seq > this.floor)) {
+                return;
+            }
+            if (shared) {
+                const last = this.last.get(key);
+                if (last && last[0] === conn && (seq < last[1] || seq === last[1] && rev === last[2])) {
+                    return;
+                }
+                this.last.set(key, [conn, seq, rev]);
+            }
+            this.push([key, value, rev]);
+        }
+        forget(key) {
+            const last = this.last.get(key);
+            if (last) {
+                last[2] = -1;
+            }
+        }
+    }
+
+    // bigMessage is the largest request, in bytes, sent on the socket.
+    const bigMessage = 60000;
+
+    // outcomeUnknown is how a write in flight when the connection dropped
+    // rejects: it was sent, its answer never came, so it may or may not
+    // have been applied; the client does not send it again by itself.
+    function outcomeUnknown(type, key) {
+        const err = new Error(`${type} ${key}: outcome unknown: the connection closed before the answer came; the write may or may not have been applied`);
+        err.name = 'OutcomeUnknownError';
+        return err;
+    }
+
+    // SocketHub carries every subscription and request of the page on one
+    // WebSocket, and reconnects it. Each path is subscribed once on the
+    // socket (a channel), however many subscriptions of the page watch
+    // it; after a reconnect each channel is subscribed again from the
+    // last change the connection received (since), so nothing is missed.
+    class SocketHub {
+        constructor(base, token, transport) {
+            this.base = base;
+            this.token = token;
+            this.fallback = transport === 'auto';
+            this.ws = null;
+            this.open = false;
+            this.retry = null; // the timer of the next attempt
+            this.failures = 0; // attempts in a row that did not open
+            this.opened = false; // ever
+            this.conn = 0; // which connection is open, for Subscription.take
+            this.nextID = 1;
+            this.calls = new Map(); // by id: a request sent, waiting for its answer
+            this.waiting = []; // requests to send once open
+            this.channels = new Map(); // by path
+            this.seq = null; // where channels resume: the last change the last connection carried
+            this.connSeq = 0; // the highest change this connection carried
+            this.probing = null; // the key of the probe in flight
+            this.http = null; // the fallback, once taken
+            this.direct = null; // fetch, for messages too big for the socket
+        }
+
+        idle() {
+            return this.channels.size === 0 && this.calls.size === 0 && this.waiting.length === 0;
+        }
+
+        close() {
+            clearTimeout(this.retry);
+            this.retry = null;
+            if (this.ws) {
+                this.ws.onclose = this.ws.onerror = this.ws.onmessage = this.ws.onopen = null;
+                this.ws.close();
+                this.ws = null;
+            }
+        }
+
+        connect() {
+            if (this.ws || this.retry || this.http) {
+                return;
+            }
+            const url = new URL(this.base + '/', location.href);
+            url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
+            if (this.token) {
+                url.searchParams.set('token', this.token);
+            }
+            status('connecting', 'websocket');
+            const ws = new WebSocket(url);
+            this.ws = ws;
+            ws.onopen = () => this.opens();
+            ws.onmessage = (m) => this.receive(m.data);
+            ws.onclose = () => this.closes();
+        }
+
+        opens() {
+            this.open = true;
+            this.opened = true;
+            this.failures = 0;
+            this.conn++;
+            this.connSeq = 0;
+            for (const ch of this.channels.values()) {
+                this.subscribe(ch, ch.subs);
+            }
+            const waiting = this.waiting;
+            this.waiting = [];
+            for (const call of waiting) {
+                this.send(call);
+            }
+            status('open', 'websocket');
+        }
+
+        closes() {
+            const wasOpen = this.open;
+            this.ws = null;
+            this.open = false;
+            this.probing = null;
+            if (!wasOpen) {
+                this.failures++;
+            }
+            // Reads are asked again on the next connection; a write is
+            // not, and says its outcome is unknown.
+            for (const call of this.calls.values()) {
+                if (call.channel) {
+                    continue; // subscribed again on open
+                }
+                if (call.write) {
+                    call.reject(outcomeUnknown(call.msg.type, call.key));
+                } else {
+                    this.waiting.push(call);
+                }
+            }
+            this.calls.clear();
+            for (const ch of this.channels.values()) {
+                ch.active = false;
+            }
+            status('closed', 'websocket');
+            if (this.fallback && !this.opened && this.failures >= 2) {
+                this.fallBack();
+                return;
+            }
+            if (this.idle()) {
+                return; // nothing to carry: the next use connects
+            }
+            this.retry = setTimeout(() => {
+                this.retry = null;
+                this.connect();
+            }, retryDelay(this.failures));
+        }
+
+        // fallBack moves everything to EventSource and fetch. It happens
+        // only before any handshake succeeded, so no subscription has had
+        // an event yet, and no request was sent.
+        fallBack() {
+            this.http = new HTTPHub(this.base, this.token);
+            this.http.said = true;
+            status('open', 'http');
+            for (const ch of this.channels.values()) {
+                for (const sub of ch.subs) {
+                    this.http.attach(sub);
+                }
+            }
+            this.channels.clear();
+            const waiting = this.waiting;
+            this.waiting = [];
+            for (const call of waiting) {
+                this.http[call.method](...call.args).then(call.fulfil, call.reject);
+            }
+        }
+
+        send(call) {
+            if (!this.open) {
+                this.waiting.push(call);
+                this.connect();
+                return;
+            }
+            const id = this.nextID++;
+            this.calls.set(id, call);
+            const text = call.text || JSON.stringify(call.msg);
+            this.ws.send('{"id":' + id + ',' + text.slice(1));
+        }
+
+        // call sends a request and resolves with answer(reply) of its
+        // reply; an error reply rejects with the server's message.
+        //
+        // A message past bigMessage goes by fetch instead: on the socket it
+        // would hold up every event and reply behind it, a browser splits
+        // it into frames, and one past the server's limit closes the
+        // socket (1009) where HTTP answers 413 with the server's message.
+        call(method, args, msg, write, answer) {
+            if (this.http) {
+                return this.http[method](...args);
+            }
+            const text = JSON.stringify(msg);
+            if (text.length > bigMessage / 3 && new TextEncoder().encode(text).length > bigMessage) {
+                this.direct = this.direct || new HTTPHub(this.base, this.token);
+                return this.direct[method](...args);
+            }
+            return new Promise((resolve, reject) => {
+                const key = msg.payload.key !== undefined ? msg.payload.key : msg.payload.prefix;
+                this.send({
+                    method, args, msg, text, write, key, reject,
+                    fulfil: resolve, // with an answer of the fallback
+                    resolve: (reply) => {
+                        if (reply.type === 'error') {
+                            reject(new Error(reply.payload));
+                        } else {
+                            resolve(answer(reply));
+                        }
+                    },
+                });
+            });
+        }
+
+        get(key) {
+            urlPath(key);
+            return this.call('get', [key], {type: 'get', payload: {key}}, false,
+                (r) => (r.type === 'value' ? [r.payload.value, r.payload.revision] : [null, -1]));
+        }
+
+        set(key, value, options) {
+            urlPath(key);
+            const payload = {key, value};
+            if (options && options.ttl !== undefined) {
+                payload.ttl = options.ttl;
+            }
+            return this.call('set', [key, value, options], {type: 'set', payload}, true, (r) => r.payload.revision);
+        }
+
+        update(key, value, revision, options) {
+            urlPath(key);
+            const payload = {key, value, revision};
+            if (options && options.ttl !== undefined) {
+                payload.ttl = options.ttl;
+            }
+            return this.call('update', [key, value, revision, options], {type: 'update', payload}, true, (r) => r.type === 'ok');
+        }
+
+        delete(key, options) {
+            urlPath(key);
+            const payload = {key};
+            if (options && options.revision !== undefined) {
+                payload.revision = options.revision;
+            }
+            return this.call('delete', [key, options], {type: 'delete', payload}, true, (r) => r.type === 'ok');
+        }
+
+        list(prefix) {
+            urlPath(prefix);
+            return this.call('list', [prefix], {type: 'list', payload: {prefix}}, false, (r) => r.payload);
+        }
+
+        attach(sub) {
+            if (this.http) {
+                this.http.attach(sub);
+                return;
+            }
+            const ch = this.channels.get(sub.path);
+            // A second subscription with initial on a path gets a channel
+            // of its own, the path spelled KvServer's way (no leading
+            // '/'): its state and events, spelled so too, reach it alone.
+            const other = sub.path.slice(1);
+            if (!ch || sub.initial && other !== '' && !this.channels.has(other) && other !== this.probing) {
+                const spelled = ch ? other : sub.path;
+                const fresh = {path: spelled, subs: new Set([sub]), active: false, from: sub.initial ? 'initial' : 'now', synced: false};
+                this.channels.set(spelled, fresh);
+                sub.channel = fresh;
+                this.subscribe(fresh, fresh.subs);
+                return;
+            }
+            ch.subs.add(sub);
+            sub.channel = ch;
+            if (sub.initial) {
+                // '/', or a third one: the state is the channel's to ask
+                // for. Subscribing again sends it afresh, tagged below the
+                // floor of the others, which drop it (Subscription.take).
+                ch.from = 'initial';
+                ch.synced = false;
+                this.subscribe(ch, new Set([sub]));
+            } else if (ch.active) {
+                sub.floor = this.connSeq; // live from the next change
+            } // else its channel's ok sets it
+        }
+
+        detach(sub) {
+            if (this.http) {
+                this.http.detach(sub);
+                return;
+            }
+            const ch = sub.channel;
+            if (!ch || !ch.subs.delete(sub) || ch.subs.size || this.channels.get(ch.path) !== ch) {
+                return;
+            }
+            this.channels.delete(ch.path);
+            if (this.open) {
+                this.send({msg: {type: 'unsubscribe', payload: {key: ch.path}}, channel: ch, resolve: () => {}});
+            }
+            // Once every page's use is gone, a socket of a hub the page
+            // left (another BASE or token) is closed by hub().
+        }
+
+        // subscribe sends a channel's subscribe, on an open socket: from
+        // the last change the last connection carried once the channel had
+        // all it needed, else as the page asked. Its ok sets the floor of
+        // starting (each sub that has none yet, and those of starting).
+        subscribe(ch, starting) {
+            if (!this.open) {
+                this.connect();
+                return;
+            }
+            const payload = {key: ch.path};
+            let floor = -1; // the state is tagged 0, or since
+            if (ch.synced && this.seq !== null) {
+                payload.since = this.seq;
+                floor = this.seq - 1;
+            } else if (ch.from === 'initial') {
+                payload.initial = true;
+            } else {
+                floor = null; // live: from the next change
+            }
+            this.send({
+                msg: {type: 'subscribe', payload}, channel: ch,
+                resolve: (reply) => {
+                    if (this.channels.get(ch.path) !== ch) {
+                        return; // left meanwhile: its unsubscribe is on the way
+                    }
+                    if (reply.type === 'error') {
+                        this.channels.delete(ch.path);
+                        for (const sub of ch.subs) {
+                            sub.fail(new Error(reply.payload));
+                        }
+                        return;
+                    }
+                    // The ok comes before every event of the subscription.
+                    ch.active = true;
+                    for (const sub of ch.subs) {
+                        if (sub.floor === Infinity || starting.has(sub)) {
+                            sub.floor = floor === null ? this.connSeq : floor;
+                        }
+                    }
+                    if (ch.from === 'now') {
+                        // Live from here: the last change the connection
+                        // sees from now on is a resume point of it (one
+                        // seen before is too, only older).
+                        ch.synced = true;
+                        if (this.connSeq === 0) {
+                            this.probe(ch.path);
+                        }
+                    }
+                },
+            });
+        }
+
+        // probe asks for a resume point where the connection has carried
+        // none, so that a live subscription on a quiet path misses nothing
+        // if the socket drops before any change: the synced of a one-key
+        // subscription holds the last change published. The key is under
+        // path (what the page may read) and spelled KvServer's way,
+        // without the leading '/', so its events reach no channel.
+        probe(path) {
+            const key = (path.endsWith('/') ? path + '.seq' : path).slice(1);
+            if (this.probing || this.channels.has(key)) {
+                return; // one at a time; and never on a channel's spelling
+            }
+            this.probing = key;
+            this.send({
+                msg: {type: 'subscribe', payload: {key, initial: true}}, channel: true,
+                resolve: (reply) => {
+                    if (reply.type === 'error') {
+                        this.probing = null;
+                    }
+                },
+            });
+        }
+
+        receive(data) {
+            let msg;
+            try {
+                msg = JSON.parse(data);
+            } catch (_) {
+                return; // not ours to read
+            }
+            if (msg.id === undefined && msg.type === 'error') {
+                // A message the server could not read far enough to see
+                // its id (one over the size limit): replies come in the
+                // order of the requests, so it answers the oldest one.
+                msg.id = this.calls.keys().next().value;
+            }
+            if (msg.id !== undefined) {
+                const call = this.calls.get(msg.id);
+                if (call) {
+                    this.calls.delete(msg.id);
+                    call.resolve(msg);
+                }
+                return;
+            }
+            const p = msg.payload || {};
+            switch (msg.type) {
+            case 'value':
+            case 'no-value':
+                this.route(p.key, msg.type === 'value' ? p.value : null, msg.type === 'value' ? p.revision : -1, p.seq);
+                break;
+            case 'reset': {
+                // The state that follows is tagged 0, or the since it
+                // could not resume from.
+                const ch = this.channels.get(p.key);
+                if (ch && ch.active) {
+                    for (const sub of ch.subs) {
+                        if (sub.floor < Infinity && sub.floor >= 0) {
+                            sub.floor = -1;
+                        }
+                        sub.push(RESET);
+                    }
+                }
+                break;
+            }
+            case 'synced': {
+                // Every event of the channel from now on is tagged above
+                // seq, and its state covers every change up to it.
+                this.saw(p.seq);
+                if (p.key === this.probing) {
+                    this.probing = null;
+                    this.send({msg: {type: 'unsubscribe', payload: {key: p.key}}, channel: true, resolve: () => {}});
+                    break;
+                }
+                const ch = this.channels.get(p.key);
+                if (ch && ch.active) {
+                    ch.synced = true;
+                    for (const sub of ch.subs) {
+                        if (sub.floor < p.seq) {
+                            sub.floor = p.seq;
+                        }
+                        sub.push(SYNCED);
+                    }
+                }
+                break;
+            }
+            }
+        }
+
+        // saw notes the change number a message carried: every message the
+        // server sends is a safe resume point for the whole connection
+        // (SPEC 4a), so the highest one is where every channel resumes.
+        // Only this connection's count: another run of the server numbers
+        // its changes afresh, maybe lower.
+        saw(seq) {
+            if (Number.isSafeInteger(seq) && seq > this.connSeq) {
+                this.connSeq = this.seq = seq;
+            }
+        }
+
+        // route gives a change to every subscription watching its key, as
+        // spelled (with or without the leading '/'): of the key itself, and
+        // of each prefix above it. Events do not name their subscription,
+        // so where two channels watch a key (/a/ and /a/b/) both copies
+        // reach both: each subscription takes the first and drops the
+        // other (Subscription.take).
+        route(key, value, rev, seq) {
+            if (typeof key !== 'string') {
+                return;
+            }
+            this.saw(seq);
+            if (key === this.probing) {
+                return;
+            }
+            const watching = [];
+            const watches = (path) => {
+                const ch = this.channels.get(path);
+                if (ch && ch.active) {
+                    watching.push(ch);
+                }
+            };
+            watches(key);
+            for (let i = key.lastIndexOf('/'); i >= 0; i = key.lastIndexOf('/', i - 1)) {
+                watches(key.slice(0, i + 1));
+                if (i === 0) {
+                    break;
+                }
+            }
+            const shared = watching.length > 1;
+            const name = key[0] === '/' ? key : '/' + key;
+            for (const ch of watching) {
+                for (const sub of ch.subs) {
+                    sub.take(this.conn, name, value, rev, seq, shared);
+                }
+            }
+        }
+    }
+
+    // HTTPHub is the client without the WebSocket: fetch for requests, an
+    // EventSource per subscription (what the fallback uses, and
+    // transport 'http').
+    class HTTPHub {
+        constructor(base, token) {
+            this.base = base;
+            this.token = token;
+            this.sources = new Map(); // by subscription
+            this.said = false;
+        }
+
+        idle() {
+            return this.sources.size === 0;
+        }
+
+        close() {
+            for (const source of this.sources.values()) {
+                source.close();
+            }
+            this.sources.clear();
+        }
+
+        // request does one HTTP request and rejects with the server's own
+        // message on any status it was not told to expect.
+        async request(method, key, {body, headers = {}, ok = []} = {}) {
+            const init = {method, headers};
+            if (this.token) {
+                headers['Authorization'] = 'Bearer ' + this.token;
+            }
+            if (body !== undefined) {
+                init.body = JSON.stringify(body);
+                headers['Content-Type'] = 'application/json';
+            }
+            const resp = await fetch(this.base + urlPath(key), init);
+            if (resp.ok || ok.includes(resp.status)) {
+                return resp;
+            }
+            let message = `${method} ${key}: HTTP ${resp.status}`;
+            try {
+                message = (await resp.json()).error || message;
+            } catch (_) {
+                // not a JSON error body: keep the status line
+            }
+            throw new Error(message);
+        }
+
+        async get(key) {
+            const resp = await this.request('GET', key, {ok: [404]});
+            if (resp.status === 404) {
+                return [null, -1];
+            }
+            return [await resp.json(), revision(resp)];
+        }
+
+        async set(key, value, options) {
+            const resp = await this.request('POST', key, {body: value, headers: writeHeaders(options)});
+            return revision(resp);
+        }
+
+        async update(key, value, rev, options) {
+            const resp = await this.request('PUT', key, {body: value, headers: writeHeaders(options, rev), ok: [409]});
+            return resp.status !== 409;
+        }
+
+        async delete(key, options) {
+            const rev = options && options.revision;
+            const resp = await this.request('DELETE', key, {headers: writeHeaders(undefined, rev), ok: [409]});
+            return resp.status !== 409;
+        }
+
+        async list(prefix) {
+            // GET / alone is this script; Accept asks for the listing instead.
+            const resp = await this.request('GET', prefix, {headers: {Accept: 'application/json'}});
+            return resp.json();
+        }
+
+        // attach opens the subscription's EventSource. It reconnects by
+        // itself, with the id of the last event it had (Last-Event-ID),
+        // and the server resumes from there, or resets.
+        attach(sub) {
+            if (!this.said) {
+                this.said = true;
+                status('open', 'http');
+            }
+            const url = new URL(this.base + urlPath(sub.path), location.href);
+            if (sub.initial) {
+                url.searchParams.set('initial', '1');
+            }
+            if (this.token) {
+                url.searchParams.set('token', this.token);
+            }
+            const source = new EventSource(url);
+            this.sources.set(sub, source);
+            source.onmessage = (msg) => {
+                const [key, rev] = parseID(msg.lastEventId);
+                sub.push([key, JSON.parse(msg.data), rev]);
+            };
+            // Named events: they reach no onmessage, so a page that uses
+            // EventSource itself sees only changes.
+            source.addEventListener('reset', () => sub.push(RESET));
+            source.addEventListener('synced', () => sub.push(SYNCED));
+            source.onerror = () => {
+                // While CONNECTING, EventSource is retrying by itself;
+                // CLOSED means the server refused the stream.
+                if (source.readyState === EventSource.CLOSED) {
+                    this.streamError(sub.path).then((err) => sub.fail(err));
+                }
+            };
+        }
+
+        detach(sub) {
+            const source = this.sources.get(sub);
+            if (source) {
+                source.close();
+                this.sources.delete(sub);
+            }
+        }
+
+        // streamError finds out why the server refused a stream:
+        // EventSource does not show the answer, so ask the same path as a
+        // plain request.
+        async streamError(path) {
+            try {
+                await this.request('GET', path, {headers: {Accept: 'application/json'}, ok: [404]});
+            } catch (err) {
+                return err;
+            }
+            return new Error(`subscribe ${path}: the server refused the event stream`);
+        }
+    }
+
+    function revision(resp) {
+        return Number(resp.headers.get('X-Revision'));
+    }
+
+    function writeHeaders(options, rev) {
+        const headers = {};
+        if (options && options.ttl !== undefined) {
+            headers['X-TTL'] = String(options.ttl);
+        }
+        if (rev !== undefined) {
+            headers['X-Revision'] = String(rev);
+        }
+        return headers;
+    }
+
     // parseID reads an event's id, <key>:<revision>:<seq>: the key has its
     // '%' and ':' written '%25' and '%3A', so the first colon ends it.
     function parseID(id) {
         const [key, rev] = id.split(':');
         return [key.replace(/%3A|%25/g, (m) => (m === '%3A' ? ':' : '%')), Number(rev)];
-    }
-
-    // streamError finds out why the server refused a stream: EventSource
-    // does not show the answer, so ask the same path as a plain request.
-    async function streamError(path) {
-        try {
-            await request('GET', path, {headers: {Accept: 'application/json'}, ok: [404]});
-        } catch (err) {
-            return err;
-        }
-        return new Error(`subscribe ${path}: the server refused the event stream`);
     }
 
     return self;
