@@ -183,6 +183,7 @@ func (s *server) targetOf(r *http.Request) (*route, string) {
 // the outcome of a write.
 func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 	rt, target := s.targetOf(r)
+	s.trace("route", rt, target)
 	o := s.authorize(w, r, rt, target)
 	if o == outcomeOK {
 		o = rt.serve(w, r, target)
