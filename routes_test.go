@@ -7,11 +7,13 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // The tokens of the one-key test: each may touch one part of the store.
@@ -318,4 +320,84 @@ func TestSpelledSlashUnderREST(t *testing.T) {
 			t.Errorf("PUT /storage/room/x wrote %s", k)
 		}
 	}
+}
+
+// FuzzTargetOf: the path → (route, target) function, as a request meets
+// it (cors puts the path in its one form, ServeMux matches a pattern,
+// targetOf reads the target). A native route's target is the decoded
+// path; a REST route's is the decoded path after the prefix; the plain
+// spelling of the decoded path names the same route and target; nothing
+// under the REST prefix reaches a native route that acts; and a path
+// refused as not canonical is no valid key or path.
+func FuzzTargetOf(f *testing.F) {
+	for _, seed := range []string{
+		"/", "/a", "/a/", "/storage", "/storage/", "/storage/a", "/storage%2Froom/a", "/storage%2froom%2F",
+		"/storage/%2E%2E/a", "/a%2F%2Fb", "/%2F", "/a/./b", "/st%6Frage/x", "/storage%2F", "/a%00", "/%E2%82%AC",
+	} {
+		for m := range 6 {
+			f.Add(uint8(m), seed)
+		}
+	}
+	cfg, err := parseConfig([]string{"-kvserver-rest", "/storage"}, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		f.Fatal(err)
+	}
+	srv, err := newServer(cfg, discardLogger())
+	if err != nil {
+		f.Fatal(err)
+	}
+	srv.routes()
+	methods := []string{"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"}
+	// resolve returns the route and target of a request for raw, and the
+	// decoded path; or refused if cors answered it first.
+	resolve := func(method, raw string) (name, target, decoded string, refused, ok bool) {
+		r, err := http.NewRequest(method, "http://atomkv"+raw, nil)
+		if err != nil || r.URL.Host != "atomkv" || r.URL.RawQuery != "" || r.URL.Fragment != "" {
+			return "", "", "", false, false
+		}
+		refused = true
+		srv.cors(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			_, r.Pattern = srv.mux.Handler(r)
+			rt, t := srv.targetOf(r)
+			name, target, decoded, refused = rt.name, t, r.URL.Path, false
+		})).ServeHTTP(httptest.NewRecorder(), r)
+		if refused {
+			decoded = r.URL.Path
+		}
+		return name, target, decoded, refused, true
+	}
+	f.Fuzz(func(t *testing.T, m uint8, raw string) {
+		if !strings.HasPrefix(raw, "/") {
+			return
+		}
+		method := methods[int(m)%len(methods)]
+		name, target, decoded, refused, ok := resolve(method, raw)
+		switch {
+		case !ok:
+			return
+		case refused:
+			if checkPath(decoded, cfg.maxKeyBytes) == nil {
+				t.Fatalf("%s %q: refused, but %q is a valid path", method, raw, decoded)
+			}
+			return
+		}
+		rest := strings.HasPrefix(name, "REST ")
+		switch {
+		case rest && "/storage"+target != decoded:
+			t.Fatalf("%s %q: %s of %q; the decoded path is %q", method, raw, name, target, decoded)
+		case rest && target != "" && target[0] != '/':
+			t.Fatalf("%s %q: %s of %q, not a store key", method, raw, name, target)
+		case !rest && target != decoded:
+			t.Fatalf("%s %q: %s of %q; want the decoded path %q", method, raw, name, target, decoded)
+		case !rest && (decoded == "/storage" || strings.HasPrefix(decoded, "/storage/")) && name != "preflight" && name != "method not allowed":
+			t.Fatalf("%s %q: %s of %q, a native route under -kvserver-rest /storage", method, raw, name, target)
+		}
+		if !utf8.ValidString(decoded) {
+			return // keyURL would mend it into another path
+		}
+		name2, target2, _, refused2, ok2 := resolve(method, keyURL(decoded))
+		if !ok2 || refused2 || name2 != name || target2 != target {
+			t.Fatalf("%s %q: %s of %q; spelled plainly (%q): %s of %q (refused %t)", method, raw, name, target, keyURL(decoded), name2, target2, refused2)
+		}
+	})
 }
