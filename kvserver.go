@@ -15,9 +15,13 @@ import (
 //	GET    /storage/{key}  200 {"value": …}, or 204 if missing
 //	POST   /storage/{key}  body {"value": any, "ttl"?: ms | "10m"}: 202, or 400
 //	DELETE /storage/{key}  200, whether or not it existed
+//	PUT    /storage/{key}  405: KvServer has no PUT, and no native route acts under the prefix
 //
 // A KvServer key "foo" or "a/b" is the store key "/foo" or "/a/b", the
-// same key the native API and the WebSocket see.
+// same key the native API and the WebSocket see; routes reads it from the
+// decoded path, so /storage%2Fa%2Fb is /storage/a/b, the key /a/b. The
+// prefix alone (/storage, /storage/) is KvServer's empty key: 400.
+// Failures answer with the REST column of outcomeTable.
 
 // checkRESTPrefix checks the -kvserver-rest flag: "" (off) or a path like
 // "/storage" whose components are valid key components.
