@@ -123,24 +123,21 @@ func (s *server) routes() http.Handler {
 		route{name: "method not allowed", pattern: "/", serve: s.handleMethodNotAllowed},
 	)
 	if p := s.cfg.kvserverREST; p != "" {
-		rest := []route{
-			{name: "REST get", pattern: "GET", perm: permRead, serve: s.handleRESTGet},
-			{name: "REST set", pattern: "POST", perm: permWrite, serve: s.handleRESTSet},
-			{name: "REST delete", pattern: "DELETE", perm: permWrite, serve: s.handleRESTDelete},
+		for _, rt := range []route{
+			{name: "REST get", pattern: "GET " + p + "/", perm: permRead, serve: s.handleRESTGet},
+			{name: "REST set", pattern: "POST " + p + "/", perm: permWrite, serve: s.handleRESTSet},
+			{name: "REST delete", pattern: "DELETE " + p + "/", perm: permWrite, serve: s.handleRESTDelete},
 			// PUT would otherwise fall to the native "PUT /" and write the
 			// key /storage/…, which the REST shape owns.
-			{name: "REST method not allowed", pattern: "PUT", serve: s.handleRESTMethodNotAllowed},
-		}
-		for _, rt := range rest {
+			{name: "REST method not allowed", pattern: "PUT " + p + "/", serve: s.handleRESTMethodNotAllowed},
+		} {
 			rt.api, rt.strip = apiREST, p
-			method := rt.pattern
-			// The prefix itself is KvServer's empty key, refused as such:
+			table = append(table, rt)
+			// The prefix alone is KvServer's empty key, refused as such:
 			// without its own pattern ServeMux would redirect /storage to
 			// /storage/.
-			for _, pattern := range []string{method + " " + p + "/", method + " " + p} {
-				rt.pattern = pattern
-				table = append(table, rt)
-			}
+			rt.pattern = strings.TrimSuffix(rt.pattern, "/")
+			table = append(table, rt)
 		}
 	}
 
