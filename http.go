@@ -488,9 +488,8 @@ func readValue(w http.ResponseWriter, r *http.Request, max int64) (string, error
 // readBody reads a request body of at most max bytes into buf. Past the
 // limit it returns a tooLargeError about what the body holds.
 func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int64, what string) error {
-	tooLarge := &tooLargeError{what, max}
 	if r.ContentLength > max {
-		return tooLarge
+		return &tooLargeError{what, max}
 	}
 	src := r.Body
 	if r.ContentLength < 0 {
@@ -500,7 +499,7 @@ func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int
 	}
 	if _, err := buf.ReadFrom(src); err != nil {
 		if errors.As(err, new(*http.MaxBytesError)) {
-			return tooLarge
+			return &tooLargeError{what, max}
 		}
 		return fmt.Errorf("reading the body: %v", err)
 	}
