@@ -85,7 +85,18 @@ func do(t testing.TB, method, url, body string, headers ...string) response {
 	if body != "" {
 		r = strings.NewReader(body)
 	}
-	req, err := http.NewRequest(method, url, r)
+	return doBody(t, method, url, r, headers...)
+}
+
+// doChunked is do with a body of unknown length, which goes chunked.
+func doChunked(t testing.TB, method, url, body string, headers ...string) response {
+	t.Helper()
+	return doBody(t, method, url, io.MultiReader(strings.NewReader(body)), headers...)
+}
+
+func doBody(t testing.TB, method, url string, body io.Reader, headers ...string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, body)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -2,8 +2,6 @@ package main
 
 import (
 	"encoding/json"
-	"io"
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -178,23 +176,4 @@ func writeCounts(srv *server) (counts [results]int64) {
 		counts[i] = srv.metrics.writes[i].Load()
 	}
 	return counts
-}
-
-// doChunked is do with a body of unknown length, sent chunked.
-func doChunked(t *testing.T, method, url, body string, headers ...string) response {
-	t.Helper()
-	req, err := http.NewRequest(method, url, io.MultiReader(strings.NewReader(body)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i := 0; i+1 < len(headers); i += 2 {
-		req.Header.Set(headers[i], headers[i+1])
-	}
-	resp, err := client.Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return response{resp.StatusCode, resp.Header, string(b)}
 }
