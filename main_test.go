@@ -397,23 +397,6 @@ func TestRoutes(t *testing.T) {
 	}
 }
 
-func TestOrigins(t *testing.T) {
-	url := startServer(t, "-origins", "http://good.example, http://also.example")
-	for origin, want := range map[string]string{
-		"http://good.example": "http://good.example",
-		"http://also.example": "http://also.example",
-		"http://evil.example": "",
-	} {
-		resp := do(t, "GET", url+"/x/", "", "Origin", origin)
-		if got := resp.header.Get("Access-Control-Allow-Origin"); got != want {
-			t.Errorf("Origin %s: Access-Control-Allow-Origin: got %q; want %q", origin, got, want)
-		}
-		if got := resp.header.Get("Vary"); got != "Origin" {
-			t.Errorf("Vary: got %q; want Origin", got)
-		}
-	}
-}
-
 func TestConfig(t *testing.T) {
 	env := map[string]string{"ATOMKV_MAX_KEYS": "7", "ATOMKV_ADDR": ":9"}
 	getenv := func(k string) string { return env[k] }
