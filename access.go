@@ -1,6 +1,8 @@
 // Access control (SPEC 9): tokens scoped to paths, read from -tokens,
 // and what a request without a token may do (-public). Without -tokens
-// the server is open, as both seeds are, and nothing here runs.
+// the server is open, as both seeds are, and nothing here runs. Each
+// route declares the permission it needs (routes, in http.go); authorize
+// checks it. Also the -origins list (SPEC 7), which cors enforces.
 
 package main
 
