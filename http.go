@@ -191,8 +191,9 @@ func (s *server) dispatch(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// trace tells a test what a stage of a request acted on; nil in a
-// running server.
+// trace tells s.tracer, a test's hook (nil in a running server), the
+// route and target a stage of a request acted on: "route", "access" (the
+// access check) or "metrics" (the write counter).
 func (s *server) trace(stage string, rt *route, target string) {
 	if s.tracer != nil {
 		s.tracer(stage, rt, target)
