@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -123,8 +124,11 @@ func TestOneKeyPerRequest(t *testing.T) {
 			args = append(args, "-kvserver-rest", "/storage")
 		}
 		srv, base := newTestServer(t, args...)
-		var current *tracedRequest
-		srv.tracer = func(stage string, rt *route, target string) { current.record(stage, rt, target) }
+		// The tracer runs on the server's goroutines; a small answer is
+		// sent once its handler has returned, so each request's stages
+		// come before the next request begins.
+		var current atomic.Pointer[tracedRequest]
+		srv.tracer = func(stage string, rt *route, target string) { current.Load().record(stage, rt, target) }
 		baseline := map[string]string{}
 		for _, k := range []string{"/room/a", "/room/b", "/storage/room/a", "/storage/room/b", "/storage/else/a", "/else/a", "/storage"} {
 			baseline[k] = string(appendJSONString(nil, k)) // each key holds its own name
@@ -156,12 +160,13 @@ func TestOneKeyPerRequest(t *testing.T) {
 					for _, set := range []map[string]string{canonical, other} {
 						for sp, raw := range set {
 							what := fmt.Sprintf("rest=%t %s %s (%s %q) token %q", rest, m.name, raw, sp, p, tok)
-							current = &tracedRequest{stages: map[string]string{}}
+							traced := &tracedRequest{stages: map[string]string{}}
+							current.Store(traced)
 							requests++
 							code, revealed := oneKeyRequest(t, base+raw, m.method, m.body, tok, m.headers)
-							routed, _ := current.get("route")
-							checked, wasChecked := current.get("access")
-							counted, wasCounted := current.get("metrics")
+							routed, _ := traced.get("route")
+							checked, wasChecked := traced.get("access")
+							counted, wasCounted := traced.get("metrics")
 							if wasChecked && checked != routed || wasCounted && counted != routed {
 								t.Errorf("%s: route %q, access saw %q, metrics counted %q; want one", what, routed, checked, counted)
 							}
