@@ -1,6 +1,6 @@
 // Outcomes: every way a read or a write can fail, and how each interface
 // reports it. outcomeOf is the one place that says which failure an error
-// is; the outcomes table is the one place that says what the native HTTP
+// is; outcomeTable is the one place that says what the native HTTP
 // API, KvServer's REST shape, the WebSocket and the metrics call it.
 
 package main
