@@ -1,6 +1,8 @@
 // Access control (SPEC 9): tokens scoped to paths, read from -tokens,
 // and what a request without a token may do (-public). Without -tokens
-// the server is open, as both seeds are, and nothing here runs.
+// the server is open, as both seeds are, and nothing here runs. Each
+// route declares the permission it needs (routes, in http.go); authorize
+// checks it. Also the -origins list (SPEC 7), which cors enforces.
 
 package main
 
@@ -282,40 +284,46 @@ func (a *access) connect(c caller) *accessError {
 	return nil
 }
 
-// needs says what a request needs: p on path. The client script and
-// CORS preflights are for everyone; a WebSocket upgrade is checked by
-// connect, and its messages one by one.
-func (s *server) needs(r *http.Request) (path string, p perm) {
-	path = r.URL.Path
-	switch r.Method {
-	case http.MethodGet, http.MethodHead:
-		p = permRead
-	case http.MethodPost, http.MethodPut, http.MethodDelete:
-		p = permWrite
-	default:
-		return "", permNone // OPTIONS, or a method answered 405
+// authorize checks that the caller of r may do what its route needs on
+// target, which targetOf derived; if not it answers 401 or 403 and
+// returns why. With -tokens it computes one SHA-256 per request that
+// sends a token.
+func (s *server) authorize(w http.ResponseWriter, r *http.Request, rt *route, target string) outcome {
+	if s.access == nil || rt.perm == permNone {
+		return outcomeOK
 	}
-	if rest := s.cfg.kvserverREST; rest != "" && strings.HasPrefix(path, rest+"/") {
-		return path[len(rest):], p
+	s.trace("access", rt, target)
+	if err := s.access.allow(callerOf(r), target, rt.perm); err != nil {
+		return s.serveFailure(w, rt.api, err)
 	}
-	if path == "/" && p == permRead && !accepts(r, "text/event-stream") && !accepts(r, "application/json") {
-		return "", permNone // the client script, or a WebSocket
-	}
-	return path, p
+	return outcomeOK
 }
 
-// guard refuses, with 401 or 403, every request its caller may not make.
-// With -tokens it computes one SHA-256 per request that sends a token.
-func (s *server) guard(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if path, p := s.needs(r); p != permNone {
-			if err := s.access.allow(callerOf(r), path, p); err != nil {
-				serveError(w, err.code, err.msg)
-				return
-			}
+// parseOrigins reads the -origins list: "*" (any origin: nil), or origins
+// separated by commas, each scheme://host[:port] as a browser sends it in
+// Origin (or "null", the origin of sandboxed pages and files, only if
+// listed). An empty list allows no page at all: only requests without
+// Origin.
+func parseOrigins(list string) (map[string]bool, error) {
+	if strings.TrimSpace(list) == "*" {
+		return nil, nil
+	}
+	origins := make(map[string]bool)
+	for o := range strings.SplitSeq(list, ",") {
+		o = strings.TrimSpace(o)
+		if o == "" {
+			continue
 		}
-		next.ServeHTTP(w, r)
-	})
+		if o != "null" {
+			u, err := url.Parse(o)
+			if err != nil || u.Scheme == "" || u.Host == "" || (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.Fragment != "" || u.User != nil {
+				return nil, fmt.Errorf("-origins: %q is not an origin: want scheme://host[:port], e.g. https://app.example, or *", o)
+			}
+			o = strings.ToLower(u.Scheme + "://" + u.Host) // as browsers send it
+		}
+		origins[o] = true
+	}
+	return origins, nil
 }
 
 // reloadTokens reads -tokens again (on SIGHUP). A bad file keeps the old

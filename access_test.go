@@ -1,9 +1,12 @@
 package main
 
 import (
+	"bufio"
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -426,5 +429,115 @@ func TestTokensReload(t *testing.T) {
 	}
 	if ev := nextEvent(t, keep); ev.data != "2" {
 		t.Errorf("after a bad file, the kept stream got %v", ev)
+	}
+}
+
+// TestOriginsMatrix: with -origins, every method and interface, from a
+// listed origin, an unlisted one, "null", a look-alike and none. A
+// request from an origin not listed is refused with 403 and a JSON error,
+// without CORS headers, and changes nothing; the others are served, a
+// listed origin with its Access-Control-Allow-Origin.
+func TestOriginsMatrix(t *testing.T) {
+	srv, url := newTestServer(t, "-origins", "http://good.example, HTTPS://Also.Example:8443/", "-kvserver-rest", "/storage")
+	srv.store.Set("/k", `"v"`, 0)
+	type request struct {
+		name, method, path, body string
+		headers                  []string
+	}
+	requests := []request{
+		{"GET", "GET", "/k", "", nil},
+		{"listing", "GET", "/", "", []string{"Accept", "application/json"}},
+		{"client", "GET", "/", "", nil},
+		{"SSE", "GET", "/k", "", []string{"Accept", "text/event-stream"}},
+		{"POST", "POST", "/k", `"w"`, []string{"Content-Type", "application/json"}},
+		{"simple POST", "POST", "/k", `"x"`, []string{"Content-Type", "text/plain"}},
+		{"PUT", "PUT", "/k", `"y"`, []string{"X-Revision", "99"}},
+		{"DELETE", "DELETE", "/k", "", []string{"X-Revision", "99"}},
+		{"preflight", "OPTIONS", "/k", "", []string{"Access-Control-Request-Method", "PUT"}},
+		{"REST GET", "GET", "/storage/k", "", nil},
+		{"REST POST", "POST", "/storage/k", `{"value":"z"}`, nil},
+		{"REST DELETE", "DELETE", "/storage/gone", "", nil},
+		{"PATCH", "PATCH", "/k", "", nil},
+	}
+	for _, tt := range []struct {
+		origin string // "" for none
+		listed bool
+		allow  string // Access-Control-Allow-Origin answered
+	}{
+		{"http://good.example", true, "http://good.example"},
+		{"https://also.example:8443", true, "https://also.example:8443"},
+		{"", true, ""},
+		{"http://evil.example", false, ""},
+		{"null", false, ""},
+		{"http://good.example.evil.example", false, ""},
+		{"http://good.example:80", false, ""},
+		{"https://good.example", false, ""},
+	} {
+		for _, rq := range requests {
+			what := fmt.Sprintf("%s from %q", rq.name, tt.origin)
+			headers := rq.headers
+			if tt.origin != "" {
+				headers = append([]string{"Origin", tt.origin}, headers...)
+			}
+			before := state(srv.store)
+			got := doAccess(t, rq.method, url+rq.path, rq.body, headers...)
+			if got.header.Get("Access-Control-Allow-Origin") != tt.allow {
+				t.Errorf("%s: Access-Control-Allow-Origin %q; want %q", what, got.header.Get("Access-Control-Allow-Origin"), tt.allow)
+			}
+			if got.header.Get("Vary") != "Origin" {
+				t.Errorf("%s: Vary %q; want Origin", what, got.header.Get("Vary"))
+			}
+			if tt.listed {
+				if got.code == 403 || got.code >= 500 {
+					t.Errorf("%s: %d %s; want it served", what, got.code, got.body)
+				}
+				continue
+			}
+			if got.code != 403 || !strings.Contains(errorMessage(got), "origin") || got.header.Get("Access-Control-Allow-Methods") != "" {
+				t.Errorf("%s: %d %s %v; want 403, a JSON error about the origin, no CORS headers", what, got.code, got.body, got.header)
+			}
+			if after := state(srv.store); !mapsEqual(before, after) {
+				t.Errorf("%s: the store went from %v to %v", what, before, after)
+			}
+		}
+		// The WebSocket upgrade, with and without Origin.
+		header := ""
+		if tt.origin != "" {
+			header = "Origin: " + tt.origin + "\r\n"
+		}
+		conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(conn, "GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"+
+			"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s\r\n", header)
+		resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+		conn.Close()
+		want := http.StatusSwitchingProtocols
+		if !tt.listed {
+			want = http.StatusForbidden
+		}
+		if err != nil || resp.StatusCode != want || !tt.listed && resp.Header.Get("Content-Type") != "application/json" {
+			t.Errorf("WebSocket from %q: %v %v; want %d", tt.origin, resp, err, want)
+		}
+	}
+	// The listed origins did write.
+	if e := srv.store.Get("/k"); e == nil || e.revision == 0 {
+		t.Errorf("/k after the listed origins: %v; want written", e)
+	}
+
+	// "null" is an origin like any other: allowed if listed.
+	_, url = newTestServer(t, "-origins", "null")
+	if got := do(t, "POST", url+"/n", "1", "Origin", "null"); got.code != 200 || got.header.Get("Access-Control-Allow-Origin") != "null" {
+		t.Errorf("-origins null, from null: %d %v; want 200", got.code, got.header)
+	}
+	for _, bad := range []string{"good.example", "http://good.example/app", "http://good.example?x", "*, http://a.example", "http://"} {
+		cfg, err := parseConfig([]string{"-origins", bad}, func(string) string { return "" }, io.Discard)
+		if err == nil {
+			_, err = newServer(cfg, discardLogger())
+		}
+		if err == nil || !strings.Contains(err.Error(), "-origins") {
+			t.Errorf("-origins %q: %v; want an error naming -origins", bad, err)
+		}
 	}
 }

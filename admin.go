@@ -12,7 +12,6 @@ package main
 import (
 	"bufio"
 	_ "embed"
-	"errors"
 	"expvar"
 	"fmt"
 	"html"
@@ -22,7 +21,6 @@ import (
 	"net/http/pprof"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"time"
 )
@@ -129,46 +127,9 @@ type metrics struct {
 // wrote counts a write that ended with err; see writeResult.
 func (m *metrics) wrote(err error) { m.writes[writeResult(err)].Add(1) }
 
-// writeResult classifies the outcome of a write.
-func writeResult(err error) int {
-	var conflict *conflictError
-	var refused *accessError
-	var tooLarge *tooLargeError
-	switch {
-	case err == nil:
-		return resultOK
-	case errors.As(err, &conflict):
-		return resultConflict
-	case errors.Is(err, errFull):
-		return resultFull
-	case errors.Is(err, errNotWritten):
-		return resultUnavailable
-	case errors.As(err, &refused):
-		return resultDenied
-	case errors.As(err, &tooLarge):
-		return resultTooLarge
-	}
-	return resultBadRequest
-}
-
-// statusResult classifies an HTTP write by its answer's status.
-func statusResult(code int) int {
-	switch {
-	case code < 300:
-		return resultOK
-	case code == http.StatusConflict:
-		return resultConflict
-	case code == http.StatusRequestEntityTooLarge:
-		return resultTooLarge
-	case code == http.StatusInsufficientStorage:
-		return resultFull
-	case code == http.StatusUnauthorized || code == http.StatusForbidden:
-		return resultDenied
-	case code == http.StatusServiceUnavailable:
-		return resultUnavailable
-	}
-	return resultBadRequest
-}
+// writeResult is the atomkv_writes_total label of a write that ended
+// with err: its outcome's (see outcomeTable).
+func writeResult(err error) int { return outcomeTable[outcomeOf(err)].result }
 
 // histogram counts durations into fixed buckets, Prometheus style. Each
 // observation is two atomic adds.
@@ -195,31 +156,17 @@ func (h *histogram) observe(d time.Duration) {
 	h.sum.Add(int64(d))
 }
 
-// observe times every request of the main listener, and counts each write
-// (POST, PUT, DELETE) by the status it was answered with. An event stream
-// or WebSocket is timed until it is set up: its handler hands the
-// connection over and returns.
+// observe times every request of the main listener. An event stream or
+// WebSocket is timed until it is set up: its handler hands the connection
+// over and returns. Writes are counted, by outcome, where their route is
+// known (dispatch).
 func (s *server) observe(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		start := time.Now()
-		switch r.Method {
-		case http.MethodPost, http.MethodPut, http.MethodDelete:
-			rec := recorders.Get().(*statusRecorder)
-			rec.ResponseWriter, rec.code = w, http.StatusOK
-			next.ServeHTTP(rec, r)
-			s.metrics.writes[statusResult(rec.code)].Add(1)
-			rec.ResponseWriter = nil
-			recorders.Put(rec)
-		default:
-			next.ServeHTTP(w, r)
-		}
+		next.ServeHTTP(w, r)
 		s.metrics.requests.observe(time.Since(start))
 	})
 }
-
-// recorders keeps statusRecorders for reuse: a write's handler holds its
-// ResponseWriter only while it runs.
-var recorders = sync.Pool{New: func() any { return new(statusRecorder) }}
 
 // handleMetrics answers the metrics in the Prometheus text format
 // (version 0.0.4).

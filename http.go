@@ -1,5 +1,6 @@
-// The HTTP API: the server type, its routes (routes is the one place
-// every route is listed), the key handlers, CORS and the error helper.
+// The HTTP API: the server type, the key handlers and the error helper.
+// Its routes (routes is the one place every route is listed) and CORS
+// are in routes.go.
 
 package main
 
@@ -16,7 +17,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"path"
 	"strconv"
 	"strings"
 	"sync"
@@ -42,10 +42,18 @@ type server struct {
 
 	clientETag string
 	origins    map[string]bool // nil: any origin
+
+	mux     *http.ServeMux
+	routing map[string][]*route // by pattern, in the order they are tried
+	tracer  func(stage string, rt *route, target string)
 }
 
 func newServer(cfg config, log *slog.Logger) (*server, error) {
 	access, err := newAccess(cfg)
+	if err != nil {
+		return nil, err
+	}
+	origins, err := parseOrigins(cfg.origins)
 	if err != nil {
 		return nil, err
 	}
@@ -55,18 +63,13 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		log:        log,
 		store:      NewStore(cfg.maxKeys, nil),
 		access:     access,
+		origins:    origins,
 		streams:    &streams{max: cfg.maxSubs, closing: make(chan struct{})},
 		clientETag: `"` + hex.EncodeToString(sum[:8]) + `"`,
 	}
 	s.writers = newEventWriters(s)
 	s.store.defaultTTL = time.Duration(cfg.defaultTTL)
 	s.store.keepHistory(cfg.history)
-	if cfg.origins != "*" {
-		s.origins = make(map[string]bool)
-		for _, o := range strings.Split(cfg.origins, ",") {
-			s.origins[strings.TrimSpace(o)] = true
-		}
-	}
 	return s, nil
 }
 
@@ -75,39 +78,6 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 func (s *server) close() {
 	s.streams.close()
 	s.writers.stopWriters()
-}
-
-// routes returns the handler of every route; this is the one place they
-// are listed.
-func (s *server) routes() http.Handler {
-	// The key is the whole path, so the patterns are subtrees ("GET /")
-	// and handlers read r.URL.Path: a "{key...}" wildcard would cost the
-	// router four allocations per request for a value we already have.
-	mux := http.NewServeMux()
-	mux.HandleFunc("GET /{$}", s.handleRoot)
-	mux.HandleFunc("GET /", s.handleGet)
-	mux.HandleFunc("POST /", s.handleSet)
-	mux.HandleFunc("PUT /", s.handleUpdate)
-	mux.HandleFunc("DELETE /", s.handleDelete)
-	mux.HandleFunc("OPTIONS /", s.handlePreflight)
-	if p := s.cfg.kvserverREST; p != "" {
-		mux.HandleFunc("GET "+p+"/", s.handleRESTGet)
-		mux.HandleFunc("POST "+p+"/", s.handleRESTSet)
-		mux.HandleFunc("DELETE "+p+"/", s.handleRESTDelete)
-	}
-	// Every other method: ServeMux would answer 405 itself, but with a
-	// plain-text body, and every error here is JSON.
-	mux.HandleFunc("/", s.handleMethodNotAllowed)
-
-	var h http.Handler = mux
-	if s.access != nil {
-		h = s.guard(h)
-	}
-	h = s.cors(s.observe(h))
-	if s.cfg.logRequests {
-		h = logRequests(s.log, h)
-	}
-	return h
 }
 
 // Header values shared by every response. Assigning these slices to the
@@ -124,107 +94,78 @@ var (
 	hdrPreflightLife = []string{"86400"}
 )
 
-// cors applies the origin policy to every response. It also refuses paths
-// that are not in canonical form: ServeMux would redirect "/a//b" to
-// "/a/b", but such a path is an invalid key, not another spelling of one.
-// (ServeMux cleans the path as it came, so "/a%2F%2Fb" reaches the
-// handlers as "/a//b", whose own check refuses it.)
-func (s *server) cors(next http.Handler) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		h := w.Header()
-		if s.origins == nil {
-			h["Access-Control-Allow-Origin"] = hdrAnyOrigin
-		} else {
-			h["Vary"] = hdrVaryOrigin
-			if o := r.Header.Get("Origin"); s.origins[o] {
-				h.Set("Access-Control-Allow-Origin", o)
-			}
-		}
-		h["Access-Control-Expose-Headers"] = hdrExposed
-		if p := r.URL.Path; p != "/" && path.Clean(p) != strings.TrimSuffix(p, "/") {
-			err := checkPath(p, s.cfg.maxKeyBytes)
-			if err == nil { // not reached: a clean path is a valid one's only spelling
-				err = fmt.Errorf("invalid path %s", quoteKey(p))
-			}
-			serveError(w, http.StatusBadRequest, err.Error())
-			return
-		}
-		next.ServeHTTP(w, r)
-	})
-}
-
 // handlePreflight answers a CORS preflight request.
-func (s *server) handlePreflight(w http.ResponseWriter, r *http.Request) {
+func (s *server) handlePreflight(w http.ResponseWriter, r *http.Request, _ string) outcome {
 	h := w.Header()
 	h["Access-Control-Allow-Methods"] = hdrAllowMethods
 	h["Access-Control-Allow-Headers"] = hdrAllowHeaders
 	h["Access-Control-Max-Age"] = hdrPreflightLife
 	h["Allow"] = hdrAllow
 	w.WriteHeader(http.StatusNoContent)
+	return outcomeOK
 }
 
 // handleMethodNotAllowed answers a method the API does not have.
-func (s *server) handleMethodNotAllowed(w http.ResponseWriter, r *http.Request) {
+func (s *server) handleMethodNotAllowed(w http.ResponseWriter, r *http.Request, _ string) outcome {
 	w.Header()["Allow"] = hdrAllow
 	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed", r.Method))
+	return outcomeBadRequest
 }
 
-// handleRoot answers GET /: the JavaScript client; or, upgraded, the
-// WebSocket API; or with Accept: application/json the listing of every
-// key; or with Accept: text/event-stream the changes of every key.
-func (s *server) handleRoot(w http.ResponseWriter, r *http.Request) {
-	if isWebSocket(r) {
-		s.handleWebSocket(w, r)
-		return
-	}
-	if accepts(r, "text/event-stream") {
-		s.handleEvents(w, r, "/")
-		return
-	}
-	if accepts(r, "application/json") {
-		s.serveList(w, "/")
-		return
-	}
+// serveUpgrade answers GET / with Upgrade: websocket.
+func (s *server) serveUpgrade(w http.ResponseWriter, r *http.Request, _ string) outcome {
+	s.handleWebSocket(w, r)
+	return outcomeOK
+}
+
+// serveEvents answers GET of a path with Accept: text/event-stream.
+func (s *server) serveEvents(w http.ResponseWriter, r *http.Request, path string) outcome {
+	s.handleEvents(w, r, path)
+	return outcomeOK
+}
+
+// serveListing answers GET / with Accept: application/json: every key.
+func (s *server) serveListing(w http.ResponseWriter, r *http.Request, path string) outcome {
+	s.serveList(w, path)
+	return outcomeOK
+}
+
+// handleClient answers GET /: the JavaScript client.
+func (s *server) handleClient(w http.ResponseWriter, r *http.Request, _ string) outcome {
 	h := w.Header()
 	h.Set("ETag", s.clientETag)
 	h.Set("Cache-Control", "no-cache")
 	if inm := r.Header.Get("If-None-Match"); inm != "" && strings.Contains(inm, s.clientETag) {
 		w.WriteHeader(http.StatusNotModified)
-		return
+		return outcomeOK
 	}
 	h.Set("Content-Type", "text/javascript; charset=utf-8")
 	h.Set("Content-Length", strconv.Itoa(len(clientJS)))
 	w.Write(clientJS)
+	return outcomeOK
 }
 
 // handleGet answers GET of a key (its value) or of a prefix ending with
-// "/" (the listing of the keys under it), or with Accept:
-// text/event-stream the changes of either.
-func (s *server) handleGet(w http.ResponseWriter, r *http.Request) {
-	key := r.URL.Path
-	if accepts(r, "text/event-stream") {
-		s.handleEvents(w, r, key)
-		return
-	}
+// "/" (the listing of the keys under it).
+func (s *server) handleGet(w http.ResponseWriter, r *http.Request, key string) outcome {
 	if strings.HasSuffix(key, "/") {
 		if err := checkPath(key, s.cfg.maxKeyBytes); err != nil {
-			serveError(w, http.StatusBadRequest, err.Error())
-			return
+			return s.serveFailure(w, apiNative, err)
 		}
 		s.serveList(w, key)
-		return
+		return outcomeOK
 	}
 	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
-		serveError(w, http.StatusBadRequest, err.Error())
-		return
+		return s.serveFailure(w, apiNative, err)
 	}
 	e := s.store.Get(key)
 	if e == nil {
 		w.Header()["X-Revision"] = hdrNoRevision
 		serveError(w, http.StatusNotFound, "no such key")
-		return
+		return outcomeOK
 	}
 	s.serveEntry(w, http.StatusOK, e)
+	return outcomeOK
 }
 
 var hdrNoRevision = []string{"-1"}
@@ -288,77 +229,70 @@ func appendItem(b []byte, it item, now int64) []byte {
 }
 
 // handleSet answers POST: set a key unconditionally.
-func (s *server) handleSet(w http.ResponseWriter, r *http.Request) {
-	key, value, ttl, ok := s.readWrite(w, r)
-	if !ok {
-		return
+func (s *server) handleSet(w http.ResponseWriter, r *http.Request, key string) outcome {
+	value, ttl, err := s.readWrite(w, r, key)
+	if err != nil {
+		return s.serveFailure(w, apiNative, err)
 	}
 	e, err := s.store.Set(key, value, ttl)
-	s.serveWritten(w, e, err)
+	return s.serveWritten(w, e, err)
 }
 
 // handleUpdate answers PUT: compare-and-swap a key. X-Revision is the
 // revision the write will have.
-func (s *server) handleUpdate(w http.ResponseWriter, r *http.Request) {
-	rev, ok := revisionHeader(w, r, true)
-	if !ok {
-		return
+func (s *server) handleUpdate(w http.ResponseWriter, r *http.Request, key string) outcome {
+	rev, err := revisionHeader(r, true)
+	if err != nil {
+		return s.serveFailure(w, apiNative, err)
 	}
-	key, value, ttl, ok := s.readWrite(w, r)
-	if !ok {
-		return
+	value, ttl, err := s.readWrite(w, r, key)
+	if err != nil {
+		return s.serveFailure(w, apiNative, err)
 	}
 	e, err := s.store.CompareAndSwap(key, value, rev, ttl)
-	s.serveWritten(w, e, err)
+	return s.serveWritten(w, e, err)
 }
 
 // handleDelete answers DELETE: remove a key, if X-Revision is given only
 // at that revision.
-func (s *server) handleDelete(w http.ResponseWriter, r *http.Request) {
-	key := r.URL.Path
+func (s *server) handleDelete(w http.ResponseWriter, r *http.Request, key string) outcome {
 	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
-		serveError(w, http.StatusBadRequest, err.Error())
-		return
+		return s.serveFailure(w, apiNative, err)
 	}
-	rev, ok := revisionHeader(w, r, false)
-	if !ok {
-		return
+	rev, err := revisionHeader(r, false)
+	if err != nil {
+		return s.serveFailure(w, apiNative, err)
 	}
 	existed, err := s.store.Delete(key, rev)
 	if err != nil {
-		s.serveWritten(w, nil, err)
-		return
+		return s.serveWritten(w, nil, err)
 	}
 	w.Header()["Content-Type"] = hdrJSON
 	fmt.Fprintf(w, `{"deleted":%t}`, existed)
+	return outcomeOK
 }
 
 // revisionHeader parses X-Revision. Without the header it returns -1, or
-// answers 400 if required.
-func revisionHeader(w http.ResponseWriter, r *http.Request, required bool) (int64, bool) {
+// an error if required.
+func revisionHeader(r *http.Request, required bool) (int64, error) {
 	h := r.Header.Get("X-Revision")
 	if h == "" {
 		if required {
-			serveError(w, http.StatusBadRequest, "missing X-Revision header: the revision the write will have (0 to create)")
-			return 0, false
+			return 0, errors.New("missing X-Revision header: the revision the write will have (0 to create)")
 		}
-		return -1, true
+		return -1, nil
 	}
 	rev, err := strconv.ParseInt(h, 10, 64)
 	if err != nil || rev < 0 {
-		serveError(w, http.StatusBadRequest, fmt.Sprintf("invalid X-Revision %q: want a revision number >= 0", h))
-		return 0, false
+		return 0, fmt.Errorf("invalid X-Revision %q: want a revision number >= 0", h)
 	}
-	return rev, true
+	return rev, nil
 }
 
-// readWrite checks the key and TTL of a write and reads its value. On
-// failure it has answered the request.
-func (s *server) readWrite(w http.ResponseWriter, r *http.Request) (key, value string, ttl time.Duration, ok bool) {
-	key = r.URL.Path
+// readWrite checks the key and TTL of a write and reads its value.
+func (s *server) readWrite(w http.ResponseWriter, r *http.Request, key string) (value string, ttl time.Duration, err error) {
 	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
-		serveError(w, http.StatusBadRequest, err.Error())
-		return "", "", 0, false
+		return "", 0, err
 	}
 	// X-TTL wins over ?ttl=. The query is looked at only when the raw
 	// query is not empty, so a plain write parses nothing.
@@ -367,23 +301,12 @@ func (s *server) readWrite(w http.ResponseWriter, r *http.Request) (key, value s
 		t = r.URL.Query().Get("ttl")
 	}
 	if t != "" {
-		var err error
 		if ttl, err = parseTTL(t); err != nil {
-			serveError(w, http.StatusBadRequest, err.Error())
-			return "", "", 0, false
+			return "", 0, err
 		}
 	}
-	value, err := readValue(w, r, s.cfg.maxValueBytes)
-	if err != nil {
-		code := http.StatusBadRequest
-		if errors.As(err, new(*http.MaxBytesError)) {
-			code = http.StatusRequestEntityTooLarge
-			err = fmt.Errorf("value larger than %d bytes", s.cfg.maxValueBytes)
-		}
-		serveError(w, code, err.Error())
-		return "", "", 0, false
-	}
-	return key, value, ttl, true
+	value, err = readValue(w, r, s.cfg.maxValueBytes)
+	return value, ttl, err
 }
 
 // readValue reads a request body of at most max bytes that must be one
@@ -391,21 +314,33 @@ func (s *server) readWrite(w http.ResponseWriter, r *http.Request) (key, value s
 // so the value is scanned once; it is never decoded, which keeps numbers
 // and member order exactly as written.
 func readValue(w http.ResponseWriter, r *http.Request, max int64) (string, error) {
-	if r.ContentLength > max {
-		return "", &http.MaxBytesError{Limit: max}
-	}
 	body := getBuffer()
 	defer putBuffer(body)
+	if err := readBody(w, r, body, max, "value"); err != nil {
+		return "", err
+	}
+	return compactValue(body.Bytes())
+}
+
+// readBody reads a request body of at most max bytes into buf. Past the
+// limit it returns a tooLargeError about what the body holds.
+func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int64, what string) error {
+	if r.ContentLength > max {
+		return &tooLargeError{what, max}
+	}
 	src := r.Body
 	if r.ContentLength < 0 {
 		// Chunked: only the reader can enforce the limit. With a known
 		// length net/http already stops the body there.
 		src = http.MaxBytesReader(w, r.Body, max)
 	}
-	if _, err := body.ReadFrom(src); err != nil {
-		return "", err
+	if _, err := buf.ReadFrom(src); err != nil {
+		if errors.As(err, new(*http.MaxBytesError)) {
+			return &tooLargeError{what, max}
+		}
+		return fmt.Errorf("reading the body: %v", err)
 	}
-	return compactValue(body.Bytes())
+	return nil
 }
 
 // compactValue checks that src is one JSON value and returns it compacted.
@@ -431,7 +366,7 @@ func (s *server) valueAndTTL(rawValue, rawTTL json.RawMessage) (string, time.Dur
 		return "", 0, err
 	}
 	if int64(len(value)) > s.cfg.maxValueBytes {
-		return "", 0, &tooLargeError{s.cfg.maxValueBytes}
+		return "", 0, &tooLargeError{"value", s.cfg.maxValueBytes}
 	}
 	var ttl time.Duration
 	if rawTTL != nil && string(rawTTL) != "null" {
@@ -442,45 +377,25 @@ func (s *server) valueAndTTL(rawValue, rawTTL json.RawMessage) (string, time.Dur
 	return value, ttl, nil
 }
 
-// tooLargeError is a value past -max-value-bytes.
-type tooLargeError struct{ max int64 }
-
-func (e *tooLargeError) Error() string { return fmt.Sprintf("value larger than %d bytes", e.max) }
-
-// serveWritten answers a write: the new revision, or the error.
-func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) {
+// serveWritten answers a write of the native API: the new revision; or a
+// conflict, with the current state; or the failure.
+func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) outcome {
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):
 		s.serveEntry(w, http.StatusConflict, conflict.cur)
-	case errors.Is(err, errFull):
-		serveError(w, http.StatusInsufficientStorage, s.writeErrorMessage(err))
-	case errors.Is(err, errNotWritten):
-		serveError(w, http.StatusServiceUnavailable, s.writeErrorMessage(err))
+		return outcomeConflict
 	case err != nil:
-		serveError(w, http.StatusInternalServerError, s.writeErrorMessage(err))
-	default:
-		rev := strconv.FormatInt(e.revision, 10)
-		h := w.Header()
-		h["Content-Type"] = hdrJSON
-		h["X-Revision"] = []string{rev}
-		io.WriteString(w, `{"revision":`)
-		io.WriteString(w, rev)
-		io.WriteString(w, `}`)
+		return s.serveFailure(w, apiNative, err)
 	}
-}
-
-// writeErrorMessage is what a client is told of a failed write other than
-// a conflict. An unexpected error is logged, and the client told no more.
-func (s *server) writeErrorMessage(err error) string {
-	switch {
-	case errors.Is(err, errFull):
-		return fmt.Sprintf("store is full: at most %d keys", s.cfg.maxKeys)
-	case errors.Is(err, errNotWritten):
-		return "the server could not write its data files, and is stopping"
-	}
-	s.log.Error("write failed", "err", err)
-	return "internal error"
+	rev := strconv.FormatInt(e.revision, 10)
+	h := w.Header()
+	h["Content-Type"] = hdrJSON
+	h["X-Revision"] = []string{rev}
+	io.WriteString(w, `{"revision":`)
+	io.WriteString(w, rev)
+	io.WriteString(w, `}`)
+	return outcomeOK
 }
 
 // serveError answers an error: status code and {"error": msg}.

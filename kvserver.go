@@ -2,10 +2,11 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
-	"strings"
+	"time"
 )
 
 // KvServer's REST shape, served under -kvserver-rest (e.g. /storage) so
@@ -14,9 +15,13 @@ import (
 //	GET    /storage/{key}  200 {"value": …}, or 204 if missing
 //	POST   /storage/{key}  body {"value": any, "ttl"?: ms | "10m"}: 202, or 400
 //	DELETE /storage/{key}  200, whether or not it existed
+//	PUT    /storage/{key}  405: KvServer has no PUT, and no native route acts under the prefix
 //
 // A KvServer key "foo" or "a/b" is the store key "/foo" or "/a/b", the
-// same key the native API and the WebSocket see.
+// same key the native API and the WebSocket see; routes reads it from the
+// decoded path, so /storage%2Fa%2Fb is /storage/a/b, the key /a/b. The
+// prefix alone (/storage, /storage/) is KvServer's empty key: 400.
+// Failures answer with the REST column of outcomeTable.
 
 // checkRESTPrefix checks the -kvserver-rest flag: "" (off) or a path like
 // "/storage" whose components are valid key components.
@@ -30,71 +35,75 @@ func checkRESTPrefix(prefix string) error {
 	return nil
 }
 
-// restKey returns the store key of a KvServer REST request, or answers 400.
-func (s *server) restKey(w http.ResponseWriter, r *http.Request) (string, bool) {
-	key := strings.TrimPrefix(r.URL.Path, s.cfg.kvserverREST)
-	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
-		serveError(w, http.StatusBadRequest, err.Error())
-		return "", false
-	}
-	return key, true
-}
-
 // handleRESTGet answers KvServer's GET: {"value": …} or 204.
-func (s *server) handleRESTGet(w http.ResponseWriter, r *http.Request) {
-	key, ok := s.restKey(w, r)
-	if !ok {
-		return
+func (s *server) handleRESTGet(w http.ResponseWriter, r *http.Request, key string) outcome {
+	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
+		return s.serveFailure(w, apiREST, err)
 	}
 	e := s.store.Get(key)
 	if e == nil {
 		w.WriteHeader(http.StatusNoContent)
-		return
+		return outcomeOK
 	}
 	w.Header()["Content-Type"] = hdrJSON
 	io.WriteString(w, `{"value":`+e.value+`}`)
+	return outcomeOK
 }
 
 // handleRESTSet answers KvServer's POST: {"value": any, "ttl"?: …} → 202.
-func (s *server) handleRESTSet(w http.ResponseWriter, r *http.Request) {
-	key, ok := s.restKey(w, r)
-	if !ok {
-		return
+func (s *server) handleRESTSet(w http.ResponseWriter, r *http.Request, key string) outcome {
+	value, ttl, err := s.readRESTWrite(w, r, key)
+	if err != nil {
+		return s.serveFailure(w, apiREST, err)
+	}
+	if _, err := s.store.Set(key, value, ttl); err != nil {
+		return s.serveFailure(w, apiREST, err)
+	}
+	w.WriteHeader(http.StatusAccepted)
+	return outcomeOK
+}
+
+// readRESTWrite checks the key of a KvServer POST and reads the value and
+// TTL from its body.
+func (s *server) readRESTWrite(w http.ResponseWriter, r *http.Request, key string) (string, time.Duration, error) {
+	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
+		return "", 0, err
 	}
 	body := getBuffer()
 	defer putBuffer(body)
 	// The envelope holds the value; give it room beyond the value limit.
-	max := s.cfg.maxValueBytes + 4096
-	if _, err := body.ReadFrom(http.MaxBytesReader(w, r.Body, max)); err != nil {
-		serveError(w, http.StatusRequestEntityTooLarge, fmt.Sprintf("body larger than %d bytes", max))
-		return
+	if err := readBody(w, r, body, s.cfg.maxValueBytes+4096, "body"); err != nil {
+		return "", 0, err
 	}
 	var req struct {
 		Value json.RawMessage `json:"value"`
 		TTL   json.RawMessage `json:"ttl"`
 	}
 	if err := json.Unmarshal(body.Bytes(), &req); err != nil {
-		serveError(w, http.StatusBadRequest, `invalid body: want {"value": any, "ttl"?: number | string}`)
-		return
+		return "", 0, errors.New(`invalid body: want {"value": any, "ttl"?: number | string}`)
 	}
-	value, ttl, err := s.valueAndTTL(req.Value, req.TTL)
-	if err != nil {
-		serveError(w, http.StatusBadRequest, err.Error())
-		return
-	}
-	if _, err := s.store.Set(key, value, ttl); err != nil {
-		s.serveWritten(w, nil, err)
-		return
-	}
-	w.WriteHeader(http.StatusAccepted)
+	return s.valueAndTTL(req.Value, req.TTL)
 }
 
-// handleRESTDelete answers KvServer's DELETE: 200 always.
-func (s *server) handleRESTDelete(w http.ResponseWriter, r *http.Request) {
-	key, ok := s.restKey(w, r)
-	if !ok {
-		return
+// handleRESTDelete answers KvServer's DELETE: 200 whether or not the key
+// existed.
+func (s *server) handleRESTDelete(w http.ResponseWriter, r *http.Request, key string) outcome {
+	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
+		return s.serveFailure(w, apiREST, err)
 	}
-	s.store.Delete(key, -1)
+	if _, err := s.store.Delete(key, -1); err != nil {
+		return s.serveFailure(w, apiREST, err)
+	}
 	w.WriteHeader(http.StatusOK)
+	return outcomeOK
+}
+
+var hdrRESTAllow = []string{"GET, HEAD, POST, DELETE, OPTIONS"}
+
+// handleRESTMethodNotAllowed answers a method KvServer's REST shape does
+// not have.
+func (s *server) handleRESTMethodNotAllowed(w http.ResponseWriter, r *http.Request, _ string) outcome {
+	w.Header()["Allow"] = hdrRESTAllow
+	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed under -kvserver-rest %s", r.Method, s.cfg.kvserverREST))
+	return outcomeBadRequest
 }

@@ -138,61 +138,108 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	return c, nil
 }
 
-// run starts the server and serves until ctx is done, then shuts down.
+// run starts the server and serves until ctx is done (or a write to the
+// data files fails), then shuts down. Each step is a function below.
 func run(ctx context.Context, args []string, getenv func(string) string, stdout io.Writer) (runErr error) {
 	cfg, err := parseConfig(args, getenv, stdout)
 	if err != nil {
 		return err
 	}
-	var log *slog.Logger
-	if cfg.logFormat == "json" {
-		log = slog.New(slog.NewJSONHandler(stdout, nil))
-	} else {
-		log = slog.New(slog.NewTextHandler(stdout, nil))
-	}
-	srv, err := newServer(cfg, log)
+	srv, err := newServer(cfg, newLogger(cfg, stdout))
 	if err != nil {
 		return err
 	}
 	// The admin listener comes first, so that /healthz says "loading"
-	// while the data files load.
-	if cfg.adminAddr != "" {
-		ln, err := net.Listen("tcp", cfg.adminAddr)
-		if err != nil {
-			return fmt.Errorf("-admin-addr: %v", err)
-		}
-		admin := &http.Server{
-			Handler:           srv.adminRoutes(),
-			ReadHeaderTimeout: 10 * time.Second,
-			IdleTimeout:       2 * time.Minute,
-			ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelError),
-		}
-		go admin.Serve(ln)
-		defer admin.Close() // last, after the data files are closed
-		log.Info("admin listening", "addr", ln.Addr().String())
-	}
-	var failed <-chan struct{} // a write to the data files failed
-	if cfg.data != "" {
-		start := time.Now()
-		data, err := openData(cfg.data, cfg.fsync, srv.store, log)
-		if err != nil {
-			return err
-		}
-		defer func() { // a failed fsync of the last writes is a failure too
-			if err := data.close(); err != nil && runErr == nil {
-				runErr = err
-			}
-		}()
-		failed = data.failed
-		log.Info("data loaded", "dir", cfg.data, "keys", srv.store.Len(), "fsync", cfg.fsync.String(), "duration", time.Since(start))
-	}
-
-	ln, err := net.Listen("tcp", cfg.addr)
+	// while the data files load; it closes last, after them.
+	closeAdmin, err := startAdmin(srv)
 	if err != nil {
 		return err
 	}
-	var fresh freshConns
-	hs := &http.Server{
+	defer closeAdmin()
+	failed, closeData, err := openDataFiles(srv)
+	if err != nil {
+		return err
+	}
+	defer func() { // a failed fsync of the last writes is a failure too
+		if err := closeData(); err != nil && runErr == nil {
+			runErr = err
+		}
+	}()
+	web, err := startListener(srv)
+	if err != nil {
+		return err
+	}
+	defer reloadOnSIGHUP(srv)()
+	stopErr, err := waitForStop(ctx, web.served, failed)
+	if err != nil {
+		return err // the listener failed: nothing to shut down
+	}
+	web.shutdown(srv)
+	return stopErr
+}
+
+// newLogger returns the logger -log-format asks for, writing to stdout.
+func newLogger(cfg config, stdout io.Writer) *slog.Logger {
+	if cfg.logFormat == "json" {
+		return slog.New(slog.NewJSONHandler(stdout, nil))
+	}
+	return slog.New(slog.NewTextHandler(stdout, nil))
+}
+
+// startAdmin serves the admin listener, if -admin-addr asks for one, and
+// returns what closes it.
+func startAdmin(srv *server) (close func(), err error) {
+	if srv.cfg.adminAddr == "" {
+		return func() {}, nil
+	}
+	ln, err := net.Listen("tcp", srv.cfg.adminAddr)
+	if err != nil {
+		return nil, fmt.Errorf("-admin-addr: %v", err)
+	}
+	admin := &http.Server{
+		Handler:           srv.adminRoutes(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		ErrorLog:          slog.NewLogLogger(srv.log.Handler(), slog.LevelError),
+	}
+	go admin.Serve(ln)
+	srv.log.Info("admin listening", "addr", ln.Addr().String())
+	return func() { admin.Close() }, nil
+}
+
+// openDataFiles loads the store from -data, if given, and returns a
+// channel closed if a write to the data files fails, and what closes
+// them (making every acknowledged write durable, or saying why not).
+func openDataFiles(srv *server) (failed <-chan struct{}, close func() error, err error) {
+	cfg := srv.cfg
+	if cfg.data == "" {
+		return nil, func() error { return nil }, nil
+	}
+	start := time.Now()
+	data, err := openData(cfg.data, cfg.fsync, srv.store, srv.log)
+	if err != nil {
+		return nil, nil, err
+	}
+	srv.log.Info("data loaded", "dir", cfg.data, "keys", srv.store.Len(), "fsync", cfg.fsync.String(), "duration", time.Since(start))
+	return data.failed, data.close, nil
+}
+
+// listener is the main listener's http.Server as it serves.
+type listener struct {
+	hs     *http.Server
+	fresh  *freshConns
+	served chan error // Serve's error, once it returns
+}
+
+// startListener listens on -addr and serves the API there.
+func startListener(srv *server) (*listener, error) {
+	cfg := srv.cfg
+	ln, err := net.Listen("tcp", cfg.addr)
+	if err != nil {
+		return nil, err
+	}
+	l := &listener{fresh: new(freshConns), served: make(chan error, 1)}
+	l.hs = &http.Server{
 		Handler:           srv.routes(),
 		ReadHeaderTimeout: 10 * time.Second,
 		// A whole request, body included, must arrive within a minute.
@@ -200,66 +247,81 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 		ReadTimeout:    time.Minute,
 		IdleTimeout:    2 * time.Minute,
 		MaxHeaderBytes: 64 << 10,
-		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelError),
-		ConnState:      fresh.track,
+		ErrorLog:       slog.NewLogLogger(srv.log.Handler(), slog.LevelError),
+		ConnState:      l.fresh.track,
 	}
-	log.Info("listening", "addr", ln.Addr().String(),
+	srv.log.Info("listening", "addr", ln.Addr().String(),
 		"max_key_bytes", cfg.maxKeyBytes, "max_value_bytes", cfg.maxValueBytes,
 		"max_keys", cfg.maxKeys, "default_ttl", time.Duration(cfg.defaultTTL), "origins", cfg.origins)
 	srv.health.Store(healthServing)
+	go func() { l.served <- l.hs.Serve(ln) }()
+	return l, nil
+}
 
-	served := make(chan error, 1)
-	go func() { served <- hs.Serve(ln) }()
-	if srv.access != nil {
-		// SIGHUP reloads -tokens, until shutdown.
-		hup := make(chan os.Signal, 1)
-		signal.Notify(hup, syscall.SIGHUP)
-		defer signal.Stop(hup)
-		stop, stopped := make(chan struct{}), make(chan struct{})
-		defer func() { close(stop); <-stopped }()
-		go func() {
-			defer close(stopped)
-			for {
-				select {
-				case <-hup:
-					srv.reloadTokens()
-				case <-stop:
-					return
-				}
-			}
-		}()
+// reloadOnSIGHUP reloads -tokens on each SIGHUP, if there is a -tokens,
+// until the function it returns is called.
+func reloadOnSIGHUP(srv *server) (stop func()) {
+	if srv.access == nil {
+		return func() {}
 	}
-	var stopErr error
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	done, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for {
+			select {
+			case <-hup:
+				srv.reloadTokens()
+			case <-done:
+				return
+			}
+		}
+	}()
+	return func() {
+		signal.Stop(hup)
+		close(done)
+		<-stopped
+	}
+}
+
+// waitForStop returns when the server should stop: ctx is done (nil), or
+// the data files failed (stopErr says so). If the listener fails first,
+// err is its error.
+func waitForStop(ctx context.Context, served <-chan error, failed <-chan struct{}) (stopErr, err error) {
 	select {
 	case err := <-served:
-		return err
+		return nil, err
 	case <-ctx.Done():
+		return nil, nil
 	case <-failed:
-		stopErr = errors.New("a write to the data files failed (see the log); stopped")
+		return errors.New("a write to the data files failed (see the log); stopped"), nil
 	}
+}
 
-	// Within a second, whatever is open. Streams first: Shutdown does not
-	// know of them (their connections were hijacked), and they must not
-	// wait behind it. Then Shutdown closes the listener and idle
-	// connections, and waits for running requests; connections that
-	// never sent a request it would wait 5 s for, so they are closed here.
+// shutdown stops serving within a second, whatever is open. Streams
+// first: Shutdown does not know of them (their connections were
+// hijacked), and they must not wait behind it. Then Shutdown closes the
+// listener and idle connections, and waits for running requests;
+// connections that never sent a request it would wait 5 s for, so they
+// are closed here. Then no change comes but from expiries: they stop,
+// and the data files (closed after) take what is left and make it
+// durable.
+func (l *listener) shutdown(srv *server) {
 	srv.health.Store(healthStopping)
 	srv.close()
-	shutdownCtx, cancel := context.WithTimeout(context.Background(), 800*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 800*time.Millisecond)
 	defer cancel()
 	shut := make(chan error, 1)
-	go func() { shut <- hs.Shutdown(shutdownCtx) }()
-	fresh.closeAll()
+	go func() { shut <- l.hs.Shutdown(ctx) }()
+	l.fresh.closeAll()
 	if err := <-shut; err != nil {
-		log.Warn("shutdown timed out; closing the remaining connections", "err", err)
-		hs.Close()
+		srv.log.Warn("shutdown timed out; closing the remaining connections", "err", err)
+		l.hs.Close()
 	}
-	<-served
-	// Then no change comes but from expiries: stop them, and the data
-	// files (deferred above) take what is left and make it durable.
+	<-l.served
 	srv.store.expiry.stop()
-	log.Info("stopped")
-	return stopErr
+	srv.log.Info("stopped")
 }
 
 // freshConns are the connections that have not sent a request yet, which

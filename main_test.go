@@ -85,7 +85,18 @@ func do(t testing.TB, method, url, body string, headers ...string) response {
 	if body != "" {
 		r = strings.NewReader(body)
 	}
-	req, err := http.NewRequest(method, url, r)
+	return doBody(t, method, url, r, headers...)
+}
+
+// doChunked is do with a body of unknown length, which goes chunked.
+func doChunked(t testing.TB, method, url, body string, headers ...string) response {
+	t.Helper()
+	return doBody(t, method, url, io.MultiReader(strings.NewReader(body)), headers...)
+}
+
+func doBody(t testing.TB, method, url string, body io.Reader, headers ...string) response {
+	t.Helper()
+	req, err := http.NewRequest(method, url, body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -312,57 +323,76 @@ func TestBadInput(t *testing.T) {
 // TestRoutes builds the real mux, so a pattern conflict fails here rather
 // than at start-up, and checks which handler answers what.
 func TestRoutes(t *testing.T) {
-	cfg, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
-	if err != nil {
-		t.Fatal(err)
+	routes := func(args ...string) (*server, http.Handler) {
+		cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv, _ := newServer(cfg, discardLogger())
+		return srv, srv.routes()
 	}
-	srv, _ := newServer(cfg, discardLogger())
-	h := srv.routes()
+	plain, plainH := routes()
+	rest, restH := routes("-kvserver-rest", "/storage")
 	tests := []struct {
+		rest           bool // with -kvserver-rest /storage
 		method, target string
 		headers        []string
 		code           int
 		contentType    string
+		route          string // the route that answered, "" for none
 	}{
-		{"GET", "/", nil, 200, "text/javascript; charset=utf-8"},
-		{"HEAD", "/", nil, 200, "text/javascript; charset=utf-8"},
-		{"GET", "/", []string{"Accept", "application/json"}, 200, "application/json"},
-		{"GET", "/x", nil, 404, "application/json"},
-		{"GET", "/x/", nil, 200, "application/json"},
-		{"POST", "/", nil, 400, "application/json"},
-		{"PUT", "/", nil, 400, "application/json"},
-		{"DELETE", "/", nil, 400, "application/json"},
-		{"OPTIONS", "/", nil, 204, ""},
-		{"PATCH", "/", nil, 405, "application/json"},
-		{"TRACE", "/x", nil, 405, "application/json"},
+		{false, "GET", "/", nil, 200, "text/javascript; charset=utf-8", "client"},
+		{false, "HEAD", "/", nil, 200, "text/javascript; charset=utf-8", "client"},
+		{false, "GET", "/", []string{"Accept", "application/json"}, 200, "application/json", "list every key"},
+		{false, "GET", "/x", nil, 404, "application/json", "get"},
+		{false, "GET", "/x/", nil, 200, "application/json", "get"},
+		{false, "POST", "/", nil, 400, "application/json", "set"},
+		{false, "PUT", "/", nil, 400, "application/json", "update"},
+		{false, "DELETE", "/", nil, 400, "application/json", "delete"},
+		{false, "OPTIONS", "/", nil, 204, "", "preflight"},
+		{false, "PATCH", "/", nil, 405, "application/json", "method not allowed"},
+		{false, "TRACE", "/x", nil, 405, "application/json", "method not allowed"},
+		{false, "GET", "/a//b", nil, 400, "application/json", ""},
+		{false, "GET", "/storage", nil, 404, "application/json", "get"},
+		{false, "PUT", "/storage/x", nil, 400, "application/json", "update"},
+		{true, "GET", "/storage/x", nil, 204, "", "REST get"},
+		{true, "HEAD", "/storage/x", nil, 204, "", "REST get"},
+		{true, "GET", "/storage%2Fx", nil, 204, "", "REST get"},
+		{true, "GET", "/storage/x", []string{"Accept", "text/event-stream"}, 204, "", "REST get"},
+		{true, "POST", "/storage/x", nil, 400, "application/json", "REST set"},
+		{true, "DELETE", "/storage/x", nil, 200, "", "REST delete"},
+		{true, "PUT", "/storage/x", nil, 405, "application/json", "REST method not allowed"},
+		{true, "PATCH", "/storage/x", nil, 405, "application/json", "method not allowed"},
+		{true, "OPTIONS", "/storage/x", nil, 204, "", "preflight"},
+		// The prefix alone is KvServer's empty key: refused, never
+		// redirected to /storage/ (another key).
+		{true, "GET", "/storage", nil, 400, "application/json", "REST get"},
+		{true, "POST", "/storage", nil, 400, "application/json", "REST set"},
+		{true, "DELETE", "/storage", nil, 400, "application/json", "REST delete"},
+		{true, "PUT", "/storage", nil, 405, "application/json", "REST method not allowed"},
+		{true, "GET", "/storage/", nil, 400, "application/json", "REST get"},
+		{true, "GET", "/storagex", nil, 404, "application/json", "get"},
 	}
 	for _, tt := range tests {
+		srv, h := plain, plainH
+		if tt.rest {
+			srv, h = rest, restH
+		}
+		var routed string
+		srv.tracer = func(stage string, rt *route, target string) {
+			if stage == "route" {
+				routed = rt.name
+			}
+		}
 		req := httptest.NewRequest(tt.method, tt.target, nil)
 		for i := 0; i+1 < len(tt.headers); i += 2 {
 			req.Header.Set(tt.headers[i], tt.headers[i+1])
 		}
 		rec := httptest.NewRecorder()
 		h.ServeHTTP(rec, req)
-		if rec.Code != tt.code || rec.Header().Get("Content-Type") != tt.contentType {
-			t.Errorf("%s %s %v: got %d %q; want %d %q", tt.method, tt.target, tt.headers,
-				rec.Code, rec.Header().Get("Content-Type"), tt.code, tt.contentType)
-		}
-	}
-}
-
-func TestOrigins(t *testing.T) {
-	url := startServer(t, "-origins", "http://good.example, http://also.example")
-	for origin, want := range map[string]string{
-		"http://good.example": "http://good.example",
-		"http://also.example": "http://also.example",
-		"http://evil.example": "",
-	} {
-		resp := do(t, "GET", url+"/x/", "", "Origin", origin)
-		if got := resp.header.Get("Access-Control-Allow-Origin"); got != want {
-			t.Errorf("Origin %s: Access-Control-Allow-Origin: got %q; want %q", origin, got, want)
-		}
-		if got := resp.header.Get("Vary"); got != "Origin" {
-			t.Errorf("Vary: got %q; want Origin", got)
+		if rec.Code != tt.code || rec.Header().Get("Content-Type") != tt.contentType || routed != tt.route || rec.Header().Get("Location") != "" {
+			t.Errorf("rest=%t %s %s %v: got %d %q by %q; want %d %q by %q", tt.rest, tt.method, tt.target, tt.headers,
+				rec.Code, rec.Header().Get("Content-Type"), routed, tt.code, tt.contentType, tt.route)
 		}
 	}
 }
