@@ -59,6 +59,12 @@ type eventKey struct {
 // and a client cut off between them would resume past /b's.) Gaps are
 // squeezed out once they are half the queue.
 //
+// A reply is a barrier (SPEC 5, "Order"): an event pending before a reply
+// stays there, and a newer one of its key goes after the reply instead of
+// replacing it, so a write's event never moves behind the write's ok. The
+// events kept that way are at most one per key and reply, so they stay
+// bounded by the replies' bound.
+//
 // Pushing never blocks, and once the queue has grown to its working size
 // it does not allocate.
 type coalescer struct {
@@ -67,7 +73,8 @@ type coalescer struct {
 	mu      sync.Mutex
 	pending []event
 	gaps    int              // events in pending that are evGone
-	index   map[eventKey]int // position in pending of each coalescing event
+	index   map[eventKey]int // position in pending of each key's newest event
+	barrier int              // positions before it lie before a reply
 	spare   []event          // the slice of the last batch, for reuse
 	dropped int64            // events replaced by newer ones, since recycle
 }
@@ -86,6 +93,9 @@ func (q *coalescer) push(ev event) {
 			q.mu.Unlock()
 			q.wake()
 			return
+		case ok && i < q.barrier:
+			// A reply was queued after it: it stays, the newer one
+			// goes after the reply.
 		case ok:
 			q.pending[i] = event{}
 			q.gaps++
@@ -96,6 +106,9 @@ func (q *coalescer) push(ev event) {
 		q.index[k] = len(q.pending)
 	}
 	q.pending = append(q.pending, ev)
+	if ev.kind == evReply {
+		q.barrier = len(q.pending)
+	}
 	if q.gaps > 16 && q.gaps > len(q.pending)/2 {
 		q.squeeze()
 	}
@@ -112,15 +125,19 @@ func (q *coalescer) wake() {
 // squeeze removes the gaps from pending, in place. q.mu must be held.
 func (q *coalescer) squeeze() {
 	n := 0
+	q.barrier = 0
 	for _, ev := range q.pending {
 		if ev.kind == evGone {
 			continue
 		}
 		if ev.coalesces() {
-			q.index[eventKey{ev.sub, ev.key}] = n
+			q.index[eventKey{ev.sub, ev.key}] = n // the newest comes last
 		}
 		q.pending[n] = ev
 		n++
+		if ev.kind == evReply {
+			q.barrier = n
+		}
 	}
 	clear(q.pending[n:])
 	q.pending = q.pending[:n]
@@ -137,6 +154,7 @@ func (q *coalescer) drain() []event {
 	q.pending = q.spare[:0]
 	q.spare = nil
 	q.gaps = 0
+	q.barrier = 0
 	clear(q.index)
 	return batch
 }

@@ -255,6 +255,18 @@ func TestCoalescer(t *testing.T) {
 		t.Errorf("batch: got %v; want %v (one event per key, the latest, in the order of the latest changes; replies all kept)", got, want)
 	}
 
+	// A reply is a barrier: a newer event of a key pending before it goes
+	// after it, and the older stays.
+	q.push(change("/a", 0))
+	q.push(event{kind: evReply, reply: &wsReply{head: []byte("ok 0")}})
+	q.push(change("/b", 0))
+	q.push(change("/a", 1))
+	q.push(change("/b", 1))
+	q.push(change("/a", 2))
+	if got, want := pending(), []string{"/a:0", "ok 0", "/b:1", "/a:2"}; !slices.Equal(got, want) {
+		t.Errorf("batch with a reply: got %v; want %v (no event moved behind a reply queued after it)", got, want)
+	}
+
 	// Many changes of a few keys: the gaps they leave are squeezed out,
 	// and the order stays that of each key's latest change.
 	for i := range 1000 {

@@ -655,3 +655,60 @@ func TestWebSocketBurst(t *testing.T) {
 		}
 	}
 }
+
+// TestWebSocketPipelinedOrder: connections that watch the keys they write
+// and pipeline 200 updates each get, before the ok of revision r, an event
+// of that key of revision r or newer (SPEC 5, "Order"), however the
+// events coalesce meanwhile; the other connections' writes to the same
+// prefix keep the queues coalescing.
+func TestWebSocketPipelinedOrder(t *testing.T) {
+	url := startServer(t)
+	const conns, updates = 4, 200
+	var wg sync.WaitGroup
+	for i := range conns {
+		c := dialWS(t, url, "")
+		c.roundTrip(`{"type":"subscribe","payload":{"key":"/p/"},"id":0}`, `{"type":"ok","payload":{"key":"/p/"},"id":0}`)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			key := fmt.Sprintf("/p/%d", i)
+			c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second)) // a hang breaker
+			for r := range updates { // all in flight: nothing is read yet
+				msg := fmt.Sprintf(`{"type":"update","payload":{"key":%q,"value":%d,"revision":%d},"id":%d}`, key, r, r, r)
+				if err := websocket.Message.Send(c.ws, msg); err != nil {
+					t.Errorf("send: %v", err)
+					return
+				}
+			}
+			seen := int64(-1) // the newest revision of key in an event so far
+			for oks := 0; oks < updates; {
+				var m struct {
+					Type    string
+					Payload struct {
+						Key      string
+						Revision int64
+					}
+				}
+				raw := c.recvRaw()
+				if err := json.Unmarshal([]byte(raw), &m); err != nil {
+					t.Errorf("%s: %v", raw, err)
+					return
+				}
+				switch {
+				case m.Type == "value" && m.Payload.Key == key:
+					seen = max(seen, m.Payload.Revision)
+				case m.Type == "ok":
+					if seen < m.Payload.Revision {
+						t.Errorf("%s: the ok of revision %d came before any event of revision %d or newer (newest so far %d)", key, m.Payload.Revision, m.Payload.Revision, seen)
+						return
+					}
+					oks++
+				case m.Type != "value":
+					t.Errorf("unexpected %s", raw)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
