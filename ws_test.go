@@ -673,7 +673,8 @@ func TestWebSocketPipelinedOrder(t *testing.T) {
 			defer wg.Done()
 			key := fmt.Sprintf("/p/%d", i)
 			c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second)) // a hang breaker
-			for r := range updates { // all in flight: nothing is read yet
+			// All in flight: nothing is read until the last is sent.
+			for r := range updates {
 				msg := fmt.Sprintf(`{"type":"update","payload":{"key":%q,"value":%d,"revision":%d},"id":%d}`, key, r, r, r)
 				if err := websocket.Message.Send(c.ws, msg); err != nil {
 					t.Errorf("send: %v", err)
