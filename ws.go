@@ -6,17 +6,14 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -50,9 +47,8 @@ func headerHasToken(h http.Header, name, token string) bool {
 // buffers and the request's state alive as long as the socket lives. So
 // the handler hijacks the connection itself, hands it to websocket.Server
 // on a fresh goroutine with small buffers, and returns. An idle WebSocket
-// then costs about a third as much. What x/net/websocket writes goes to a
-// wsOut: the handshake straight to the connection, and then every frame
-// into the batch that the stream writers send.
+// then costs about a third as much. x/net does the handshake; the frames
+// after it are wsframe.go's.
 func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	who := s.identify(r)
 	if err := s.access.connect(who.caller); err != nil {
@@ -70,56 +66,77 @@ func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	out := &wsOut{conn: conn, direct: true}
-	rw := bufio.NewReadWriter(buf.Reader, bufio.NewWriterSize(out, 64))
-	if buf.Reader.Buffered() == 0 { // else keep it: it holds the client's first bytes
-		rw.Reader = bufio.NewReaderSize(conn, 512)
+	in := &wsInput{conn: conn, silence: s.cfg.heartbeat, answer: s.cfg.writeTimeout, gone: &s.metrics.wsSilent}
+	if n := buf.Reader.Buffered(); n > 0 {
+		in.early, _ = buf.Reader.Peek(n) // the client's first frames; buf.Reader is not read again
 	}
+	rw := bufio.NewReadWriter(bufio.NewReaderSize(in, 512), bufio.NewWriterSize(out, 64))
 	go func() {
 		defer s.streams.done()
-		serve := func(ws *websocket.Conn) { s.serveWebSocket(ws, conn, out, who) }
+		serve := func(*websocket.Conn) { s.serveWebSocket(conn, rw.Reader, in, out, who) }
 		ws := websocket.Server{Handshake: s.checkOrigin, Handler: serve}
 		ws.ServeHTTP(&hijacked{conn, rw}, r)
 	}()
 }
 
-// wsOut is where a WebSocket's bytes go. x/net/websocket frames each
-// message into its bufio.Writer, which writes here: during the handshake
-// (and after the connection closes) straight to the connection; in
-// between into a batch, which the stream writers send with one write.
-// The pongs and the close frame that x/net writes from the reading
-// goroutine land in the batch too, and have it sent.
+// wsOut is where a WebSocket's bytes go besides its queue's: x/net's
+// handshake, straight to the connection; then the control frames that
+// the reader answers with (pong, close, ping), into a batch that the
+// stream writers send first.
 type wsOut struct {
 	conn  net.Conn
 	ready func() // queues the stream for a writer
 
-	mu     sync.Mutex
-	direct bool
-	buf    []byte
+	mu      sync.Mutex
+	direct  bool
+	buf     []byte
+	closing bool // buf ends with a close frame: nothing may follow it
 }
 
 func (o *wsOut) Write(p []byte) (int, error) {
 	o.mu.Lock()
-	if o.direct {
-		o.mu.Unlock()
-		return o.conn.Write(p)
+	defer o.mu.Unlock()
+	if !o.direct {
+		return 0, net.ErrClosed
 	}
-	o.buf = append(o.buf, p...)
-	o.mu.Unlock()
-	o.ready() // a no-op while a writer has the stream: it takes this itself
-	return len(p), nil
+	return o.conn.Write(p)
 }
 
-// take appends the batch to b and empties it.
-func (o *wsOut) take(b []byte) []byte {
+// control queues a control frame, at once: a writer sends it before
+// anything else pending. After a close, nothing more is queued.
+func (o *wsOut) control(op byte, p []byte) {
+	o.mu.Lock()
+	if o.closing {
+		o.mu.Unlock()
+		return
+	}
+	o.buf = appendFrame(o.buf, op, p)
+	o.mu.Unlock()
+	o.ready() // a no-op while a writer has the stream: it takes this itself
+}
+
+// close queues the close frame that answers err; the stream ends once a
+// writer has sent it.
+func (o *wsOut) close(err *wsCloseError) {
+	o.mu.Lock()
+	if o.closing {
+		o.mu.Unlock()
+		return
+	}
+	o.buf = appendClose(o.buf, err)
+	o.closing = true
+	o.mu.Unlock()
+	o.ready()
+}
+
+// take appends the queued control frames to b, and reports whether they
+// end with a close.
+func (o *wsOut) take(b []byte) (_ []byte, closing bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	b = append(b, o.buf...)
-	if cap(o.buf) > 64<<10 {
-		o.buf = nil // a large reply went by: let the GC have its array
-	} else {
-		o.buf = o.buf[:0]
-	}
-	return b
+	o.buf = o.buf[:0]
+	return b, o.closing
 }
 
 func (o *wsOut) len() int {
@@ -128,10 +145,10 @@ func (o *wsOut) len() int {
 	return len(o.buf)
 }
 
-// setDirect sends what comes from now on straight to the connection.
-func (o *wsOut) setDirect(direct bool) {
+// endHandshake sends what comes from now on through the queue.
+func (o *wsOut) endHandshake() {
 	o.mu.Lock()
-	o.direct = direct
+	o.direct = false
 	o.mu.Unlock()
 }
 
@@ -180,7 +197,7 @@ func (s *server) checkOrigin(cfg *websocket.Config, r *http.Request) error {
 // that reads nothing is closed after -write-timeout like any stream.
 type wsConn struct {
 	s    *server
-	ws   *websocket.Conn
+	in   wsReader
 	st   *stream
 	out  *wsOut
 	subs map[string]*subscription // by path as the client spelled it; only the reader touches it
@@ -188,32 +205,33 @@ type wsConn struct {
 	bound   int64         // of pending, past which the reader waits
 	pending atomic.Int64  // bytes of replies queued or being written
 	batched int64         // of the batch being written; the writer's
+	closed  bool          // the batch being written ends with a close frame; the writer's
 	drained chan struct{} // a token when pending falls to the bound
 	done    chan struct{} // closed when the stream closes
 }
 
-// serveWebSocket runs one connection until the client leaves, a write
-// fails or stalls for -write-timeout, or the server shuts down.
-func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut, who identity) {
-	// The envelope, the key and an id need room beside the largest value.
-	ws.MaxPayloadBytes = int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096
-	// The HTTP server's ReadTimeout set a deadline for the request; a
-	// WebSocket lives as long as its client wants.
-	ws.SetReadDeadline(time.Time{})
+// serveWebSocket runs one connection until the client leaves or stops
+// answering, a write fails or stalls for -write-timeout, the reader finds
+// a frame the RFC forbids, or the server shuts down.
+func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out *wsOut, who identity) {
 	c := &wsConn{
-		s: s, ws: ws, out: out,
-		subs:    make(map[string]*subscription),
-		bound:   max(4<<20, int64(ws.MaxPayloadBytes)),
+		s: s, out: out,
+		subs: make(map[string]*subscription),
+		// The envelope, the key and an id need room beside the largest value.
+		in:      wsReader{r: r, max: int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096},
 		drained: make(chan struct{}, 1),
 		done:    make(chan struct{}),
 	}
+	c.bound = max(4<<20, int64(c.in.max))
+	c.in.pong = func(p []byte) { out.control(opPong, p) }
+	in.ping = func() { out.control(opPing, nil) }
 	c.st = s.writers.newStream(conn)
 	c.st.who = who
 	s.metrics.ws.Add(1)
 	defer s.metrics.ws.Add(-1)
 	c.st.proto = c
 	out.ready = c.st.ready
-	out.setDirect(false)
+	out.endHandshake()
 	s.writers.start(c.st)
 	defer func() {
 		for _, sub := range c.subs {
@@ -233,73 +251,41 @@ func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut, w
 				return
 			}
 		}
+		var op byte
 		var err error
-		msg, err = receive(ws, msg)
+		op, msg, err = c.in.next(msg)
+		var closing *wsCloseError
 		switch {
-		case errors.Is(err, websocket.ErrFrameTooLarge):
-			c.reply(nil, "error", appendJSONString(nil, fmt.Sprintf("message larger than %d bytes", ws.MaxPayloadBytes)))
-			continue
+		case errors.As(err, &closing):
+			c.out.close(closing)
+			// The writer that sends the close frame ends the stream; it
+			// has -write-timeout for it, as for any write.
+			<-c.done
+			return
 		case err != nil:
 			return
-		}
-		c.handle(msg)
-	}
-}
-
-// receive reads the next message into buf's array, growing it as needed,
-// and returns it. As websocket.Message.Receive does, it reads a frame at
-// a time, lets x/net answer pings and close frames on the way, and drains
-// a frame larger than ws.MaxPayloadBytes and says so; unlike it, it does
-// not allocate a new slice per message, grown a step at a time.
-func receive(ws *websocket.Conn, buf []byte) ([]byte, error) {
-	for {
-		frame, err := ws.NewFrameReader()
-		if err != nil {
-			return buf, err
-		}
-		if frame, err = ws.HandleFrame(frame); err != nil {
-			return buf, err
-		}
-		if frame == nil {
-			continue // a ping or a pong, answered
-		}
-		buf = buf[:0]
-		for {
-			if len(buf) == cap(buf) {
-				buf = slices.Grow(buf, max(512, len(buf)))
-			}
-			// Never more than one byte past the limit.
-			n, err := frame.Read(buf[len(buf):min(cap(buf), ws.MaxPayloadBytes+1)])
-			buf = buf[:len(buf)+n]
-			switch {
-			case len(buf) > ws.MaxPayloadBytes:
-				if _, err := io.Copy(io.Discard, frame); err != nil {
-					return buf[:0], err
-				}
-				return buf[:0], websocket.ErrFrameTooLarge
-			case err == io.EOF:
-				return buf, nil
-			case err != nil:
-				return buf, err
-			}
+		case op == opBinary:
+			c.reply(nil, "error", appendJSONString(nil, "binary message: the protocol is JSON text"))
+		default:
+			c.handle(msg)
 		}
 	}
 }
 
-// close ends the connection: the reader stops waiting, and what x/net
-// writes from now on (the close frame) goes straight out. The reader
+// close ends the connection: the reader stops waiting. The reader
 // unsubscribes once it has returned.
-func (c *wsConn) close() {
-	close(c.done)
-	c.out.setDirect(true)
-	c.ws.Close()
-}
+func (c *wsConn) close() { close(c.done) }
 
 func (c *wsConn) more() bool { return c.out.len() > 0 }
 
 // sent counts the replies of the batch just written out of pending, and
-// wakes the reader if that took it down to the bound.
+// wakes the reader if that took it down to the bound; or, once a close
+// frame is out, ends the stream.
 func (c *wsConn) sent() {
+	if c.closed {
+		c.st.Close()
+		return
+	}
 	if c.batched == 0 {
 		return
 	}
@@ -312,32 +298,29 @@ func (c *wsConn) sent() {
 	c.batched = 0
 }
 
-// appendBatch frames each event and reply of a batch, as x/net frames
-// them, and appends the frames, and whatever else x/net wrote meanwhile.
+// appendBatch appends the control frames queued meanwhile, then a frame
+// for each event and reply of a batch; after a close frame, nothing.
 func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
-	select {
-	case <-c.done:
-		return b // closed: nothing more goes out
-	default:
+	b, c.closed = c.out.take(b)
+	if c.closed {
+		return b
 	}
-	msg := getBuffer()
-	defer putBuffer(msg)
 	for i := range batch {
 		ev := &batch[i]
-		switch ev.kind {
-		case evGone, evHeartbeat:
+		if ev.kind == evGone || ev.kind == evHeartbeat {
 			continue
-		case evReply:
-			c.batched += ev.reply.size
-			msg.Reset()
-			msg.Write(ev.reply.append(msg.AvailableBuffer()))
-		default:
-			msg.Reset()
-			msg.Write(appendWSEvent(msg.AvailableBuffer(), ev))
 		}
-		c.ws.Write(msg.Bytes()) // into c.out; it cannot fail there
+		var start int
+		b, start = beginFrame(b)
+		if ev.kind == evReply {
+			c.batched += ev.reply.size
+			b = ev.reply.append(b)
+		} else {
+			b = appendWSEvent(b, ev)
+		}
+		b = endFrame(b, start, opText)
 	}
-	return c.out.take(b)
+	return b
 }
 
 // appendWSEvent appends an event of a subscription as a WebSocket message,
@@ -537,13 +520,10 @@ func subscribeFrom(p wsPayload) int64 {
 
 // decodeMessage parses a message and its payload, in one pass. On error
 // the message holds whatever id could be read, so the error can echo it.
+// The message is valid UTF-8 (wsReader checks it, as RFC 6455 asks), so
+// encoding/json cannot quietly turn bad bytes of a key into U+FFFD.
 func decodeMessage(data []byte) (wsMessage, wsPayload, error) {
 	var msg wsMessage
-	if !utf8.Valid(data) {
-		// A text frame must be UTF-8 (RFC 6455), and encoding/json would
-		// quietly turn the bad bytes of a key into U+FFFD: another key.
-		return msg, wsPayload{}, errors.New("invalid message: not valid UTF-8")
-	}
 	err := json.Unmarshal(data, &msg)
 	// Unmarshal goes on past a member of the wrong type, so the type and
 	// id are read whatever their place in the message.

@@ -4,16 +4,19 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -188,7 +191,6 @@ func TestWebSocketBadMessages(t *testing.T) {
 		{`{"type":"get","payload":{"key":5}}`, `get: \"key\" must be a string`},
 		{`{"type":"get","payload":{"key":"a\u0000b"}}`, `invalid key \"a\\x00b\": control character U+0000`},
 		{`{"type":"get","payload":{"key":""}}`, `invalid key \"\": empty`},
-		{"{\"type\":\"get\",\"payload\":{\"key\":\"/\xff\"}}", `invalid message: not valid UTF-8`},
 		{`{"type":"set","payload":{"key":"/a//b","value":1}}`, `invalid key \"/a//b\"`},
 		{`{"type":"set","payload":{"key":"/a"}}`, `missing \"value\"`},
 		{`{"type":"set","payload":{"key":"/a","value":1,"ttl":0}}`, `invalid TTL 0: must be positive`},
@@ -213,11 +215,6 @@ func TestWebSocketBadMessages(t *testing.T) {
 		if strings.Contains(tt.send, `"id":[7]`) && !strings.HasSuffix(got, `,"id":[7]}`) {
 			t.Errorf("error did not echo the id: %s", got)
 		}
-	}
-	// A frame over the connection's limit is refused and skipped whole.
-	c.send(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 10000) + `"}}`)
-	if got := c.recv(); !strings.Contains(got, `"type":"error"`) || !strings.Contains(got, "message larger than") {
-		t.Errorf("oversized frame: got %s", got)
 	}
 	c.roundTrip(`{"type":"get","payload":{"key":"/keep"}}`, `{"type":"value","payload":{"key":"/keep","value":"safe","revision":0}}`)
 }
@@ -712,4 +709,272 @@ func TestWebSocketPipelinedOrder(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+}
+
+// clientFrame is a client's frame: FIN if fin, the opcode, masked (every
+// client frame is) with a key that changes every byte.
+func clientFrame(fin bool, op byte, payload []byte) []byte {
+	b := []byte{op}
+	if fin {
+		b[0] |= 0x80
+	}
+	switch n := len(payload); {
+	case n < 126:
+		b = append(b, 0x80|byte(n))
+	case n <= 0xffff:
+		b = append(b, 0x80|126, byte(n>>8), byte(n))
+	default:
+		b = append(b, 0x80|127, 0, 0, 0, 0, byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+	}
+	mask := []byte{0x11, 0x22, 0x33, 0x44}
+	b = append(b, mask...)
+	for i, c := range payload {
+		b = append(b, c^mask[i%4])
+	}
+	return b
+}
+
+// fragments splits msg into n text frames: a text frame, then
+// continuations, the last with FIN.
+func fragments(msg []byte, n int) [][]byte {
+	var frames [][]byte
+	for i := range n {
+		part := msg[i*len(msg)/n : (i+1)*len(msg)/n]
+		op := byte(opContinuation)
+		if i == 0 {
+			op = opText
+		}
+		frames = append(frames, clientFrame(i == n-1, op, part))
+	}
+	return frames
+}
+
+// dialRaw opens a WebSocket to url, does the handshake, and returns the
+// bare connection, for frames built byte by byte.
+func dialRaw(t testing.TB, url string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	cfg, _ := websocket.NewConfig(strings.Replace(url, "http://", "ws://", 1)+"/", "http://localhost/")
+	if _, err := websocket.NewClient(cfg, conn); err != nil { // the server sends nothing more until asked
+		t.Fatal(err)
+	}
+	return conn, bufio.NewReader(conn)
+}
+
+// readFrame reads a server frame: FIN set, unmasked.
+func readFrame(t testing.TB, conn net.Conn, r *bufio.Reader) (op byte, payload []byte, err error) {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var h [2]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return 0, nil, err
+	}
+	if h[0]&0xf0 != 0x80 || h[1]&0x80 != 0 {
+		t.Fatalf("server frame header % x: want FIN, no reserved bit, no mask", h)
+	}
+	n := int(h[1] & 0x7f)
+	switch n {
+	case 126:
+		var ext [2]byte
+		io.ReadFull(r, ext[:])
+		n = int(ext[0])<<8 | int(ext[1])
+	case 127:
+		var ext [8]byte
+		io.ReadFull(r, ext[:])
+		n = int(ext[4])<<24 | int(ext[5])<<16 | int(ext[6])<<8 | int(ext[7])
+	}
+	payload = make([]byte, n)
+	_, err = io.ReadFull(r, payload)
+	return h[0] & 0x0f, payload, err
+}
+
+// TestWebSocketFrames: RFC 6455 as a server must do it, one row per rule,
+// each with frames built byte by byte: a message in one frame or many,
+// control frames between fragments answered at once, a close echoed with
+// its code, every frame the RFC forbids closed with 1002, a message over
+// the limit across its fragments with 1009, bad UTF-8 with 1007, and a
+// binary message answered with an error. A row that does not end the
+// connection is followed by a request, whose answer shows it still open.
+func TestWebSocketFrames(t *testing.T) {
+	url := startServer(t)
+	get := []byte(`{"type":"get","payload":{"key":"/f"},"id":1}`)
+	noValue := `{"type":"no-value","payload":{"key":"/f"},"id":1}`
+	padded := append(append(slices.Clone(get[:len(get)-1]), bytes.Repeat([]byte(" "), 2000)...), '}')
+	bigSet := []byte(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 1<<20-2) + `"},"id":2}`)
+	tooBig := []byte(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 1<<20+8192) + `"},"id":2}`)
+	accent := []byte(`{"type":"get","payload":{"key":"/caf` + "\xc3\xa9" + `"},"id":1}`)
+	cut := bytes.Index(accent, []byte{0xa9})
+	badUTF8 := slices.Clone(accent)
+	badUTF8[cut] = 'x' // 0xc3 then 'x'
+	closeFrame := func(code int, reason string) []byte {
+		return clientFrame(true, opClose, append([]byte{byte(code >> 8), byte(code)}, reason...))
+	}
+	type want struct {
+		op   byte
+		text string // the payload, or for a close its code and reason
+	}
+	reply := func(s string) want { return want{opText, s} }
+	closed := func(code int) want { return want{opClose, strconv.Itoa(code)} }
+	for _, tt := range []struct {
+		name   string
+		frames [][]byte
+		want   []want
+	}{
+		{"one frame", [][]byte{clientFrame(true, opText, get)}, []want{reply(noValue)}},
+		{"2 fragments", fragments(get, 2), []want{reply(noValue)}},
+		{"1000 fragments", fragments(padded, 1000), []want{reply(noValue)}},
+		{"empty fragments", [][]byte{clientFrame(false, opText, nil), clientFrame(false, opContinuation, get), clientFrame(true, opContinuation, nil)}, []want{reply(noValue)}},
+		{"pings between fragments, answered at once", func() [][]byte {
+			f := fragments(get, 3)
+			return [][]byte{f[0], clientFrame(true, opPing, []byte("a")), f[1], clientFrame(true, opPing, []byte("bb")), clientFrame(true, opPong, []byte("c")), f[2]}
+		}(), []want{{opPong, "a"}, {opPong, "bb"}, reply(noValue)}},
+		{"1 MiB value in 64 KB fragments", fragments(bigSet, len(bigSet)/(64<<10)+1), []want{reply(`{"type":"ok","payload":{"key":"/big","revision":0},"id":2}`)}},
+		{"UTF-8 split across fragments", [][]byte{clientFrame(false, opText, accent[:cut]), clientFrame(true, opContinuation, accent[cut:])}, []want{reply(`{"type":"no-value","payload":{"key":"/café"},"id":1}`)}},
+		{"binary message: error", [][]byte{clientFrame(true, opBinary, get)}, []want{reply(`{"type":"error","payload":"binary message: the protocol is JSON text"}`)}},
+		{"over the limit across fragments: 1009", fragments(tooBig, 20), []want{closed(closeTooBig)}},
+		{"bad UTF-8 split across fragments: 1007", [][]byte{clientFrame(false, opText, badUTF8[:cut]), clientFrame(true, opContinuation, badUTF8[cut:])}, []want{closed(closeInvalidData)}},
+		{"unmasked client frame: 1002", [][]byte{append([]byte{0x81, byte(len(get))}, get...)}, []want{closed(closeProtocol)}},
+		{"RSV1: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x40; return f }()}, []want{closed(closeProtocol)}},
+		{"RSV2: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x20; return f }()}, []want{closed(closeProtocol)}},
+		{"RSV3: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x10; return f }()}, []want{closed(closeProtocol)}},
+		{"reserved data opcode: 1002", [][]byte{clientFrame(true, 0x3, get)}, []want{closed(closeProtocol)}},
+		{"reserved control opcode: 1002", [][]byte{clientFrame(true, 0xb, nil)}, []want{closed(closeProtocol)}},
+		{"control frame over 125 bytes: 1002", [][]byte{clientFrame(true, opPing, make([]byte, 126))}, []want{closed(closeProtocol)}},
+		{"fragmented control frame: 1002", [][]byte{clientFrame(false, opPing, []byte("a"))}, []want{closed(closeProtocol)}},
+		{"continuation without a start: 1002", [][]byte{clientFrame(true, opContinuation, get)}, []want{closed(closeProtocol)}},
+		{"new message inside a fragmented one: 1002", [][]byte{clientFrame(false, opText, get[:5]), clientFrame(true, opText, get)}, []want{closed(closeProtocol)}},
+		{"close with a one-byte payload: 1002", [][]byte{clientFrame(true, opClose, []byte{3})}, []want{closed(closeProtocol)}},
+		{"close with a code no one may send: 1002", [][]byte{closeFrame(1005, "")}, []want{closed(closeProtocol)}},
+		{"close echoed with its code", [][]byte{closeFrame(closeNormal, "bye")}, []want{closed(closeNormal)}},
+		{"close with an application code echoed", [][]byte{closeFrame(4000, "")}, []want{closed(4000)}},
+		{"close without a code echoed empty", [][]byte{clientFrame(true, opClose, nil)}, []want{{opClose, ""}}},
+		{"close between fragments", [][]byte{fragments(get, 2)[0], closeFrame(closeNormal, "")}, []want{closed(closeNormal)}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			conn, r := dialRaw(t, url)
+			conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := conn.Write(bytes.Join(tt.frames, nil)); err != nil {
+				t.Fatal(err)
+			}
+			ended := false
+			for _, w := range tt.want {
+				op, payload, err := readFrame(t, conn, r)
+				if err != nil {
+					t.Fatalf("want %d %q: %v", w.op, w.text, err)
+				}
+				got := string(payload)
+				if op == opClose && len(payload) >= 2 {
+					got = strconv.Itoa(int(payload[0])<<8 | int(payload[1]))
+					ended = true
+				} else if op == opClose {
+					ended = true
+				}
+				if op != w.op || got != w.text {
+					t.Errorf("got frame %d %q (%q); want %d %q", op, got, payload, w.op, w.text)
+				}
+			}
+			if ended {
+				if op, payload, err := readFrame(t, conn, r); err == nil {
+					t.Errorf("after the close: frame %d %q; want the connection closed", op, payload)
+				}
+				return
+			}
+			conn.Write(clientFrame(true, opText, get))
+			if _, payload, err := readFrame(t, conn, r); err != nil || string(payload) != noValue {
+				t.Errorf("after the row: %q, %v; want %s", payload, err, noValue)
+			}
+		})
+	}
+}
+
+// FuzzWebSocketFrames: whatever bytes a client sends, the reader returns
+// a whole text message of valid UTF-8 or a binary one within the limit,
+// or an error; it never panics, and a close it asks for fits a control
+// frame.
+func FuzzWebSocketFrames(f *testing.F) {
+	get := []byte(`{"type":"get","payload":{"key":"/f"}}`)
+	for _, frames := range [][][]byte{
+		{clientFrame(true, opText, get)},
+		fragments(get, 3),
+		{clientFrame(false, opText, get[:3]), clientFrame(true, opPing, []byte("p")), clientFrame(true, opContinuation, get[3:])},
+		{clientFrame(true, opBinary, []byte{0xff})},
+		{clientFrame(true, opClose, []byte{3, 0xe8})},
+		{clientFrame(true, opText, []byte("\xc3")), clientFrame(true, opText, bytes.Repeat([]byte("x"), 300))},
+	} {
+		f.Add(bytes.Join(frames, nil))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		pongs := 0
+		r := &wsReader{r: bufio.NewReader(bytes.NewReader(data)), max: 256, pong: func([]byte) { pongs++ }}
+		var buf []byte
+		for {
+			op, msg, err := r.next(buf)
+			buf = msg
+			var closing *wsCloseError
+			switch {
+			case errors.As(err, &closing):
+				if frame := appendClose(nil, closing); len(frame) > 2+maxControlPayload {
+					t.Fatalf("close frame of %d bytes", len(frame))
+				}
+				return
+			case err != nil:
+				return
+			case op != opText && op != opBinary:
+				t.Fatalf("message of opcode %d", op)
+			case len(msg) > r.max:
+				t.Fatalf("message of %d bytes; limit %d", len(msg), r.max)
+			case op == opText && !utf8.Valid(msg):
+				t.Fatalf("text message %q not valid UTF-8", msg)
+			}
+		}
+	})
+}
+
+// TestWebSocketSilentPeer: a connection silent for -heartbeat gets a ping;
+// one that answers stays open, one that answers nothing within
+// -write-timeout is closed, and counted.
+func TestWebSocketSilentPeer(t *testing.T) {
+	srv, url := newTestServer(t, "-heartbeat", "50ms", "-write-timeout", "100ms")
+	alive, ar := dialRaw(t, url)
+	pings := make(chan struct{}, 100)
+	texts := make(chan string, 1)
+	go func() { // answers every ping
+		defer close(texts)
+		for {
+			alive.SetReadDeadline(time.Now().Add(10 * time.Second))
+			op, payload, err := readFrame(t, alive, ar)
+			switch {
+			case err != nil:
+				return
+			case op == opPing:
+				alive.Write(clientFrame(true, opPong, payload))
+				pings <- struct{}{}
+			case op == opText:
+				texts <- string(payload)
+			}
+		}
+	}()
+	gone, gr := dialRaw(t, url)
+	if op, _, err := readFrame(t, gone, gr); err != nil || op != opPing {
+		t.Fatalf("got frame %d, %v; want a ping", op, err)
+	}
+	start := time.Now()
+	if op, payload, err := readFrame(t, gone, gr); err == nil {
+		t.Fatalf("a peer that answers nothing: got frame %d %q; want the connection closed", op, payload)
+	}
+	t.Logf("closed %v after its ping (-write-timeout 100ms)", time.Since(start))
+	if n := srv.metrics.wsSilent.Load(); n != 1 {
+		t.Errorf("%d connections counted as silent; want 1", n)
+	}
+	for range 3 {
+		<-pings
+	}
+	alive.Write(clientFrame(true, opText, []byte(`{"type":"get","payload":{"key":"/f"}}`)))
+	if got := <-texts; got != `{"type":"no-value","payload":{"key":"/f"}}` {
+		t.Errorf("the answering peer, after 3 pings: got %q", got)
+	}
 }
