@@ -62,18 +62,11 @@ func TestBrowser(t *testing.T) {
 	// drop closes the server's event streams of a path, as a network
 	// failure would; churn makes changes until the history forgets.
 	mux.HandleFunc("POST /drop", func(w http.ResponseWriter, r *http.Request) {
-		var drop []io.Closer
-		srv.streams.each(func(c io.Closer) {
-			if st, ok := c.(*stream); ok {
-				if sse, ok := st.proto.(*sseStream); ok && sse.sub.path == r.URL.Query().Get("path") {
-					drop = append(drop, c)
-				}
-			}
-		})
-		for _, c := range drop {
-			c.Close()
-		}
-		fmt.Fprint(w, len(drop))
+		path := r.URL.Query().Get("path")
+		fmt.Fprint(w, srv.streams.closeIf(func(st *stream) bool {
+			sse, ok := st.proto.(*sseStream)
+			return ok && sse.sub.path == path
+		}))
 	})
 	mux.HandleFunc("POST /churn", func(w http.ResponseWriter, r *http.Request) {
 		for i := range 1000 {

@@ -12,8 +12,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
-	"time"
 
 	"golang.org/x/net/websocket"
 )
@@ -202,11 +200,9 @@ type wsConn struct {
 	out  *wsOut
 	subs map[string]*subscription // by path as the client spelled it; only the reader touches it
 
-	bound   int64         // of pending, past which the reader waits
-	pending atomic.Int64  // bytes of replies queued or being written
-	batched int64         // of the batch being written; the writer's
+	bound   int64         // of the queue's size, past which the reader waits
 	closed  bool          // the batch being written ends with a close frame; the writer's
-	drained chan struct{} // a token when pending falls to the bound
+	drained chan struct{} // a token when the queue's size falls to the bound
 	done    chan struct{} // closed when the stream closes
 }
 
@@ -244,7 +240,7 @@ func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out
 		if cap(msg) > 64<<10 {
 			msg = nil // a large message went by: let the GC have its array
 		}
-		for c.pending.Load() > c.bound {
+		for c.st.q.size.Load() > c.bound {
 			select {
 			case <-c.drained:
 			case <-c.done:
@@ -278,25 +274,24 @@ func (c *wsConn) close() { close(c.done) }
 
 func (c *wsConn) more() bool { return c.out.len() > 0 }
 
-// sent counts the replies of the batch just written out of pending, and
-// wakes the reader if that took it down to the bound; or, once a close
-// frame is out, ends the stream.
+// sent wakes the reader if the batch just written took the queue down
+// to the bound; or, once a close frame is out, ends the stream.
 func (c *wsConn) sent() {
 	if c.closed {
 		c.st.Close()
 		return
 	}
-	if c.batched == 0 {
-		return
-	}
-	if c.pending.Add(-c.batched) <= c.bound {
+	if c.st.q.size.Load() <= c.bound {
 		select {
 		case c.drained <- struct{}{}:
 		default:
 		}
 	}
-	c.batched = 0
 }
+
+// heartbeat does nothing: the reader pings a silent peer itself (see
+// wsInput), as soon as it has been silent for -heartbeat.
+func (c *wsConn) heartbeat() {}
 
 // appendBatch appends the control frames queued meanwhile, then a frame
 // for each event and reply of a batch; after a close frame, nothing.
@@ -313,7 +308,6 @@ func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
 		var start int
 		b, start = beginFrame(b)
 		if ev.kind == evReply {
-			c.batched += ev.reply.size
 			b = ev.reply.append(b)
 		} else {
 			b = appendWSEvent(b, ev)
@@ -392,118 +386,184 @@ type wsPayload struct {
 	Since    json.RawMessage `json:"since"`
 }
 
-// handle answers one message.
+// wsOp is one message type of the WebSocket API: what its payload names
+// and the permission that needs, and the method that answers it. handle
+// checks both, in one place, before the method runs.
+type wsOp struct {
+	names  wsTarget
+	perm   perm
+	answer func(c *wsConn, r wsRequest)
+}
+
+// wsTarget is what a message's payload names.
+type wsTarget uint8
+
+const (
+	namesKey    wsTarget = iota // "key": a key
+	namesPath                   // "key": a key, a prefix ending with "/", or "/"
+	namesPrefix                 // "prefix": a prefix ("/" if absent; the "/" at its end may be left out)
+)
+
+// wsOps is every message type a client may send.
+var wsOps = map[string]wsOp{
+	"get":         {namesKey, permRead, (*wsConn).get},
+	"set":         {namesKey, permWrite, (*wsConn).set},
+	"update":      {namesKey, permWrite, (*wsConn).update},
+	"delete":      {namesKey, permWrite, (*wsConn).delete},
+	"subscribe":   {namesPath, permRead, (*wsConn).subscribe},
+	"unsubscribe": {namesPath, permNone, (*wsConn).unsubscribe},
+	"list":        {namesPrefix, permRead, (*wsConn).list},
+}
+
+// wsRequest is a message being answered, with what it names checked:
+// the store's key or path, and as the client spelled it, which replies
+// repeat ("foo" or "/foo").
+type wsRequest struct {
+	typ      string
+	id       json.RawMessage
+	p        wsPayload
+	key      string
+	spelled  string
+	kvserver bool
+}
+
+// handle answers one message: it finds its op, checks what the payload
+// names and that the connection may do the op on it, and runs the op. A
+// write refused here counts in the metrics as any write does.
 func (c *wsConn) handle(data []byte) {
 	msg, p, err := decodeMessage(data)
 	if err != nil {
-		c.reply(msg.ID, "error", appendJSONString(nil, err.Error()))
+		c.fail(msg.ID, err)
 		return
 	}
-	fail := func(err error) { c.reply(msg.ID, "error", appendJSONString(nil, err.Error())) }
-	s := c.s
-	failWrite := func(err error) {
-		s.metrics.wrote(err)
-		fail(err)
+	op, ok := wsOps[msg.Type]
+	if !ok {
+		c.fail(msg.ID, fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+		return
 	}
-	// Replies name keys as the message spelled them ("foo" or "/foo").
-	switch msg.Type {
-	case "get":
-		key, spelled, err := c.key(p.Key, permRead)
-		if err != nil {
-			fail(err)
-			return
+	r := wsRequest{typ: msg.Type, id: msg.ID, p: p}
+	if err := c.target(op, &r); err != nil && op.perm == permWrite {
+		c.failWrite(r.id, err)
+		return
+	} else if err != nil {
+		c.fail(r.id, err)
+		return
+	}
+	op.answer(c, r)
+}
+
+// target reads and checks what r's payload names for op, and whether the
+// connection may do op on it.
+func (c *wsConn) target(op wsOp, r *wsRequest) error {
+	switch {
+	case op.names == namesPrefix:
+		r.spelled = "/"
+		if r.p.Prefix != nil {
+			r.spelled = *r.p.Prefix
 		}
-		if e := s.store.Get(key); e != nil {
-			c.replyValue(msg.ID, spelled, e)
-		} else {
-			c.reply(msg.ID, "no-value", appendKeyPayload(nil, spelled))
+		if !strings.HasSuffix(r.spelled, "/") {
+			r.spelled += "/"
 		}
-	case "set", "update":
-		key, spelled, value, ttl, err := c.write(p)
-		if err != nil {
-			failWrite(err)
-			return
-		}
-		var e *entry
-		if msg.Type == "set" {
-			e, err = s.store.Set(key, value, ttl)
-		} else if p.Revision == nil {
-			failWrite(errors.New(`update: missing "revision": the revision the write will have (0 to create)`))
-			return
-		} else {
-			e, err = s.store.CompareAndSwap(key, value, *p.Revision, ttl)
-		}
-		c.answerWrite(msg.ID, spelled, err, msg.Type == "update", func() []byte { return appendRevisionPayload(nil, spelled, e.revision) })
-	case "delete":
-		key, spelled, err := c.key(p.Key, permWrite)
-		if err != nil {
-			failWrite(err)
-			return
-		}
-		rev := int64(-1)
-		if p.Revision != nil {
-			rev = *p.Revision
-		}
-		_, err = s.store.Delete(key, rev)
-		c.answerWrite(msg.ID, spelled, err, false, func() []byte { return appendKeyPayload(nil, spelled) })
-	case "subscribe", "unsubscribe":
-		if p.Key == nil {
-			fail(fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, msg.Type))
-			return
-		}
-		spelled := *p.Key
-		path, kvserver, err := checkSpelled(spelled, s.cfg.maxKeyBytes, false)
-		if err == nil && msg.Type == "subscribe" {
-			err = c.allow(path, permRead)
-		}
-		if err != nil {
-			fail(err)
-			return
-		}
-		// A subscribe's ok is queued before any of its events, so it
-		// arrives first; an unsubscribe's after the subscription is gone,
-		// so no event of it follows the ok.
-		sub := c.subs[spelled]
-		if msg.Type == "subscribe" {
-			if msg.ID != nil {
-				c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
-			}
-			if sub != nil {
-				s.store.Unsubscribe(sub) // subscribing again starts afresh
-			}
-			sub = &subscription{path: path, q: &c.st.q, kvserver: kvserver}
-			c.subs[spelled] = sub
-			s.store.Subscribe(sub, subscribeFrom(p))
-			return
-		}
-		if sub != nil {
-			delete(c.subs, spelled)
-			s.store.Unsubscribe(sub)
-		}
-		if msg.ID != nil {
-			c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
-		}
-	case "list":
-		prefix := "/"
-		if p.Prefix != nil {
-			prefix = *p.Prefix
-		}
-		if !strings.HasSuffix(prefix, "/") {
-			prefix += "/"
-		}
-		path, kvserver, err := checkSpelled(prefix, s.cfg.maxKeyBytes, false)
-		if err == nil {
-			err = c.allow(path, permRead)
-		}
-		if err != nil {
-			fail(err)
-			return
-		}
-		c.replyList(msg.ID, path, kvserver)
+	case r.p.Key == nil && op.names == namesPath:
+		return fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, r.typ)
+	case r.p.Key == nil:
+		return fmt.Errorf(`%s: missing "key"`, r.typ)
 	default:
-		fail(fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+		r.spelled = *r.p.Key
+	}
+	var err error
+	if r.key, r.kvserver, err = checkSpelled(r.spelled, c.s.cfg.maxKeyBytes, op.names == namesKey); err != nil {
+		return err
+	}
+	return c.allow(r.key, op.perm)
+}
+
+// fail replies with an error.
+func (c *wsConn) fail(id json.RawMessage, err error) {
+	c.reply(id, "error", appendJSONString(nil, err.Error()))
+}
+
+// failWrite replies with an error to a write, and counts it.
+func (c *wsConn) failWrite(id json.RawMessage, err error) {
+	c.s.metrics.wrote(err)
+	c.fail(id, err)
+}
+
+func (c *wsConn) get(r wsRequest) {
+	if e := c.s.store.Get(r.key); e != nil {
+		c.replyValue(r.id, r.spelled, e)
+	} else {
+		c.reply(r.id, "no-value", appendKeyPayload(nil, r.spelled))
 	}
 }
+
+func (c *wsConn) set(r wsRequest) {
+	value, ttl, err := c.s.valueAndTTL(r.p.Value, r.p.TTL)
+	if err != nil {
+		c.failWrite(r.id, err)
+		return
+	}
+	e, err := c.s.store.Set(r.key, value, ttl)
+	c.answerWrite(r.id, r.spelled, err, false, func() []byte { return appendRevisionPayload(nil, r.spelled, e.revision) })
+}
+
+func (c *wsConn) update(r wsRequest) {
+	value, ttl, err := c.s.valueAndTTL(r.p.Value, r.p.TTL)
+	if err == nil && r.p.Revision == nil {
+		err = errors.New(`update: missing "revision": the revision the write will have (0 to create)`)
+	}
+	if err != nil {
+		c.failWrite(r.id, err)
+		return
+	}
+	e, err := c.s.store.CompareAndSwap(r.key, value, *r.p.Revision, ttl)
+	c.answerWrite(r.id, r.spelled, err, true, func() []byte { return appendRevisionPayload(nil, r.spelled, e.revision) })
+}
+
+func (c *wsConn) delete(r wsRequest) {
+	rev := int64(-1)
+	if r.p.Revision != nil {
+		rev = *r.p.Revision
+	}
+	_, err := c.s.store.Delete(r.key, rev)
+	c.answerWrite(r.id, r.spelled, err, false, func() []byte { return appendKeyPayload(nil, r.spelled) })
+}
+
+// subscribe registers a subscription under the path as the client spelled
+// it. Its ok is queued before any of its events, so it arrives first.
+// Subscribing again under the same spelling keeps the subscription, and
+// queues only the state it asks for, if any: no second registration, no
+// second copy of anything. A new spelling past -max-subscriptions is
+// refused.
+func (c *wsConn) subscribe(r wsRequest) {
+	sub := c.subs[r.spelled]
+	if sub == nil && len(c.subs) >= c.s.cfg.maxWSSubs {
+		c.fail(r.id, fmt.Errorf("subscribe %s: this connection has %d subscriptions, the most it may (-max-subscriptions): unsubscribe first", quoteKey(r.spelled), len(c.subs)))
+		return
+	}
+	if r.id != nil {
+		c.reply(r.id, "ok", appendKeyPayload(nil, r.spelled))
+	}
+	if sub == nil {
+		sub = &subscription{path: r.key, q: &c.st.q, kvserver: r.kvserver}
+		c.subs[r.spelled] = sub
+	}
+	c.s.store.Subscribe(sub, subscribeFrom(r.p))
+}
+
+// unsubscribe's ok is queued after the subscription is gone, so no event
+// of it follows the ok.
+func (c *wsConn) unsubscribe(r wsRequest) {
+	if sub := c.subs[r.spelled]; sub != nil {
+		delete(c.subs, r.spelled)
+		c.s.store.Unsubscribe(sub)
+	}
+	if r.id != nil {
+		c.reply(r.id, "ok", appendKeyPayload(nil, r.spelled))
+	}
+}
+
+func (c *wsConn) list(r wsRequest) { c.replyList(r.id, r.key, r.kvserver) }
 
 // subscribeFrom says where a subscribe message starts: after since, a
 // change number, if given (a since that is not a positive integer cannot
@@ -561,33 +621,12 @@ func wantType(field string) string {
 	return "a string"
 }
 
-// key checks a payload's key, and that the connection may do p on it,
-// and returns the store key and the key as the client spelled it.
-func (c *wsConn) key(k *string, p perm) (key, spelled string, err error) {
-	if k == nil {
-		return "", "", errors.New(`missing "key"`)
-	}
-	if key, _, err = checkSpelled(*k, c.s.cfg.maxKeyBytes, true); err != nil {
-		return "", "", err
-	}
-	return key, *k, c.allow(key, p)
-}
-
 // allow returns nil if the connection's token lets it do p on path.
 func (c *wsConn) allow(path string, p perm) error {
 	if err := c.s.access.allow(c.st.who.caller, path, p); err != nil {
 		return err
 	}
 	return nil // not the nil *accessError, which is a non-nil error
-}
-
-// write checks the key, value and TTL of a set or update.
-func (c *wsConn) write(p wsPayload) (key, spelled, value string, ttl time.Duration, err error) {
-	if key, spelled, err = c.key(p.Key, permWrite); err != nil {
-		return "", "", "", 0, err
-	}
-	value, ttl, err = c.s.valueAndTTL(p.Value, p.TTL)
-	return key, spelled, value, ttl, err
 }
 
 // answerWrite replies to a write of key that ended with err: conflict
@@ -635,10 +674,9 @@ func (r *wsReply) append(b []byte) []byte {
 	return append(b, r.tail...)
 }
 
-// push queues a reply. Its bytes count as pending from now until a
-// writer has sent them.
+// push queues a reply. Its bytes count against the bound from now until
+// a writer has sent them.
 func (c *wsConn) push(r *wsReply) {
-	c.pending.Add(r.size)
 	c.st.q.push(event{kind: evReply, reply: r})
 }
 

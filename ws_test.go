@@ -406,7 +406,8 @@ func FuzzDecodeMessage(f *testing.F) {
 		for _, sub := range c.subs {
 			srv.store.Unsubscribe(sub)
 		}
-		for _, ev := range c.st.q.drain() {
+		batch, _ := c.st.q.drain()
+		for _, ev := range batch {
 			var msg []byte
 			switch ev.kind {
 			case evGone, evHeartbeat:
