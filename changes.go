@@ -107,9 +107,9 @@ func (s *Store) settle(c change) {
 // stream's only one, or one of a WebSocket's several. Its events go to q
 // marked with it, so one queue can tell its subscriptions' events apart.
 type subscription struct {
-	path     string     // a key, a prefix ending with "/", or "/"
-	q        *coalescer // where its events go
-	kvserver bool       // its client names keys without the leading "/"
+	path     string      // a key, a prefix ending with "/", or "/"
+	q        *coalescer  // where its events go
+	kvserver bool        // its client names keys without the leading "/"
 	ended    atomic.Bool // unsubscribed: a state in progress stops
 
 	// Set by the writer of q's events, when a state starts and when it
