@@ -70,6 +70,9 @@ func (s *Store) commit(c change) (seq int64, b *batch) {
 	defer s.seqMu.Unlock()
 	s.seq++
 	c.seq = s.seq
+	if c.sl != nil {
+		c.key = c.sl.key // one string per key, not one per change
+	}
 	s.history.add(c.key)
 	if s.data != nil {
 		return c.seq, s.data.queue(c)
@@ -362,8 +365,9 @@ const historyChunk = 4096
 // change numbered first+i changed the key at position i. It is a list of
 // fixed-size chunks, appended to and dropped whole, never rewritten, so
 // that a reader can scan what it saw without holding seqMu. It costs 16
-// bytes a change, plus the key's bytes if nothing else holds them; never
-// the value.
+// bytes a change: the key's string is the store's slot's, the same for
+// every change of the key while it exists (a key deleted and written
+// again has a new one); never the value.
 type history struct {
 	chunks [][]string // each h.chunk long when full; oldest first
 	first  int64      // the number of chunks[0][0]

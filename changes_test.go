@@ -553,24 +553,33 @@ func mapsEqual(a, b map[string]string) bool {
 }
 
 // BenchmarkHistoryMemory reports the heap the history takes per change it
-// remembers: 1,000,000 writes of 1,000 keys with -history 1000000, each
-// write's key a fresh string as a request brings it. Run it with
-// -benchtime=1x.
+// remembers: writes of 1,000 short keys, or of one 4,000-byte key, with
+// -history as large as the writes, each write's key a fresh string as a
+// request brings it. Run it with -benchtime=1x.
 func BenchmarkHistoryMemory(b *testing.B) {
-	const n = 1_000_000
-	for range b.N {
-		s := NewStore(0, nil)
-		s.keepHistory(n)
-		keys := benchKeys(1000)
-		for _, k := range keys {
-			s.Set(k, "1", 0)
-		}
-		before := heapInUse()
-		for i := range n {
-			s.Set(strings.Clone(keys[i%len(keys)]), "1", 0)
-		}
-		after := heapInUse()
-		b.ReportMetric(float64(after-before)/n, "B/change")
-		runtime.KeepAlive(s)
+	for _, tt := range []struct {
+		name string
+		keys []string
+		n    int
+	}{
+		{"1000keys", benchKeys(1000), 1_000_000},
+		{"key=4000B", []string{"/" + strings.Repeat("k", 3999)}, 100_000},
+	} {
+		b.Run(tt.name, func(b *testing.B) {
+			for range b.N {
+				s := NewStore(0, nil)
+				s.keepHistory(tt.n)
+				for _, k := range tt.keys {
+					s.Set(k, "1", 0)
+				}
+				before := heapInUse()
+				for i := range tt.n {
+					s.Set(strings.Clone(tt.keys[i%len(tt.keys)]), "1", 0)
+				}
+				after := heapInUse()
+				b.ReportMetric(float64(after-before)/float64(tt.n), "B/change")
+				runtime.KeepAlive(s)
+			}
+		})
 	}
 }
