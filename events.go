@@ -110,8 +110,9 @@ type coalescer struct {
 	size atomic.Int64
 
 	mu      sync.Mutex
-	pending []event
-	gaps    int              // events in pending that are evGone
+	pending []event          // from head on; before it, taken
+	head    int              // the first pending event's position
+	gaps    int              // events in pending[head:] that are evGone
 	index   map[eventKey]int // position in pending of each key's newest event
 	barrier int              // positions before it lie before a reply
 	cursors int              // evCursor events in pending
@@ -162,7 +163,7 @@ func (q *coalescer) push(ev event) {
 	if ev.kind == evReply {
 		q.barrier = len(q.pending)
 	}
-	if q.gaps > 16 && q.gaps > len(q.pending)/2 {
+	if dead := q.gaps + q.head; dead > 16 && dead > len(q.pending)/2 {
 		q.squeeze()
 	}
 	q.mu.Unlock()
@@ -193,7 +194,7 @@ func (q *coalescer) drop(sub *subscription, key string) {
 	delete(q.index, k)
 	older := q.pending[i].older
 	q.remove(i)
-	for j := i - 1; older && j >= 0; j-- { // rare: only across replies
+	for j := i - 1; older && j >= q.head; j-- { // rare: only across replies
 		if ev := &q.pending[j]; ev.sub == sub && ev.key == key && ev.coalesces() {
 			older = ev.older
 			q.remove(j)
@@ -214,11 +215,12 @@ func (q *coalescer) wake() {
 	}
 }
 
-// squeeze removes the gaps from pending, in place. q.mu must be held.
+// squeeze removes the gaps, and what was taken, from pending, in place.
+// q.mu must be held.
 func (q *coalescer) squeeze() {
 	n := 0
 	q.barrier = 0
-	for _, ev := range q.pending {
+	for _, ev := range q.pending[q.head:] {
 		if ev.kind == evGone {
 			continue
 		}
@@ -233,7 +235,7 @@ func (q *coalescer) squeeze() {
 	}
 	clear(q.pending[n:])
 	q.pending = q.pending[:n]
-	q.gaps = 0
+	q.head, q.gaps = 0, 0
 }
 
 // drain takes the pending events, in the order they were queued, up to
@@ -241,6 +243,10 @@ func (q *coalescer) squeeze() {
 // evGone, to skip. While there is a front, it takes nothing and returns
 // the front, for the writer to read. The caller hands the batch back
 // with recycle when it is done with it.
+//
+// What waits behind a state stays where it is: the events before it are
+// copied out, and pending starts after it (head), so that a queue of
+// many states costs each only its own batch.
 func (q *coalescer) drain() (batch []event, front *stateCursor) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
@@ -250,35 +256,36 @@ func (q *coalescer) drain() (batch []event, front *stateCursor) {
 	if q.front != nil {
 		return nil, q.front
 	}
-	batch = q.pending
-	q.pending = q.spare[:0]
-	q.spare = nil
-	q.gaps = 0
-	q.barrier = 0
-	clear(q.index)
 	if q.cursors == 0 {
+		batch = q.pending[q.head:]
+		q.pending = q.spare[:0]
+		q.spare = nil
+		q.head, q.gaps, q.barrier = 0, 0, 0
+		clear(q.index)
 		return batch, nil
 	}
-	k := 0
-	for batch[k].kind != evCursor {
+	k := q.head
+	for q.pending[k].kind != evCursor {
 		k++
 	}
-	q.front, q.stale = batch[k].state, false
-	q.cursors--
-	for _, ev := range batch[k+1:] { // what waits behind the state
-		if ev.kind == evGone {
-			continue
-		}
-		if ev.coalesces() {
-			q.index[eventKey{ev.sub, ev.key}] = len(q.pending)
-		}
-		q.pending = append(q.pending, ev)
-		if ev.kind == evReply {
-			q.barrier = len(q.pending)
+	batch = append(q.spare[:0], q.pending[q.head:k]...)
+	q.spare = nil
+	for i := range batch {
+		switch ev := &batch[i]; {
+		case ev.kind == evGone:
+			q.gaps--
+		case ev.coalesces() && q.index[eventKey{ev.sub, ev.key}] == q.head+i:
+			delete(q.index, eventKey{ev.sub, ev.key})
 		}
 	}
-	clear(batch[k:])
-	return batch[:k], q.front
+	q.front, q.stale = q.pending[k].state, false
+	q.cursors--
+	if ck := (eventKey{q.front.sub, ""}); q.index[ck] == k {
+		delete(q.index, ck)
+	}
+	clear(q.pending[q.head : k+1])
+	q.head = k + 1
+	return batch, q.front
 }
 
 // endFront ends the state being read.
@@ -318,7 +325,7 @@ func (q *coalescer) recycle(batch []event) (dropped int64) {
 func (q *coalescer) Len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	n := len(q.pending) - q.gaps
+	n := len(q.pending) - q.head - q.gaps
 	if q.front != nil {
 		n++
 	}

@@ -206,6 +206,11 @@ type wsConn struct {
 	done    chan struct{} // closed when the stream closes
 }
 
+// wsBound is the least a connection may have queued before its reader
+// stops reading: replies, events and states in progress (SPEC 10). A
+// test may raise it, to show what it holds back.
+var wsBound int64 = 4 << 20
+
 // serveWebSocket runs one connection until the client leaves or stops
 // answering, a write fails or stalls for -write-timeout, the reader finds
 // a frame the RFC forbids, or the server shuts down.
@@ -218,7 +223,7 @@ func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out
 		drained: make(chan struct{}, 1),
 		done:    make(chan struct{}),
 	}
-	c.bound = max(4<<20, int64(c.in.max))
+	c.bound = max(wsBound, int64(c.in.max))
 	c.in.pong = func(p []byte) { out.control(opPong, p) }
 	in.ping = func() { out.control(opPing, nil) }
 	c.st = s.writers.newStream(conn)

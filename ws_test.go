@@ -606,12 +606,13 @@ func TestWebSocketFlood(t *testing.T) {
 
 	// Another client goes on meanwhile: its round trips and an event.
 	other := dialWS(t, url, "")
+	key := "/ev"
 	other.roundTrip(`{"type":"subscribe","payload":{"key":"/ev"},"id":0}`, `{"type":"ok","payload":{"key":"/ev"},"id":0}`)
 	var peak uint64
 	for i := range 20 {
-		other.roundTrip(fmt.Sprintf(`{"type":"set","payload":{"key":"/ev","value":%d},"id":%d}`, i, i+1),
-			fmt.Sprintf(`{"type":"value","payload":{"key":"/ev","value":%d,"revision":%d,"seq":_}}`, i, i))
-		if got := other.recv(); got != fmt.Sprintf(`{"type":"ok","payload":{"key":"/ev","revision":%d},"id":%d}`, i, i+1) {
+		other.roundTrip(fmt.Sprintf(`{"type":"set","payload":{"key":%q,"value":%d},"id":%d}`, key, i, i+1),
+			fmt.Sprintf(`{"type":"value","payload":{"key":%q,"value":%d,"revision":%d,"seq":_}}`, key, i, i))
+		if got := other.recv(); got != fmt.Sprintf(`{"type":"ok","payload":{"key":%q,"revision":%d},"id":%d}`, key, i, i+1) {
 			t.Errorf("another client's set %d during the flood: got %s", i, got)
 		}
 		peak = max(peak, c.mem())
@@ -978,4 +979,131 @@ func TestWebSocketSilentPeer(t *testing.T) {
 	if got := <-texts; got != `{"type":"no-value","payload":{"key":"/f"}}` {
 		t.Errorf("the answering peer, after 3 pings: got %q", got)
 	}
+}
+
+// floodWebSocket runs a flooder against the child server: a connection
+// that sends the frames of msg(0), msg(1), ... as fast as TCP takes them,
+// in large writes, and reads nothing, until the server closes it (after
+// -write-timeout of not reading). Meanwhile another client's writes and
+// their events go on, each answered (a hang breaker of 10 s; the slowest
+// is logged), and the server's heap is sampled. It returns how many
+// messages the flooder sent and the heap's peak above idle.
+func floodWebSocket(t *testing.T, c *child, n int, msg func(i int) string) (sent int, peak int64) {
+	t.Helper()
+	idle := int64(c.mem())
+	conn, _ := dialRaw(t, "http://"+c.addr)
+	conn.(*net.TCPConn).SetReadBuffer(4096) // and it reads nothing
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		conn.SetWriteDeadline(time.Now().Add(60 * time.Second)) // a hang breaker past the server's close
+		var frames []byte
+		for i := 0; i < n; {
+			frames = frames[:0]
+			for ; i < n && len(frames) < 64<<10; i++ {
+				frames = append(frames, clientFrame(true, opText, []byte(msg(i)))...)
+			}
+			if _, err := conn.Write(frames); err != nil {
+				return
+			}
+			sent = i
+		}
+		sent = n
+		// All sent: the last again, until the server, which stopped
+		// reading it, has closed it after -write-timeout of not reading.
+		for {
+			if _, err := conn.Write(clientFrame(true, opText, []byte(msg(n-1)))); err != nil {
+				return
+			}
+		}
+	}()
+
+	other := dialWS(t, "http://"+c.addr, "")
+	key := "/ev/" + t.Name() // a key of its own, so that its revisions start at 0
+	other.roundTrip(fmt.Sprintf(`{"type":"subscribe","payload":{"key":%q},"id":0}`, key), fmt.Sprintf(`{"type":"ok","payload":{"key":%q},"id":0}`, key))
+	var slowest time.Duration
+	for i := 0; ; i++ {
+		select {
+		case <-done:
+			peak = max(peak, int64(c.mem())-idle)
+			t.Logf("flooder sent %d messages, then was closed; server heap at most %d MiB above idle; the other client's slowest round trip %v", sent, peak>>20, slowest)
+			return sent, peak
+		default:
+		}
+		start := time.Now()
+		other.roundTrip(fmt.Sprintf(`{"type":"set","payload":{"key":%q,"value":%d},"id":%d}`, key, i, i+1),
+			fmt.Sprintf(`{"type":"value","payload":{"key":%q,"value":%d,"revision":%d,"seq":_}}`, key, i, i))
+		if got := other.recv(); got != fmt.Sprintf(`{"type":"ok","payload":{"key":%q,"revision":%d},"id":%d}`, key, i, i+1) {
+			t.Fatalf("another client's set %d during the flood: got %s", i, got)
+		}
+		slowest = max(slowest, time.Since(start))
+		peak = max(peak, int64(c.mem())-idle)
+	}
+}
+
+// TestWebSocketFloodStates: a client that asks again and again for a
+// state (subscribe / with initial over 2,000 keys; since resumes; new
+// subscriptions past -max-subscriptions) and never reads holds the
+// server's heap within 64 MiB of idle, is closed after -write-timeout,
+// and holds up no other client. The states are read as the connection
+// drains, never copied, and everything queued for it counts against one
+// bound. (With ATOMKV_TEST_WS_BOUND=1099511627776, no bound, it fails.)
+func TestWebSocketFloodStates(t *testing.T) {
+	c := startChild(t, "atomkv", "ATOMKV_WRITE_TIMEOUT=2s")
+	url := "http://" + c.addr
+	pad := strings.Repeat("p", 100)
+	for i := range 2000 {
+		do(t, "POST", fmt.Sprintf("%s/k/%04d", url, i), fmt.Sprintf(`{"n":%d,"pad":"%s"}`, i, pad))
+	}
+	first := dialWS(t, url, "")
+	first.roundTrip(`{"type":"subscribe","payload":{"key":"/k/0000","initial":true},"id":0}`, `{"type":"ok","payload":{"key":"/k/0000"},"id":0}`)
+	var old struct{ Payload struct{ Seq int64 } }
+	json.Unmarshal([]byte(first.recvRaw()), &old)
+	for i := range 2000 { // every key changed after old
+		do(t, "POST", fmt.Sprintf("%s/k/%04d", url, i), fmt.Sprintf(`{"n":%d,"pad":"%s"}`, -i, pad))
+	}
+	for _, tt := range []struct {
+		name string
+		n    int
+		msg  func(i int) string
+	}{
+		{"initial", 1_000_000, func(i int) string {
+			return fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/","initial":true},"id":%d}`, i)
+		}},
+		{"since", 1_000_000, func(i int) string {
+			return fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/k/","since":%d},"id":%d}`, old.Payload.Seq, i)
+		}},
+		{"subscriptions", 100_000, func(i int) string {
+			return fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/s/%d","initial":true},"id":%d}`, i, i)
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, peak := floodWebSocket(t, c, tt.n, tt.msg); peak > 64<<20 {
+				t.Errorf("server heap reached %d MiB above idle during the flood; want at most 64", peak>>20)
+			}
+		})
+	}
+}
+
+// TestWebSocketMaxSubscriptions: past -max-subscriptions a new spelling is
+// refused with an error, the connection stays, and subscribing again
+// under a spelling it holds keeps one subscription and queues no copy of
+// anything but the state it asks for.
+func TestWebSocketMaxSubscriptions(t *testing.T) {
+	srv, url := newTestServer(t, "-max-subscriptions", "2")
+	do(t, "POST", url+"/a/1", `1`)
+	c := dialWS(t, url, "")
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/a/"},"id":1}`, `{"type":"ok","payload":{"key":"/a/"},"id":1}`)
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"a/"},"id":2}`, `{"type":"ok","payload":{"key":"a/"},"id":2}`)
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/b"},"id":3}`,
+		`{"type":"error","payload":"subscribe \"/b\": this connection has 2 subscriptions, the most it may (-max-subscriptions): unsubscribe first","id":3}`)
+	for i := range 100 { // the same spelling again: still two
+		c.send(fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/a/","initial":%v}}`, i == 99))
+	}
+	c.sync()
+	if n := srv.store.subs.count.Load(); n != 2 {
+		t.Errorf("%d subscriptions after subscribing again; want 2", n)
+	}
+	c.roundTrip(`{"type":"unsubscribe","payload":{"key":"a/"},"id":4}`, `{"type":"ok","payload":{"key":"a/"},"id":4}`)
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/b"},"id":5}`, `{"type":"ok","payload":{"key":"/b"},"id":5}`)
 }
