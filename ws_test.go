@@ -1107,3 +1107,148 @@ func TestWebSocketMaxSubscriptions(t *testing.T) {
 	c.roundTrip(`{"type":"unsubscribe","payload":{"key":"a/"},"id":4}`, `{"type":"ok","payload":{"key":"a/"},"id":4}`)
 	c.roundTrip(`{"type":"subscribe","payload":{"key":"/b"},"id":5}`, `{"type":"ok","payload":{"key":"/b"},"id":5}`)
 }
+
+// fillKeys stores n keys /big/0000000 ... in the child, each {"i":<n>},
+// with pipelined WebSocket sets (no id: no replies), then a get to know
+// they are all in.
+func fillKeys(t *testing.T, c *child, n int) {
+	t.Helper()
+	conn, r := dialRaw(t, "http://"+c.addr)
+	conn.SetWriteDeadline(time.Now().Add(5 * time.Minute))
+	var frames []byte
+	for i := range n {
+		frames = append(frames, clientFrame(true, opText, fmt.Appendf(nil, `{"type":"set","payload":{"key":"/big/%07d","value":{"i":%d}}}`, i, i))...)
+		if len(frames) > 256<<10 || i == n-1 {
+			if _, err := conn.Write(frames); err != nil {
+				t.Fatal(err)
+			}
+			frames = frames[:0]
+		}
+	}
+	conn.Write(clientFrame(true, opText, []byte(`{"type":"get","payload":{"key":"/done"},"id":1}`)))
+	conn.SetReadDeadline(time.Now().Add(5 * time.Minute))
+	if _, payload, err := readFrame(t, conn, r); err != nil || !strings.Contains(string(payload), `"id":1`) {
+		t.Fatalf("after the sets: %s, %v", payload, err)
+	}
+	conn.Close()
+}
+
+// slowState subscribes to / with initial on a connection that reads
+// slowly (64 KB at a time, with a pause between), checks that every key
+// of /big/ arrives once, then synced, and returns the server heap's peak
+// above what it was before the subscription.
+func slowState(t *testing.T, c *child, n int) (peak int64) {
+	t.Helper()
+	before := int64(c.mem())
+	conn, err := net.Dial("tcp", c.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.(*net.TCPConn).SetReadBuffer(64 << 10)
+	cfg, _ := websocket.NewConfig("ws://"+c.addr+"/", "http://localhost/")
+	if _, err := websocket.NewClient(cfg, conn); err != nil {
+		t.Fatal(err)
+	}
+	conn.Write(clientFrame(true, opText, []byte(`{"type":"subscribe","payload":{"key":"/","initial":true}}`)))
+	r := bufio.NewReaderSize(&pacedReader{conn}, 64<<10)
+	seen := make([]bool, n)
+	got := 0
+	for {
+		conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+		op, payload, err := readFrame(t, conn, r)
+		if err != nil {
+			t.Fatalf("after %d keys: %v", got, err)
+		}
+		if op != opText {
+			continue
+		}
+		var m struct {
+			Type    string
+			Payload struct {
+				Key   string
+				Value struct{ I int }
+			}
+		}
+		if err := json.Unmarshal(payload, &m); err != nil {
+			t.Fatalf("%s: %v", payload, err)
+		}
+		if m.Type == "synced" {
+			break
+		}
+		if !strings.HasPrefix(m.Payload.Key, "/big/") {
+			continue
+		}
+		if i := m.Payload.Value.I; seen[i] {
+			t.Fatalf("key %s twice", m.Payload.Key)
+		} else {
+			seen[i] = true
+			got++
+		}
+		if got%(n/8) == 0 {
+			peak = max(peak, int64(c.mem())-before)
+		}
+	}
+	if got != n {
+		t.Errorf("%d keys before synced; want %d", got, n)
+	}
+	t.Logf("%d keys read slowly, each once, then synced; server heap at most %d KiB above what it was before the subscription", got, peak>>10)
+	return peak
+}
+
+// pacedReader is a slow client: a pause before each read.
+type pacedReader struct{ conn net.Conn }
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	time.Sleep(time.Millisecond) // pacing a slow client, not waiting for anything
+	return p.conn.Read(b)
+}
+
+// TestWebSocketSlowState: a subscription with initial to a prefix of
+// 20,000 keys, read slowly, gets every key once, then synced, and the
+// server's heap stays flat meanwhile (within 8 MiB): the state is read
+// from the store as the connection drains, never copied. The 1,000,000-key
+// run is TestLoadSlowState.
+func TestWebSocketSlowState(t *testing.T) {
+	c := startChild(t, "atomkv")
+	fillKeys(t, c, 20_000)
+	if peak := slowState(t, c, 20_000); peak > 8<<20 {
+		t.Errorf("server heap grew by %d MiB during the state; want at most 8", peak>>20)
+	}
+}
+
+// TestLoadSlowState: the same over 1,000,000 keys; and what a queued
+// subscription with initial costs until it is read: one connection
+// subscribes to / (its state in progress, the client reading nothing),
+// then 10,000 prefixes with initial, which wait behind it.
+func TestLoadSlowState(t *testing.T) {
+	needLoad(t)
+	const n = 1_000_000
+	c := startChild(t, "atomkv")
+	fillKeys(t, c, n)
+	if peak := slowState(t, c, n); peak > 16<<20 {
+		t.Errorf("server heap grew by %d MiB during the state; want at most 16", peak>>20)
+	}
+
+	conn, r := dialRaw(t, "http://"+c.addr)
+	conn.(*net.TCPConn).SetReadBuffer(4096)
+	conn.Write(clientFrame(true, opText, []byte(`{"type":"subscribe","payload":{"key":"/","initial":true},"id":0}`)))
+	readFrame(t, conn, r) // the ok: the state is under way, and stays so
+	before := int64(c.mem())
+	const subs = 10_000
+	var frames []byte
+	for i := range subs {
+		frames = append(frames, clientFrame(true, opText, fmt.Appendf(nil, `{"type":"subscribe","payload":{"key":"/big/%d/","initial":true}}`, i))...)
+	}
+	conn.Write(frames)
+	var after int64
+	for range 50 { // until the reader has handled them all: the heap stops growing
+		time.Sleep(100 * time.Millisecond)
+		if m := int64(c.mem()); m == after {
+			break
+		} else {
+			after = m
+		}
+	}
+	fmt.Printf("lazy state: %.0f B of server memory per queued subscription with initial over %d keys\n", float64(after-before)/subs, n)
+}
