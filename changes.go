@@ -7,6 +7,7 @@ package main
 
 import (
 	"iter"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -212,13 +213,13 @@ const (
 
 // read appends the next states of the cursor to out, each read with its
 // key locked; and, once the state is whole, synced, and reports done. A
-// subscription that ended, or a cursor that a newer one replaced, stops
-// there, done, without synced.
+// subscription that ended, a cursor that a newer one replaced, or one
+// whose stream closed, stops there, done, without synced.
 func (c *stateCursor) read(out []event) (_ []event, done bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	sub := c.sub
-	if sub.ended.Load() || sub.q.superseded(c) {
+	if sub.ended.Load() || sub.q.stops(c) {
 		c.close()
 		return out, true
 	}
@@ -268,6 +269,8 @@ func (c *stateCursor) changed(out []event) ([]event, bool) {
 		n++
 	}
 	s.seqMu.Unlock()
+	start := len(out)
+	defer func() { sortStates(out[start:]) }()
 	for _, key := range keys[:n] {
 		if _, dup := c.seen[key]; dup || !watches(c.sub.path, key) {
 			continue
@@ -291,6 +294,8 @@ func (c *stateCursor) changed(out []event) ([]event, bool) {
 // has its change queued behind the cursor.
 func (c *stateCursor) walk(out *[]event) (more bool) {
 	s, path := c.s, c.sub.path
+	start := len(*out)
+	defer func() { sortStates((*out)[start:]) }()
 	if !strings.HasSuffix(path, "/") {
 		sl := s.lock(path)
 		*out = c.state(*out, path, sl, true)
@@ -319,6 +324,13 @@ func (c *stateCursor) walk(out *[]event) (more bool) {
 		}
 	}
 	return true
+}
+
+// sortStates sorts the key states of one read by key: a state that one
+// read holds whole (up to stateChunk keys, in a store of up to stateScan)
+// comes sorted, as a listing does; a larger one, in sorted runs.
+func sortStates(states []event) {
+	slices.SortFunc(states, func(a, b event) int { return strings.Compare(a.key, b.key) })
 }
 
 // state appends the state of key, whose slot is locked; a missing key

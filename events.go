@@ -202,11 +202,12 @@ func (q *coalescer) drop(sub *subscription, key string) {
 	}
 }
 
-// superseded reports whether c, the front, was replaced by a newer cursor.
-func (q *coalescer) superseded(c *stateCursor) bool {
+// stops reports whether c, the front, must stop: a newer cursor of its
+// subscription replaced it, or the stream closed.
+func (q *coalescer) stops(c *stateCursor) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return q.front != c || q.stale
+	return q.front != c || q.stale || q.closed
 }
 
 func (q *coalescer) wake() {

@@ -263,6 +263,10 @@ func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out
 			// has -write-timeout for it, as for any write.
 			<-c.done
 			return
+		case errors.Is(err, errNotUTF8):
+			// encoding/json would quietly turn the bad bytes of a key
+			// into U+FFFD: another key.
+			c.fail(nil, err)
 		case err != nil:
 			return
 		case op == opBinary:

@@ -838,7 +838,8 @@ func TestWebSocketFrames(t *testing.T) {
 		{"UTF-8 split across fragments", [][]byte{clientFrame(false, opText, accent[:cut]), clientFrame(true, opContinuation, accent[cut:])}, []want{reply(`{"type":"no-value","payload":{"key":"/café"},"id":1}`)}},
 		{"binary message: error", [][]byte{clientFrame(true, opBinary, get)}, []want{reply(`{"type":"error","payload":"binary message: the protocol is JSON text"}`)}},
 		{"over the limit across fragments: 1009", fragments(tooBig, 20), []want{closed(closeTooBig)}},
-		{"bad UTF-8 split across fragments: 1007", [][]byte{clientFrame(false, opText, badUTF8[:cut]), clientFrame(true, opContinuation, badUTF8[cut:])}, []want{closed(closeInvalidData)}},
+		{"bad UTF-8 split across fragments: error", [][]byte{clientFrame(false, opText, badUTF8[:cut]), clientFrame(true, opContinuation, badUTF8[cut:])}, []want{reply(`{"type":"error","payload":"invalid message: not valid UTF-8"}`)}},
+		{"close reason not UTF-8: 1007", [][]byte{closeFrame(closeNormal, "\xff")}, []want{closed(closeInvalidData)}},
 		{"unmasked client frame: 1002", [][]byte{append([]byte{0x81, byte(len(get))}, get...)}, []want{closed(closeProtocol)}},
 		{"RSV1: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x40; return f }()}, []want{closed(closeProtocol)}},
 		{"RSV2: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x20; return f }()}, []want{closed(closeProtocol)}},
@@ -894,9 +895,9 @@ func TestWebSocketFrames(t *testing.T) {
 }
 
 // FuzzWebSocketFrames: whatever bytes a client sends, the reader returns
-// a whole text message of valid UTF-8 or a binary one within the limit,
-// or an error; it never panics, and a close it asks for fits a control
-// frame.
+// a whole text message of valid UTF-8 (or says it is not) or a binary one,
+// within the limit, or an error; it never panics, and a close it asks for
+// fits a control frame.
 func FuzzWebSocketFrames(f *testing.F) {
 	get := []byte(`{"type":"get","payload":{"key":"/f"}}`)
 	for _, frames := range [][][]byte{
@@ -923,6 +924,7 @@ func FuzzWebSocketFrames(f *testing.F) {
 					t.Fatalf("close frame of %d bytes", len(frame))
 				}
 				return
+			case errors.Is(err, errNotUTF8) && op == opText:
 			case err != nil:
 				return
 			case op != opText && op != opBinary:

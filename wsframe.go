@@ -65,7 +65,8 @@ type wsReader struct {
 }
 
 // next reads the next data message into buf's array, growing it as
-// needed, and returns its opcode (text or binary) and the message.
+// needed, and returns its opcode (text or binary) and the message; a
+// text message that is not UTF-8 with errNotUTF8.
 func (r *wsReader) next(buf []byte) (op byte, msg []byte, err error) {
 	buf = buf[:0]
 	for {
@@ -101,7 +102,7 @@ func (r *wsReader) next(buf []byte) (op byte, msg []byte, err error) {
 		unmask(buf[start:], mask)
 		if fin {
 			if op == opText && !utf8.Valid(buf) {
-				return 0, buf, &wsCloseError{closeInvalidData, "text message not valid UTF-8"}
+				return op, buf, errNotUTF8
 			}
 			return op, buf, nil
 		}
@@ -281,6 +282,11 @@ type wsInput struct {
 }
 
 var errPeerSilent = errors.New("websocket: no answer to a ping")
+
+// errNotUTF8 is a whole text message that is not valid UTF-8. The
+// message has been read, so the connection can go on: it gets an error,
+// as any bad message does (SPEC 5 allows 1007 or an error).
+var errNotUTF8 = errors.New("invalid message: not valid UTF-8")
 
 func (in *wsInput) Read(p []byte) (int, error) {
 	if len(in.early) > 0 {
