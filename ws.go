@@ -189,10 +189,11 @@ func (s *server) checkOrigin(cfg *websocket.Config, r *http.Request) error {
 // reader.
 //
 // A client that sends requests without reading the replies could make
-// the server hold any amount of them. So the bytes of queued replies are
-// counted, and past a bound the reader stops reading until the writers
-// have sent enough: the client's sends then block in TCP, and a client
-// that reads nothing is closed after -write-timeout like any stream.
+// the server hold any amount of them. So everything queued for it is
+// weighed (replies, events, states still to read: the queue's size), and
+// past a bound the reader stops reading until the writers have sent
+// enough: the client's sends then block in TCP, and a client that reads
+// nothing is closed after -write-timeout like any stream.
 type wsConn struct {
 	s    *server
 	in   wsReader

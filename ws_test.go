@@ -8,12 +8,14 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"regexp"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -990,34 +992,52 @@ func TestWebSocketSilentPeer(t *testing.T) {
 // their events go on, each answered (a hang breaker of 10 s; the slowest
 // is logged), and the server's heap is sampled. It returns how many
 // messages the flooder sent and the heap's peak above idle.
+//
+// A client that reads nothing with a 4 KB receive buffer can lose the
+// server's window updates (Linux drops them while the socket's buffers
+// are full), and then sends nothing for a while: the server pings it and
+// closes it after -heartbeat + -write-timeout, but the client learns of
+// it only at its next zero-window probe, seconds later. So a write
+// blocked for 8 s, longer than the server may take, ends the flood, and
+// reading what is left shows whether the server has closed it.
 func floodWebSocket(t *testing.T, c *child, n int, msg func(i int) string) (sent int, peak int64) {
 	t.Helper()
 	idle := int64(c.mem())
 	conn, _ := dialRaw(t, "http://"+c.addr)
 	conn.(*net.TCPConn).SetReadBuffer(4096) // and it reads nothing
-	done := make(chan struct{})
+	done := make(chan error, 1)
 	go func() {
-		defer close(done)
-		conn.SetWriteDeadline(time.Now().Add(60 * time.Second)) // a hang breaker past the server's close
+		write := func(frames []byte) error {
+			conn.SetWriteDeadline(time.Now().Add(8 * time.Second))
+			_, err := conn.Write(frames)
+			return err
+		}
+		var err error
 		var frames []byte
-		for i := 0; i < n; {
+		for i := 0; i < n && err == nil; {
 			frames = frames[:0]
 			for ; i < n && len(frames) < 64<<10; i++ {
 				frames = append(frames, clientFrame(true, opText, []byte(msg(i)))...)
 			}
-			if _, err := conn.Write(frames); err != nil {
-				return
+			if err = write(frames); err == nil {
+				sent = i
 			}
-			sent = i
 		}
-		sent = n
 		// All sent: the last again, until the server, which stopped
 		// reading it, has closed it after -write-timeout of not reading.
-		for {
-			if _, err := conn.Write(clientFrame(true, opText, []byte(msg(n-1)))); err != nil {
-				return
+		for err == nil {
+			err = write(clientFrame(true, opText, []byte(msg(n-1))))
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			_, err = io.Copy(io.Discard, conn) // nil at EOF
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				err = fmt.Errorf("the server had not closed the flooder: %v", err)
+			} else {
+				err = nil
 			}
 		}
+		done <- err
 	}()
 
 	other := dialWS(t, "http://"+c.addr, "")
@@ -1026,7 +1046,10 @@ func floodWebSocket(t *testing.T, c *child, n int, msg func(i int) string) (sent
 	var slowest time.Duration
 	for i := 0; ; i++ {
 		select {
-		case <-done:
+		case err := <-done:
+			if err != nil && !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+				t.Error(err)
+			}
 			peak = max(peak, int64(c.mem())-idle)
 			t.Logf("flooder sent %d messages, then was closed; server heap at most %d MiB above idle; the other client's slowest round trip %v", sent, peak>>20, slowest)
 			return sent, peak
@@ -1051,7 +1074,7 @@ func floodWebSocket(t *testing.T, c *child, n int, msg func(i int) string) (sent
 // drains, never copied, and everything queued for it counts against one
 // bound. (With ATOMKV_TEST_WS_BOUND=1099511627776, no bound, it fails.)
 func TestWebSocketFloodStates(t *testing.T) {
-	c := startChild(t, "atomkv", "ATOMKV_WRITE_TIMEOUT=2s")
+	c := startChild(t, "atomkv", "ATOMKV_WRITE_TIMEOUT=2s", "ATOMKV_HEARTBEAT=1s")
 	url := "http://" + c.addr
 	pad := strings.Repeat("p", 100)
 	for i := range 2000 {
