@@ -119,6 +119,7 @@ var resultNames = [results]string{"ok", "conflict", "bad_request", "too_large", 
 type metrics struct {
 	writes          [results]atomic.Int64
 	sse, ws         atomic.Int64 // open event streams and WebSockets
+	wsSilent        atomic.Int64 // WebSockets closed for not answering a ping
 	eventsSent      atomic.Int64
 	eventsCoalesced atomic.Int64
 	requests        histogram
@@ -193,6 +194,7 @@ func (s *server) handleMetrics(w http.ResponseWriter, r *http.Request) {
 	single("atomkv_expiries_total", "counter", "Keys that expired.", s.store.expiries.Load())
 	single("atomkv_open_streams", "gauge", "Open event streams (Server-Sent Events).", m.sse.Load())
 	single("atomkv_open_websockets", "gauge", "Open WebSocket connections.", m.ws.Load())
+	single("atomkv_websockets_silent_total", "counter", "WebSockets closed for answering nothing to a ping within -write-timeout.", m.wsSilent.Load())
 	single("atomkv_events_sent_total", "counter", "Events written to event streams and WebSockets.", m.eventsSent.Load())
 	single("atomkv_events_coalesced_total", "counter", "Events replaced, before they were sent, by a newer one of their key.", m.eventsCoalesced.Load())
 

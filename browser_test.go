@@ -171,16 +171,7 @@ func dropWatchers(srv *server, path string) int {
 		queues[sub.q] = true
 	}
 	srv.store.seqMu.Unlock()
-	var drop []io.Closer
-	srv.streams.each(func(c io.Closer) {
-		if st, ok := c.(*stream); ok && queues[&st.q] {
-			drop = append(drop, c)
-		}
-	})
-	for _, c := range drop {
-		c.Close()
-	}
-	return len(drop)
+	return srv.streams.closeIf(func(st *stream) bool { return queues[&st.q] })
 }
 
 // subscribersOf counts the subscriptions registered on path.

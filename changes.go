@@ -6,8 +6,10 @@
 package main
 
 import (
+	"iter"
 	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 )
 
@@ -60,6 +62,9 @@ func (s *Store) commit(c change) (seq int64, b *batch) {
 	defer s.seqMu.Unlock()
 	s.seq++
 	c.seq = s.seq
+	if c.sl != nil {
+		c.key = c.sl.key // one string per key, not one per change
+	}
 	s.history.add(c.key)
 	if s.journal != nil {
 		return c.seq, s.journal.queue(c)
@@ -73,12 +78,13 @@ func (s *Store) commit(c change) (seq int64, b *batch) {
 // stream's only one, or one of a WebSocket's several. Its events go to q
 // marked with it, so one queue can tell its subscriptions' events apart.
 type subscription struct {
-	path     string     // a key, a prefix ending with "/", or "/"
-	q        *coalescer // where its events go
-	kvserver bool       // its client names keys without the leading "/"
+	path     string      // a key, a prefix ending with "/", or "/"
+	q        *coalescer  // where its events go
+	kvserver bool        // its client names keys without the leading "/"
+	ended    atomic.Bool // unsubscribed: a state in progress stops
 
-	// Set by Subscribe before the subscription is registered; then only
-	// the writer of q's events touches them.
+	// Set by the writer of q's events, when a state starts and when it
+	// is whole; only that writer touches them.
 	floor   int64 // the resume point its events carry until synced
 	syncing bool  // its synced is not yet sent
 }
@@ -91,8 +97,8 @@ const (
 	fromUnknown int64 = -2 // a resume point that could not be read: reset, then the whole state
 )
 
-// Subscribe registers sub for the changes of its path and queues what it
-// must know first, as from says:
+// Subscribe registers sub for the changes of its path, unless it is
+// registered already, and queues what it must know first, as from says:
 //
 //   - fromNow: nothing;
 //   - fromScratch: the current state of what it watches (a key's version
@@ -107,96 +113,219 @@ const (
 // before anything it will send: its floor, or for a live subscription
 // the last change published before it was registered.
 //
-// Registering comes first, and each key's state is queued with the key
-// locked. A change published before that is replaced in the queue by the
-// state (a queue keeps one pending event per subscription and key); one
-// published after comes after it. So no change falls between the state
-// and the live events, and a key's revisions only go up.
+// The state is not copied: what is queued is a stateCursor, a few hundred
+// bytes whatever the path holds, that the writer reads from the store as
+// the connection drains (SPEC 10). It is queued with the registration,
+// under seqMu: a change published before is queued before it, a later one
+// after it. When the cursor reads a key, a change of it pending behind
+// the cursor gives way to the state, which is as new; so no change falls
+// between the state and the live events, and a key's revisions only go
+// up. A subscription registered already (a client subscribing again)
+// gets the new state after what was queued for it before.
 //
 // Until its synced, everything the subscription sends is tagged with its
 // floor, a resume point that is safe wherever the state is cut: S itself
 // if S can never be taken for a newer point than it is, else 0, which
-// resets. A floor chosen later could race with events already queued.
+// resets.
 func (s *Store) Subscribe(sub *subscription, from int64) (start int64) {
 	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
 	// Every change up to before is published; every later one will find
-	// sub registered.
+	// sub registered, and be queued after the cursor.
 	before := s.published.Load()
-	if from > 0 && from <= before {
-		sub.floor = from
-	}
-	sub.syncing = from != fromNow
 	s.subs.add(sub)
-	s.seqMu.Unlock()
 	if from == fromNow {
 		return before
 	}
-	if from > 0 {
-		if keys, upTo, ok := s.changedSince(sub.path, from); ok {
-			for _, key := range keys {
-				s.queueState(sub, key, true)
-			}
-			sub.q.push(event{sub: sub, kind: evSynced, seq: upTo})
-			return sub.floor
+	c := &stateCursor{s: s, sub: sub, upTo: before, reset: true}
+	if from > 0 && from <= before {
+		c.floor = from
+		if from >= s.history.first-1 {
+			c.since, c.pos, c.reset = from, from+1, false
 		}
 	}
-	if from != fromScratch {
-		sub.q.push(event{sub: sub, kind: evReset})
+	if from == fromScratch {
+		c.reset = false
 	}
-	// Every change numbered up to upTo is published, so the states read
-	// after it hold them all; a later change is queued, and comes after.
-	upTo := s.published.Load()
-	if !strings.HasSuffix(sub.path, "/") {
-		s.queueState(sub, sub.path, true)
-	} else {
-		for _, it := range s.List(sub.path) {
-			s.queueState(sub, it.key, false)
+	sub.q.push(event{sub: sub, kind: evCursor, state: c})
+	return c.floor
+}
+
+// stateCursor is a subscription's initial or resumed state, in progress:
+// where it stands in the keys of its path, or in the history. Only the
+// writer that has the subscription's queue reads it.
+type stateCursor struct {
+	s     *Store
+	sub   *subscription
+	floor int64 // see Subscribe
+	upTo  int64 // every change up to it is published: synced says so
+	reset bool  // a reset goes first
+	since int64 // > 0: the keys changed after since, from the history; else the whole state
+
+	mu      sync.Mutex // of the walk, which close may stop
+	started bool
+	pos     int64               // the history: the next change to look at
+	seen    map[string]struct{} // the history: keys already sent
+	next    func() (string, *slot, bool)
+	stop    func()
+}
+
+// stateChunk is the most key states a cursor reads at a time, and
+// stateScan the most keys it looks at for them: each read is short, and
+// the next comes once the connection has taken this one.
+const (
+	stateChunk = 256
+	stateScan  = 4096
+)
+
+// read appends the next states of the cursor to out, each read with its
+// key locked; and, once the state is whole, synced, and reports done. A
+// subscription that ended, a cursor that a newer one replaced, or one
+// whose stream closed, stops there, done, without synced.
+func (c *stateCursor) read(out []event) (_ []event, done bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	sub := c.sub
+	if sub.ended.Load() || sub.q.stops(c) {
+		c.close()
+		return out, true
+	}
+	if !c.started {
+		c.started = true
+		sub.floor, sub.syncing = c.floor, true
+		if c.reset {
+			out = append(out, event{sub: sub, kind: evReset})
 		}
 	}
-	sub.q.push(event{sub: sub, kind: evSynced, seq: upTo})
-	return sub.floor
-}
-
-// queueState queues the current state of key for sub, with the key
-// locked; a missing key only if evenMissing.
-func (s *Store) queueState(sub *subscription, key string, evenMissing bool) {
-	sl := s.lock(key)
-	if e := s.unexpired(sl.load()); e != nil || evenMissing {
-		sub.q.push(event{sub: sub, kind: evState, key: key, e: e})
+	if c.since > 0 {
+		var ok bool
+		if out, ok = c.changed(out); !ok {
+			// The history moved past the cursor while the client read
+			// slowly: from here on it is a reset and the whole state.
+			c.since, c.reset = 0, true
+			out = append(out, event{sub: sub, kind: evReset})
+		} else if c.pos <= c.upTo {
+			return out, false
+		}
 	}
-	s.release(key, sl)
-	sl.mu.Unlock()
+	if c.since == 0 {
+		if more := c.walk(&out); more {
+			return out, false
+		}
+	}
+	c.close()
+	return append(out, event{sub: sub, kind: evSynced, seq: c.upTo}), true
 }
 
-// changedSince returns, in key order, the keys under path (or path itself)
-// changed after the change numbered since, and upTo: every change up to
-// it is published, and the keys are those of the changes in (since,
-// upTo]. It reports false if since is not a point this run can resume
-// from: older than the history, or newer than upTo.
-//
-// The history is read outside seqMu, so that a long scan holds up no
-// writer: its chunks are never rewritten, and the entries up to upTo were
-// all written before the copy of the chunk list was taken.
-func (s *Store) changedSince(path string, since int64) (keys []string, upTo int64, ok bool) {
+// changed appends the states of the watched keys of the next changes in
+// the history, each key once, a missing one as missing. It reports false
+// if the history no longer holds the next change.
+func (c *stateCursor) changed(out []event) ([]event, bool) {
+	var keys [stateChunk]string
+	n := 0
+	s := c.s
 	s.seqMu.Lock()
-	upTo = s.published.Load()
-	first, size := s.history.first, int64(s.history.chunk)
-	chunks := slices.Clone(s.history.chunks)
-	s.seqMu.Unlock()
-	if since < first-1 || since > upTo {
-		return nil, upTo, false
+	h := &s.history
+	if c.pos < h.first {
+		s.seqMu.Unlock()
+		return out, false
 	}
-	seen := make(map[string]bool)
-	for seq := since + 1; seq <= upTo; seq++ {
-		i := seq - first
-		key := chunks[i/size][i%size]
-		if watches(path, key) && !seen[key] {
-			seen[key] = true
-			keys = append(keys, key)
+	for ; n < len(keys) && c.pos <= c.upTo; c.pos++ {
+		i := c.pos - h.first
+		keys[n] = h.chunks[i/int64(h.chunk)][i%int64(h.chunk)]
+		n++
+	}
+	s.seqMu.Unlock()
+	start := len(out)
+	defer func() { sortStates(out[start:]) }()
+	for _, key := range keys[:n] {
+		if _, dup := c.seen[key]; dup || !watches(c.sub.path, key) {
+			continue
+		}
+		if c.seen == nil {
+			c.seen = make(map[string]struct{})
+		}
+		c.seen[key] = struct{}{}
+		sl := s.lock(key)
+		out = c.state(out, key, sl, true)
+		s.release(key, sl)
+		sl.mu.Unlock()
+	}
+	return out, true
+}
+
+// walk appends the states of the next keys of the path, and reports
+// whether there are more. A prefix is walked in the store's map; Range
+// visits each key at most once, and every key that exists throughout the
+// walk, which is what a state needs: a key created or deleted meanwhile
+// has its change queued behind the cursor.
+func (c *stateCursor) walk(out *[]event) (more bool) {
+	s, path := c.s, c.sub.path
+	start := len(*out)
+	defer func() { sortStates((*out)[start:]) }()
+	if !strings.HasSuffix(path, "/") {
+		sl := s.lock(path)
+		*out = c.state(*out, path, sl, true)
+		s.release(path, sl)
+		sl.mu.Unlock()
+		return false
+	}
+	if c.next == nil {
+		c.next, c.stop = iter.Pull2(func(yield func(string, *slot) bool) {
+			s.keys.Range(func(k, v any) bool { return yield(k.(string), v.(*slot)) })
+		})
+	}
+	for range stateScan {
+		key, sl, ok := c.next()
+		if !ok {
+			return false
+		}
+		if !strings.HasPrefix(key, path) {
+			continue
+		}
+		sl.mu.Lock()
+		*out = c.state(*out, key, sl, false)
+		sl.mu.Unlock()
+		if len(*out) >= stateChunk {
+			return true
 		}
 	}
-	slices.Sort(keys)
-	return keys, upTo, true
+	return true
+}
+
+// sortStates sorts the key states of one read by key: a state that one
+// read holds whole (up to stateChunk keys, in a store of up to stateScan)
+// comes sorted, as a listing does; a larger one, in sorted runs.
+func sortStates(states []event) {
+	slices.SortFunc(states, func(a, b event) int { return strings.Compare(a.key, b.key) })
+}
+
+// state appends the state of key, whose slot is locked; a missing key
+// only if evenMissing. Its changes pending in the queue give way to it:
+// they are older or the same.
+func (c *stateCursor) state(out []event, key string, sl *slot, evenMissing bool) []event {
+	e := c.s.unexpired(sl.load())
+	if e == nil && !evenMissing {
+		return out
+	}
+	c.sub.q.drop(c.sub, key)
+	return append(out, event{sub: c.sub, kind: evState, key: key, e: e})
+}
+
+// close ends the walk, if one began. c.mu must be held.
+func (c *stateCursor) close() {
+	if c.stop != nil {
+		c.stop()
+		c.next, c.stop = nil, nil
+	}
+	c.seen = nil
+}
+
+// stopWalk ends the walk from outside the writer: the stream closed.
+func (c *stateCursor) stopWalk() {
+	c.mu.Lock()
+	c.close()
+	c.mu.Unlock()
 }
 
 // watches reports whether a subscription to path sees the changes of key.
@@ -215,8 +344,9 @@ const historyChunk = 4096
 // change numbered first+i changed the key at position i. It is a list of
 // fixed-size chunks, appended to and dropped whole, never rewritten, so
 // that a reader can scan what it saw without holding seqMu. It costs 16
-// bytes a change, plus the key's bytes if nothing else holds them; never
-// the value.
+// bytes a change: the key's string is the store's slot's, the same for
+// every change of the key while it exists (a key deleted and written
+// again has a new one); never the value.
 type history struct {
 	chunks [][]string // each h.chunk long when full; oldest first
 	first  int64      // the number of chunks[0][0]
@@ -268,10 +398,12 @@ func (r *registry) add(sub *subscription) {
 	}
 }
 
-// Unsubscribe removes the registration of sub.
+// Unsubscribe removes the registration of sub, and stops its state if
+// one is in progress.
 func (s *Store) Unsubscribe(sub *subscription) {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
+	sub.ended.Store(true)
 	s.subs.remove(sub)
 }
 

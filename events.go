@@ -6,21 +6,24 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
 // event is one thing a subscriber is sent: a change of a key, a key's
-// state, a mark of where a subscription stands, or, for the WebSocket
-// API, a reply to send as it is (replies are queued with the events, so
-// both leave in order).
+// state, a mark of where a subscription stands, a state still to read,
+// or, for the WebSocket API, a reply to send as it is (replies are queued
+// with the events, so both leave in order).
 type event struct {
 	sub   *subscription // whose event it is; nil for a reply
 	key   string
-	e     *entry   // nil: the key is missing
-	seq   int64    // of a change; of synced, the point it marks
-	reply *wsReply // a WebSocket reply
+	e     *entry       // nil: the key is missing
+	seq   int64        // of a change; of synced, the point it marks
+	reply *wsReply     // a WebSocket reply
+	state *stateCursor // a state to read, in its place in the queue
 	kind  eventKind
 	why   reason // of a change to missing
+	older bool   // an older event of its key is pending before a reply
 }
 
 type eventKind uint8
@@ -33,11 +36,37 @@ const (
 	evReset                      // forget what you held of the subscription's path
 	evHeartbeat                  // a comment line, and how far the stream has come
 	evReply                      // reply
+	evCursor                     // state: the subscription's state, read when its turn comes
 )
 
 // coalesces reports whether a newer event of the same subscription and
-// key replaces ev.
-func (ev *event) coalesces() bool { return ev.kind == evChange || ev.kind == evState }
+// key replaces ev. A cursor coalesces with the subscription's cursor not
+// yet started, under the key "", which no key is.
+func (ev *event) coalesces() bool {
+	return ev.kind == evChange || ev.kind == evState || ev.kind == evCursor
+}
+
+// weight is what ev counts against a connection's bound: the bytes it
+// will take on the wire, about, or a cursor's own size.
+func (ev *event) weight() int64 {
+	switch ev.kind {
+	case evGone:
+		return 0
+	case evReply:
+		return ev.reply.size
+	case evCursor:
+		return cursorWeight
+	}
+	n := int64(64 + len(ev.key))
+	if ev.e != nil {
+		n += int64(len(ev.e.value))
+	}
+	return n
+}
+
+// cursorWeight is what a state still to read counts: its cursor, and
+// the walk it may start (a parked iterator's stack).
+const cursorWeight = 512
 
 // eventKey is what a queue coalesces on: one pending event per
 // subscription and key.
@@ -59,15 +88,37 @@ type eventKey struct {
 // and a client cut off between them would resume past /b's.) Gaps are
 // squeezed out once they are half the queue.
 //
+// A reply is a barrier (SPEC 5, "Order"): an event pending before a reply
+// stays there, and a newer one of its key goes after the reply instead of
+// replacing it, so a write's event never moves behind the write's ok. The
+// events kept that way are at most one per key and reply, so they stay
+// bounded by the replies' bound.
+//
+// A subscription's state is a cursor in the queue. drain stops at it;
+// it becomes the front, and the writer reads it a chunk at a time, each
+// after the last is written, until it is whole; what was queued behind it
+// waits. So a state costs the queue its cursor, and no more.
+//
 // Pushing never blocks, and once the queue has grown to its working size
 // it does not allocate.
 type coalescer struct {
 	notify func() // called after each push, if not nil
 
+	// size is the weight of the events pending, in the front and in the
+	// batch being written (until the writer calls sent): what a
+	// connection's bound counts. Changed under mu.
+	size atomic.Int64
+
 	mu      sync.Mutex
-	pending []event
-	gaps    int              // events in pending that are evGone
-	index   map[eventKey]int // position in pending of each coalescing event
+	pending []event          // from head on; before it, taken
+	head    int              // the first pending event's position
+	gaps    int              // events in pending[head:] that are evGone
+	index   map[eventKey]int // position in pending of each key's newest event
+	barrier int              // positions before it lie before a reply
+	cursors int              // evCursor events in pending
+	front   *stateCursor     // the state being read; nil if none
+	stale   bool             // front was replaced by a newer cursor of its subscription
+	closed  bool             // the stream closed: nothing more goes out
 	spare   []event          // the slice of the last batch, for reuse
 	dropped int64            // events replaced by newer ones, since recycle
 }
@@ -75,32 +126,88 @@ type coalescer struct {
 // push queues ev.
 func (q *coalescer) push(ev event) {
 	q.mu.Lock()
+	q.size.Add(ev.weight())
 	if ev.coalesces() {
 		k := eventKey{ev.sub, ev.key}
+		if ev.kind == evCursor && q.front != nil && q.front.sub == ev.sub {
+			q.stale = true // the state in progress stops for the new one
+		}
 		i, ok := q.index[k]
 		switch {
 		case ok && i == len(q.pending)-1:
 			// Last already: replacing it in place keeps the order.
+			q.size.Add(-q.pending[i].weight())
+			ev.older = q.pending[i].older
 			q.pending[i] = ev
 			q.dropped++
 			q.mu.Unlock()
 			q.wake()
 			return
+		case ok && i < q.barrier:
+			// A reply was queued after it: it stays, the newer one
+			// goes after the reply.
+			ev.older = true
 		case ok:
-			q.pending[i] = event{}
-			q.gaps++
+			ev.older = q.pending[i].older
+			q.remove(i)
 			q.dropped++
 		case q.index == nil:
 			q.index = make(map[eventKey]int)
 		}
 		q.index[k] = len(q.pending)
 	}
+	if ev.kind == evCursor {
+		q.cursors++
+	}
 	q.pending = append(q.pending, ev)
-	if q.gaps > 16 && q.gaps > len(q.pending)/2 {
+	if ev.kind == evReply {
+		q.barrier = len(q.pending)
+	}
+	if dead := q.gaps + q.head; dead > 16 && dead > len(q.pending)/2 {
 		q.squeeze()
 	}
 	q.mu.Unlock()
 	q.wake()
+}
+
+// remove turns the pending event at i into a gap. q.mu must be held.
+func (q *coalescer) remove(i int) {
+	ev := &q.pending[i]
+	q.size.Add(-ev.weight())
+	if ev.kind == evCursor {
+		q.cursors--
+	}
+	*ev = event{}
+	q.gaps++
+}
+
+// drop removes every pending event of sub and key: a state read now
+// replaces them.
+func (q *coalescer) drop(sub *subscription, key string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	k := eventKey{sub, key}
+	i, ok := q.index[k]
+	if !ok {
+		return
+	}
+	delete(q.index, k)
+	older := q.pending[i].older
+	q.remove(i)
+	for j := i - 1; older && j >= q.head; j-- { // rare: only across replies
+		if ev := &q.pending[j]; ev.sub == sub && ev.key == key && ev.coalesces() {
+			older = ev.older
+			q.remove(j)
+		}
+	}
+}
+
+// stops reports whether c, the front, must stop: a newer cursor of its
+// subscription replaced it, or the stream closed.
+func (q *coalescer) stops(c *stateCursor) bool {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.front != c || q.stale || q.closed
 }
 
 func (q *coalescer) wake() {
@@ -109,36 +216,97 @@ func (q *coalescer) wake() {
 	}
 }
 
-// squeeze removes the gaps from pending, in place. q.mu must be held.
+// squeeze removes the gaps, and what was taken, from pending, in place.
+// q.mu must be held.
 func (q *coalescer) squeeze() {
 	n := 0
-	for _, ev := range q.pending {
+	q.barrier = 0
+	for _, ev := range q.pending[q.head:] {
 		if ev.kind == evGone {
 			continue
 		}
 		if ev.coalesces() {
-			q.index[eventKey{ev.sub, ev.key}] = n
+			q.index[eventKey{ev.sub, ev.key}] = n // the newest comes last
 		}
 		q.pending[n] = ev
 		n++
+		if ev.kind == evReply {
+			q.barrier = n
+		}
 	}
 	clear(q.pending[n:])
 	q.pending = q.pending[:n]
-	q.gaps = 0
+	q.head, q.gaps = 0, 0
 }
 
-// drain takes every pending event, in the order they were queued; gaps
-// are evGone, to skip. The caller hands the batch back with recycle when
-// it is done with it.
-func (q *coalescer) drain() []event {
+// drain takes the pending events, in the order they were queued, up to
+// the first state still to read, which becomes the front; gaps are
+// evGone, to skip. While there is a front, it takes nothing and returns
+// the front, for the writer to read. The caller hands the batch back
+// with recycle when it is done with it.
+//
+// What waits behind a state stays where it is: the events before it are
+// copied out, and pending starts after it (head), so that a queue of
+// many states costs each only its own batch.
+func (q *coalescer) drain() (batch []event, front *stateCursor) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	batch := q.pending
-	q.pending = q.spare[:0]
+	if q.closed {
+		return nil, nil
+	}
+	if q.front != nil {
+		return nil, q.front
+	}
+	if q.cursors == 0 {
+		batch = q.pending[q.head:]
+		q.pending = q.spare[:0]
+		q.spare = nil
+		q.head, q.gaps, q.barrier = 0, 0, 0
+		clear(q.index)
+		return batch, nil
+	}
+	k := q.head
+	for q.pending[k].kind != evCursor {
+		k++
+	}
+	batch = append(q.spare[:0], q.pending[q.head:k]...)
 	q.spare = nil
-	q.gaps = 0
-	clear(q.index)
-	return batch
+	for i := range batch {
+		switch ev := &batch[i]; {
+		case ev.kind == evGone:
+			q.gaps--
+		case ev.coalesces() && q.index[eventKey{ev.sub, ev.key}] == q.head+i:
+			delete(q.index, eventKey{ev.sub, ev.key})
+		}
+	}
+	q.front, q.stale = q.pending[k].state, false
+	q.cursors--
+	if ck := (eventKey{q.front.sub, ""}); q.index[ck] == k {
+		delete(q.index, ck)
+	}
+	clear(q.pending[q.head : k+1])
+	q.head = k + 1
+	return batch, q.front
+}
+
+// endFront ends the state being read.
+func (q *coalescer) endFront() {
+	q.mu.Lock()
+	q.front = nil
+	q.size.Add(-cursorWeight)
+	q.mu.Unlock()
+}
+
+// close stops the queue: nothing more is drained, and a walk in progress
+// stops.
+func (q *coalescer) close() {
+	q.mu.Lock()
+	q.closed = true
+	front := q.front
+	q.mu.Unlock()
+	if front != nil {
+		front.stopWalk()
+	}
 }
 
 // recycle returns a drained batch's memory for the next one, and how many
@@ -153,11 +321,16 @@ func (q *coalescer) recycle(batch []event) (dropped int64) {
 	return dropped
 }
 
-// Len returns the number of pending events.
+// Len returns the number of pending events, a state in progress
+// included.
 func (q *coalescer) Len() int {
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return len(q.pending) - q.gaps
+	n := len(q.pending) - q.head - q.gaps
+	if q.front != nil {
+		n++
+	}
+	return n
 }
 
 // handleEvents answers GET of a path with Accept: text/event-stream: the
@@ -249,6 +422,10 @@ type sseStream struct {
 
 func (p *sseStream) sent()      {}
 func (p *sseStream) more() bool { return false }
+
+// heartbeat queues a comment line, and the stream's progress (see
+// appendHeartbeat).
+func (p *sseStream) heartbeat() { p.sub.q.push(event{kind: evHeartbeat}) }
 
 // close unsubscribes, and counts the stream out.
 func (p *sseStream) close() {

@@ -42,6 +42,9 @@ func TestMain(m *testing.M) {
 // each "mem" line on stdin with "mem <heap+stack bytes in use>", and exits
 // when stdin closes.
 func childServer(mode string) {
+	if v, err := strconv.ParseInt(os.Getenv("ATOMKV_TEST_WS_BOUND"), 10, 64); err == nil {
+		wsBound = v // to show what the bound holds back
+	}
 	if path := os.Getenv("ATOMKV_CPUPROFILE"); path != "" {
 		f, err := os.Create(path + "." + mode)
 		if err == nil && pprof.StartCPUProfile(f) == nil {

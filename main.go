@@ -48,6 +48,7 @@ type config struct {
 	logRequests   bool
 	defaultTTL    ttlFlag
 	maxSubs       int64
+	maxWSSubs     int // subscriptions per WebSocket
 	kvserverREST  string
 	history       int
 	data          string
@@ -88,6 +89,7 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.StringVar(&c.origins, "origins", "*", "comma-separated `origins` allowed by CORS and WebSocket, or *")
 	fs.BoolVar(&c.logRequests, "log-requests", false, "log one line per request")
 	fs.Int64Var(&c.maxSubs, "max-subscribers", 0, "most open event streams and WebSockets, 0 for no limit (503 past it)")
+	fs.IntVar(&c.maxWSSubs, "max-subscriptions", 10_000, "most subscriptions one WebSocket may hold (an error past it)")
 	fs.StringVar(&c.kvserverREST, "kvserver-rest", "", "serve KvServer's REST shape under this `path`, e.g. /storage (off if empty)")
 	fs.Var(&c.defaultTTL, "default-ttl", "TTL of every key written without one, e.g. 24h (0: keys without a TTL never expire)")
 	fs.IntVar(&c.history, "history", defaultHistory, "remember at least this many recent changes, so that clients can resume from them")
@@ -125,6 +127,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 		return c, errors.New("-max-keys, -max-subscribers and -history must not be negative")
 	case c.heartbeat <= 0 || c.writeTimeout <= 0:
 		return c, errors.New("-heartbeat and -write-timeout must be positive")
+	case c.maxWSSubs < 1:
+		return c, errors.New("-max-subscriptions must be at least 1")
 	}
 	if c.logFormat != "text" && c.logFormat != "json" {
 		return c, fmt.Errorf("-log-format %q: want text or json", c.logFormat)

@@ -30,6 +30,7 @@ type entry struct {
 type slot struct {
 	mu  sync.Mutex
 	cur atomic.Pointer[entry] // nil or tombstone while the key is missing
+	key string                // the map's own string, which the history shares
 }
 
 var tombstone = &entry{revision: noRevision}
@@ -339,7 +340,7 @@ func (s *Store) slot(key string) *slot {
 	if v, ok := s.keys.Load(key); ok {
 		return v.(*slot)
 	}
-	v, _ := s.keys.LoadOrStore(key, new(slot))
+	v, _ := s.keys.LoadOrStore(key, &slot{key: key})
 	return v.(*slot)
 }
 

@@ -7,7 +7,6 @@ package main
 
 import (
 	"bytes"
-	"io"
 	"net"
 	"runtime"
 	"sync"
@@ -30,7 +29,12 @@ import (
 // stream still waiting its turn when a newer value comes sends only the
 // newer one.
 type eventWriters struct {
-	s       *server
+	published    *atomic.Int64 // every change numbered up to it is published
+	writeTimeout time.Duration
+	heartbeat    time.Duration
+	metrics      *metrics
+	streams      *streams // the registry, which shutdown closes
+
 	started sync.Once
 	stop    chan struct{}
 	wg      sync.WaitGroup // the writers, the heartbeat and slow writes
@@ -43,13 +47,24 @@ type eventWriters struct {
 	wake  chan struct{} // one token per idle writer to wake
 }
 
-// newEventWriters returns the writers of s's streams, one per CPU: 82% of
-// their time is the write(2) itself, so fewer would leave CPUs idle when
-// the fan-out is the work. (One fewer than the CPUs answered writes
-// sooner when the server is overloaded, but had 1.4 times the fan-out
-// latency on 2 CPUs when it is not.)
+// newWriters returns the writers of the streams in registry, one per
+// CPU: 82% of their time is the write(2) itself, so fewer would leave
+// CPUs idle when the fan-out is the work. (One fewer than the CPUs
+// answered writes sooner when the server is overloaded, but had 1.4 times
+// the fan-out latency on 2 CPUs when it is not.) They depend on nothing
+// above them: the published sequence, the two timings, the metrics and
+// the registry.
+func newWriters(published *atomic.Int64, writeTimeout, heartbeat time.Duration, m *metrics, registry *streams) *eventWriters {
+	return &eventWriters{
+		published: published, writeTimeout: writeTimeout, heartbeat: heartbeat, metrics: m, streams: registry,
+		stop: make(chan struct{}), wake: make(chan struct{}, runtime.GOMAXPROCS(0)),
+	}
+}
+
+// newEventWriters returns the writers of s's streams. (http.go calls it;
+// it could call newWriters itself.)
 func newEventWriters(s *server) *eventWriters {
-	return &eventWriters{s: s, stop: make(chan struct{}), wake: make(chan struct{}, runtime.GOMAXPROCS(0))}
+	return newWriters(&s.store.published, s.cfg.writeTimeout, s.cfg.heartbeat, &s.metrics, s.streams)
 }
 
 // stream is a long-lived connection that the writers write: an event
@@ -64,6 +79,7 @@ type stream struct {
 	// busy is set while the stream is queued or being written, so that
 	// only one writer has it at a time.
 	busy   atomic.Bool
+	ended  atomic.Bool // closed: no writer takes it again
 	closed sync.Once
 	who    identity // with -tokens: closed on reload if its grants change
 }
@@ -78,6 +94,8 @@ type protocol interface {
 	sent()
 	// more reports whether there are bytes to send besides the queue's.
 	more() bool
+	// heartbeat is called every -heartbeat while the stream is idle.
+	heartbeat()
 	// close ends the protocol's part, before the connection is closed.
 	close()
 }
@@ -103,7 +121,7 @@ func (w *eventWriters) start(st *stream) {
 		w.wg.Add(1)
 		go w.beat()
 	})
-	if !w.s.streams.track(st) {
+	if !w.streams.track(st) {
 		st.Close() // the server is closing
 		return
 	}
@@ -113,7 +131,7 @@ func (w *eventWriters) start(st *stream) {
 // ready queues st for a writer, unless it is already queued or being
 // written. The coalescer calls it after each push.
 func (st *stream) ready() {
-	if !st.busy.CompareAndSwap(false, true) {
+	if st.ended.Load() || !st.busy.CompareAndSwap(false, true) {
 		return
 	}
 	w := st.w
@@ -177,13 +195,9 @@ func (w *eventWriters) write() {
 // client takes it without blocking; a goroutine of st's own writes the
 // rest.
 func (st *stream) flush() {
-	// Every change numbered up to upTo was queued before the drain, so
-	// once this batch is out the stream has sent all it must of them.
-	upTo := st.w.s.store.published.Load()
 	buf := getBuffer()
-	batch := st.q.drain()
-	buf.Write(st.proto.appendBatch(buf.AvailableBuffer(), batch, upTo)) // a grown array stays with buf, for the pool
-	st.recycle(batch)
+	b, weight := st.appendPending(buf.AvailableBuffer(), st.w.published.Load(), st.w.metrics)
+	buf.Write(b) // a grown array stays with buf, for the pool
 	n, err := writeNow(st.raw, buf.Bytes())
 	switch {
 	case err != nil:
@@ -191,65 +205,93 @@ func (st *stream) flush() {
 		st.Close()
 	case n == buf.Len():
 		putBuffer(buf)
-		st.proto.sent()
-		st.idle()
+		st.sent(weight)
 	default:
 		st.w.slow.Add(1)
 		st.w.wg.Add(1)
-		go st.finish(buf, n)
+		go st.finish(buf, n, weight)
 	}
 }
 
-// recycle hands a drained batch back to the queue, and counts its events
-// and those coalesced away before it in the metrics: two atomic adds per
-// batch, none per event.
-func (st *stream) recycle(batch []event) {
+// appendPending appends the bytes of what is pending: the batch the queue
+// drains, and if it stopped at a state, the state's next chunk. It
+// returns the weight of what it took, which stays counted until sent.
+// Every change numbered up to upTo was queued before the drain.
+func (st *stream) appendPending(b []byte, upTo int64, m *metrics) (_ []byte, weight int64) {
+	batch, front := st.q.drain()
+	if front != nil {
+		upTo = 0 // what waits behind the state was not drained: no heartbeat id
+	}
+	b = st.proto.appendBatch(b, batch, upTo)
+	weight = st.recycle(batch, m)
+	if front != nil {
+		var chunk [stateChunk + 2]event // the states, and a reset and synced
+		states, done := front.read(chunk[:0])
+		b = st.proto.appendBatch(b, states, 0)
+		m.eventsSent.Add(int64(len(states)))
+		if done {
+			st.q.endFront()
+		}
+	}
+	return b, weight
+}
+
+// sent is called once the bytes of a batch of that weight are written.
+func (st *stream) sent(weight int64) {
+	st.q.size.Add(-weight)
+	st.proto.sent()
+	st.idle()
+}
+
+// recycle hands a drained batch back to the queue, counts its events
+// and those coalesced away before it in the metrics (two atomic adds per
+// batch, none per event), and returns its weight.
+func (st *stream) recycle(batch []event, m *metrics) (weight int64) {
 	var n int64
 	for i := range batch {
-		switch batch[i].kind {
+		ev := &batch[i]
+		weight += ev.weight()
+		switch ev.kind {
 		case evGone, evHeartbeat, evReply:
 		default:
 			n++
 		}
 	}
-	m := &st.w.s.metrics
 	if n > 0 {
 		m.eventsSent.Add(n)
 	}
 	if d := st.q.recycle(batch); d > 0 {
 		m.eventsCoalesced.Add(d)
 	}
+	return weight
 }
 
 // finish writes buf from byte n on, blocking, and closes the stream if
 // its client has not taken it all within -write-timeout.
-func (st *stream) finish(buf *bytes.Buffer, n int) {
+func (st *stream) finish(buf *bytes.Buffer, n int, weight int64) {
 	defer st.w.wg.Done()
 	defer putBuffer(buf)
-	st.conn.SetWriteDeadline(time.Now().Add(st.w.s.cfg.writeTimeout))
+	st.conn.SetWriteDeadline(time.Now().Add(st.w.writeTimeout))
 	if _, err := st.conn.Write(buf.Bytes()[n:]); err != nil {
 		st.Close()
 		return
 	}
 	// A deadline left in place would fail the next non-blocking write.
 	st.conn.SetWriteDeadline(time.Time{})
-	st.proto.sent()
-	st.idle()
+	st.sent(weight)
 }
 
-// beat queues a heartbeat on every idle event stream, every -heartbeat.
+// beat tells every idle stream's protocol, every -heartbeat.
 func (w *eventWriters) beat() {
 	defer w.wg.Done()
-	tick := time.NewTicker(w.s.cfg.heartbeat)
+	tick := time.NewTicker(w.heartbeat)
 	defer tick.Stop()
 	for {
 		select {
 		case <-tick.C:
-			w.s.streams.each(func(c io.Closer) {
-				if st, ok := c.(*stream); ok && st.q.Len() == 0 {
-					if _, sse := st.proto.(*sseStream); sse {
-						st.q.push(event{kind: evHeartbeat})
-					}
+			w.streams.each(func(st *stream) {
+				if st.q.Len() == 0 {
+					st.proto.heartbeat()
 				}
 			})
 		case <-w.stop:
@@ -263,9 +305,11 @@ func (w *eventWriters) beat() {
 // streams.close calls it on shutdown.
 func (st *stream) Close() error {
 	st.closed.Do(func() {
+		st.ended.Store(true)
+		st.q.close()
 		st.proto.close()
 		st.conn.Close()
-		st.w.s.streams.untrack(st)
+		st.w.streams.untrack(st)
 	})
 	return nil
 }
@@ -283,7 +327,7 @@ type streams struct {
 	max     int64 // 0: unlimited
 	mu      sync.Mutex
 	n       int64
-	conns   map[io.Closer]bool // closed on shutdown
+	conns   map[*stream]struct{} // closed on shutdown
 	wg      sync.WaitGroup
 	closing chan struct{}
 }
@@ -328,21 +372,21 @@ func (c *streams) Len() int64 {
 
 // track has conn closed on shutdown until untrack is called. It reports
 // false, and does not track conn, if the server is already closing.
-func (c *streams) track(conn io.Closer) bool {
+func (c *streams) track(st *stream) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if c.isClosing() {
 		return false
 	}
 	if c.conns == nil {
-		c.conns = make(map[io.Closer]bool)
+		c.conns = make(map[*stream]struct{})
 	}
-	c.conns[conn] = true
+	c.conns[st] = struct{}{}
 	return true
 }
 
 // untrack undoes track.
-func (c *streams) untrack(conn io.Closer) {
+func (c *streams) untrack(conn *stream) {
 	c.mu.Lock()
 	delete(c.conns, conn)
 	c.mu.Unlock()
@@ -350,7 +394,7 @@ func (c *streams) untrack(conn io.Closer) {
 
 // each calls f for every tracked connection, under the lock: f must not
 // track or untrack.
-func (c *streams) each(f func(io.Closer)) {
+func (c *streams) each(f func(*stream)) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for conn := range c.conns {
@@ -361,11 +405,11 @@ func (c *streams) each(f func(io.Closer)) {
 // closeIf closes every tracked stream for which drop reports true, and
 // returns how many.
 func (c *streams) closeIf(drop func(*stream) bool) int {
-	var doomed []io.Closer
+	var doomed []*stream
 	c.mu.Lock()
-	for conn := range c.conns {
-		if st, ok := conn.(*stream); ok && drop(st) {
-			doomed = append(doomed, conn)
+	for st := range c.conns {
+		if drop(st) {
+			doomed = append(doomed, st)
 		}
 	}
 	c.mu.Unlock()
@@ -380,7 +424,7 @@ func (c *streams) closeIf(drop func(*stream) bool) int {
 func (c *streams) close() {
 	c.mu.Lock()
 	close(c.closing)
-	conns := make([]io.Closer, 0, len(c.conns))
+	conns := make([]*stream, 0, len(c.conns))
 	for conn := range c.conns {
 		conns = append(conns, conn)
 	}

@@ -6,17 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/url"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
-	"time"
-	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -50,9 +45,8 @@ func headerHasToken(h http.Header, name, token string) bool {
 // buffers and the request's state alive as long as the socket lives. So
 // the handler hijacks the connection itself, hands it to websocket.Server
 // on a fresh goroutine with small buffers, and returns. An idle WebSocket
-// then costs about a third as much. What x/net/websocket writes goes to a
-// wsOut: the handshake straight to the connection, and then every frame
-// into the batch that the stream writers send.
+// then costs about a third as much. x/net does the handshake; the frames
+// after it are wsframe.go's.
 func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 	who := s.identify(r)
 	if err := s.access.connect(who.caller); err != nil {
@@ -70,56 +64,77 @@ func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	out := &wsOut{conn: conn, direct: true}
-	rw := bufio.NewReadWriter(buf.Reader, bufio.NewWriterSize(out, 64))
-	if buf.Reader.Buffered() == 0 { // else keep it: it holds the client's first bytes
-		rw.Reader = bufio.NewReaderSize(conn, 512)
+	in := &wsInput{conn: conn, silence: s.cfg.heartbeat, answer: s.cfg.writeTimeout, gone: &s.metrics.wsSilent}
+	if n := buf.Reader.Buffered(); n > 0 {
+		in.early, _ = buf.Reader.Peek(n) // the client's first frames; buf.Reader is not read again
 	}
+	rw := bufio.NewReadWriter(bufio.NewReaderSize(in, 512), bufio.NewWriterSize(out, 64))
 	go func() {
 		defer s.streams.done()
-		serve := func(ws *websocket.Conn) { s.serveWebSocket(ws, conn, out, who) }
+		serve := func(*websocket.Conn) { s.serveWebSocket(conn, rw.Reader, in, out, who) }
 		ws := websocket.Server{Handshake: s.checkOrigin, Handler: serve}
 		ws.ServeHTTP(&hijacked{conn, rw}, r)
 	}()
 }
 
-// wsOut is where a WebSocket's bytes go. x/net/websocket frames each
-// message into its bufio.Writer, which writes here: during the handshake
-// (and after the connection closes) straight to the connection; in
-// between into a batch, which the stream writers send with one write.
-// The pongs and the close frame that x/net writes from the reading
-// goroutine land in the batch too, and have it sent.
+// wsOut is where a WebSocket's bytes go besides its queue's: x/net's
+// handshake, straight to the connection; then the control frames that
+// the reader answers with (pong, close, ping), into a batch that the
+// stream writers send first.
 type wsOut struct {
 	conn  net.Conn
 	ready func() // queues the stream for a writer
 
-	mu     sync.Mutex
-	direct bool
-	buf    []byte
+	mu      sync.Mutex
+	direct  bool
+	buf     []byte
+	closing bool // buf ends with a close frame: nothing may follow it
 }
 
 func (o *wsOut) Write(p []byte) (int, error) {
 	o.mu.Lock()
-	if o.direct {
-		o.mu.Unlock()
-		return o.conn.Write(p)
+	defer o.mu.Unlock()
+	if !o.direct {
+		return 0, net.ErrClosed
 	}
-	o.buf = append(o.buf, p...)
-	o.mu.Unlock()
-	o.ready() // a no-op while a writer has the stream: it takes this itself
-	return len(p), nil
+	return o.conn.Write(p)
 }
 
-// take appends the batch to b and empties it.
-func (o *wsOut) take(b []byte) []byte {
+// control queues a control frame, at once: a writer sends it before
+// anything else pending. After a close, nothing more is queued.
+func (o *wsOut) control(op byte, p []byte) {
+	o.mu.Lock()
+	if o.closing {
+		o.mu.Unlock()
+		return
+	}
+	o.buf = appendFrame(o.buf, op, p)
+	o.mu.Unlock()
+	o.ready() // a no-op while a writer has the stream: it takes this itself
+}
+
+// close queues the close frame that answers err; the stream ends once a
+// writer has sent it.
+func (o *wsOut) close(err *wsCloseError) {
+	o.mu.Lock()
+	if o.closing {
+		o.mu.Unlock()
+		return
+	}
+	o.buf = appendClose(o.buf, err)
+	o.closing = true
+	o.mu.Unlock()
+	o.ready()
+}
+
+// take appends the queued control frames to b, and reports whether they
+// end with a close.
+func (o *wsOut) take(b []byte) (_ []byte, closing bool) {
 	o.mu.Lock()
 	defer o.mu.Unlock()
 	b = append(b, o.buf...)
-	if cap(o.buf) > 64<<10 {
-		o.buf = nil // a large reply went by: let the GC have its array
-	} else {
-		o.buf = o.buf[:0]
-	}
-	return b
+	o.buf = o.buf[:0]
+	return b, o.closing
 }
 
 func (o *wsOut) len() int {
@@ -128,10 +143,10 @@ func (o *wsOut) len() int {
 	return len(o.buf)
 }
 
-// setDirect sends what comes from now on straight to the connection.
-func (o *wsOut) setDirect(direct bool) {
+// endHandshake sends what comes from now on through the queue.
+func (o *wsOut) endHandshake() {
 	o.mu.Lock()
-	o.direct = direct
+	o.direct = false
 	o.mu.Unlock()
 }
 
@@ -174,46 +189,51 @@ func (s *server) checkOrigin(cfg *websocket.Config, r *http.Request) error {
 // reader.
 //
 // A client that sends requests without reading the replies could make
-// the server hold any amount of them. So the bytes of queued replies are
-// counted, and past a bound the reader stops reading until the writers
-// have sent enough: the client's sends then block in TCP, and a client
-// that reads nothing is closed after -write-timeout like any stream.
+// the server hold any amount of them. So everything queued for it is
+// weighed (replies, events, states still to read: the queue's size), and
+// past a bound the reader stops reading until the writers have sent
+// enough: the client's sends then block in TCP, and a client that reads
+// nothing is closed after -write-timeout like any stream.
 type wsConn struct {
 	s    *server
-	ws   *websocket.Conn
+	in   wsReader
 	st   *stream
 	out  *wsOut
 	subs map[string]*subscription // by path as the client spelled it; only the reader touches it
 
-	bound   int64         // of pending, past which the reader waits
-	pending atomic.Int64  // bytes of replies queued or being written
-	batched int64         // of the batch being written; the writer's
-	drained chan struct{} // a token when pending falls to the bound
+	bound   int64         // of the queue's size, past which the reader waits
+	closed  bool          // the batch being written ends with a close frame; the writer's
+	drained chan struct{} // a token when the queue's size falls to the bound
 	done    chan struct{} // closed when the stream closes
 }
 
-// serveWebSocket runs one connection until the client leaves, a write
-// fails or stalls for -write-timeout, or the server shuts down.
-func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut, who identity) {
-	// The envelope, the key and an id need room beside the largest value.
-	ws.MaxPayloadBytes = int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096
-	// The HTTP server's ReadTimeout set a deadline for the request; a
-	// WebSocket lives as long as its client wants.
-	ws.SetReadDeadline(time.Time{})
+// wsBound is the least a connection may have queued before its reader
+// stops reading: replies, events and states in progress (SPEC 10). A
+// test may raise it, to show what it holds back.
+var wsBound int64 = 4 << 20
+
+// serveWebSocket runs one connection until the client leaves or stops
+// answering, a write fails or stalls for -write-timeout, the reader finds
+// a frame the RFC forbids, or the server shuts down.
+func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out *wsOut, who identity) {
 	c := &wsConn{
-		s: s, ws: ws, out: out,
-		subs:    make(map[string]*subscription),
-		bound:   max(4<<20, int64(ws.MaxPayloadBytes)),
+		s: s, out: out,
+		subs: make(map[string]*subscription),
+		// The envelope, the key and an id need room beside the largest value.
+		in:      wsReader{r: r, max: int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096},
 		drained: make(chan struct{}, 1),
 		done:    make(chan struct{}),
 	}
+	c.bound = max(wsBound, int64(c.in.max))
+	c.in.pong = func(p []byte) { out.control(opPong, p) }
+	in.ping = func() { out.control(opPing, nil) }
 	c.st = s.writers.newStream(conn)
 	c.st.who = who
 	s.metrics.ws.Add(1)
 	defer s.metrics.ws.Add(-1)
 	c.st.proto = c
 	out.ready = c.st.ready
-	out.setDirect(false)
+	out.endHandshake()
 	s.writers.start(c.st)
 	defer func() {
 		for _, sub := range c.subs {
@@ -226,118 +246,85 @@ func (s *server) serveWebSocket(ws *websocket.Conn, conn net.Conn, out *wsOut, w
 		if cap(msg) > 64<<10 {
 			msg = nil // a large message went by: let the GC have its array
 		}
-		for c.pending.Load() > c.bound {
+		for c.st.q.size.Load() > c.bound {
 			select {
 			case <-c.drained:
 			case <-c.done:
 				return
 			}
 		}
+		var op byte
 		var err error
-		msg, err = receive(ws, msg)
+		op, msg, err = c.in.next(msg)
+		var closing *wsCloseError
 		switch {
-		case errors.Is(err, websocket.ErrFrameTooLarge):
-			c.reply(nil, "error", appendJSONString(nil, fmt.Sprintf("message larger than %d bytes", ws.MaxPayloadBytes)))
-			continue
+		case errors.As(err, &closing):
+			c.out.close(closing)
+			// The writer that sends the close frame ends the stream; it
+			// has -write-timeout for it, as for any write.
+			<-c.done
+			return
+		case errors.Is(err, errNotUTF8):
+			// encoding/json would quietly turn the bad bytes of a key
+			// into U+FFFD: another key.
+			c.fail(nil, err)
 		case err != nil:
 			return
-		}
-		c.handle(msg)
-	}
-}
-
-// receive reads the next message into buf's array, growing it as needed,
-// and returns it. As websocket.Message.Receive does, it reads a frame at
-// a time, lets x/net answer pings and close frames on the way, and drains
-// a frame larger than ws.MaxPayloadBytes and says so; unlike it, it does
-// not allocate a new slice per message, grown a step at a time.
-func receive(ws *websocket.Conn, buf []byte) ([]byte, error) {
-	for {
-		frame, err := ws.NewFrameReader()
-		if err != nil {
-			return buf, err
-		}
-		if frame, err = ws.HandleFrame(frame); err != nil {
-			return buf, err
-		}
-		if frame == nil {
-			continue // a ping or a pong, answered
-		}
-		buf = buf[:0]
-		for {
-			if len(buf) == cap(buf) {
-				buf = slices.Grow(buf, max(512, len(buf)))
-			}
-			// Never more than one byte past the limit.
-			n, err := frame.Read(buf[len(buf):min(cap(buf), ws.MaxPayloadBytes+1)])
-			buf = buf[:len(buf)+n]
-			switch {
-			case len(buf) > ws.MaxPayloadBytes:
-				if _, err := io.Copy(io.Discard, frame); err != nil {
-					return buf[:0], err
-				}
-				return buf[:0], websocket.ErrFrameTooLarge
-			case err == io.EOF:
-				return buf, nil
-			case err != nil:
-				return buf, err
-			}
+		case op == opBinary:
+			c.reply(nil, "error", appendJSONString(nil, "binary message: the protocol is JSON text"))
+		default:
+			c.handle(msg)
 		}
 	}
 }
 
-// close ends the connection: the reader stops waiting, and what x/net
-// writes from now on (the close frame) goes straight out. The reader
+// close ends the connection: the reader stops waiting. The reader
 // unsubscribes once it has returned.
-func (c *wsConn) close() {
-	close(c.done)
-	c.out.setDirect(true)
-	c.ws.Close()
-}
+func (c *wsConn) close() { close(c.done) }
 
 func (c *wsConn) more() bool { return c.out.len() > 0 }
 
-// sent counts the replies of the batch just written out of pending, and
-// wakes the reader if that took it down to the bound.
+// sent wakes the reader if the batch just written took the queue down
+// to the bound; or, once a close frame is out, ends the stream.
 func (c *wsConn) sent() {
-	if c.batched == 0 {
+	if c.closed {
+		c.st.Close()
 		return
 	}
-	if c.pending.Add(-c.batched) <= c.bound {
+	if c.st.q.size.Load() <= c.bound {
 		select {
 		case c.drained <- struct{}{}:
 		default:
 		}
 	}
-	c.batched = 0
 }
 
-// appendBatch frames each event and reply of a batch, as x/net frames
-// them, and appends the frames, and whatever else x/net wrote meanwhile.
+// heartbeat does nothing: the reader pings a silent peer itself (see
+// wsInput), as soon as it has been silent for -heartbeat.
+func (c *wsConn) heartbeat() {}
+
+// appendBatch appends the control frames queued meanwhile, then a frame
+// for each event and reply of a batch; after a close frame, nothing.
 func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
-	select {
-	case <-c.done:
-		return b // closed: nothing more goes out
-	default:
+	b, c.closed = c.out.take(b)
+	if c.closed {
+		return b
 	}
-	msg := getBuffer()
-	defer putBuffer(msg)
 	for i := range batch {
 		ev := &batch[i]
-		switch ev.kind {
-		case evGone, evHeartbeat:
+		if ev.kind == evGone || ev.kind == evHeartbeat {
 			continue
-		case evReply:
-			c.batched += ev.reply.size
-			msg.Reset()
-			msg.Write(ev.reply.append(msg.AvailableBuffer()))
-		default:
-			msg.Reset()
-			msg.Write(appendWSEvent(msg.AvailableBuffer(), ev))
 		}
-		c.ws.Write(msg.Bytes()) // into c.out; it cannot fail there
+		var start int
+		b, start = beginFrame(b)
+		if ev.kind == evReply {
+			b = ev.reply.append(b)
+		} else {
+			b = appendWSEvent(b, ev)
+		}
+		b = endFrame(b, start, opText)
 	}
-	return c.out.take(b)
+	return b
 }
 
 // appendWSEvent appends an event of a subscription as a WebSocket message,
@@ -409,118 +396,184 @@ type wsPayload struct {
 	Since    json.RawMessage `json:"since"`
 }
 
-// handle answers one message.
+// wsOp is one message type of the WebSocket API: what its payload names
+// and the permission that needs, and the method that answers it. handle
+// checks both, in one place, before the method runs.
+type wsOp struct {
+	names  wsTarget
+	perm   perm
+	answer func(c *wsConn, r wsRequest)
+}
+
+// wsTarget is what a message's payload names.
+type wsTarget uint8
+
+const (
+	namesKey    wsTarget = iota // "key": a key
+	namesPath                   // "key": a key, a prefix ending with "/", or "/"
+	namesPrefix                 // "prefix": a prefix ("/" if absent; the "/" at its end may be left out)
+)
+
+// wsOps is every message type a client may send.
+var wsOps = map[string]wsOp{
+	"get":         {namesKey, permRead, (*wsConn).get},
+	"set":         {namesKey, permWrite, (*wsConn).set},
+	"update":      {namesKey, permWrite, (*wsConn).update},
+	"delete":      {namesKey, permWrite, (*wsConn).delete},
+	"subscribe":   {namesPath, permRead, (*wsConn).subscribe},
+	"unsubscribe": {namesPath, permNone, (*wsConn).unsubscribe},
+	"list":        {namesPrefix, permRead, (*wsConn).list},
+}
+
+// wsRequest is a message being answered, with what it names checked:
+// the store's key or path, and as the client spelled it, which replies
+// repeat ("foo" or "/foo").
+type wsRequest struct {
+	typ      string
+	id       json.RawMessage
+	p        wsPayload
+	key      string
+	spelled  string
+	kvserver bool
+}
+
+// handle answers one message: it finds its op, checks what the payload
+// names and that the connection may do the op on it, and runs the op. A
+// write refused here counts in the metrics as any write does.
 func (c *wsConn) handle(data []byte) {
 	msg, p, err := decodeMessage(data)
 	if err != nil {
-		c.reply(msg.ID, "error", appendJSONString(nil, err.Error()))
+		c.fail(msg.ID, err)
 		return
 	}
-	fail := func(err error) { c.reply(msg.ID, "error", appendJSONString(nil, err.Error())) }
-	s := c.s
-	failWrite := func(err error) {
-		s.metrics.wrote(err)
-		fail(err)
+	op, ok := wsOps[msg.Type]
+	if !ok {
+		c.fail(msg.ID, fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+		return
 	}
-	// Replies name keys as the message spelled them ("foo" or "/foo").
-	switch msg.Type {
-	case "get":
-		key, spelled, err := c.key(p.Key, permRead)
-		if err != nil {
-			fail(err)
-			return
+	r := wsRequest{typ: msg.Type, id: msg.ID, p: p}
+	if err := c.target(op, &r); err != nil && op.perm == permWrite {
+		c.failWrite(r.id, err)
+		return
+	} else if err != nil {
+		c.fail(r.id, err)
+		return
+	}
+	op.answer(c, r)
+}
+
+// target reads and checks what r's payload names for op, and whether the
+// connection may do op on it.
+func (c *wsConn) target(op wsOp, r *wsRequest) error {
+	switch {
+	case op.names == namesPrefix:
+		r.spelled = "/"
+		if r.p.Prefix != nil {
+			r.spelled = *r.p.Prefix
 		}
-		if e := s.store.Get(key); e != nil {
-			c.replyValue(msg.ID, spelled, e)
-		} else {
-			c.reply(msg.ID, "no-value", appendKeyPayload(nil, spelled))
+		if !strings.HasSuffix(r.spelled, "/") {
+			r.spelled += "/"
 		}
-	case "set", "update":
-		key, spelled, value, ttl, err := c.write(p)
-		if err != nil {
-			failWrite(err)
-			return
-		}
-		var e *entry
-		if msg.Type == "set" {
-			e, err = s.store.Set(key, value, ttl)
-		} else if p.Revision == nil {
-			failWrite(errors.New(`update: missing "revision": the revision the write will have (0 to create)`))
-			return
-		} else {
-			e, err = s.store.CompareAndSwap(key, value, *p.Revision, ttl)
-		}
-		c.answerWrite(msg.ID, spelled, err, msg.Type == "update", func() []byte { return appendRevisionPayload(nil, spelled, e.revision) })
-	case "delete":
-		key, spelled, err := c.key(p.Key, permWrite)
-		if err != nil {
-			failWrite(err)
-			return
-		}
-		rev := int64(-1)
-		if p.Revision != nil {
-			rev = *p.Revision
-		}
-		_, err = s.store.Delete(key, rev)
-		c.answerWrite(msg.ID, spelled, err, false, func() []byte { return appendKeyPayload(nil, spelled) })
-	case "subscribe", "unsubscribe":
-		if p.Key == nil {
-			fail(fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, msg.Type))
-			return
-		}
-		spelled := *p.Key
-		path, kvserver, err := checkSpelled(spelled, s.cfg.maxKeyBytes, false)
-		if err == nil && msg.Type == "subscribe" {
-			err = c.allow(path, permRead)
-		}
-		if err != nil {
-			fail(err)
-			return
-		}
-		// A subscribe's ok is queued before any of its events, so it
-		// arrives first; an unsubscribe's after the subscription is gone,
-		// so no event of it follows the ok.
-		sub := c.subs[spelled]
-		if msg.Type == "subscribe" {
-			if msg.ID != nil {
-				c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
-			}
-			if sub != nil {
-				s.store.Unsubscribe(sub) // subscribing again starts afresh
-			}
-			sub = &subscription{path: path, q: &c.st.q, kvserver: kvserver}
-			c.subs[spelled] = sub
-			s.store.Subscribe(sub, subscribeFrom(p))
-			return
-		}
-		if sub != nil {
-			delete(c.subs, spelled)
-			s.store.Unsubscribe(sub)
-		}
-		if msg.ID != nil {
-			c.reply(msg.ID, "ok", appendKeyPayload(nil, spelled))
-		}
-	case "list":
-		prefix := "/"
-		if p.Prefix != nil {
-			prefix = *p.Prefix
-		}
-		if !strings.HasSuffix(prefix, "/") {
-			prefix += "/"
-		}
-		path, kvserver, err := checkSpelled(prefix, s.cfg.maxKeyBytes, false)
-		if err == nil {
-			err = c.allow(path, permRead)
-		}
-		if err != nil {
-			fail(err)
-			return
-		}
-		c.replyList(msg.ID, path, kvserver)
+	case r.p.Key == nil && op.names == namesPath:
+		return fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, r.typ)
+	case r.p.Key == nil:
+		return fmt.Errorf(`%s: missing "key"`, r.typ)
 	default:
-		fail(fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+		r.spelled = *r.p.Key
+	}
+	var err error
+	if r.key, r.kvserver, err = checkSpelled(r.spelled, c.s.cfg.maxKeyBytes, op.names == namesKey); err != nil {
+		return err
+	}
+	return c.allow(r.key, op.perm)
+}
+
+// fail replies with an error.
+func (c *wsConn) fail(id json.RawMessage, err error) {
+	c.reply(id, "error", appendJSONString(nil, err.Error()))
+}
+
+// failWrite replies with an error to a write, and counts it.
+func (c *wsConn) failWrite(id json.RawMessage, err error) {
+	c.s.metrics.wrote(err)
+	c.fail(id, err)
+}
+
+func (c *wsConn) get(r wsRequest) {
+	if e := c.s.store.Get(r.key); e != nil {
+		c.replyValue(r.id, r.spelled, e)
+	} else {
+		c.reply(r.id, "no-value", appendKeyPayload(nil, r.spelled))
 	}
 }
+
+func (c *wsConn) set(r wsRequest) {
+	value, ttl, err := c.s.valueAndTTL(r.p.Value, r.p.TTL)
+	if err != nil {
+		c.failWrite(r.id, err)
+		return
+	}
+	e, err := c.s.store.Set(r.key, value, ttl)
+	c.answerWrite(r.id, r.spelled, err, false, func() []byte { return appendRevisionPayload(nil, r.spelled, e.revision) })
+}
+
+func (c *wsConn) update(r wsRequest) {
+	value, ttl, err := c.s.valueAndTTL(r.p.Value, r.p.TTL)
+	if err == nil && r.p.Revision == nil {
+		err = errors.New(`update: missing "revision": the revision the write will have (0 to create)`)
+	}
+	if err != nil {
+		c.failWrite(r.id, err)
+		return
+	}
+	e, err := c.s.store.CompareAndSwap(r.key, value, *r.p.Revision, ttl)
+	c.answerWrite(r.id, r.spelled, err, true, func() []byte { return appendRevisionPayload(nil, r.spelled, e.revision) })
+}
+
+func (c *wsConn) delete(r wsRequest) {
+	rev := int64(-1)
+	if r.p.Revision != nil {
+		rev = *r.p.Revision
+	}
+	_, err := c.s.store.Delete(r.key, rev)
+	c.answerWrite(r.id, r.spelled, err, false, func() []byte { return appendKeyPayload(nil, r.spelled) })
+}
+
+// subscribe registers a subscription under the path as the client spelled
+// it. Its ok is queued before any of its events, so it arrives first.
+// Subscribing again under the same spelling keeps the subscription, and
+// queues only the state it asks for, if any: no second registration, no
+// second copy of anything. A new spelling past -max-subscriptions is
+// refused.
+func (c *wsConn) subscribe(r wsRequest) {
+	sub := c.subs[r.spelled]
+	if sub == nil && len(c.subs) >= c.s.cfg.maxWSSubs {
+		c.fail(r.id, fmt.Errorf("subscribe %s: this connection has %d subscriptions, the most it may (-max-subscriptions): unsubscribe first", quoteKey(r.spelled), len(c.subs)))
+		return
+	}
+	if r.id != nil {
+		c.reply(r.id, "ok", appendKeyPayload(nil, r.spelled))
+	}
+	if sub == nil {
+		sub = &subscription{path: r.key, q: &c.st.q, kvserver: r.kvserver}
+		c.subs[r.spelled] = sub
+	}
+	c.s.store.Subscribe(sub, subscribeFrom(r.p))
+}
+
+// unsubscribe's ok is queued after the subscription is gone, so no event
+// of it follows the ok.
+func (c *wsConn) unsubscribe(r wsRequest) {
+	if sub := c.subs[r.spelled]; sub != nil {
+		delete(c.subs, r.spelled)
+		c.s.store.Unsubscribe(sub)
+	}
+	if r.id != nil {
+		c.reply(r.id, "ok", appendKeyPayload(nil, r.spelled))
+	}
+}
+
+func (c *wsConn) list(r wsRequest) { c.replyList(r.id, r.key, r.kvserver) }
 
 // subscribeFrom says where a subscribe message starts: after since, a
 // change number, if given (a since that is not a positive integer cannot
@@ -537,13 +590,10 @@ func subscribeFrom(p wsPayload) int64 {
 
 // decodeMessage parses a message and its payload, in one pass. On error
 // the message holds whatever id could be read, so the error can echo it.
+// The message is valid UTF-8 (wsReader checks it, as RFC 6455 asks), so
+// encoding/json cannot quietly turn bad bytes of a key into U+FFFD.
 func decodeMessage(data []byte) (wsMessage, wsPayload, error) {
 	var msg wsMessage
-	if !utf8.Valid(data) {
-		// A text frame must be UTF-8 (RFC 6455), and encoding/json would
-		// quietly turn the bad bytes of a key into U+FFFD: another key.
-		return msg, wsPayload{}, errors.New("invalid message: not valid UTF-8")
-	}
 	err := json.Unmarshal(data, &msg)
 	// Unmarshal goes on past a member of the wrong type, so the type and
 	// id are read whatever their place in the message.
@@ -581,33 +631,12 @@ func wantType(field string) string {
 	return "a string"
 }
 
-// key checks a payload's key, and that the connection may do p on it,
-// and returns the store key and the key as the client spelled it.
-func (c *wsConn) key(k *string, p perm) (key, spelled string, err error) {
-	if k == nil {
-		return "", "", errors.New(`missing "key"`)
-	}
-	if key, _, err = checkSpelled(*k, c.s.cfg.maxKeyBytes, true); err != nil {
-		return "", "", err
-	}
-	return key, *k, c.allow(key, p)
-}
-
 // allow returns nil if the connection's token lets it do p on path.
 func (c *wsConn) allow(path string, p perm) error {
 	if err := c.s.access.allow(c.st.who.caller, path, p); err != nil {
 		return err
 	}
 	return nil // not the nil *accessError, which is a non-nil error
-}
-
-// write checks the key, value and TTL of a set or update.
-func (c *wsConn) write(p wsPayload) (key, spelled, value string, ttl time.Duration, err error) {
-	if key, spelled, err = c.key(p.Key, permWrite); err != nil {
-		return "", "", "", 0, err
-	}
-	value, ttl, err = c.s.valueAndTTL(p.Value, p.TTL)
-	return key, spelled, value, ttl, err
 }
 
 // answerWrite replies to a write of key that ended with err: conflict
@@ -655,10 +684,9 @@ func (r *wsReply) append(b []byte) []byte {
 	return append(b, r.tail...)
 }
 
-// push queues a reply. Its bytes count as pending from now until a
-// writer has sent them.
+// push queues a reply. Its bytes count against the bound from now until
+// a writer has sent them.
 func (c *wsConn) push(r *wsReply) {
-	c.pending.Add(r.size)
 	c.st.q.push(event{kind: evReply, reply: r})
 }
 

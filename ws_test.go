@@ -4,16 +4,21 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/net/websocket"
 )
@@ -188,7 +193,6 @@ func TestWebSocketBadMessages(t *testing.T) {
 		{`{"type":"get","payload":{"key":5}}`, `get: \"key\" must be a string`},
 		{`{"type":"get","payload":{"key":"a\u0000b"}}`, `invalid key \"a\\x00b\": control character U+0000`},
 		{`{"type":"get","payload":{"key":""}}`, `invalid key \"\": empty`},
-		{"{\"type\":\"get\",\"payload\":{\"key\":\"/\xff\"}}", `invalid message: not valid UTF-8`},
 		{`{"type":"set","payload":{"key":"/a//b","value":1}}`, `invalid key \"/a//b\"`},
 		{`{"type":"set","payload":{"key":"/a"}}`, `missing \"value\"`},
 		{`{"type":"set","payload":{"key":"/a","value":1,"ttl":0}}`, `invalid TTL 0: must be positive`},
@@ -213,11 +217,6 @@ func TestWebSocketBadMessages(t *testing.T) {
 		if strings.Contains(tt.send, `"id":[7]`) && !strings.HasSuffix(got, `,"id":[7]}`) {
 			t.Errorf("error did not echo the id: %s", got)
 		}
-	}
-	// A frame over the connection's limit is refused and skipped whole.
-	c.send(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 10000) + `"}}`)
-	if got := c.recv(); !strings.Contains(got, `"type":"error"`) || !strings.Contains(got, "message larger than") {
-		t.Errorf("oversized frame: got %s", got)
 	}
 	c.roundTrip(`{"type":"get","payload":{"key":"/keep"}}`, `{"type":"value","payload":{"key":"/keep","value":"safe","revision":0}}`)
 }
@@ -409,7 +408,8 @@ func FuzzDecodeMessage(f *testing.F) {
 		for _, sub := range c.subs {
 			srv.store.Unsubscribe(sub)
 		}
-		for _, ev := range c.st.q.drain() {
+		batch, _ := c.st.q.drain()
+		for _, ev := range batch {
 			var msg []byte
 			switch ev.kind {
 			case evGone, evHeartbeat:
@@ -608,12 +608,13 @@ func TestWebSocketFlood(t *testing.T) {
 
 	// Another client goes on meanwhile: its round trips and an event.
 	other := dialWS(t, url, "")
+	key := "/ev"
 	other.roundTrip(`{"type":"subscribe","payload":{"key":"/ev"},"id":0}`, `{"type":"ok","payload":{"key":"/ev"},"id":0}`)
 	var peak uint64
 	for i := range 20 {
-		other.roundTrip(fmt.Sprintf(`{"type":"set","payload":{"key":"/ev","value":%d},"id":%d}`, i, i+1),
-			fmt.Sprintf(`{"type":"value","payload":{"key":"/ev","value":%d,"revision":%d,"seq":_}}`, i, i))
-		if got := other.recv(); got != fmt.Sprintf(`{"type":"ok","payload":{"key":"/ev","revision":%d},"id":%d}`, i, i+1) {
+		other.roundTrip(fmt.Sprintf(`{"type":"set","payload":{"key":%q,"value":%d},"id":%d}`, key, i, i+1),
+			fmt.Sprintf(`{"type":"value","payload":{"key":%q,"value":%d,"revision":%d,"seq":_}}`, key, i, i))
+		if got := other.recv(); got != fmt.Sprintf(`{"type":"ok","payload":{"key":%q,"revision":%d},"id":%d}`, key, i, i+1) {
 			t.Errorf("another client's set %d during the flood: got %s", i, got)
 		}
 		peak = max(peak, c.mem())
@@ -654,4 +655,625 @@ func TestWebSocketBurst(t *testing.T) {
 			t.Fatalf("reply %d: got %s; want %s", i, got, want)
 		}
 	}
+}
+
+// TestWebSocketPipelinedOrder: connections that watch the keys they write
+// and pipeline 200 updates each get, before the ok of revision r, an event
+// of that key of revision r or newer (SPEC 5, "Order"), however the
+// events coalesce meanwhile; the other connections' writes to the same
+// prefix keep the queues coalescing.
+func TestWebSocketPipelinedOrder(t *testing.T) {
+	url := startServer(t)
+	const conns, updates = 4, 200
+	var wg sync.WaitGroup
+	for i := range conns {
+		c := dialWS(t, url, "")
+		c.roundTrip(`{"type":"subscribe","payload":{"key":"/p/"},"id":0}`, `{"type":"ok","payload":{"key":"/p/"},"id":0}`)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			key := fmt.Sprintf("/p/%d", i)
+			c.ws.SetWriteDeadline(time.Now().Add(10 * time.Second)) // a hang breaker
+			// All in flight: nothing is read until the last is sent.
+			for r := range updates {
+				msg := fmt.Sprintf(`{"type":"update","payload":{"key":%q,"value":%d,"revision":%d},"id":%d}`, key, r, r, r)
+				if err := websocket.Message.Send(c.ws, msg); err != nil {
+					t.Errorf("send: %v", err)
+					return
+				}
+			}
+			seen := int64(-1) // the newest revision of key in an event so far
+			for oks := 0; oks < updates; {
+				var m struct {
+					Type    string
+					Payload struct {
+						Key      string
+						Revision int64
+					}
+				}
+				raw := c.recvRaw()
+				if err := json.Unmarshal([]byte(raw), &m); err != nil {
+					t.Errorf("%s: %v", raw, err)
+					return
+				}
+				switch {
+				case m.Type == "value" && m.Payload.Key == key:
+					seen = max(seen, m.Payload.Revision)
+				case m.Type == "ok":
+					if seen < m.Payload.Revision {
+						t.Errorf("%s: the ok of revision %d came before any event of revision %d or newer (newest so far %d)", key, m.Payload.Revision, m.Payload.Revision, seen)
+						return
+					}
+					oks++
+				case m.Type != "value":
+					t.Errorf("unexpected %s", raw)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+}
+
+// clientFrame is a client's frame: FIN if fin, the opcode, masked (every
+// client frame is) with a key that changes every byte.
+func clientFrame(fin bool, op byte, payload []byte) []byte {
+	b := []byte{op}
+	if fin {
+		b[0] |= 0x80
+	}
+	switch n := len(payload); {
+	case n < 126:
+		b = append(b, 0x80|byte(n))
+	case n <= 0xffff:
+		b = append(b, 0x80|126, byte(n>>8), byte(n))
+	default:
+		b = append(b, 0x80|127, 0, 0, 0, 0, byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+	}
+	mask := []byte{0x11, 0x22, 0x33, 0x44}
+	b = append(b, mask...)
+	for i, c := range payload {
+		b = append(b, c^mask[i%4])
+	}
+	return b
+}
+
+// fragments splits msg into n text frames: a text frame, then
+// continuations, the last with FIN.
+func fragments(msg []byte, n int) [][]byte {
+	var frames [][]byte
+	for i := range n {
+		part := msg[i*len(msg)/n : (i+1)*len(msg)/n]
+		op := byte(opContinuation)
+		if i == 0 {
+			op = opText
+		}
+		frames = append(frames, clientFrame(i == n-1, op, part))
+	}
+	return frames
+}
+
+// dialRaw opens a WebSocket to url, does the handshake, and returns the
+// bare connection, for frames built byte by byte.
+func dialRaw(t testing.TB, url string) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := net.Dial("tcp", strings.TrimPrefix(url, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	cfg, _ := websocket.NewConfig(strings.Replace(url, "http://", "ws://", 1)+"/", "http://localhost/")
+	if _, err := websocket.NewClient(cfg, conn); err != nil { // the server sends nothing more until asked
+		t.Fatal(err)
+	}
+	return conn, bufio.NewReader(conn)
+}
+
+// readFrame reads a server frame: FIN set, unmasked.
+func readFrame(t testing.TB, conn net.Conn, r *bufio.Reader) (op byte, payload []byte, err error) {
+	t.Helper()
+	conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	var h [2]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		return 0, nil, err
+	}
+	if h[0]&0xf0 != 0x80 || h[1]&0x80 != 0 {
+		t.Fatalf("server frame header % x: want FIN, no reserved bit, no mask", h)
+	}
+	n := int(h[1] & 0x7f)
+	switch n {
+	case 126:
+		var ext [2]byte
+		io.ReadFull(r, ext[:])
+		n = int(ext[0])<<8 | int(ext[1])
+	case 127:
+		var ext [8]byte
+		io.ReadFull(r, ext[:])
+		n = int(ext[4])<<24 | int(ext[5])<<16 | int(ext[6])<<8 | int(ext[7])
+	}
+	payload = make([]byte, n)
+	_, err = io.ReadFull(r, payload)
+	return h[0] & 0x0f, payload, err
+}
+
+// TestWebSocketFrames: RFC 6455 as a server must do it, one row per rule,
+// each with frames built byte by byte: a message in one frame or many,
+// control frames between fragments answered at once, a close echoed with
+// its code, every frame the RFC forbids closed with 1002, a message over
+// the limit across its fragments with 1009, bad UTF-8 with 1007, and a
+// binary message answered with an error. A row that does not end the
+// connection is followed by a request, whose answer shows it still open.
+func TestWebSocketFrames(t *testing.T) {
+	url := startServer(t)
+	get := []byte(`{"type":"get","payload":{"key":"/f"},"id":1}`)
+	noValue := `{"type":"no-value","payload":{"key":"/f"},"id":1}`
+	padded := append(append(slices.Clone(get[:len(get)-1]), bytes.Repeat([]byte(" "), 2000)...), '}')
+	bigSet := []byte(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 1<<20-2) + `"},"id":2}`)
+	tooBig := []byte(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 1<<20+8192) + `"},"id":2}`)
+	accent := []byte(`{"type":"get","payload":{"key":"/caf` + "\xc3\xa9" + `"},"id":1}`)
+	cut := bytes.Index(accent, []byte{0xa9})
+	badUTF8 := slices.Clone(accent)
+	badUTF8[cut] = 'x' // 0xc3 then 'x'
+	closeFrame := func(code int, reason string) []byte {
+		return clientFrame(true, opClose, append([]byte{byte(code >> 8), byte(code)}, reason...))
+	}
+	type want struct {
+		op   byte
+		text string // the payload, or for a close its code and reason
+	}
+	reply := func(s string) want { return want{opText, s} }
+	closed := func(code int) want { return want{opClose, strconv.Itoa(code)} }
+	for _, tt := range []struct {
+		name   string
+		frames [][]byte
+		want   []want
+	}{
+		{"one frame", [][]byte{clientFrame(true, opText, get)}, []want{reply(noValue)}},
+		{"2 fragments", fragments(get, 2), []want{reply(noValue)}},
+		{"1000 fragments", fragments(padded, 1000), []want{reply(noValue)}},
+		{"empty fragments", [][]byte{clientFrame(false, opText, nil), clientFrame(false, opContinuation, get), clientFrame(true, opContinuation, nil)}, []want{reply(noValue)}},
+		{"pings between fragments, answered at once", func() [][]byte {
+			f := fragments(get, 3)
+			return [][]byte{f[0], clientFrame(true, opPing, []byte("a")), f[1], clientFrame(true, opPing, []byte("bb")), clientFrame(true, opPong, []byte("c")), f[2]}
+		}(), []want{{opPong, "a"}, {opPong, "bb"}, reply(noValue)}},
+		{"1 MiB value in 64 KB fragments", fragments(bigSet, len(bigSet)/(64<<10)+1), []want{reply(`{"type":"ok","payload":{"key":"/big","revision":0},"id":2}`)}},
+		{"UTF-8 split across fragments", [][]byte{clientFrame(false, opText, accent[:cut]), clientFrame(true, opContinuation, accent[cut:])}, []want{reply(`{"type":"no-value","payload":{"key":"/café"},"id":1}`)}},
+		{"binary message: error", [][]byte{clientFrame(true, opBinary, get)}, []want{reply(`{"type":"error","payload":"binary message: the protocol is JSON text"}`)}},
+		{"over the limit across fragments: 1009", fragments(tooBig, 20), []want{closed(closeTooBig)}},
+		{"bad UTF-8 split across fragments: error", [][]byte{clientFrame(false, opText, badUTF8[:cut]), clientFrame(true, opContinuation, badUTF8[cut:])}, []want{reply(`{"type":"error","payload":"invalid message: not valid UTF-8"}`)}},
+		{"close reason not UTF-8: 1007", [][]byte{closeFrame(closeNormal, "\xff")}, []want{closed(closeInvalidData)}},
+		{"unmasked client frame: 1002", [][]byte{append([]byte{0x81, byte(len(get))}, get...)}, []want{closed(closeProtocol)}},
+		{"RSV1: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x40; return f }()}, []want{closed(closeProtocol)}},
+		{"RSV2: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x20; return f }()}, []want{closed(closeProtocol)}},
+		{"RSV3: 1002", [][]byte{func() []byte { f := clientFrame(true, opText, get); f[0] |= 0x10; return f }()}, []want{closed(closeProtocol)}},
+		{"reserved data opcode: 1002", [][]byte{clientFrame(true, 0x3, get)}, []want{closed(closeProtocol)}},
+		{"reserved control opcode: 1002", [][]byte{clientFrame(true, 0xb, nil)}, []want{closed(closeProtocol)}},
+		{"control frame over 125 bytes: 1002", [][]byte{clientFrame(true, opPing, make([]byte, 126))}, []want{closed(closeProtocol)}},
+		{"fragmented control frame: 1002", [][]byte{clientFrame(false, opPing, []byte("a"))}, []want{closed(closeProtocol)}},
+		{"continuation without a start: 1002", [][]byte{clientFrame(true, opContinuation, get)}, []want{closed(closeProtocol)}},
+		{"new message inside a fragmented one: 1002", [][]byte{clientFrame(false, opText, get[:5]), clientFrame(true, opText, get)}, []want{closed(closeProtocol)}},
+		{"close with a one-byte payload: 1002", [][]byte{clientFrame(true, opClose, []byte{3})}, []want{closed(closeProtocol)}},
+		{"close with a code no one may send: 1002", [][]byte{closeFrame(1005, "")}, []want{closed(closeProtocol)}},
+		{"close echoed with its code", [][]byte{closeFrame(closeNormal, "bye")}, []want{closed(closeNormal)}},
+		{"close with an application code echoed", [][]byte{closeFrame(4000, "")}, []want{closed(4000)}},
+		{"close without a code echoed empty", [][]byte{clientFrame(true, opClose, nil)}, []want{{opClose, ""}}},
+		{"close between fragments", [][]byte{fragments(get, 2)[0], closeFrame(closeNormal, "")}, []want{closed(closeNormal)}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			conn, r := dialRaw(t, url)
+			conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+			if _, err := conn.Write(bytes.Join(tt.frames, nil)); err != nil {
+				t.Fatal(err)
+			}
+			ended := false
+			for _, w := range tt.want {
+				op, payload, err := readFrame(t, conn, r)
+				if err != nil {
+					t.Fatalf("want %d %q: %v", w.op, w.text, err)
+				}
+				got := string(payload)
+				if op == opClose && len(payload) >= 2 {
+					got = strconv.Itoa(int(payload[0])<<8 | int(payload[1]))
+					ended = true
+				} else if op == opClose {
+					ended = true
+				}
+				if op != w.op || got != w.text {
+					t.Errorf("got frame %d %q (%q); want %d %q", op, got, payload, w.op, w.text)
+				}
+			}
+			if ended {
+				if op, payload, err := readFrame(t, conn, r); err == nil {
+					t.Errorf("after the close: frame %d %q; want the connection closed", op, payload)
+				}
+				return
+			}
+			conn.Write(clientFrame(true, opText, get))
+			if _, payload, err := readFrame(t, conn, r); err != nil || string(payload) != noValue {
+				t.Errorf("after the row: %q, %v; want %s", payload, err, noValue)
+			}
+		})
+	}
+}
+
+// FuzzWebSocketFrames: whatever bytes a client sends, the reader returns
+// a whole text message of valid UTF-8 (or says it is not) or a binary one,
+// within the limit, or an error; it never panics, and a close it asks for
+// fits a control frame.
+func FuzzWebSocketFrames(f *testing.F) {
+	get := []byte(`{"type":"get","payload":{"key":"/f"}}`)
+	for _, frames := range [][][]byte{
+		{clientFrame(true, opText, get)},
+		fragments(get, 3),
+		{clientFrame(false, opText, get[:3]), clientFrame(true, opPing, []byte("p")), clientFrame(true, opContinuation, get[3:])},
+		{clientFrame(true, opBinary, []byte{0xff})},
+		{clientFrame(true, opClose, []byte{3, 0xe8})},
+		{clientFrame(true, opText, []byte("\xc3")), clientFrame(true, opText, bytes.Repeat([]byte("x"), 300))},
+	} {
+		f.Add(bytes.Join(frames, nil))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		pongs := 0
+		r := &wsReader{r: bufio.NewReader(bytes.NewReader(data)), max: 256, pong: func([]byte) { pongs++ }}
+		var buf []byte
+		for {
+			op, msg, err := r.next(buf)
+			buf = msg
+			var closing *wsCloseError
+			switch {
+			case errors.As(err, &closing):
+				if frame := appendClose(nil, closing); len(frame) > 2+maxControlPayload {
+					t.Fatalf("close frame of %d bytes", len(frame))
+				}
+				return
+			case errors.Is(err, errNotUTF8) && op == opText:
+			case err != nil:
+				return
+			case op != opText && op != opBinary:
+				t.Fatalf("message of opcode %d", op)
+			case len(msg) > r.max:
+				t.Fatalf("message of %d bytes; limit %d", len(msg), r.max)
+			case op == opText && !utf8.Valid(msg):
+				t.Fatalf("text message %q not valid UTF-8", msg)
+			}
+		}
+	})
+}
+
+// TestWebSocketSilentPeer: a connection silent for -heartbeat gets a ping;
+// one that answers stays open, one that answers nothing within
+// -write-timeout is closed, and counted.
+func TestWebSocketSilentPeer(t *testing.T) {
+	srv, url := newTestServer(t, "-heartbeat", "50ms", "-write-timeout", "100ms")
+	alive, ar := dialRaw(t, url)
+	pings := make(chan struct{}, 100)
+	texts := make(chan string, 1)
+	go func() { // answers every ping
+		defer close(texts)
+		for {
+			alive.SetReadDeadline(time.Now().Add(10 * time.Second))
+			op, payload, err := readFrame(t, alive, ar)
+			switch {
+			case err != nil:
+				return
+			case op == opPing:
+				alive.Write(clientFrame(true, opPong, payload))
+				pings <- struct{}{}
+			case op == opText:
+				texts <- string(payload)
+			}
+		}
+	}()
+	gone, gr := dialRaw(t, url)
+	if op, _, err := readFrame(t, gone, gr); err != nil || op != opPing {
+		t.Fatalf("got frame %d, %v; want a ping", op, err)
+	}
+	start := time.Now()
+	if op, payload, err := readFrame(t, gone, gr); err == nil {
+		t.Fatalf("a peer that answers nothing: got frame %d %q; want the connection closed", op, payload)
+	}
+	t.Logf("closed %v after its ping (-write-timeout 100ms)", time.Since(start))
+	if n := srv.metrics.wsSilent.Load(); n != 1 {
+		t.Errorf("%d connections counted as silent; want 1", n)
+	}
+	for range 3 {
+		<-pings
+	}
+	alive.Write(clientFrame(true, opText, []byte(`{"type":"get","payload":{"key":"/f"}}`)))
+	if got := <-texts; got != `{"type":"no-value","payload":{"key":"/f"}}` {
+		t.Errorf("the answering peer, after 3 pings: got %q", got)
+	}
+}
+
+// floodWebSocket runs a flooder against the child server: a connection
+// that sends the frames of msg(0), msg(1), ... as fast as TCP takes them,
+// in large writes, and reads nothing, until the server closes it (after
+// -write-timeout of not reading). Meanwhile another client's writes and
+// their events go on, each answered (a hang breaker of 10 s; the slowest
+// is logged), and the server's heap is sampled. It returns how many
+// messages the flooder sent and the heap's peak above idle.
+//
+// A client that reads nothing with a 4 KB receive buffer can lose the
+// server's window updates (Linux drops them while the socket's buffers
+// are full), and then sends nothing for a while: the server pings it and
+// closes it after -heartbeat + -write-timeout, but the client learns of
+// it only at its next zero-window probe, seconds later. So a write
+// blocked for 8 s, longer than the server may take, ends the flood, and
+// reading what is left shows whether the server has closed it.
+func floodWebSocket(t *testing.T, c *child, n int, msg func(i int) string) (sent int, peak int64) {
+	t.Helper()
+	idle := int64(c.mem())
+	conn, _ := dialRaw(t, "http://"+c.addr)
+	conn.(*net.TCPConn).SetReadBuffer(4096) // and it reads nothing
+	done := make(chan error, 1)
+	go func() {
+		write := func(frames []byte) error {
+			conn.SetWriteDeadline(time.Now().Add(8 * time.Second))
+			_, err := conn.Write(frames)
+			return err
+		}
+		var err error
+		var frames []byte
+		for i := 0; i < n && err == nil; {
+			frames = frames[:0]
+			for ; i < n && len(frames) < 64<<10; i++ {
+				frames = append(frames, clientFrame(true, opText, []byte(msg(i)))...)
+			}
+			if err = write(frames); err == nil {
+				sent = i
+			}
+		}
+		// All sent: the last again, until the server, which stopped
+		// reading it, has closed it after -write-timeout of not reading.
+		for err == nil {
+			err = write(clientFrame(true, opText, []byte(msg(n-1))))
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+			_, err = io.Copy(io.Discard, conn) // nil at EOF
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				err = fmt.Errorf("the server had not closed the flooder: %v", err)
+			} else {
+				err = nil
+			}
+		}
+		done <- err
+	}()
+
+	other := dialWS(t, "http://"+c.addr, "")
+	key := "/ev/" + t.Name() // a key of its own, so that its revisions start at 0
+	other.roundTrip(fmt.Sprintf(`{"type":"subscribe","payload":{"key":%q},"id":0}`, key), fmt.Sprintf(`{"type":"ok","payload":{"key":%q},"id":0}`, key))
+	var slowest time.Duration
+	for i := 0; ; i++ {
+		select {
+		case err := <-done:
+			if err != nil && !errors.Is(err, syscall.ECONNRESET) && !errors.Is(err, syscall.EPIPE) {
+				t.Error(err)
+			}
+			peak = max(peak, int64(c.mem())-idle)
+			t.Logf("flooder sent %d messages, then was closed; server heap at most %d MiB above idle; the other client's slowest round trip %v", sent, peak>>20, slowest)
+			return sent, peak
+		default:
+		}
+		start := time.Now()
+		other.roundTrip(fmt.Sprintf(`{"type":"set","payload":{"key":%q,"value":%d},"id":%d}`, key, i, i+1),
+			fmt.Sprintf(`{"type":"value","payload":{"key":%q,"value":%d,"revision":%d,"seq":_}}`, key, i, i))
+		if got := other.recv(); got != fmt.Sprintf(`{"type":"ok","payload":{"key":%q,"revision":%d},"id":%d}`, key, i, i+1) {
+			t.Fatalf("another client's set %d during the flood: got %s", i, got)
+		}
+		slowest = max(slowest, time.Since(start))
+		peak = max(peak, int64(c.mem())-idle)
+	}
+}
+
+// TestWebSocketFloodStates: a client that asks again and again for a
+// state (subscribe / with initial over 2,000 keys; since resumes; new
+// subscriptions past -max-subscriptions) and never reads holds the
+// server's heap within 64 MiB of idle, is closed after -write-timeout,
+// and holds up no other client. The states are read as the connection
+// drains, never copied, and everything queued for it counts against one
+// bound. (With ATOMKV_TEST_WS_BOUND=1099511627776, no bound, it fails.)
+func TestWebSocketFloodStates(t *testing.T) {
+	c := startChild(t, "atomkv", "ATOMKV_WRITE_TIMEOUT=2s", "ATOMKV_HEARTBEAT=1s")
+	url := "http://" + c.addr
+	pad := strings.Repeat("p", 100)
+	for i := range 2000 {
+		do(t, "POST", fmt.Sprintf("%s/k/%04d", url, i), fmt.Sprintf(`{"n":%d,"pad":"%s"}`, i, pad))
+	}
+	first := dialWS(t, url, "")
+	first.roundTrip(`{"type":"subscribe","payload":{"key":"/k/0000","initial":true},"id":0}`, `{"type":"ok","payload":{"key":"/k/0000"},"id":0}`)
+	var old struct{ Payload struct{ Seq int64 } }
+	json.Unmarshal([]byte(first.recvRaw()), &old)
+	for i := range 2000 { // every key changed after old
+		do(t, "POST", fmt.Sprintf("%s/k/%04d", url, i), fmt.Sprintf(`{"n":%d,"pad":"%s"}`, -i, pad))
+	}
+	for _, tt := range []struct {
+		name string
+		n    int
+		msg  func(i int) string
+	}{
+		{"initial", 1_000_000, func(i int) string {
+			return fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/","initial":true},"id":%d}`, i)
+		}},
+		{"since", 1_000_000, func(i int) string {
+			return fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/k/","since":%d},"id":%d}`, old.Payload.Seq, i)
+		}},
+		{"subscriptions", 100_000, func(i int) string {
+			return fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/s/%d","initial":true},"id":%d}`, i, i)
+		}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if _, peak := floodWebSocket(t, c, tt.n, tt.msg); peak > 64<<20 {
+				t.Errorf("server heap reached %d MiB above idle during the flood; want at most 64", peak>>20)
+			}
+		})
+	}
+}
+
+// TestWebSocketMaxSubscriptions: past -max-subscriptions a new spelling is
+// refused with an error, the connection stays, and subscribing again
+// under a spelling it holds keeps one subscription and queues no copy of
+// anything but the state it asks for.
+func TestWebSocketMaxSubscriptions(t *testing.T) {
+	srv, url := newTestServer(t, "-max-subscriptions", "2")
+	do(t, "POST", url+"/a/1", `1`)
+	c := dialWS(t, url, "")
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/a/"},"id":1}`, `{"type":"ok","payload":{"key":"/a/"},"id":1}`)
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"a/"},"id":2}`, `{"type":"ok","payload":{"key":"a/"},"id":2}`)
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/b"},"id":3}`,
+		`{"type":"error","payload":"subscribe \"/b\": this connection has 2 subscriptions, the most it may (-max-subscriptions): unsubscribe first","id":3}`)
+	for i := range 100 { // the same spelling again: still two
+		c.send(fmt.Sprintf(`{"type":"subscribe","payload":{"key":"/a/","initial":%v}}`, i == 99))
+	}
+	c.sync()
+	if n := srv.store.subs.count.Load(); n != 2 {
+		t.Errorf("%d subscriptions after subscribing again; want 2", n)
+	}
+	c.roundTrip(`{"type":"unsubscribe","payload":{"key":"a/"},"id":4}`, `{"type":"ok","payload":{"key":"a/"},"id":4}`)
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/b"},"id":5}`, `{"type":"ok","payload":{"key":"/b"},"id":5}`)
+}
+
+// fillKeys stores n keys /big/0000000 ... in the child, each {"i":<n>},
+// with pipelined WebSocket sets (no id: no replies), then a get to know
+// they are all in.
+func fillKeys(t *testing.T, c *child, n int) {
+	t.Helper()
+	conn, r := dialRaw(t, "http://"+c.addr)
+	conn.SetWriteDeadline(time.Now().Add(5 * time.Minute))
+	var frames []byte
+	for i := range n {
+		frames = append(frames, clientFrame(true, opText, fmt.Appendf(nil, `{"type":"set","payload":{"key":"/big/%07d","value":{"i":%d}}}`, i, i))...)
+		if len(frames) > 256<<10 || i == n-1 {
+			if _, err := conn.Write(frames); err != nil {
+				t.Fatal(err)
+			}
+			frames = frames[:0]
+		}
+	}
+	conn.Write(clientFrame(true, opText, []byte(`{"type":"get","payload":{"key":"/done"},"id":1}`)))
+	conn.SetReadDeadline(time.Now().Add(5 * time.Minute))
+	if _, payload, err := readFrame(t, conn, r); err != nil || !strings.Contains(string(payload), `"id":1`) {
+		t.Fatalf("after the sets: %s, %v", payload, err)
+	}
+	conn.Close()
+}
+
+// slowState subscribes to / with initial on a connection that reads
+// slowly (64 KB at a time, with a pause between), checks that every key
+// of /big/ arrives once, then synced, and returns the server heap's peak
+// above what it was before the subscription.
+func slowState(t *testing.T, c *child, n int) (peak int64) {
+	t.Helper()
+	before := int64(c.mem())
+	conn, err := net.Dial("tcp", c.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	conn.(*net.TCPConn).SetReadBuffer(64 << 10)
+	cfg, _ := websocket.NewConfig("ws://"+c.addr+"/", "http://localhost/")
+	if _, err := websocket.NewClient(cfg, conn); err != nil {
+		t.Fatal(err)
+	}
+	conn.Write(clientFrame(true, opText, []byte(`{"type":"subscribe","payload":{"key":"/","initial":true}}`)))
+	r := bufio.NewReaderSize(&pacedReader{conn}, 64<<10)
+	seen := make([]bool, n)
+	got := 0
+	for {
+		conn.SetReadDeadline(time.Now().Add(60 * time.Second))
+		op, payload, err := readFrame(t, conn, r)
+		if err != nil {
+			t.Fatalf("after %d keys: %v", got, err)
+		}
+		if op != opText {
+			continue
+		}
+		var m struct {
+			Type    string
+			Payload struct {
+				Key   string
+				Value struct{ I int }
+			}
+		}
+		if err := json.Unmarshal(payload, &m); err != nil {
+			t.Fatalf("%s: %v", payload, err)
+		}
+		if m.Type == "synced" {
+			break
+		}
+		if !strings.HasPrefix(m.Payload.Key, "/big/") {
+			continue
+		}
+		if i := m.Payload.Value.I; seen[i] {
+			t.Fatalf("key %s twice", m.Payload.Key)
+		} else {
+			seen[i] = true
+			got++
+		}
+		if got%(n/8) == 0 {
+			peak = max(peak, int64(c.mem())-before)
+		}
+	}
+	if got != n {
+		t.Errorf("%d keys before synced; want %d", got, n)
+	}
+	t.Logf("%d keys read slowly, each once, then synced; server heap at most %d KiB above what it was before the subscription", got, peak>>10)
+	return peak
+}
+
+// pacedReader is a slow client: a pause before each read.
+type pacedReader struct{ conn net.Conn }
+
+func (p *pacedReader) Read(b []byte) (int, error) {
+	time.Sleep(time.Millisecond) // pacing a slow client, not waiting for anything
+	return p.conn.Read(b)
+}
+
+// TestWebSocketSlowState: a subscription with initial to a prefix of
+// 20,000 keys, read slowly, gets every key once, then synced, and the
+// server's heap stays flat meanwhile (within 8 MiB): the state is read
+// from the store as the connection drains, never copied. The 1,000,000-key
+// run is TestLoadSlowState.
+func TestWebSocketSlowState(t *testing.T) {
+	c := startChild(t, "atomkv")
+	fillKeys(t, c, 20_000)
+	if peak := slowState(t, c, 20_000); peak > 8<<20 {
+		t.Errorf("server heap grew by %d MiB during the state; want at most 8", peak>>20)
+	}
+}
+
+// TestLoadSlowState: the same over 1,000,000 keys; and what a queued
+// subscription with initial costs until it is read: one connection
+// subscribes to / (its state in progress, the client reading nothing),
+// then 10,000 prefixes with initial, which wait behind it.
+func TestLoadSlowState(t *testing.T) {
+	needLoad(t)
+	const n = 1_000_000
+	c := startChild(t, "atomkv")
+	fillKeys(t, c, n)
+	if peak := slowState(t, c, n); peak > 16<<20 {
+		t.Errorf("server heap grew by %d MiB during the state; want at most 16", peak>>20)
+	}
+
+	conn, r := dialRaw(t, "http://"+c.addr)
+	conn.(*net.TCPConn).SetReadBuffer(4096)
+	conn.Write(clientFrame(true, opText, []byte(`{"type":"subscribe","payload":{"key":"/","initial":true},"id":0}`)))
+	readFrame(t, conn, r) // the ok: the state is under way, and stays so
+	before := int64(c.mem())
+	const subs = 10_000
+	var frames []byte
+	for i := range subs {
+		frames = append(frames, clientFrame(true, opText, fmt.Appendf(nil, `{"type":"subscribe","payload":{"key":"/big/%d/","initial":true}}`, i))...)
+	}
+	conn.Write(frames)
+	var after int64
+	for range 50 { // until the reader has handled them all: the heap stops growing
+		time.Sleep(100 * time.Millisecond)
+		if m := int64(c.mem()); m == after {
+			break
+		} else {
+			after = m
+		}
+	}
+	fmt.Printf("lazy state: %.0f B of server memory per queued subscription with initial over %d keys\n", float64(after-before)/subs, n)
 }
