@@ -67,7 +67,7 @@ func newServer(cfg config, log *slog.Logger) (*server, error) {
 		streams:    &streams{max: cfg.maxSubs, closing: make(chan struct{})},
 		clientETag: `"` + hex.EncodeToString(sum[:8]) + `"`,
 	}
-	s.writers = newEventWriters(s)
+	s.writers = newWriters(&s.store.published, cfg.writeTimeout, cfg.heartbeat, &s.metrics, s.streams)
 	s.store.defaultTTL = time.Duration(cfg.defaultTTL)
 	s.store.keepHistory(cfg.history)
 	return s, nil

@@ -90,10 +90,6 @@ func (s *server) errorMessage(err error) string {
 	return err.Error()
 }
 
-// writeErrorMessage is what a client is told of a failed write other than
-// a conflict (the WebSocket's error reply).
-func (s *server) writeErrorMessage(err error) string { return s.errorMessage(err) }
-
 // An api is one of the two HTTP shapes, which answer the same outcome
 // with their own status codes.
 type api bool

@@ -61,12 +61,6 @@ func newWriters(published *atomic.Int64, writeTimeout, heartbeat time.Duration, 
 	}
 }
 
-// newEventWriters returns the writers of s's streams. (http.go calls it;
-// it could call newWriters itself.)
-func newEventWriters(s *server) *eventWriters {
-	return newWriters(&s.store.published, s.cfg.writeTimeout, s.cfg.heartbeat, &s.metrics, s.streams)
-}
-
 // stream is a long-lived connection that the writers write: an event
 // stream or a WebSocket. What differs between the two, how a batch of
 // events becomes bytes, is its protocol's.
