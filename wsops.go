@@ -1,0 +1,416 @@
+package main
+
+// The messages of the WebSocket API: the table of ops a client may send,
+// each answered by one short method, and the replies they queue. ws.go
+// holds the connection they arrive on; README.md and docs/websocket.md
+// list every message.
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+)
+
+// wsMessage is a client's message. A value stays raw, never decoded.
+type wsMessage struct {
+	Type    string          `json:"type"`
+	Payload *wsPayload      `json:"payload"`
+	ID      json.RawMessage `json:"id"`
+}
+
+// wsPayload holds every payload field of every message type.
+type wsPayload struct {
+	Key      *string         `json:"key"`
+	Prefix   *string         `json:"prefix"`
+	Value    json.RawMessage `json:"value"`
+	Revision *int64          `json:"revision"`
+	TTL      json.RawMessage `json:"ttl"`
+	Initial  bool            `json:"initial"`
+	Since    json.RawMessage `json:"since"`
+}
+
+// wsOp is one message type of the WebSocket API: what its payload names
+// and the permission that needs, and the method that answers it. handle
+// checks both, in one place, before the method runs.
+type wsOp struct {
+	names  wsTarget
+	perm   perm
+	answer func(c *wsConn, r wsRequest)
+}
+
+// wsTarget is what a message's payload names.
+type wsTarget uint8
+
+const (
+	namesKey    wsTarget = iota // "key": a key
+	namesPath                   // "key": a key, a prefix ending with "/", or "/"
+	namesPrefix                 // "prefix": a prefix ("/" if absent; the "/" at its end may be left out)
+)
+
+// wsOps is every message type a client may send.
+var wsOps = map[string]wsOp{
+	"get":         {namesKey, permRead, (*wsConn).get},
+	"set":         {namesKey, permWrite, (*wsConn).set},
+	"update":      {namesKey, permWrite, (*wsConn).update},
+	"delete":      {namesKey, permWrite, (*wsConn).delete},
+	"subscribe":   {namesPath, permRead, (*wsConn).subscribe},
+	"unsubscribe": {namesPath, permNone, (*wsConn).unsubscribe},
+	"list":        {namesPrefix, permRead, (*wsConn).list},
+}
+
+// wsRequest is a message being answered, with what it names checked:
+// the store's key or path, and as the client spelled it, which replies
+// repeat ("foo" or "/foo").
+type wsRequest struct {
+	typ      string
+	id       json.RawMessage
+	p        wsPayload
+	key      string
+	spelled  string
+	kvserver bool
+}
+
+// handle answers one message: it finds its op, checks what the payload
+// names and that the connection may do the op on it, and runs the op. A
+// write refused here counts in the metrics as any write does.
+func (c *wsConn) handle(data []byte) {
+	msg, p, err := decodeMessage(data)
+	if err != nil {
+		c.fail(msg.ID, err)
+		return
+	}
+	op, ok := wsOps[msg.Type]
+	if !ok {
+		c.fail(msg.ID, fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+		return
+	}
+	r := wsRequest{typ: msg.Type, id: msg.ID, p: p}
+	if err := c.target(op, &r); err != nil && op.perm == permWrite {
+		c.failWrite(r.id, err)
+		return
+	} else if err != nil {
+		c.fail(r.id, err)
+		return
+	}
+	op.answer(c, r)
+}
+
+// target reads and checks what r's payload names for op, and whether the
+// connection may do op on it.
+func (c *wsConn) target(op wsOp, r *wsRequest) error {
+	switch {
+	case op.names == namesPrefix:
+		r.spelled = "/"
+		if r.p.Prefix != nil {
+			r.spelled = *r.p.Prefix
+		}
+		if !strings.HasSuffix(r.spelled, "/") {
+			r.spelled += "/"
+		}
+	case r.p.Key == nil && op.names == namesPath:
+		return fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, r.typ)
+	case r.p.Key == nil:
+		return fmt.Errorf(`%s: missing "key"`, r.typ)
+	default:
+		r.spelled = *r.p.Key
+	}
+	var err error
+	if r.key, r.kvserver, err = checkSpelled(r.spelled, c.s.cfg.maxKeyBytes, op.names == namesKey); err != nil {
+		return err
+	}
+	return c.allow(r.key, op.perm)
+}
+
+// fail replies with an error, in the words of every interface.
+func (c *wsConn) fail(id json.RawMessage, err error) {
+	c.reply(id, outcomeTable[outcomeOf(err)].ws, appendJSONString(nil, c.s.errorMessage(err)))
+}
+
+// failWrite replies with an error to a write, and counts it.
+func (c *wsConn) failWrite(id json.RawMessage, err error) {
+	c.s.metrics.wrote(err)
+	c.fail(id, err)
+}
+
+func (c *wsConn) get(r wsRequest) {
+	if e := c.s.store.Get(r.key); e != nil {
+		c.replyValue(r.id, r.spelled, e)
+	} else {
+		c.reply(r.id, "no-value", appendKeyPayload(nil, r.spelled))
+	}
+}
+
+func (c *wsConn) set(r wsRequest) {
+	value, ttl, err := c.s.valueAndTTL(r.p.Value, r.p.TTL)
+	if err != nil {
+		c.failWrite(r.id, err)
+		return
+	}
+	e, err := c.s.store.Set(r.key, value, ttl)
+	c.answerWrite(r.id, r.spelled, err, false, func() []byte { return appendRevisionPayload(nil, r.spelled, e.revision) })
+}
+
+func (c *wsConn) update(r wsRequest) {
+	value, ttl, err := c.s.valueAndTTL(r.p.Value, r.p.TTL)
+	if err == nil && r.p.Revision == nil {
+		err = errors.New(`update: missing "revision": the revision the write will have (0 to create)`)
+	}
+	if err != nil {
+		c.failWrite(r.id, err)
+		return
+	}
+	e, err := c.s.store.CompareAndSwap(r.key, value, *r.p.Revision, ttl)
+	c.answerWrite(r.id, r.spelled, err, true, func() []byte { return appendRevisionPayload(nil, r.spelled, e.revision) })
+}
+
+func (c *wsConn) delete(r wsRequest) {
+	rev := int64(-1)
+	if r.p.Revision != nil {
+		rev = *r.p.Revision
+	}
+	_, err := c.s.store.Delete(r.key, rev)
+	c.answerWrite(r.id, r.spelled, err, false, func() []byte { return appendKeyPayload(nil, r.spelled) })
+}
+
+// subscribe registers a subscription under the path as the client spelled
+// it. Its ok is queued before any of its events, so it arrives first.
+// Subscribing again under the same spelling keeps the subscription, and
+// queues only the state it asks for, if any: no second registration, no
+// second copy of anything. A new spelling past -max-subscriptions is
+// refused.
+func (c *wsConn) subscribe(r wsRequest) {
+	sub := c.subs[r.spelled]
+	if sub == nil && len(c.subs) >= c.s.cfg.maxWSSubs {
+		c.fail(r.id, fmt.Errorf("subscribe %s: this connection has %d subscriptions, the most it may (-max-subscriptions): unsubscribe first", quoteKey(r.spelled), len(c.subs)))
+		return
+	}
+	if r.id != nil {
+		c.reply(r.id, "ok", appendKeyPayload(nil, r.spelled))
+	}
+	if sub == nil {
+		sub = &subscription{path: r.key, q: &c.st.q, kvserver: r.kvserver}
+		c.subs[r.spelled] = sub
+	}
+	c.s.store.Subscribe(sub, subscribeFrom(r.p))
+}
+
+// unsubscribe's ok is queued after the subscription is gone, so no event
+// of it follows the ok.
+func (c *wsConn) unsubscribe(r wsRequest) {
+	if sub := c.subs[r.spelled]; sub != nil {
+		delete(c.subs, r.spelled)
+		c.s.store.Unsubscribe(sub)
+	}
+	if r.id != nil {
+		c.reply(r.id, "ok", appendKeyPayload(nil, r.spelled))
+	}
+}
+
+func (c *wsConn) list(r wsRequest) { c.replyList(r.id, r.key, r.kvserver) }
+
+// subscribeFrom says where a subscribe message starts: after since, a
+// change number, if given (a since that is not a positive integer cannot
+// be resumed from: it resets); else from scratch if initial; else now.
+func subscribeFrom(p wsPayload) int64 {
+	if p.Since != nil && string(p.Since) != "null" {
+		return resumePoint(strings.Trim(string(p.Since), `"`))
+	}
+	if p.Initial {
+		return fromScratch
+	}
+	return fromNow
+}
+
+// decodeMessage parses a message and its payload, in one pass. On error
+// the message holds whatever id could be read, so the error can echo it.
+// The message is valid UTF-8 (wsReader checks it, as RFC 6455 asks), so
+// encoding/json cannot quietly turn bad bytes of a key into U+FFFD.
+func decodeMessage(data []byte) (wsMessage, wsPayload, error) {
+	var msg wsMessage
+	err := json.Unmarshal(data, &msg)
+	// Unmarshal goes on past a member of the wrong type, so the type and
+	// id are read whatever their place in the message.
+	var typeErr *json.UnmarshalTypeError
+	switch {
+	case err == nil:
+	case !errors.As(err, &typeErr):
+		return msg, wsPayload{}, fmt.Errorf("invalid message: not JSON: %v", err)
+	case typeErr.Field == "":
+		return msg, wsPayload{}, errors.New(`invalid message: want a JSON object {"type": …, "payload": …}`)
+	case typeErr.Field == "payload":
+		return msg, wsPayload{}, fmt.Errorf(`%s: "payload" must be an object`, msg.Type)
+	case strings.HasPrefix(typeErr.Field, "payload."):
+		field := strings.TrimPrefix(typeErr.Field, "payload.")
+		return msg, wsPayload{}, fmt.Errorf("%s: %q must be %s", msg.Type, field, wantType(field))
+	default:
+		return msg, wsPayload{}, fmt.Errorf("invalid message: %q must be %s", typeErr.Field, wantType(typeErr.Field))
+	}
+	if msg.Type == "" {
+		return msg, wsPayload{}, errors.New(`invalid message: missing "type"`)
+	}
+	if msg.Payload == nil {
+		return msg, wsPayload{}, fmt.Errorf(`%s: missing "payload"`, msg.Type)
+	}
+	return msg, *msg.Payload, nil
+}
+
+func wantType(field string) string {
+	switch field {
+	case "revision":
+		return "an integer"
+	case "initial":
+		return "true or false"
+	}
+	return "a string"
+}
+
+// allow returns nil if the connection's token lets it do p on path.
+func (c *wsConn) allow(path string, p perm) error {
+	if err := c.s.access.allow(c.st.who.caller, path, p); err != nil {
+		return err
+	}
+	return nil // not the nil *accessError, which is a non-nil error
+}
+
+// answerWrite replies to a write of key that ended with err: conflict
+// with the current state, or error, or ok with the payload ok makes, sent
+// if always or if the message had an id (KvServer's writes are silent).
+func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always bool, ok func() []byte) {
+	c.s.metrics.wrote(err)
+	var conflict *conflictError
+	switch {
+	case errors.As(err, &conflict):
+		c.replyConflict(id, key, conflict.cur)
+	case err != nil:
+		c.fail(id, err)
+	case always || id != nil:
+		c.reply(id, "ok", ok())
+	}
+}
+
+// wsReply is a reply to a WebSocket client: its message; or for a get or
+// a list, what to build it from when it is written, so that a queued
+// reply shares the stored values rather than copying them.
+type wsReply struct {
+	head     []byte // the message, or what comes before the values
+	e        *entry // a get's value
+	items    []item // a list's keys and values
+	kvserver bool   // the list's keys are named without the leading "/"
+	now      int64  // when the list was taken, for its TTLs
+	tail     []byte // what comes after the values
+	size     int64  // of the message, about: counted against the bound
+}
+
+// append appends the reply's message.
+func (r *wsReply) append(b []byte) []byte {
+	b = append(b, r.head...)
+	if r.e != nil {
+		b = append(b, r.e.value...)
+	}
+	for i, it := range r.items {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		it.key = spell(it.key, r.kvserver)
+		b = appendItem(b, it, r.now)
+	}
+	return append(b, r.tail...)
+}
+
+// push queues a reply. Its bytes count against the bound from now until
+// a writer has sent them.
+func (c *wsConn) push(r *wsReply) {
+	c.st.q.push(event{kind: evReply, reply: r})
+}
+
+// reply queues {"type": typ, "payload": payload[, "id": id]}.
+func (c *wsConn) reply(id json.RawMessage, typ string, payload []byte) {
+	b := make([]byte, 0, len(payload)+len(typ)+len(id)+32)
+	b = append(b, `{"type":"`...)
+	b = append(b, typ...)
+	b = append(b, `","payload":`...)
+	b = append(b, payload...)
+	b = appendID(b, id)
+	b = append(b, '}')
+	c.push(&wsReply{head: b, size: int64(len(b))})
+}
+
+// appendID appends the "id" member of a reply to a message with id, if
+// it had one.
+func appendID(b []byte, id json.RawMessage) []byte {
+	if id == nil {
+		return b
+	}
+	b = append(b, `,"id":`...)
+	if !bytes.ContainsAny(id, " \t\r\n") {
+		return append(b, id...) // as it came: compact already
+	}
+	var compact bytes.Buffer
+	json.Compact(&compact, id) // id came from a message that parsed
+	return append(b, compact.Bytes()...)
+}
+
+// replyValue queues value {key, value, revision[, ttl]}, sharing e's value.
+func (c *wsConn) replyValue(id json.RawMessage, key string, e *entry) {
+	r := &wsReply{e: e}
+	r.head = append(append([]byte(`{"type":"value","payload":{"key":`), appendKey(nil, key)...), `,"value":`...)
+	r.tail = append(r.tail, `,"revision":`...)
+	r.tail = strconv.AppendInt(r.tail, e.revision, 10)
+	if ms, ok := e.ttlLeft(c.s.store.now()); ok {
+		r.tail = append(r.tail, `,"ttl":`...)
+		r.tail = strconv.AppendInt(r.tail, ms, 10)
+	}
+	r.tail = append(appendID(append(r.tail, '}'), id), '}')
+	r.size = int64(len(r.head) + len(e.value) + len(r.tail))
+	c.push(r)
+}
+
+// replyList queues values [{key, value, revision[, ttl]}...] of the keys
+// under prefix, sharing their values.
+func (c *wsConn) replyList(id json.RawMessage, prefix string, kvserver bool) {
+	r := &wsReply{items: c.s.store.List(prefix), kvserver: kvserver, now: c.s.store.now()}
+	r.head = []byte(`{"type":"values","payload":[`)
+	r.tail = append(appendID([]byte{']'}, id), '}')
+	r.size = int64(len(r.head) + len(r.tail))
+	for _, it := range r.items {
+		r.size += int64(len(it.key)+len(it.value)) + 48 // the members around them, about
+	}
+	c.push(r)
+}
+
+// replyConflict queues conflict {key, value, revision}: the current state.
+func (c *wsConn) replyConflict(id json.RawMessage, key string, cur *entry) {
+	b := append(append([]byte(`{"key":`), appendKey(nil, key)...), `,"value":`...)
+	rev := int64(noRevision)
+	if cur != nil {
+		b = append(b, cur.value...)
+		rev = cur.revision
+	} else {
+		b = append(b, "null"...)
+	}
+	b = append(b, `,"revision":`...)
+	b = strconv.AppendInt(b, rev, 10)
+	c.reply(id, "conflict", append(b, '}'))
+}
+
+func appendKeyPayload(b []byte, key string) []byte {
+	b = append(b, `{"key":`...)
+	b = appendKey(b, key)
+	return append(b, '}')
+}
+
+func appendRevisionPayload(b []byte, key string, rev int64) []byte {
+	b = append(b, `{"key":`...)
+	b = appendKey(b, key)
+	b = append(b, `,"revision":`...)
+	b = strconv.AppendInt(b, rev, 10)
+	return append(b, '}')
+}
+
+func appendJSONString(b []byte, s string) []byte {
+	q, _ := json.Marshal(s)
+	return append(b, q...)
+}
