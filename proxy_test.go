@@ -56,14 +56,33 @@ func newProxied(base string, roots *x509.CertPool, srv *process, heartbeat, idle
 }
 
 // testHeartbeat is the -heartbeat of the servers behind proxies: short,
-// so that proxyIdle sees many in little time.
+// so that proxyIdle and proxyWebSocketIdle see many in little time.
 const testHeartbeat = 200 * time.Millisecond
+
+// startUpstream runs the binary deploy/Dockerfile builds, as the server
+// behind a proxy: on loopback, with its admin listener, and testHeartbeat.
+func startUpstream(t *testing.T) *process {
+	t.Helper()
+	return startBinary(t, buildStatic(t), "-addr", "127.0.0.1:0", "-admin-addr", "127.0.0.1:0", "-heartbeat", testHeartbeat.String())
+}
+
+// waitServing waits until the proxy answers GET / over HTTPS.
+func (p *proxied) waitServing(t *testing.T, name string) {
+	t.Helper()
+	waitFor(t, name+" to serve HTTPS", func() bool {
+		resp, err := p.client.Get(p.base + "/")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == 200
+	})
+}
 
 // TestProxyCaddy runs the real binary behind real Caddy, configured by
 // deploy/Caddyfile: HTTPS from Caddy's internal CA, HTTP/2 to clients.
 func TestProxyCaddy(t *testing.T) {
 	caddy := needTool(t, "caddy", "caddy")
-	srv := startBinary(t, buildStatic(t), "-addr", "127.0.0.1:0", "-admin-addr", "127.0.0.1:0", "-heartbeat", testHeartbeat.String())
+	srv := startUpstream(t)
 
 	dir := t.TempDir()
 	port := freePort(t)
@@ -104,13 +123,7 @@ import %s
 		return roots.AppendCertsFromPEM(pem)
 	})
 	p := newProxied(base, roots, srv, testHeartbeat, 0)
-	waitFor(t, "Caddy to serve HTTPS", func() bool {
-		resp, err := p.client.Get(base + "/")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == 200
-	})
+	p.waitServing(t, "Caddy")
 	throughProxy(t, p)
 }
 
@@ -133,10 +146,11 @@ func TestProxyNginx(t *testing.T) {
 	if time.Duration(timeout)*time.Second < 2*cfg.heartbeat {
 		t.Errorf("proxy_read_timeout %ds; want at least twice -heartbeat (%v)", timeout, cfg.heartbeat)
 	}
-	// Both scaled down in that ratio, so that proxyIdle can see a stream
-	// outlive the timeout in a second or two.
+	// Both scaled down in that ratio, so that proxyIdle and
+	// proxyWebSocketIdle can see a stream and a WebSocket outlive the
+	// timeout in a second or two.
 	idle := time.Duration(timeout) * time.Second / (cfg.heartbeat / testHeartbeat)
-	srv := startBinary(t, buildStatic(t), "-addr", "127.0.0.1:0", "-admin-addr", "127.0.0.1:0", "-heartbeat", testHeartbeat.String())
+	srv := startUpstream(t)
 
 	dir := t.TempDir()
 	port := freePort(t)
@@ -177,13 +191,7 @@ http {
 	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
 	runProxy(t, cmd, filepath.Join(dir, "error.log"))
 	p := newProxied(fmt.Sprintf("https://127.0.0.1:%d", port), roots, srv, testHeartbeat, idle)
-	waitFor(t, "nginx to serve HTTPS", func() bool {
-		resp, err := p.client.Get(p.base + "/")
-		if err == nil {
-			resp.Body.Close()
-		}
-		return err == nil && resp.StatusCode == 200
-	})
+	p.waitServing(t, "nginx")
 	throughProxy(t, p)
 }
 
@@ -244,13 +252,16 @@ func testCertificate(t *testing.T, dir string) (certFile, keyFile string, roots 
 
 // throughProxy runs what a client does, through the proxy: each HTTP
 // method, an event stream that gets a change and resumes, a WebSocket
-// session, and client.js in Chromium with more than six subscriptions.
+// session, a quiet stream and a quiet WebSocket that outlive the proxy's
+// idle timeout, and client.js in Chromium with more than six
+// subscriptions.
 func throughProxy(t *testing.T, p *proxied) {
 	t.Run("http", func(t *testing.T) { proxyHTTP(t, p) })
 	t.Run("sse", func(t *testing.T) { proxySSE(t, p) })
 	t.Run("latency", func(t *testing.T) { proxyLatency(t, p) })
 	t.Run("idle", func(t *testing.T) { proxyIdle(t, p) })
 	t.Run("websocket", func(t *testing.T) { proxyWebSocket(t, p) })
+	t.Run("websocket-idle", func(t *testing.T) { proxyWebSocketIdle(t, p) })
 	t.Run("browser", func(t *testing.T) { proxyBrowser(t, p) })
 }
 
@@ -412,6 +423,16 @@ func proxyLatency(t *testing.T, p *proxied) {
 		mp.Round(time.Microsecond), md.Round(time.Microsecond), rounds, float64(mp)/float64(md))
 }
 
+// quietBeats is how many heartbeats (or pings) of a quiet connection
+// span more than twice the proxy's idle timeout, or 2 s if it has none.
+func (p *proxied) quietBeats() int {
+	quiet := 2 * p.idleTimeout
+	if quiet == 0 {
+		quiet = 2 * time.Second // the proxy has no idle timeout: show it
+	}
+	return int(quiet/p.heartbeat) + 1
+}
+
 // proxyIdle: a quiet event stream outlives the proxy's idle timeout: its
 // heartbeats keep it open for more than twice that timeout (counted in
 // heartbeats, which the stream brings: nothing here sleeps), and a change
@@ -419,11 +440,7 @@ func proxyLatency(t *testing.T, p *proxied) {
 func proxyIdle(t *testing.T, p *proxied) {
 	events, stop := p.stream(t, "/idle/")
 	defer stop()
-	quiet := 2 * p.idleTimeout
-	if quiet == 0 {
-		quiet = 2 * time.Second // the proxy has no idle timeout: show it
-	}
-	want := int(quiet/p.heartbeat) + 1
+	want := p.quietBeats()
 	for beats := 0; beats < want; {
 		line, err := events.ReadString('\n')
 		if err != nil {
@@ -447,8 +464,7 @@ func proxyWebSocket(t *testing.T, p *proxied) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.TlsConfig = p.tls.Clone()
-	cfg.TlsConfig.NextProtos = []string{"http/1.1"} // WebSocket is an HTTP/1.1 upgrade
+	cfg.TlsConfig = p.wsTLS()
 	ws, err := websocket.DialConfig(cfg)
 	if err != nil {
 		t.Fatalf("WebSocket through the proxy: %v", err)
@@ -469,6 +485,88 @@ func proxyWebSocket(t *testing.T, p *proxied) {
 	p.send(t, "DELETE", "/ws/a", "")
 	if got, want := c.recv(), `{"type":"no-value","payload":{"key":"/ws/a","reason":"deleted","seq":_}}`; got != want {
 		t.Errorf("got %s; want %s", got, want)
+	}
+}
+
+// wsTLS is the TLS configuration of a WebSocket through the proxy: a
+// WebSocket is an HTTP/1.1 upgrade.
+func (p *proxied) wsTLS() *tls.Config {
+	cfg := p.tls.Clone()
+	cfg.NextProtos = []string{"http/1.1"}
+	return cfg
+}
+
+// rawWebSocket opens a WebSocket through the proxy, handshake and all,
+// and returns the bare connection, for frames read one by one (readFrame)
+// with the server's pings among them; the test's end closes it.
+func (p *proxied) rawWebSocket(t *testing.T) (net.Conn, *bufio.Reader) {
+	t.Helper()
+	conn, err := tls.Dial("tcp", strings.TrimPrefix(p.base, "https://"), p.wsTLS())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	req, _ := http.NewRequest("GET", p.base+"/", nil)
+	for _, h := range [][2]string{
+		{"Upgrade", "websocket"}, {"Connection", "Upgrade"}, {"Origin", p.base},
+		{"Sec-WebSocket-Version", "13"}, {"Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="}, // RFC 6455's example
+	} {
+		req.Header.Set(h[0], h[1])
+	}
+	if err := req.Write(conn); err != nil {
+		t.Fatal(err)
+	}
+	r := bufio.NewReader(conn) // what follows the answer stays in r
+	resp, err := http.ReadResponse(r, req)
+	if err != nil {
+		t.Fatalf("WebSocket handshake through the proxy: %v", err)
+	}
+	if resp.StatusCode != 101 || resp.Header.Get("Sec-WebSocket-Accept") != "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" {
+		t.Fatalf("WebSocket handshake through the proxy: %s, Sec-WebSocket-Accept %q", resp.Status, resp.Header.Get("Sec-WebSocket-Accept"))
+	}
+	return conn, r
+}
+
+// proxyWebSocketIdle: a quiet WebSocket outlives the proxy's idle timeout
+// as a quiet stream does. Subscribed, with nothing changing, it gets the
+// server's ping after each -heartbeat of silence and answers it, for
+// more than twice that timeout (counted in pings, which the connection
+// brings: nothing here sleeps); a change after them still arrives.
+func proxyWebSocketIdle(t *testing.T, p *proxied) {
+	conn, r := p.rawWebSocket(t)
+	pings := 0
+	// next reads frames, answering each ping, until a message comes (it
+	// returns it) or enough pings have come (it returns "").
+	next := func(enough int) string {
+		t.Helper()
+		for pings < enough {
+			op, payload, err := readFrame(t, conn, r)
+			switch {
+			case err != nil:
+				t.Fatalf("the quiet WebSocket ended after %d pings (-heartbeat %v, proxy idle timeout %v): %v", pings, p.heartbeat, p.idleTimeout, err)
+			case op == opPing:
+				pings++
+				conn.Write(clientFrame(true, opPong, payload))
+			case op == opText:
+				return seqField.ReplaceAllString(string(payload), `"seq":_`)
+			default:
+				t.Fatalf("after %d pings: got frame %d %q", pings, op, payload)
+			}
+		}
+		return ""
+	}
+	const always = 1 << 30 // for next: until a message
+	conn.Write(clientFrame(true, opText, []byte(`{"type":"subscribe","payload":{"key":"/idle-ws/"},"id":1}`)))
+	if got, want := next(always), `{"type":"ok","payload":{"key":"/idle-ws/"},"id":1}`; got != want {
+		t.Fatalf("subscribe: got %s; want %s", got, want)
+	}
+	want := pings + p.quietBeats()
+	if got := next(want); got != "" {
+		t.Fatalf("the quiet WebSocket got %s", got)
+	}
+	p.send(t, "POST", "/idle-ws/k", `"still here"`)
+	if got, want := next(always), `{"type":"value","payload":{"key":"/idle-ws/k","value":"still here","revision":0,"seq":_}}`; got != want {
+		t.Errorf("after %d pings: got %s; want %s", pings, got, want)
 	}
 }
 
