@@ -602,6 +602,11 @@ func proxyBrowser(t *testing.T, p *proxied) {
 	pages := httptest.NewServer(mux)
 	defer pages.Close()
 
+	// The WebSockets of the subtests before are closed: from here every
+	// one the server counts is the page's.
+	waitFor(t, "the server to close the earlier WebSockets", func() bool {
+		return scrape(t, p.srv.admin)["atomkv_open_websockets"] == 0
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	log := startChromium(t, ctx, chromium, pages.URL+"/", "--ignore-certificate-errors")
@@ -625,19 +630,25 @@ func proxyBrowser(t *testing.T, p *proxied) {
 		if !report.OK {
 			t.Errorf("transport %s: %s", report.Transport, report.Detail)
 		}
-		if report.Transport == "http" && report.Open.Streams < 8 {
-			t.Errorf("transport http: %d event streams open; want the frame's 8 at once", report.Open.Streams)
-		}
-		// The client in use may report its transport (AtomKV.onstatus):
-		// the forced one must be EventSource, and a WebSocket it reports
-		// open must be one the server counts.
+		// The client reports its transport (AtomKV.onstatus): the
+		// default one must be the WebSocket, one for the page, and the
+		// server must count it (the other frame opens none, and the
+		// earlier subtests' are closed); the forced one must be
+		// EventSource, its 8 streams open at once.
+		want := map[string]string{"auto": "websocket", "http": "http"}[report.Transport]
 		for _, s := range report.Status {
-			if report.Transport == "http" && strings.HasSuffix(s, ":websocket") {
-				t.Errorf("transport http: onstatus reported %s", s)
+			if !strings.HasSuffix(s, ":"+want) {
+				t.Errorf("transport %s: onstatus reported %s; want only %s", report.Transport, s, want)
 			}
 		}
-		if slices.Contains(report.Status, "open:websocket") && report.Open.WebSockets < 1 {
-			t.Errorf("transport %s: onstatus reported a WebSocket open; the server counts none", report.Transport)
+		if !slices.Contains(report.Status, "open:"+want) {
+			t.Errorf("transport %s: onstatus reported %v; want open:%s", report.Transport, report.Status, want)
+		}
+		if report.Transport == "auto" && report.Open.WebSockets != 1 {
+			t.Errorf("transport auto: the server had %d WebSockets open; want the page's one", report.Open.WebSockets)
+		}
+		if report.Transport == "http" && report.Open.Streams < 8 {
+			t.Errorf("transport http: %d event streams open; want the frame's 8 at once", report.Open.Streams)
 		}
 	}
 }
