@@ -265,17 +265,23 @@ func throughProxy(t *testing.T, p *proxied) {
 	t.Run("browser", func(t *testing.T) { proxyBrowser(t, p) })
 }
 
-// send does one request through the proxy; headers are name, value pairs.
-func (p *proxied) send(t *testing.T, method, path, body string, headers ...string) (response, string) {
-	t.Helper()
-	req, err := http.NewRequest(method, p.base+path, strings.NewReader(body))
+// request sends a request through the proxy; headers are name, value
+// pairs.
+func (p *proxied) request(ctx context.Context, method, path, body string, headers ...string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, p.base+path, strings.NewReader(body))
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	for i := 0; i+1 < len(headers); i += 2 {
 		req.Header.Set(headers[i], headers[i+1])
 	}
-	resp, err := p.client.Do(req)
+	return p.client.Do(req)
+}
+
+// send does one request through the proxy and reads its answer.
+func (p *proxied) send(t *testing.T, method, path, body string, headers ...string) (response, string) {
+	t.Helper()
+	resp, err := p.request(context.Background(), method, path, body, headers...)
 	if err != nil {
 		t.Fatalf("%s %s: %v", method, path, err)
 	}
@@ -322,12 +328,7 @@ func proxyHTTP(t *testing.T, p *proxied) {
 func (p *proxied) stream(t *testing.T, path string, headers ...string) (*bufio.Reader, func()) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
-	req, _ := http.NewRequestWithContext(ctx, "GET", p.base+path, nil)
-	req.Header.Set("Accept", "text/event-stream")
-	for i := 0; i+1 < len(headers); i += 2 {
-		req.Header.Set(headers[i], headers[i+1])
-	}
-	resp, err := p.client.Do(req)
+	resp, err := p.request(ctx, "GET", path, "", append([]string{"Accept", "text/event-stream"}, headers...)...)
 	if err != nil {
 		cancel()
 		t.Fatalf("stream %s: %v", path, err)
