@@ -127,11 +127,20 @@ const (
 // floor, a resume point that is safe wherever the state is cut: S itself
 // if S can never be taken for a newer point than it is, else 0, which
 // resets.
-func (s *Store) Subscribe(sub *subscription, from int64) (start int64) {
+//
+// ack, if not nil, is a reply queued with the registration, before
+// anything of the subscription (the WebSocket's ok): once it is queued,
+// and so once a client may have read it, every change published reaches
+// sub. Queued before the registration, outside seqMu, it left a window in
+// which a client that had the ok wrote the key and was never told.
+func (s *Store) Subscribe(sub *subscription, from int64, ack *wsReply) (start int64) {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
+	if ack != nil {
+		sub.q.push(event{kind: evReply, reply: ack})
+	}
 	// Every change up to before is published; every later one will find
-	// sub registered, and be queued after the cursor.
+	// sub registered, and be queued after the ack and the cursor.
 	before := s.published.Load()
 	s.subs.add(sub)
 	if from == fromNow {

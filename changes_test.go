@@ -459,7 +459,7 @@ func TestEveryIDIsSafe(t *testing.T) {
 		sse := &sseStream{}
 		sse.sub = subscription{path: "/p/", q: &st.q}
 		st.proto = sse
-		sse.resumeAt = s.Subscribe(&sse.sub, from)
+		sse.resumeAt = s.Subscribe(&sse.sub, from, nil)
 		return st, fmt.Appendf(nil, "retry: 2000\nid: %d\n\n", sse.resumeAt) // as handleEvents writes it
 	}
 	flush := func(st *stream, out []byte) []byte { // as the writers do, until nothing is pending
