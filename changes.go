@@ -127,11 +127,20 @@ const (
 // floor, a resume point that is safe wherever the state is cut: S itself
 // if S can never be taken for a newer point than it is, else 0, which
 // resets.
-func (s *Store) Subscribe(sub *subscription, from int64) (start int64) {
+//
+// ack, if not nil, is a reply queued with the registration, before
+// anything of the subscription (the WebSocket's ok): once it is queued,
+// and so once a client may have read it, every change published reaches
+// sub. Queued before the registration, outside seqMu, it left a window in
+// which a client that had the ok wrote the key and was never told.
+func (s *Store) Subscribe(sub *subscription, from int64, ack *wsReply) (start int64) {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
+	if ack != nil {
+		sub.q.push(event{kind: evReply, reply: ack})
+	}
 	// Every change up to before is published; every later one will find
-	// sub registered, and be queued after the cursor.
+	// sub registered, and be queued after the ack and the cursor.
 	before := s.published.Load()
 	s.subs.add(sub)
 	if from == fromNow {
@@ -166,9 +175,25 @@ type stateCursor struct {
 	started bool
 	pos     int64               // the history: the next change to look at
 	seen    map[string]struct{} // the history: keys already sent
+	held    int64               // seen's weight, counted in the queue's size
 	next    func() (string, *slot, bool)
 	stop    func()
 }
+
+// seenWeight is what a key in a cursor's seen set counts against the
+// connection's bound: the map's slot for its string header (the bytes are
+// the history's), with the map's spare room. BenchmarkResumeSeen measures
+// 57 B a key at 16,000 keys (a map's tables, in their size classes, reach
+// 58 B at some sizes). seenMax is the most a set may count, a quarter of
+// the default bound: past it the set starts again, empty, so a key sent
+// before may be sent again, with its current state, if it changed again
+// later in the history. A resend is safe (it is as new as the key's
+// pending change, which it replaces, and its revision never goes down);
+// only resumes over more than 16,384 distinct keys meet it.
+const (
+	seenWeight = 64
+	seenMax    = 1 << 20
+)
 
 // stateChunk is the most key states a cursor reads at a time, and
 // stateScan the most keys it looks at for them: each read is short, and
@@ -242,10 +267,16 @@ func (c *stateCursor) changed(out []event) ([]event, bool) {
 		if _, dup := c.seen[key]; dup || !watches(c.sub.path, key) {
 			continue
 		}
+		if c.held+seenWeight > seenMax {
+			c.forget()
+		}
 		if c.seen == nil {
 			c.seen = make(map[string]struct{})
 		}
 		c.seen[key] = struct{}{}
+		// Counted against the connection's bound (SPEC 10), and capped.
+		c.held += seenWeight
+		c.sub.q.size.Add(seenWeight)
 		sl := s.lock(key)
 		out = c.state(out, key, sl, true)
 		s.release(key, sl)
@@ -318,7 +349,14 @@ func (c *stateCursor) close() {
 		c.stop()
 		c.next, c.stop = nil, nil
 	}
-	c.seen = nil
+	c.forget()
+}
+
+// forget drops the set of keys sent, and its weight. c.mu must be held.
+func (c *stateCursor) forget() {
+	c.seen = nil // not cleared: a cleared map keeps its memory
+	c.sub.q.size.Add(-c.held)
+	c.held = 0
 }
 
 // stopWalk ends the walk from outside the writer: the stream closed.

@@ -377,7 +377,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	if id := r.Header.Get("Last-Event-ID"); id != "" {
 		from = resumePoint(id)
 	}
-	sse.resumeAt = s.store.Subscribe(&sse.sub, from)
+	sse.resumeAt = s.store.Subscribe(&sse.sub, from, nil)
 
 	// The head, the retry hint and the stream's starting point go out at
 	// once, so the client knows the stream is open before any change

@@ -197,7 +197,7 @@ func TestSubscriptionMatching(t *testing.T) {
 	subs := map[string]*subscription{}
 	for path := range watchers {
 		subs[path] = &subscription{path: path, q: &coalescer{}}
-		s.Subscribe(subs[path], fromNow)
+		s.Subscribe(subs[path], fromNow, nil)
 	}
 	for _, key := range []string{"/a/b", "/a/c", "/ab", "/a/b/c", "/ab/x", "/x"} {
 		s.Set(key, "1", 0)
@@ -764,7 +764,7 @@ func BenchmarkPublish(b *testing.B) {
 		b.Run(fmt.Sprintf("subscribers=%d", n), func(b *testing.B) {
 			s := NewStore(0, nil)
 			for range n {
-				s.Subscribe(&subscription{path: "/k", q: &coalescer{}}, fromNow)
+				s.Subscribe(&subscription{path: "/k", q: &coalescer{}}, fromNow, nil)
 			}
 			s.Set("/k", "1", 0) // warm every queue
 			b.ReportAllocs()
@@ -785,7 +785,7 @@ func BenchmarkPublish(b *testing.B) {
 				sse := &sseStream{}
 				sse.sub = subscription{path: "/k", q: &st.q}
 				st.proto = sse
-				s.Subscribe(&sse.sub, fromNow)
+				s.Subscribe(&sse.sub, fromNow, nil)
 				st.idle()
 			}
 			take := func() {

@@ -1277,3 +1277,75 @@ func TestLoadSlowState(t *testing.T) {
 	}
 	fmt.Printf("lazy state: %.0f B of server memory per queued subscription with initial over %d keys\n", float64(after-before)/subs, n)
 }
+
+// TestWebSocketSubscribedAtOK: once a subscribe's ok is queued, and so
+// may be on the wire, the subscription is registered: a client that
+// writes the key the moment it reads the ok is told of its write. The ok
+// used to be queued just before the registration, and a write in between
+// was lost to the subscriber for good (the flake of
+// TestKvServerKeys/two_spellings, which writes as soon as it has the ok).
+// Here the test is the stream's writer, so the write comes at the worst
+// moment every time.
+func TestWebSocketSubscribedAtOK(t *testing.T) {
+	srv, _ := newTestServer(t)
+	conn, peer := net.Pipe()
+	t.Cleanup(func() { peer.Close() })
+	c := &wsConn{s: srv, subs: make(map[string]*subscription), done: make(chan struct{})}
+	c.st = srv.writers.newStream(conn) // never started: no writer but this test
+	c.st.proto = c
+	t.Cleanup(func() { c.st.Close() })
+
+	var (
+		mu    sync.Mutex
+		sent  []string // what the writer took, as it would send it
+		wrote = make(chan struct{})
+		once  sync.Once
+	)
+	write := func() {
+		if _, err := srv.store.Set("/k", "7", 0); err != nil {
+			t.Error(err)
+		}
+		close(wrote)
+	}
+	c.st.q.notify = func() { // after every push: the writer takes it at once
+		batch, _ := c.st.q.drain()
+		mu.Lock()
+		for i := range batch {
+			switch ev := &batch[i]; ev.kind {
+			case evGone:
+			case evReply:
+				sent = append(sent, string(ev.reply.append(nil)))
+			default:
+				sent = append(sent, seqField.ReplaceAllString(string(appendWSEvent(nil, ev)), `"seq":_`))
+			}
+		}
+		mu.Unlock()
+		ok := len(batch) > 0 && batch[0].kind == evReply
+		c.st.q.recycle(batch)
+		if ok {
+			// The client has the ok and writes the key. Its write
+			// runs now, unless the store is busy (a subscribe in
+			// progress holds seqMu), and then as soon as it is free,
+			// as a client's would.
+			once.Do(func() {
+				if srv.store.seqMu.TryLock() {
+					srv.store.seqMu.Unlock()
+					write()
+				} else {
+					go write()
+				}
+			})
+		}
+	}
+	c.handle([]byte(`{"type":"subscribe","payload":{"key":"k"},"id":1}`))
+	<-wrote
+	mu.Lock()
+	defer mu.Unlock()
+	want := []string{
+		`{"type":"ok","payload":{"key":"k"},"id":1}`,
+		`{"type":"value","payload":{"key":"k","value":7,"revision":0,"seq":_}}`,
+	}
+	if !slices.Equal(sent, want) {
+		t.Errorf("a write made as soon as the ok was out: the connection got\n%s\nwant\n%s", strings.Join(sent, "\n"), strings.Join(want, "\n"))
+	}
+}

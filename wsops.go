@@ -176,7 +176,8 @@ func (c *wsConn) delete(r wsRequest) {
 }
 
 // subscribe registers a subscription under the path as the client spelled
-// it. Its ok is queued before any of its events, so it arrives first.
+// it. Its ok is queued with the registration (see Subscribe): before any
+// of its events, and not before a change made after it could be missed.
 // Subscribing again under the same spelling keeps the subscription, and
 // queues only the state it asks for, if any: no second registration, no
 // second copy of anything. A new spelling past -max-subscriptions is
@@ -187,14 +188,15 @@ func (c *wsConn) subscribe(r wsRequest) {
 		c.fail(r.id, fmt.Errorf("subscribe %s: this connection has %d subscriptions, the most it may (-max-subscriptions): unsubscribe first", quoteKey(r.spelled), len(c.subs)))
 		return
 	}
+	var ok *wsReply
 	if r.id != nil {
-		c.reply(r.id, "ok", appendKeyPayload(nil, r.spelled))
+		ok = message(r.id, "ok", appendKeyPayload(nil, r.spelled))
 	}
 	if sub == nil {
 		sub = &subscription{path: r.key, q: &c.st.q, kvserver: r.kvserver}
 		c.subs[r.spelled] = sub
 	}
-	c.s.store.Subscribe(sub, subscribeFrom(r.p))
+	c.s.store.Subscribe(sub, subscribeFrom(r.p), ok)
 }
 
 // unsubscribe's ok is queued after the subscription is gone, so no event
@@ -328,6 +330,11 @@ func (c *wsConn) push(r *wsReply) {
 
 // reply queues {"type": typ, "payload": payload[, "id": id]}.
 func (c *wsConn) reply(id json.RawMessage, typ string, payload []byte) {
+	c.push(message(id, typ, payload))
+}
+
+// message returns the reply {"type": typ, "payload": payload[, "id": id]}.
+func message(id json.RawMessage, typ string, payload []byte) *wsReply {
 	b := make([]byte, 0, len(payload)+len(typ)+len(id)+32)
 	b = append(b, `{"type":"`...)
 	b = append(b, typ...)
@@ -335,7 +342,7 @@ func (c *wsConn) reply(id json.RawMessage, typ string, payload []byte) {
 	b = append(b, payload...)
 	b = appendID(b, id)
 	b = append(b, '}')
-	c.push(&wsReply{head: b, size: int64(len(b))})
+	return &wsReply{head: b, size: int64(len(b))}
 }
 
 // appendID appends the "id" member of a reply to a message with id, if
