@@ -535,10 +535,11 @@ func (cl *changeLog) stateAt(n, now int64) map[string]string {
 
 const crashDir = "/data"
 
-// crashWorkload writes, CASes, deletes, expires and compacts on a memFS
-// in the given mode, and returns the operations it recorded and the
-// changes it made.
-func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
+// startCrashData opens a store on a new memFS in the given mode, with a
+// rotation every 4 × (about 600 bytes of live data) of log, the 1-second
+// fsync every syncEvery instead, and the rotation order reversed if
+// newLogFirst.
+func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time.Duration, newLogFirst bool) (*memFS, *Store, *dataDir) {
 	t.Helper()
 	m := newMemFS()
 	s := NewStore(0, clk)
@@ -546,10 +547,20 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 	if err != nil {
 		t.Fatal(err)
 	}
-	d.minCompact = 1 << 8   // a rotation every 4 × (about 600 bytes of live data) of log
-	d.syncEvery = time.Hour // the test syncs itself, at known points
+	d.minCompact = 1 << 8
+	d.syncEvery = syncEvery
 	d.newLogFirst = newLogFirst
 	d.start()
+	return m, s, d
+}
+
+// crashWorkload writes, CASes, deletes, expires and compacts on a memFS
+// in the given mode, and returns the operations it recorded and the
+// changes it made.
+func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
+	t.Helper()
+	// The test syncs itself, at known points.
+	m, s, d := startCrashData(t, mode, clk, time.Hour, newLogFirst)
 	cl := &changeLog{first: s.seq + 1}
 	// record notes the change just acknowledged, of key, if it made one
 	// (deleting a missing key does not).
@@ -567,6 +578,7 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 		cl.changes = append(cl.changes, loggedChange{key, s.Get(key)})
 		m.ack(seq)
 	}
+	var err error
 	for i := range 150 {
 		key := fmt.Sprintf("/k/%d", i%13)
 		value := fmt.Sprintf(`{"i":%d,"pad":"%s"}`, i, strings.Repeat("x", i%40))
@@ -624,16 +636,7 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 // and numbered from them.
 func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
-	m := newMemFS()
-	s := NewStore(0, clk)
-	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	d.minCompact = 1 << 8
-	d.syncEvery = time.Millisecond
-	d.newLogFirst = newLogFirst
-	d.start()
+	m, s, d := startCrashData(t, mode, clk, time.Millisecond, newLogFirst)
 	var wg sync.WaitGroup
 	for w := range 4 {
 		wg.Add(1)
