@@ -86,6 +86,7 @@ func TestBrowserOnePage(t *testing.T) {
 	checkResults(t, results, []string{
 		"two pages, 60 subscriptions, one socket each",
 		"one path thrice, and a prefix inside another",
+		"many subscriptions with their state while a writer writes",
 		"a restart with -data resumes every subscription",
 		"a restart without -data resets, and reports what is gone",
 		"a cut in the middle of requests",
