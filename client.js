@@ -538,10 +538,11 @@ var AtomKV = (function () {
         //
         // A state read for some subscriptions stands in for the changes of
         // its keys queued behind it, which the server then drops (they are
-        // older or the same); the others never see them. So after a whole
-        // state the channel owes its other subscriptions what changed
-        // after its synced, asked next with since: they may see a key's
-        // current value again, never miss its last.
+        // older or the same); the others never see them. So after a state
+        // that some of the channel's subscriptions did not take (a whole
+        // one, or a since that one joined during) the channel owes them
+        // what changed after its synced, asked next with since: they may
+        // see a key's current value again, never miss its last.
         request(ch) {
             if (!this.open) {
                 this.connect();
@@ -697,9 +698,12 @@ var AtomKV = (function () {
                         sub.tag = null;
                         sub.push(SYNCED);
                     }
+                    // The others (live before it, or since it began) may
+                    // have lost changes the state stood in for.
                     if (!initial) {
                         ch.owed = null;
-                    } else if (ch.owed === null && [...ch.subs].some((sub) => !takers.has(sub) && !ch.asking.has(sub))) {
+                    }
+                    if (ch.owed === null && [...ch.subs].some((sub) => !takers.has(sub) && !ch.asking.has(sub))) {
                         ch.owed = p.seq;
                     }
                     this.request(ch);
