@@ -97,6 +97,27 @@ type pageResult struct {
 // Chromium, and returns what the page POSTs to /report.
 func browse(t *testing.T, chromium string, mux *http.ServeMux, flags ...string) []pageResult {
 	t.Helper()
+	report := reports(mux)
+	mux.HandleFunc("GET /scenarios.js", func(w http.ResponseWriter, r *http.Request) {
+		http.ServeFile(w, r, "testdata/scenarios.js")
+	})
+	pages := httptest.NewServer(mux)
+	defer pages.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	log := startChromium(t, ctx, chromium, pages.URL+"/", flags...)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("chromium console:\n%s", consoleLines(log.String()))
+		}
+	})
+	return pageResults(t, ctx, report)
+}
+
+// reports serves POST /report on mux, where a test page posts its
+// results, and hands the first report on.
+func reports(mux *http.ServeMux) <-chan []byte {
 	report := make(chan []byte, 1)
 	mux.HandleFunc("POST /report", func(w http.ResponseWriter, r *http.Request) {
 		b, _ := io.ReadAll(r.Body)
@@ -105,35 +126,17 @@ func browse(t *testing.T, chromium string, mux *http.ServeMux, flags ...string) 
 		default:
 		}
 	})
-	pages := httptest.NewServer(mux)
-	defer pages.Close()
+	return report
+}
 
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	var log bytes.Buffer
-	args := append([]string{
-		"--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-		"--disable-background-networking", "--disable-component-update", "--disable-sync",
-		"--user-data-dir=" + t.TempDir(), "--enable-logging=stderr", "--v=0",
-	}, flags...)
-	cmd := exec.CommandContext(ctx, chromium, append(args, pages.URL+"/")...)
-	cmd.Stdout, cmd.Stderr = &log, &log
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
+// pageResults waits for a page's report, or fails the test once ctx is
+// done, and reads its results.
+func pageResults(t *testing.T, ctx context.Context, report <-chan []byte) []pageResult {
+	t.Helper()
 	var b []byte
 	select {
 	case b = <-report:
 	case <-ctx.Done():
-	}
-	cmd.Process.Kill()
-	cmd.Wait() // and then its log is ours to read
-	t.Cleanup(func() {
-		if t.Failed() {
-			t.Logf("chromium console:\n%s", consoleLines(log.String()))
-		}
-	})
-	if b == nil {
 		t.Fatal("no report from the page")
 	}
 	var results []pageResult
@@ -154,9 +157,12 @@ func checkResults(t *testing.T, results []pageResult, want []string) {
 		if i < len(want) && r.Name != want[i] {
 			t.Errorf("result %d is %q; want %q", i, r.Name, want[i])
 		}
-		if r.OK {
+		switch {
+		case r.OK && r.Detail != "":
+			t.Logf("pass: %s (%s)", r.Name, r.Detail)
+		case r.OK:
 			t.Logf("pass: %s", r.Name)
-		} else {
+		default:
 			t.Errorf("fail: %s: %s", r.Name, r.Detail)
 		}
 	}

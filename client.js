@@ -182,12 +182,15 @@ var AtomKV = (function () {
             this.head = 0;
             this.wake = null;
             this.failed = null;
-            // What it takes from its channel (see SocketHub.route): only
-            // events tagged above floor, the point it is live from, or
-            // the state it asked for; and by key, the last event taken,
-            // as [connection, seq, revision], to drop the copy a second
-            // channel of the socket carries.
+            // What it takes from its channel (see SocketHub.route): the
+            // events tagged above floor, the point it is live from, and
+            // while a state it is to take is on the way, those tagged tag,
+            // as the server tags a state's events (see SocketHub.request);
+            // and by key, the last change taken, as [connection, seq,
+            // revision], to drop the copy a second channel of the socket
+            // carries.
             this.floor = Infinity; // nothing until its channel's ok
+            this.tag = null;
             this.channel = null; // of the SocketHub that carries it
             this.last = new Map();
         }
@@ -205,17 +208,20 @@ var AtomKV = (function () {
                 this.wake = null;
             }
         }
-        // take queues a change unless it is a copy of one taken already,
-        // or older than it, on the same connection, or not one it is to
-        // see: from before it was live, or a state another asked for.
-        // Only where two channels watch the key (shared) does it keep the
-        // key's last event, so a subscription costs the page nothing per
-        // key otherwise.
+        // take queues a change if it is one the subscription is to see
+        // (not from before it was live, nor of a state another asked for)
+        // and not a copy of one taken already, or older than it, on the
+        // same connection. Only where two channels watch the key (shared)
+        // does it keep the key's last change, so a subscription costs the
+        // page nothing per key otherwise. A key's state is tagged with
+        // where the state started, not with its change: it is taken, and
+        // the next change is compared with nothing.
         take(conn, key, value, rev, seq, shared) {
-            if (!(seq > this.floor)) {
+            if (seq === this.tag) {
+                this.last.delete(key);
+            } else if (!(seq > this.floor)) {
                 return;
-            }
-            if (shared) {
+            } else if (shared) {
                 const last = this.last.get(key);
                 if (last && last[0] === conn && (seq < last[1] || seq === last[1] && rev === last[2])) {
                     return;
@@ -309,7 +315,11 @@ var AtomKV = (function () {
             this.conn++;
             this.connSeq = 0;
             for (const ch of this.channels.values()) {
-                this.subscribe(ch, ch.subs);
+                for (const sub of ch.subs) {
+                    sub.floor = Infinity; // another connection: its own numbers
+                    sub.tag = null;
+                }
+                this.request(ch);
             }
             const waiting = this.waiting;
             this.waiting = [];
@@ -341,7 +351,13 @@ var AtomKV = (function () {
             }
             this.calls.clear();
             for (const ch of this.channels.values()) {
-                ch.active = false;
+                ch.active = ch.registered = false;
+                if (ch.state && ch.state.initial) {
+                    for (const sub of ch.state.takers) {
+                        ch.asking.add(sub); // its state is asked for again
+                    }
+                }
+                ch.state = null;
             }
             status('closed', 'websocket');
             if (this.fallback && !this.opened && this.failures >= 2) {
@@ -464,31 +480,22 @@ var AtomKV = (function () {
                 this.http.attach(sub);
                 return;
             }
-            const ch = this.channels.get(sub.path);
-            // A second subscription with initial on a path gets a channel
-            // of its own, the path spelled KvServer's way (no leading
-            // '/'): its state and events, spelled so too, reach it alone.
-            const other = sub.path.slice(1);
-            if (!ch || sub.initial && other !== '' && !this.channels.has(other) && other !== this.probing) {
-                const spelled = ch ? other : sub.path;
-                const fresh = {path: spelled, subs: new Set([sub]), active: false, from: sub.initial ? 'initial' : 'now', synced: false};
-                this.channels.set(spelled, fresh);
-                sub.channel = fresh;
-                this.subscribe(fresh, fresh.subs);
-                return;
+            let ch = this.channels.get(sub.path);
+            if (!ch) {
+                ch = {
+                    path: sub.path, subs: new Set(), active: false, registered: false,
+                    synced: false, asking: new Set(), state: null, owed: null,
+                };
+                this.channels.set(sub.path, ch);
             }
             ch.subs.add(sub);
             sub.channel = ch;
             if (sub.initial) {
-                // '/', or a third one: the state is the channel's to ask
-                // for. Subscribing again sends it afresh, tagged below the
-                // floor of the others, which drop it (Subscription.take).
-                ch.from = 'initial';
-                ch.synced = false;
-                this.subscribe(ch, new Set([sub]));
+                ch.asking.add(sub);
             } else if (ch.active) {
                 sub.floor = this.connSeq; // live from the next change
             } // else its channel's ok sets it
+            this.request(ch);
         }
 
         detach(sub) {
@@ -497,36 +504,82 @@ var AtomKV = (function () {
                 return;
             }
             const ch = sub.channel;
-            if (!ch || !ch.subs.delete(sub) || ch.subs.size || this.channels.get(ch.path) !== ch) {
+            if (!ch || !ch.subs.delete(sub) || this.channels.get(ch.path) !== ch) {
+                return;
+            }
+            ch.asking.delete(sub);
+            if (ch.state) {
+                ch.state.takers.delete(sub);
+            }
+            if (ch.subs.size) {
                 return;
             }
             this.channels.delete(ch.path);
-            if (this.open) {
+            if (this.open && ch.registered) {
                 this.send({msg: {type: 'unsubscribe', payload: {key: ch.path}}, channel: ch, resolve: () => {}});
             }
             // Once every page's use is gone, a socket of a hub the page
             // left (another BASE or token) is closed by hub().
         }
 
-        // subscribe sends a channel's subscribe, on an open socket: from
-        // the last change the last connection carried once the channel had
-        // all it needed, else as the page asked. Its ok sets the floor of
-        // starting (each sub that has none yet, and those of starting).
-        subscribe(ch, starting) {
+        // request sends what a channel needs next, on an open socket. The
+        // socket subscribes each path once, under its own spelling, and
+        // asks again under the same spelling for each state it needs; the
+        // server keeps the one registration and queues the state, then
+        // synced. One state at a time per channel:
+        //
+        //   - subscriptions that asked for their state (initial): a whole
+        //     state, which they take alone, tagged 0;
+        //   - else, if the channel has subscriptions that must catch up
+        //     from a point (a reconnect, or owed: see below), the state of
+        //     what changed after it (since), which they all take, tagged
+        //     with that point (or reset, and the whole state);
+        //   - else, once per connection, a live subscribe.
+        //
+        // A state read for some subscriptions stands in for the changes of
+        // its keys queued behind it, which the server then drops (they are
+        // older or the same); the others never see them. So after a state
+        // that some of the channel's subscriptions did not take (a whole
+        // one, or a since that one joined during) the channel owes them
+        // what changed after its synced, asked next with since: they may
+        // see a key's current value again, never miss its last.
+        request(ch) {
             if (!this.open) {
                 this.connect();
                 return;
             }
-            const payload = {key: ch.path};
-            let floor = -1; // the state is tagged 0, or since
-            if (ch.synced && this.seq !== null) {
-                payload.since = this.seq;
-                floor = this.seq - 1;
-            } else if (ch.from === 'initial') {
-                payload.initial = true;
-            } else {
-                floor = null; // live: from the next change
+            if (ch.state) {
+                return; // one at a time: the next when it is synced
             }
+            const payload = {key: ch.path};
+            let state = null;
+            const behind = ch.owed !== null ? ch.owed : ch.synced && !ch.registered ? this.seq : null;
+            if (ch.asking.size) {
+                payload.initial = true;
+                state = {initial: true, takers: new Set(ch.asking)};
+                ch.asking.clear();
+                for (const sub of state.takers) {
+                    sub.floor = Infinity;
+                    sub.tag = 0;
+                }
+                if (behind !== null && ch.owed === null && [...ch.subs].some((sub) => !state.takers.has(sub))) {
+                    ch.owed = behind; // a reconnect: the others resume after it
+                }
+            } else if (behind !== null) {
+                payload.since = behind;
+                state = {initial: false, takers: new Set(ch.subs)};
+                for (const sub of ch.subs) {
+                    if (!ch.registered) {
+                        sub.floor = Infinity; // nothing of this registration came before its state
+                    }
+                    sub.tag = behind;
+                }
+            } else if (ch.registered) {
+                return; // nothing to ask
+            }
+            ch.state = state;
+            const first = !ch.registered;
+            ch.registered = true;
             this.send({
                 msg: {type: 'subscribe', payload}, channel: ch,
                 resolve: (reply) => {
@@ -538,16 +591,21 @@ var AtomKV = (function () {
                         for (const sub of ch.subs) {
                             sub.fail(new Error(reply.payload));
                         }
+                        if (!first) {
+                            this.send({msg: {type: 'unsubscribe', payload: {key: ch.path}}, channel: ch, resolve: () => {}});
+                        }
                         return;
                     }
-                    // The ok comes before every event of the subscription.
+                    // The ok comes before every event of the subscribe: a
+                    // subscription not yet live, and not waiting for a
+                    // state, is live from here.
                     ch.active = true;
                     for (const sub of ch.subs) {
-                        if (sub.floor === Infinity || starting.has(sub)) {
-                            sub.floor = floor === null ? this.connSeq : floor;
+                        if (sub.floor === Infinity && sub.tag === null && !ch.asking.has(sub)) {
+                            sub.floor = this.connSeq;
                         }
                     }
-                    if (ch.from === 'now') {
+                    if (!state && first) {
                         // Live from here: the last change the connection
                         // sees from now on is a resume point of it (one
                         // seen before is too, only older).
@@ -613,11 +671,9 @@ var AtomKV = (function () {
                 // The state that follows is tagged 0, or the since it
                 // could not resume from.
                 const ch = this.channels.get(p.key);
-                if (ch && ch.active) {
-                    for (const sub of ch.subs) {
-                        if (sub.floor < Infinity && sub.floor >= 0) {
-                            sub.floor = -1;
-                        }
+                if (ch && ch.active && ch.state) {
+                    for (const sub of ch.state.takers) {
+                        sub.floor = -1; // until synced, every event is the state's
                         sub.push(RESET);
                     }
                 }
@@ -633,14 +689,24 @@ var AtomKV = (function () {
                     break;
                 }
                 const ch = this.channels.get(p.key);
-                if (ch && ch.active) {
+                if (ch && ch.active && ch.state) {
+                    const {initial, takers} = ch.state;
+                    ch.state = null;
                     ch.synced = true;
-                    for (const sub of ch.subs) {
-                        if (sub.floor < p.seq) {
-                            sub.floor = p.seq;
-                        }
+                    for (const sub of takers) {
+                        sub.floor = sub.floor === Infinity ? p.seq : Math.max(sub.floor, p.seq);
+                        sub.tag = null;
                         sub.push(SYNCED);
                     }
+                    // The others (live before it, or since it began) may
+                    // have lost changes the state stood in for.
+                    if (!initial) {
+                        ch.owed = null;
+                    }
+                    if (ch.owed === null && [...ch.subs].some((sub) => !takers.has(sub) && !ch.asking.has(sub))) {
+                        ch.owed = p.seq;
+                    }
+                    this.request(ch);
                 }
                 break;
             }

@@ -86,6 +86,7 @@ func TestBrowserOnePage(t *testing.T) {
 	checkResults(t, results, []string{
 		"two pages, 60 subscriptions, one socket each",
 		"one path thrice, and a prefix inside another",
+		"many subscriptions with their state while a writer writes",
 		"a restart with -data resumes every subscription",
 		"a restart without -data resets, and reports what is gone",
 		"a cut in the middle of requests",
@@ -104,10 +105,10 @@ type backend struct {
 	t    *testing.T
 	args []string
 
-	mu   sync.Mutex
-	srv  *server
-	hs   *httptest.Server
-	data *dataDir
+	mu    sync.Mutex
+	srv   *server
+	hs    *httptest.Server
+	close func() // the server, its streams and its data
 }
 
 func startBackend(t *testing.T, args ...string) *backend {
@@ -117,26 +118,11 @@ func startBackend(t *testing.T, args ...string) *backend {
 	return b
 }
 
-// start serves a server as newTestServer does (and run: data loaded
-// before it serves).
+// start serves a server as newTestServer does.
 func (b *backend) start(args []string) {
-	t := b.t
-	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv, err := newServer(cfg, discardLogger())
-	if err != nil {
-		t.Fatal(err)
-	}
-	var data *dataDir
-	if cfg.data != "" {
-		if data, err = openData(cfg.data, cfg.fsync, srv.store, discardLogger()); err != nil {
-			t.Fatal(err)
-		}
-	}
+	srv, hs, stop := serveTestServer(b.t, args)
 	b.mu.Lock()
-	b.srv, b.hs, b.data = srv, httptest.NewServer(srv.routes()), data
+	b.srv, b.hs, b.close = srv, hs, stop
 	b.mu.Unlock()
 }
 
@@ -147,12 +133,7 @@ func (b *backend) stop() {
 	if b.hs == nil {
 		return
 	}
-	b.hs.Close()
-	b.srv.close()
-	if b.data != nil {
-		b.srv.store.expiry.stop()
-		b.data.close()
-	}
+	b.close()
 	b.hs = nil
 }
 

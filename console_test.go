@@ -102,7 +102,6 @@ func TestConsole(t *testing.T) {
 	}
 	harness = bytes.ReplaceAll(harness, []byte("{{SERVER}}"), []byte(server))
 	harness = bytes.ReplaceAll(harness, []byte("{{GUARDED}}"), []byte(guarded))
-	report := make(chan []byte, 1)
 	mux := http.NewServeMux()
 	mux.Handle("/", srv.adminRoutes())
 	mux.Handle("/guarded/", http.StripPrefix("/guarded", guardedSrv.adminRoutes()))
@@ -130,61 +129,33 @@ func TestConsole(t *testing.T) {
 		resp.Body.Close()
 		w.WriteHeader(resp.StatusCode)
 	})
-	mux.HandleFunc("POST /report", func(w http.ResponseWriter, r *http.Request) {
-		b, _ := io.ReadAll(r.Body)
-		select {
-		case report <- b:
-		default:
-		}
-	})
+	report := reports(mux)
 	pages := httptest.NewServer(mux)
 	defer pages.Close()
 
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	log := startChromium(t, ctx, chromium, pages.URL+"/harness")
-
-	var results []struct {
-		Name   string
-		OK     bool
-		Detail string
-	}
-	select {
-	case b := <-report:
-		if err := json.Unmarshal(b, &results); err != nil {
-			t.Fatalf("report %s: %v", b, err)
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("chromium console:\n%s", consoleLines(log.String()))
 		}
-	case <-ctx.Done():
-		t.Fatalf("no report from the harness; chromium said:\n%s", consoleLines(log.String()))
-	}
+	})
+
+	results := pageResults(t, ctx, report)
 	want := []string{
 		"keys written with curl show, with revision and TTL", "a change made elsewhere is highlighted",
 		"a CAS edit that conflicts shows the current value", "a delete leaves the tree", "a TTL is set",
 		"a new key is created", "the figures come from /metrics", "another host needs a click before its script runs",
 		"a large tree is cut, with a notice", "with -tokens it asks for a token, kept for the tab",
 	}
-	if len(results) != len(want) {
-		t.Errorf("got %d results; want %d", len(results), len(want))
-	}
-	for i, r := range results {
-		if i < len(want) && r.Name != want[i] {
-			t.Errorf("result %d is %q; want %q", i, r.Name, want[i])
-		}
-		if r.OK {
-			t.Logf("pass: %s (%s)", r.Name, r.Detail)
-		} else {
-			t.Errorf("fail: %s: %s", r.Name, r.Detail)
-		}
-	}
+	checkResults(t, results, want)
 	// What the console did reached the server.
 	if r := do(t, "GET", server+"/console/b", ""); r.body != `"mine"` {
 		t.Errorf("/console/b after the second save: %s; want \"mine\"", r.body)
 	}
 	if r := do(t, "GET", server+"/console/a", ""); r.header.Get("X-TTL") == "" {
 		t.Errorf("/console/a has no TTL after the console set one")
-	}
-	if t.Failed() {
-		t.Logf("chromium console:\n%s", consoleLines(log.String()))
 	}
 }
 

@@ -531,6 +531,16 @@ func listAll(t testing.TB, url string) []listed {
 // inside it. It closes the server's streams when the test ends.
 func newTestServer(t *testing.T, args ...string) (*server, string) {
 	t.Helper()
+	srv, hs, stop := serveTestServer(t, args)
+	t.Cleanup(stop)
+	return srv, hs.URL
+}
+
+// serveTestServer serves cfg's server with httptest, its data loaded
+// first as run does, and returns stop, which closes the server, its
+// streams and its data.
+func serveTestServer(t *testing.T, args []string) (*server, *httptest.Server, func()) {
+	t.Helper()
 	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
 	if err != nil {
 		t.Fatal(err)
@@ -546,15 +556,14 @@ func newTestServer(t *testing.T, args ...string) (*server, string) {
 		}
 	}
 	hs := httptest.NewServer(srv.routes())
-	t.Cleanup(func() {
+	return srv, hs, func() {
 		hs.Close()
 		srv.close()
 		if data != nil {
 			srv.store.expiry.stop()
 			data.close()
 		}
-	})
-	return srv, hs.URL
+	}
 }
 
 // waitFor polls cond until it holds; it fails the test after a long

@@ -1,0 +1,16 @@
+// runScenarios runs the scenarios of a test page (browser_test.go's
+// browse serves this file to every page it opens) one after another, and
+// POSTs what each did to /report: [{name, ok, detail?}], in order.
+'use strict';
+async function runScenarios(scenarios) {
+    const results = [];
+    for (const [name, run] of Object.entries(scenarios)) {
+        try {
+            await run();
+            results.push({name, ok: true});
+        } catch (e) {
+            results.push({name, ok: false, detail: String(e && e.stack || e)});
+        }
+    }
+    await fetch('/report', {method: 'POST', body: JSON.stringify(results)});
+}
