@@ -123,7 +123,7 @@ func TestConsole(t *testing.T) {
 		}
 		resp, err := http.DefaultClient.Do(out)
 		if err != nil {
-			http.Error(w, err.Error(), 502)
+			http.Error(w, err.Error(), http.StatusBadGateway)
 			return
 		}
 		resp.Body.Close()

@@ -126,7 +126,7 @@ type coalescer struct {
 // push queues ev.
 func (q *coalescer) push(ev event) {
 	q.mu.Lock()
-	q.size.Add(ev.weight())
+	w := ev.weight()
 	if ev.coalesces() {
 		k := eventKey{ev.sub, ev.key}
 		if ev.kind == evCursor && q.front != nil && q.front.sub == ev.sub {
@@ -136,7 +136,7 @@ func (q *coalescer) push(ev event) {
 		switch {
 		case ok && i == len(q.pending)-1:
 			// Last already: replacing it in place keeps the order.
-			q.size.Add(-q.pending[i].weight())
+			q.size.Add(w - q.pending[i].weight()) // one atomic add on this, the common path
 			ev.older = q.pending[i].older
 			q.pending[i] = ev
 			q.dropped++
@@ -159,6 +159,7 @@ func (q *coalescer) push(ev event) {
 	if ev.kind == evCursor {
 		q.cursors++
 	}
+	q.size.Add(w)
 	q.pending = append(q.pending, ev)
 	if ev.kind == evReply {
 		q.barrier = len(q.pending)
