@@ -8,41 +8,11 @@ package main
 import (
 	"iter"
 	"slices"
+	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
 )
-
-// Why a change happened; subscribers of the WebSocket API see it as the
-// reason of a "no-value" event.
-type reason uint8
-
-const (
-	changed reason = iota
-	deleted
-	expired
-)
-
-func (r reason) String() string {
-	switch r {
-	case deleted:
-		return "deleted"
-	case expired:
-		return "expired"
-	}
-	return "changed"
-}
-
-// change is one change of a key as it is published: the new version (nil
-// if the key is now missing, for the reason why) and its place in the
-// change sequence.
-type change struct {
-	key string
-	e   *entry
-	why reason
-	seq int64
-	sl  *slot // the key's slot, for the flusher (-data)
-}
 
 // keepHistory makes the store remember at least the last n changes, from
 // the next one on.
@@ -51,27 +21,6 @@ func (s *Store) keepHistory(n int) {
 	defer s.seqMu.Unlock()
 	s.history.max = n
 	s.history.reset(s.seq + 1)
-}
-
-// commit numbers a change, remembers it and publishes it; or, with
-// -data, queues it for the flusher, which publishes it once it is
-// written, and returns the batch it went in. The key's slot must be
-// locked.
-func (s *Store) commit(c change) (seq int64, b *batch) {
-	s.seqMu.Lock()
-	defer s.seqMu.Unlock()
-	s.seq++
-	c.seq = s.seq
-	if c.sl != nil {
-		c.key = c.sl.key // one string per key, not one per change
-	}
-	s.history.add(c.key)
-	if s.journal != nil {
-		return c.seq, s.journal.queue(c)
-	}
-	s.publish(c)
-	s.published.Store(c.seq)
-	return c.seq, nil
 }
 
 // subscription is one registration of a queue on a path: an event
@@ -102,11 +51,13 @@ const (
 //
 //   - fromNow: nothing;
 //   - fromScratch: the current state of what it watches (a key's version
-//     or its absence, or every existing key under a prefix), then synced;
+//     or its absence, or every existing key under a prefix, in key
+//     order), then synced;
 //   - a change number S: the current state of each watched key that
-//     changed after S, a missing key as missing, then synced; or, if S is
-//     older than the history, newer than what is published, or another
-//     run's, a reset and the whole state, then synced;
+//     changed after S, in key order, a missing key as missing, then
+//     synced; or, if S is older than the history, newer than what is
+//     published, or another run's, a reset and the whole state, then
+//     synced;
 //   - fromUnknown: a reset and the whole state, then synced.
 //
 // It returns the subscription's starting point, a safe resume point
@@ -116,12 +67,15 @@ const (
 // The state is not copied: what is queued is a stateCursor, a few hundred
 // bytes whatever the path holds, that the writer reads from the store as
 // the connection drains (SPEC 10). It is queued with the registration,
-// under seqMu: a change published before is queued before it, a later one
-// after it. When the cursor reads a key, a change of it pending behind
-// the cursor gives way to the state, which is as new; so no change falls
-// between the state and the live events, and a key's revisions only go
-// up. A subscription registered already (a client subscribing again)
-// gets the new state after what was queued for it before.
+// under seqMu, and reads the store as of that moment (a snapshot: no
+// transaction published after it shows in part): a change published
+// before is in the state, a later one is queued after the cursor. When
+// the cursor reads a key at its current version, a change of it pending
+// behind the cursor gives way to the state, which is as new; so no
+// change falls between the state and the live events, and a key's
+// revisions only go up. A subscription registered already (a client
+// subscribing again) gets the new state after what was queued for it
+// before.
 //
 // Until its synced, everything the subscription sends is tagged with its
 // floor, a resume point that is safe wherever the state is cut: S itself
@@ -146,11 +100,11 @@ func (s *Store) Subscribe(sub *subscription, from int64, ack *wsReply) (start in
 	if from == fromNow {
 		return before
 	}
-	c := &stateCursor{s: s, sub: sub, upTo: before, reset: true}
+	c := &stateCursor{s: s, sub: sub, upTo: before, reset: true, sn: s.snaps.open(before)}
 	if from > 0 && from <= before {
 		c.floor = from
 		if from >= s.history.first-1 {
-			c.since, c.pos, c.reset = from, from+1, false
+			c.since, c.reset = from, false
 		}
 	}
 	if from == fromScratch {
@@ -161,47 +115,37 @@ func (s *Store) Subscribe(sub *subscription, from int64, ack *wsReply) (start in
 }
 
 // stateCursor is a subscription's initial or resumed state, in progress:
-// where it stands in the keys of its path, or in the history. Only the
-// writer that has the subscription's queue reads it.
+// the keys it has still to send, in key order. Only the writer that has
+// the subscription's queue reads it.
 type stateCursor struct {
 	s     *Store
 	sub   *subscription
-	floor int64 // see Subscribe
-	upTo  int64 // every change up to it is published: synced says so
-	reset bool  // a reset goes first
-	since int64 // > 0: the keys changed after since, from the history; else the whole state
+	floor int64     // see Subscribe
+	upTo  int64     // every change up to it is published: synced says so
+	reset bool      // a reset goes first
+	since int64     // > 0: the keys changed after since; else the whole state
+	sn    *snapshot // the point it reads the store at: upTo
 
-	mu      sync.Mutex // of the walk, which close may stop
+	mu      sync.Mutex // of close, which the stream's end may call
 	started bool
-	pos     int64               // the history: the next change to look at
-	seen    map[string]struct{} // the history: keys already sent
-	held    int64               // seen's weight, counted in the queue's size
-	next    func() (string, *slot, bool)
-	stop    func()
+	keys    []string // since: the keys to send, in key order, and what they count against the bound
+	held    int64
+	from    string // the whole state of a prefix: the next key to read
+	closed  bool
 }
 
-// seenWeight is what a key in a cursor's seen set counts against the
-// connection's bound: the map's slot for its string header (the bytes are
-// the history's), with the map's spare room. BenchmarkResumeSeen measures
-// 57 B a key at 16,000 keys (a map's tables, in their size classes, reach
-// 58 B at some sizes). seenMax is the most a set may count, a quarter of
-// the default bound: past it the set starts again, empty, so a key sent
-// before may be sent again, with its current state, if it changed again
-// later in the history. A resend is safe (it is as new as the key's
-// pending change, which it replaces, and its revision never goes down);
-// only resumes over more than 16,384 distinct keys meet it.
+// sinceMax is the most keys a resumed state sends key by key: a resume
+// past more keys changed than that (a quarter of the connection's bound,
+// at seenWeight a key) is sent as a reset and the whole state, which is
+// then about as long and costs no list of keys.
 const (
 	seenWeight = 64
-	seenMax    = 1 << 20
+	sinceMax   = (1 << 20) / seenWeight
 )
 
-// stateChunk is the most key states a cursor reads at a time, and
-// stateScan the most keys it looks at for them: each read is short, and
-// the next comes once the connection has taken this one.
-const (
-	stateChunk = 256
-	stateScan  = 4096
-)
+// stateChunk is the most key states a cursor reads at a time: each read
+// is short, and the next comes once the connection has taken this one.
+const stateChunk = 256
 
 // read appends the next states of the cursor to out, each read with its
 // key locked; and, once the state is whole, synced, and reports done. A
@@ -211,7 +155,7 @@ func (c *stateCursor) read(out []event) (_ []event, done bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	sub := c.sub
-	if sub.ended.Load() || sub.q.stops(c) {
+	if c.closed || sub.ended.Load() || sub.q.stops(c) {
 		c.close()
 		return out, true
 	}
@@ -221,154 +165,155 @@ func (c *stateCursor) read(out []event) (_ []event, done bool) {
 		if c.reset {
 			out = append(out, event{sub: sub, kind: evReset})
 		}
-	}
-	if c.since > 0 {
-		var ok bool
-		if out, ok = c.changed(out); !ok {
-			// The history moved past the cursor while the client read
-			// slowly: from here on it is a reset and the whole state.
+		c.from = sub.path
+		if c.since > 0 && !c.collect() {
+			// Too many keys changed, or the history moved on before the
+			// state began: a reset and the whole state.
 			c.since, c.reset = 0, true
 			out = append(out, event{sub: sub, kind: evReset})
-		} else if c.pos <= c.upTo {
-			return out, false
 		}
 	}
-	if c.since == 0 {
-		if more := c.walk(&out); more {
-			return out, false
-		}
+	if c.sn.lost.Load() {
+		// The store changed too much while the client read slowly to
+		// keep what this point shows: from here on it is a reset and
+		// the whole state, as of now.
+		c.restart()
+		out = append(out, event{sub: sub, kind: evReset})
+	}
+	if more := c.next(&out); more {
+		return out, false
 	}
 	c.close()
 	return append(out, event{sub: sub, kind: evSynced, seq: c.upTo}), true
 }
 
-// changed appends the states of the watched keys of the next changes in
-// the history, each key once, a missing one as missing. It reports false
-// if the history no longer holds the next change.
-func (c *stateCursor) changed(out []event) ([]event, bool) {
-	var keys [stateChunk]string
-	n := 0
+// restart makes the cursor the whole state as of the last change
+// published. c.mu must be held.
+func (c *stateCursor) restart() {
 	s := c.s
 	s.seqMu.Lock()
-	h := &s.history
-	if c.pos < h.first {
-		s.seqMu.Unlock()
-		return out, false
-	}
-	for ; n < len(keys) && c.pos <= c.upTo; c.pos++ {
-		i := c.pos - h.first
-		keys[n] = h.chunks[i/int64(h.chunk)][i%int64(h.chunk)]
-		n++
-	}
+	c.upTo = s.published.Load()
+	sn := s.snaps.open(c.upTo)
 	s.seqMu.Unlock()
-	start := len(out)
-	defer func() { sortStates(out[start:]) }()
-	for _, key := range keys[:n] {
-		if _, dup := c.seen[key]; dup || !watches(c.sub.path, key) {
-			continue
-		}
-		if c.held+seenWeight > seenMax {
-			c.forget()
-		}
-		if c.seen == nil {
-			c.seen = make(map[string]struct{})
-		}
-		c.seen[key] = struct{}{}
-		// Counted against the connection's bound (SPEC 10), and capped.
-		c.held += seenWeight
-		c.sub.q.size.Add(seenWeight)
-		sl := s.lock(key)
-		out = c.state(out, key, sl, true)
-		s.release(key, sl)
-		sl.mu.Unlock()
-	}
-	return out, true
+	s.closeSnapshot(c.sn)
+	c.sn = sn
+	c.since, c.from = 0, c.sub.path
+	c.forget()
+	c.floor, c.sub.floor = 0, 0
 }
 
-// walk appends the states of the next keys of the path, and reports
-// whether there are more. A prefix is walked in the store's map; Range
-// visits each key at most once, and every key that exists throughout the
-// walk, which is what a state needs: a key created or deleted meanwhile
-// has its change queued behind the cursor.
-func (c *stateCursor) walk(out *[]event) (more bool) {
-	s, path := c.s, c.sub.path
-	start := len(*out)
-	defer func() { sortStates((*out)[start:]) }()
-	if !strings.HasSuffix(path, "/") {
-		sl := s.lock(path)
-		*out = c.state(*out, path, sl, true)
-		s.release(path, sl)
-		sl.mu.Unlock()
+// collect lists the watched keys that changed after since, up to upTo,
+// from the history, in key order. It reports false if the history no
+// longer holds them all, or if they are more than sinceMax.
+func (c *stateCursor) collect() bool {
+	s := c.s
+	s.seqMu.Lock()
+	h := s.history.view()
+	s.seqMu.Unlock()
+	if c.since < h.first-1 {
 		return false
 	}
-	if c.next == nil {
-		c.next, c.stop = iter.Pull2(func(yield func(string, *slot) bool) {
-			s.keys.Range(func(k, v any) bool { return yield(k.(string), v.(*slot)) })
-		})
+	seen := make(map[string]struct{})
+	ok := h.each(c.since+1, c.upTo, func(key string) bool {
+		if covers(c.sub.path, key) {
+			seen[key] = struct{}{}
+		}
+		return len(seen) <= sinceMax
+	})
+	if !ok {
+		return false
 	}
-	for range stateScan {
-		key, sl, ok := c.next()
-		if !ok {
-			return false
-		}
-		if !strings.HasPrefix(key, path) {
-			continue
-		}
-		sl.mu.Lock()
-		*out = c.state(*out, key, sl, false)
-		sl.mu.Unlock()
-		if len(*out) >= stateChunk {
-			return true
-		}
+	c.keys = make([]string, 0, len(seen))
+	for k := range seen {
+		c.keys = append(c.keys, k)
 	}
+	sort.Strings(c.keys)
+	// Counted against the connection's bound (SPEC 10).
+	c.held = int64(len(c.keys)) * seenWeight
+	c.sub.q.size.Add(c.held)
 	return true
 }
 
-// sortStates sorts the key states of one read by key: a state that one
-// read holds whole (up to stateChunk keys, in a store of up to stateScan)
-// comes sorted, as a listing does; a larger one, in sorted runs.
-func sortStates(states []event) {
-	slices.SortFunc(states, func(a, b event) int { return strings.Compare(a.key, b.key) })
+// next appends the states of the next keys, and reports whether there
+// are more.
+func (c *stateCursor) next(out *[]event) (more bool) {
+	s, path := c.s, c.sub.path
+	switch {
+	case c.since > 0:
+		n := min(len(c.keys), stateChunk)
+		for _, key := range c.keys[:n] {
+			sl := s.lock(key)
+			*out = c.state(*out, key, sl, true)
+			s.release(s.localJournal(), sl)
+			sl.mu.Unlock()
+		}
+		c.keys = c.keys[n:]
+		return len(c.keys) > 0
+	case !strings.HasSuffix(path, "/"):
+		sl := s.lock(path)
+		*out = c.state(*out, path, sl, true)
+		s.release(s.localJournal(), sl)
+		sl.mu.Unlock()
+		return false
+	}
+	var buf [stateChunk]rangeItem
+	items, hi := s.readRange(c.sn, buf[:0], c.from, prefixEnd(path), stateChunk)
+	for _, it := range items {
+		if it.sl == nil { // deleted after the cursor's point: its change follows
+			if e := s.unexpired(it.e); e != nil {
+				*out = append(*out, event{sub: c.sub, kind: evState, key: it.key, e: e})
+			}
+			continue
+		}
+		it.sl.mu.Lock()
+		*out = c.state(*out, it.key, it.sl, false)
+		it.sl.mu.Unlock()
+	}
+	c.from = hi
+	return hi != ""
 }
 
-// state appends the state of key, whose slot is locked; a missing key
-// only if evenMissing. Its changes pending in the queue give way to it:
-// they are older or the same.
+// state appends the state of key, whose slot is locked, as the cursor's
+// point sees it; a missing key only if evenMissing. If that is the key's
+// current version, its changes pending in the queue give way to it: they
+// are older or the same; if the point sees an older one (a transaction
+// after it changed the key), they follow it.
 func (c *stateCursor) state(out []event, key string, sl *slot, evenMissing bool) []event {
-	e := c.s.unexpired(sl.load())
+	cur := sl.load()
+	e := c.s.snaps.at(c.sn, key, cur)
+	if e == cur {
+		c.sub.q.drop(c.sub, key)
+	}
+	e = c.s.unexpired(e)
 	if e == nil && !evenMissing {
 		return out
 	}
-	c.sub.q.drop(c.sub, key)
 	return append(out, event{sub: c.sub, kind: evState, key: key, e: e})
 }
 
-// close ends the walk, if one began. c.mu must be held.
+// close ends the cursor: its snapshot and its list of keys go. c.mu
+// must be held.
 func (c *stateCursor) close() {
-	if c.stop != nil {
-		c.stop()
-		c.next, c.stop = nil, nil
+	if !c.closed {
+		c.closed = true
+		c.s.closeSnapshot(c.sn)
 	}
 	c.forget()
 }
 
-// forget drops the set of keys sent, and its weight. c.mu must be held.
+// forget drops the list of keys to send, and its weight. c.mu must be
+// held.
 func (c *stateCursor) forget() {
-	c.seen = nil // not cleared: a cleared map keeps its memory
+	c.keys = nil
 	c.sub.q.size.Add(-c.held)
 	c.held = 0
 }
 
-// stopWalk ends the walk from outside the writer: the stream closed.
+// stopWalk ends the cursor from outside the writer: the stream closed.
 func (c *stateCursor) stopWalk() {
 	c.mu.Lock()
 	c.close()
 	c.mu.Unlock()
-}
-
-// watches reports whether a subscription to path sees the changes of key.
-func watches(path, key string) bool {
-	return path == key || strings.HasSuffix(path, "/") && strings.HasPrefix(key, path)
 }
 
 // defaultHistory is how many changes the store remembers (-history).
@@ -378,42 +323,84 @@ const defaultHistory = 100_000
 // history has smaller chunks, so that it keeps about what it was asked.
 const historyChunk = 4096
 
-// history remembers the key of each recent change, in sequence order: the
-// change numbered first+i changed the key at position i. It is a list of
-// fixed-size chunks, appended to and dropped whole, never rewritten, so
-// that a reader can scan what it saw without holding seqMu. It costs 16
-// bytes a change: the key's string is the store's slot's, the same for
-// every change of the key while it exists (a key deleted and written
-// again has a new one); never the value.
+// history remembers the key of each recent change and its number, in
+// sequence order: every change numbered first or later is in it. In
+// memory and with -data the numbers follow one another, but with -etcd
+// they are etcd's revisions, which other keys of etcd take too, and a
+// transaction's changes share one. It is a list of fixed-size chunks,
+// appended to and dropped whole, never rewritten, so that a reader can
+// scan what it saw without holding seqMu. It costs 24 bytes a change:
+// the key's string is the store's slot's, the same for every change of
+// the key while it exists (a key deleted and written again has a new
+// one); never the value.
 type history struct {
-	chunks [][]string // each h.chunk long when full; oldest first
-	first  int64      // the number of chunks[0][0]
-	max    int        // at least this many changes are kept
-	chunk  int        // the length of a full chunk
+	chunks [][]histEntry // each h.chunk long when full; oldest first
+	first  int64         // every change numbered first or later is here
+	max    int           // at least this many changes are kept
+	chunk  int           // the length of a full chunk
 }
 
-// reset empties the history and sizes its chunks for max: a quarter of
-// it, from 64 to historyChunk.
+type histEntry struct {
+	seq int64
+	key string
+}
+
+// reset empties the history, from change first on, and sizes its chunks
+// for max: a quarter of it, from 64 to historyChunk.
 func (h *history) reset(first int64) {
 	h.chunks = nil
 	h.first = first
 	h.chunk = min(max(h.max/4, 64), historyChunk)
 }
 
-// add remembers the key of the next change.
-func (h *history) add(key string) {
+// add remembers the key of a change, numbered seq: the newest.
+func (h *history) add(seq int64, key string) {
 	n := len(h.chunks)
 	if n == 0 || len(h.chunks[n-1]) == h.chunk {
 		if n > 0 && (n-1)*h.chunk >= h.max {
-			// The chunks after the first hold max changes already.
+			// The chunks after the first hold max changes already: the
+			// history now starts after the first chunk's last change.
+			h.first = h.chunks[0][h.chunk-1].seq + 1
 			h.chunks[0] = nil // the array keeps its front: let the chunk go
 			h.chunks = h.chunks[1:]
-			h.first += int64(h.chunk)
 		}
-		h.chunks = append(h.chunks, make([]string, 0, h.chunk))
+		h.chunks = append(h.chunks, make([]histEntry, 0, h.chunk))
 		n = len(h.chunks)
 	}
-	h.chunks[n-1] = append(h.chunks[n-1], key)
+	h.chunks[n-1] = append(h.chunks[n-1], histEntry{seq, key})
+}
+
+// view returns what a reader may scan without seqMu: the chunks as they
+// are now (full ones never change; the last only grows past what the
+// copy's length shows). seqMu must be held.
+func (h *history) view() history {
+	v := *h
+	v.chunks = slices.Clone(h.chunks)
+	if n := len(v.chunks); n > 0 {
+		v.chunks[n-1] = v.chunks[n-1][:len(v.chunks[n-1]):len(v.chunks[n-1])]
+	}
+	return v
+}
+
+// each calls fn with the key of every change numbered from..upTo, in
+// order, while fn returns true; it reports whether it went to the end.
+func (h *history) each(from, upTo int64, fn func(key string) bool) bool {
+	// The first chunk that may hold from: the last whose first is <= from.
+	i := sort.Search(len(h.chunks), func(i int) bool { return h.chunks[i][0].seq > from })
+	i = max(i-1, 0)
+	for ; i < len(h.chunks); i++ {
+		for _, e := range h.chunks[i] {
+			switch {
+			case e.seq < from:
+				continue
+			case e.seq > upTo:
+				return true
+			case !fn(e.key):
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // registry maps each watched path to its subscriptions. The store's seqMu
@@ -422,6 +409,10 @@ func (h *history) add(key string) {
 type registry struct {
 	paths map[string]map[*subscription]struct{}
 	count atomic.Int64 // registrations, so that publishing to nobody costs one load
+
+	// A transaction's events, gathered to mark its last on each queue.
+	txnEvents []event
+	last      map[*coalescer]bool
 }
 
 func (r *registry) add(sub *subscription) {
@@ -461,21 +452,58 @@ func (r *registry) remove(sub *subscription) {
 // prefix above it: /a/b/c, /a/b/, /a/, /. The cost is the depth of the
 // key plus the subscriptions found; the prefixes are substrings of the
 // key, so finding them allocates nothing.
+//
+// A transaction's changes go to each queue one after another, all its
+// events but the last on that queue joined to the next (SPEC 11: no
+// resume point inside a transaction). publish does them all when called
+// with the first, and nothing for the others.
 func (r *registry) publish(c change) {
 	if r.count.Load() == 0 {
 		return
 	}
-	ev := event{kind: evChange, key: c.key, e: c.e, why: c.why, seq: c.seq}
-	key := c.key
-	for sub := range r.paths[key] {
-		ev.sub = sub
-		sub.q.push(ev)
+	if c.txn == nil {
+		ev := event{kind: evChange, key: c.key, e: c.e, why: c.why, seq: c.seq}
+		for sub := range r.each(c.key) {
+			ev.sub = sub
+			sub.q.push(ev)
+		}
+		return
 	}
-	for i := len(key) - 1; i >= 0; i-- {
-		if key[i] == '/' {
-			for sub := range r.paths[key[:i+1]] {
-				ev.sub = sub
-				sub.q.push(ev)
+	if c.sl != c.txn[0].sl {
+		return // published with the first
+	}
+	evs := r.txnEvents[:0]
+	for _, c := range c.txn {
+		ev := event{kind: evChange, key: c.sl.key, e: c.e, why: c.why, seq: c.seq}
+		for sub := range r.each(ev.key) {
+			ev.sub = sub
+			evs = append(evs, ev)
+		}
+	}
+	if r.last == nil {
+		r.last = make(map[*coalescer]bool)
+	}
+	for i := len(evs) - 1; i >= 0; i-- {
+		q := evs[i].sub.q
+		evs[i].joined = r.last[q]
+		r.last[q] = true
+	}
+	clear(r.last)
+	for i := range evs {
+		evs[i].sub.q.push(evs[i])
+	}
+	clear(evs)
+	r.txnEvents = evs[:0]
+}
+
+// each yields every subscription that sees key's changes.
+func (r *registry) each(key string) iter.Seq[*subscription] {
+	return func(yield func(*subscription) bool) {
+		for path := range coveringPaths(key) {
+			for sub := range r.paths[path] {
+				if !yield(sub) {
+					return
+				}
 			}
 		}
 	}

@@ -37,6 +37,9 @@ package main
 
 import (
 	"bufio"
+	"iter"
+	"slices"
+	"strings"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -93,22 +96,6 @@ var errNotWritten = errors.New("the change could not be written to the data file
 // dataFS is the file system the data files are kept in; a test's child
 // process may replace it, before anything runs, to inject errors.
 var dataFS fileSystem = osFS{}
-
-// batch is the changes one write of the log holds. Their writers wait
-// for done; err, set before done is closed, says if it failed.
-type batch struct {
-	changes []change
-	done    chan struct{}
-	err     error
-}
-
-func newBatch() *batch { return &batch{done: make(chan struct{})} }
-
-// wait returns once the batch is written, or could not be.
-func (b *batch) wait() error {
-	<-b.done
-	return b.err
-}
 
 // logFile is an open log and its path, for errors.
 type logFile struct {
@@ -215,6 +202,8 @@ func loadDataFS(fs fileSystem, dir string, mode fsyncMode, s *Store, log *slog.L
 		lastOf:     make(map[*slot]int),
 	}
 	d.inflight.seed = maphash.MakeSeed()
+	s.expiry.hold() // until the store is loaded: an expiry would take a number mid-replay
+	defer s.expiry.resume()
 	if err := d.lock(); err != nil {
 		return nil, err
 	}
@@ -223,7 +212,7 @@ func loadDataFS(fs fileSystem, dir string, mode fsyncMode, s *Store, log *slog.L
 		return nil, err
 	}
 	d.synced = d.seg
-	s.attach(d)
+	s.journal = d // before any request: the listener starts after
 	return d, nil
 }
 
@@ -252,9 +241,35 @@ func (d *dataDir) lock() error {
 	return nil
 }
 
-// queue takes a change for the next write of the log and returns its
+// commit decides t, numbers it and queues it for the flusher, and
+// returns once it is written and applied.
+func (d *dataDir) commit(t *txn) (txnResult, error) { return d.s.decide(t, d) }
+
+// expire makes the expiry of d's key a change, if dl is still its
+// deadline.
+func (d *dataDir) expire(dl *deadline) { d.s.expireLocal(dl, d) }
+
+// keep numbers changes and queues them for the next write of the log, as
+// one record, and holds each key's new version until it is written: the
+// store's writers work on it meanwhile. The changes' slots are locked.
+func (d *dataDir) keep(changes []change) int64 {
+	s := d.s
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	s.seq++
+	for i := range changes {
+		changes[i].seq = s.seq
+	}
+	b := d.queue(changes)
+	for _, c := range changes {
+		d.hold(c.sl, c.e, c.seq, b)
+	}
+	return s.seq
+}
+
+// queue takes changes for the next write of the log and returns their
 // batch. The store's seqMu is held, so changes join in sequence order.
-func (d *dataDir) queue(c change) *batch {
+func (d *dataDir) queue(changes []change) *batch {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.closed || d.broken != nil {
@@ -263,8 +278,9 @@ func (d *dataDir) queue(c change) *batch {
 		close(b.done)
 		return b
 	}
-	d.queued.changes = append(d.queued.changes, c)
-	if len(d.queued.changes) == 1 {
+	first := len(d.queued.changes) == 0
+	d.queued.changes = append(d.queued.changes, changes...)
+	if first {
 		select {
 		case d.wake <- struct{}{}:
 		default:
@@ -308,8 +324,8 @@ func (d *dataDir) write(b *batch) bool {
 		return true
 	}
 	d.buf = d.buf[:0]
-	for _, c := range b.changes {
-		d.buf = appendChange(d.buf, c)
+	for cs := range records(b.changes) {
+		d.buf = appendChanges(d.buf, cs)
 	}
 	if _, err := d.seg.f.Write(d.buf); err != nil {
 		d.fail(fmt.Errorf("writing %s: %w", d.seg.path, err), b)
@@ -369,19 +385,67 @@ func (d *dataDir) breakWith(err error) {
 	}
 }
 
-// settle settles a written batch: of each key, its last change in the
-// batch, in sequence order. The earlier changes of a key are superseded:
-// a subscriber may skip intermediate revisions anyway, and their numbers
-// are behind the one published. So a hot key costs the flusher one lock
-// of its slot per batch, not one per write.
+// settle settles a written batch: each record in sequence order, but
+// of a key's single changes only its last in the batch. The earlier are
+// superseded: a subscriber may skip intermediate revisions anyway, and
+// their numbers are behind the one published. So a hot key costs the
+// flusher one lock of its slot per batch, not one per write. A
+// transaction is settled whole, even where a later change supersedes
+// some of its keys: its other keys must not show without them.
 func (d *dataDir) settle(b *batch) {
 	clear(d.lastOf)
 	for i, c := range b.changes {
 		d.lastOf[c.sl] = i
 	}
-	for i, c := range b.changes {
-		if d.lastOf[c.sl] == i {
-			d.s.reveal(c)
+	i := 0
+	for cs := range records(b.changes) {
+		if len(cs) > 1 || d.lastOf[cs[0].sl] == i {
+			d.reveal(cs)
+		}
+		i += len(cs)
+	}
+}
+
+// reveal makes written changes (one key's, or a transaction's) visible:
+// each version becomes its slot's cur, which readers see, and they are
+// applied; and so are the earlier changes of their keys written with
+// them, which they supersede. The keys are locked meanwhile, so that a
+// subscription reading a key's state sees it either before (and gets
+// the change after) or after.
+func (d *dataDir) reveal(changes []change) {
+	slots := make([]*slot, len(changes))
+	for i, c := range changes {
+		slots[i] = c.sl
+	}
+	slices.SortFunc(slots, func(a, b *slot) int { return strings.Compare(a.key, b.key) })
+	for _, sl := range slots {
+		sl.mu.Lock()
+	}
+	d.s.seqMu.Lock()
+	d.s.apply(changes)
+	d.s.seqMu.Unlock()
+	for _, c := range changes {
+		d.written(c)
+	}
+	for _, sl := range slots {
+		d.s.release(d, sl)
+		sl.mu.Unlock()
+	}
+}
+
+// records yields the changes of a batch record by record: a
+// transaction's changes, which share a number, or one change.
+func records(changes []change) iter.Seq[[]change] {
+	return func(yield func([]change) bool) {
+		for len(changes) > 0 {
+			n := 1
+			for n < len(changes) && changes[n].seq == changes[0].seq {
+				n++
+			}
+			if !yield(changes[:n]) {
+				return
+			}
+			changes = changes[n:]
 		}
 	}
 }
@@ -671,14 +735,14 @@ type inflight struct {
 	batch *batch // its batch, to wait for
 }
 
-func (t *inflightTable) shard(key string) *inflightShard {
-	return &t.shards[maphash.String(t.seed, key)%inflightShards]
+func (t *inflightTable) shard(sl *slot) *inflightShard {
+	return &t.shards[maphash.String(t.seed, sl.key)%inflightShards]
 }
 
-// hold records e, of the change numbered seq in batch b, as key's newest
-// version. The slot is locked.
-func (d *dataDir) hold(key string, sl *slot, e *entry, seq int64, b *batch) {
-	sh := d.inflight.shard(key)
+// hold records e, of the change numbered seq in batch b, as the slot's
+// newest version. The slot is locked.
+func (d *dataDir) hold(sl *slot, e *entry, seq int64, b *batch) {
+	sh := d.inflight.shard(sl)
 	sh.mu.Lock()
 	if sh.m == nil {
 		sh.m = make(map[*slot]inflight)
@@ -687,10 +751,10 @@ func (d *dataDir) hold(key string, sl *slot, e *entry, seq int64, b *batch) {
 	sh.mu.Unlock()
 }
 
-// pending returns key's newest version and its batch, if its change is
-// not yet written. The slot is locked.
-func (d *dataDir) pending(key string, sl *slot) (*entry, *batch, bool) {
-	sh := d.inflight.shard(key)
+// pending returns the slot's newest version and its batch, if its change
+// is not yet written. The slot is locked.
+func (d *dataDir) pending(sl *slot) (*entry, *batch, bool) {
+	sh := d.inflight.shard(sl)
 	sh.mu.Lock()
 	f, ok := sh.m[sl]
 	sh.mu.Unlock()
@@ -700,7 +764,7 @@ func (d *dataDir) pending(key string, sl *slot) (*entry, *batch, bool) {
 // written forgets key's in-flight version once c, its newest change, is
 // written. The slot is locked.
 func (d *dataDir) written(c change) {
-	sh := d.inflight.shard(c.key)
+	sh := d.inflight.shard(c.sl)
 	sh.mu.Lock()
 	if f, ok := sh.m[c.sl]; ok && f.last == c.seq {
 		delete(sh.m, c.sl)

@@ -24,6 +24,9 @@ type event struct {
 	kind  eventKind
 	why   reason // of a change to missing
 	older bool   // an older event of its key is pending before a reply
+	// joined: another event of the same transaction follows it in the
+	// queue, so no resume point may fall after it (SPEC 11).
+	joined bool
 }
 
 type eventKind uint8
@@ -149,6 +152,15 @@ func (q *coalescer) push(ev event) {
 			ev.older = true
 		case ok:
 			ev.older = q.pending[i].older
+			if q.inTransaction(i) {
+				// The rest of its transaction stays where it is: it and
+				// everything after it, up to the newer event, become one,
+				// so that no resume point falls where part of it is sent
+				// and part not.
+				for j := i; j < len(q.pending); j++ {
+					q.pending[j].joined = true
+				}
+			}
 			q.remove(i)
 			q.dropped++
 		case q.index == nil:
@@ -169,6 +181,21 @@ func (q *coalescer) push(ev event) {
 	}
 	q.mu.Unlock()
 	q.wake()
+}
+
+// inTransaction reports whether the pending event at i shares a
+// transaction with another pending event: it is joined to the next, or
+// the one before it is joined to it. q.mu must be held.
+func (q *coalescer) inTransaction(i int) bool {
+	if q.pending[i].joined {
+		return true
+	}
+	for j := i - 1; j >= q.head; j-- {
+		if q.pending[j].kind != evGone {
+			return q.pending[j].joined
+		}
+	}
+	return false
 }
 
 // remove turns the pending event at i into a gap. q.mu must be held.
@@ -480,7 +507,11 @@ func (st *sseStream) appendEvent(b []byte, ev *event) []byte {
 		return append(b, "\ndata: {}\n\n"...)
 	}
 	tag := sub.floor
-	if !sub.syncing {
+	switch {
+	case sub.syncing:
+	case ev.joined:
+		tag = st.resumeAt // no resume point inside a transaction
+	default:
 		tag = ev.seq
 		st.resumeAt = tag
 	}

@@ -383,7 +383,7 @@ func (s *server) serveWritten(w http.ResponseWriter, e *entry, err error) outcom
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):
-		s.serveEntry(w, http.StatusConflict, conflict.cur)
+		s.serveEntry(w, http.StatusConflict, conflict.cur())
 		return outcomeConflict
 	case err != nil:
 		return s.serveFailure(w, apiNative, err)

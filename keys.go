@@ -6,6 +6,7 @@ package main
 
 import (
 	"fmt"
+	"iter"
 	"strings"
 	"unicode/utf8"
 )
@@ -186,4 +187,26 @@ func spell(key string, kvserver bool) string {
 		return key[1:]
 	}
 	return key
+}
+
+// covers reports whether path (a key, a prefix ending with "/", or "/")
+// covers key: is key itself, or a prefix above it.
+func covers(path, key string) bool {
+	return path == key || strings.HasSuffix(path, "/") && strings.HasPrefix(key, path)
+}
+
+// coveringPaths yields every path that covers key, deepest first: key
+// itself, each prefix above it, and "/". They are substrings of key, so
+// finding them allocates nothing.
+func coveringPaths(key string) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		if !yield(key) {
+			return
+		}
+		for i := len(key) - 1; i >= 0; i-- {
+			if key[i] == '/' && !yield(key[:i+1]) {
+				return
+			}
+		}
+	}
 }

@@ -22,6 +22,8 @@
 //	'S' seq revision deadline len key value   a write; deadline in Unix ns, 0 for none
 //	'D' seq key                       a delete
 //	'X' seq key                       an expiry
+//	'T' seq count (op)...             a transaction's changes, one number; each op is
+//	                                  'S' revision deadline len key len value, or 'D' len key
 //	'B' (len key len value revision deadline)...   a block of a snapshot's keys
 //	'E' count                         the end of a snapshot, which holds count keys
 
@@ -97,6 +99,83 @@ func appendChange(b []byte, c change) []byte {
 	}
 	frame(b[start:])
 	return b
+}
+
+// appendChanges appends the record of changes that share a number: one
+// change, or a transaction's.
+func appendChanges(b []byte, changes []change) []byte {
+	if len(changes) == 1 {
+		return appendChange(b, changes[0])
+	}
+	start := len(b)
+	b = append(b, make([]byte, headerSize)...)
+	b = append(b, 'T')
+	b = binary.AppendUvarint(b, uint64(changes[0].seq))
+	b = binary.AppendUvarint(b, uint64(len(changes)))
+	for _, c := range changes {
+		if c.e != nil {
+			b = append(b, 'S')
+			b = binary.AppendUvarint(b, uint64(c.e.revision))
+			b = binary.AppendVarint(b, c.e.deadline())
+			b = binary.AppendUvarint(b, uint64(len(c.key)))
+			b = append(b, c.key...)
+			b = binary.AppendUvarint(b, uint64(len(c.e.value)))
+			b = append(b, c.e.value...)
+		} else {
+			b = append(b, 'D')
+			b = binary.AppendUvarint(b, uint64(len(c.key)))
+			b = append(b, c.key...)
+		}
+	}
+	frame(b[start:])
+	return b
+}
+
+// decodeChanges reads a change record's body: the changes, one or a
+// transaction's, with each one's deadline (Unix ns, 0: none).
+func decodeChanges(body []byte) ([]change, []int64, error) {
+	if body[0] != 'T' {
+		c, expires, err := decodeChange(body)
+		if err != nil {
+			return nil, nil, err
+		}
+		return []change{c}, []int64{expires}, nil
+	}
+	r := byteReader{b: body[1:]}
+	seq := int64(r.uvarint())
+	n := r.uvarint()
+	if r.err != nil || n < 2 || n > uint64(len(r.b)) {
+		return nil, nil, errors.New("malformed transaction record")
+	}
+	changes := make([]change, n)
+	expires := make([]int64, n)
+	for i := range changes {
+		c := &changes[i]
+		c.seq = seq
+		if len(r.b) == 0 {
+			return nil, nil, errors.New("malformed transaction record")
+		}
+		kind := r.b[0]
+		r.b = r.b[1:]
+		switch kind {
+		case 'S':
+			c.e = &entry{revision: int64(r.uvarint())}
+			expires[i] = r.varint()
+			c.key = r.string(int(r.uvarint()))
+			c.e.value = r.string(int(r.uvarint()))
+		case 'D':
+			c.key, c.why = r.string(int(r.uvarint())), deleted
+		default:
+			return nil, nil, fmt.Errorf("unknown op %q in a transaction record", kind)
+		}
+		if r.err != nil || c.key == "" {
+			return nil, nil, errors.New("malformed transaction record")
+		}
+	}
+	if len(r.b) != 0 {
+		return nil, nil, errors.New("malformed transaction record: bytes after its last op")
+	}
+	return changes, expires, nil
 }
 
 // deadline returns when e expires, in Unix ns, or 0.

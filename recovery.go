@@ -151,19 +151,36 @@ func (d *dataDir) replay(first, next, snap int64, last bool) (_ int64, headerles
 		case err != nil:
 			return next, false, asDamage(err) // torn before the end of the newest log: no crash does that
 		}
-		c, expires, err := decodeChange(body)
+		changes, expires, err := decodeChanges(body)
 		switch {
 		case err != nil:
 			return next, false, rr.damaged(err.Error())
-		case c.seq != next:
-			return next, false, rr.damaged(fmt.Sprintf("change %d where change %d belongs", c.seq, next))
+		case changes[0].seq != next:
+			return next, false, rr.damaged(fmt.Sprintf("change %d where change %d belongs", changes[0].seq, next))
 		}
 		next++
-		if c.seq <= snap {
+		if changes[0].seq <= snap {
 			continue // in the snapshot already
 		}
-		d.s.restoreChange(c, expires)
+		d.s.replay(d.deadlines(changes, expires))
 	}
+}
+
+// deadlines gives each replayed version its deadline, expires (absolute:
+// a key that expired while the server was down stays gone, as missing).
+func (d *dataDir) deadlines(changes []change, expires []int64) []change {
+	now := d.s.now()
+	for i := range changes {
+		c := &changes[i]
+		switch at := expires[i]; {
+		case c.e == nil || at == 0:
+		case at <= now:
+			c.e, c.why = nil, expired
+		default:
+			c.e.ttl = &deadline{at: at, key: c.key, index: -1}
+		}
+	}
+	return changes
 }
 
 // loadSnapshot loads the snapshot as of change upTo into the store.

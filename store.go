@@ -1,10 +1,19 @@
+// The store: keys, their versions and revisions, and the one way they
+// change, a transaction (a single write is a transaction of one op).
+//
+// Every change goes through the store's journal (journal.go), which
+// decides it, numbers it, keeps it where the mode keeps changes (nowhere,
+// the -data log, etcd) and then has the store apply it (apply): the same
+// code in every mode, and the code that replays the log at start and
+// feeds a node from its etcd watch.
+
 package main
 
 import (
+	"cmp"
 	"errors"
 	"math/rand/v2"
-	"sort"
-	"strings"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,15 +31,16 @@ type entry struct {
 // slot holds the current version of one key. Writers to the key serialise
 // on mu; readers only load cur.
 //
-// A slot whose key is deleted is removed from the map and its cur set to
-// the tombstone. A writer that raced the delete and still holds the old
-// slot sees the tombstone and starts again with a fresh slot, so no write
-// can land in a slot that is no longer reachable. (A tombstone rather than
-// a flag keeps the slot at 16 bytes: this is paid once per key.)
+// A slot whose key is deleted is removed from the map and the index and
+// its cur set to the tombstone. A writer that raced the delete and still
+// holds the old slot sees the tombstone and starts again with a fresh
+// slot, so no write can land in a slot that is no longer reachable. (A
+// tombstone rather than a flag keeps the slot at 32 bytes: this is paid
+// once per key.)
 type slot struct {
 	mu  sync.Mutex
 	cur atomic.Pointer[entry] // nil or tombstone while the key is missing
-	key string                // the map's own string, which the history shares
+	key string                // the map's own string, which the history and the index share
 }
 
 var tombstone = &entry{revision: noRevision}
@@ -46,90 +56,112 @@ func (sl *slot) load() *entry {
 // noRevision is the revision of a missing key, as GET and events report it.
 const noRevision = -1
 
-// Errors of the store. Handlers map them to status codes.
+// revisionOf is the revision of a version as GET reports it: noRevision
+// for a missing key.
+func revisionOf(e *entry) int64 {
+	if e == nil {
+		return noRevision
+	}
+	return e.revision
+}
+
+// next is the revision the next write of a key at version e gets.
+func (e *entry) next() int64 { return revisionOf(e) + 1 }
+
+// Errors of the store. Handlers map them to status codes (outcome.go).
 var (
 	errConflict = errors.New("revision mismatch")
 	errFull     = errors.New("store is full")
 )
 
-// conflictError carries the current state of a key whose compare-and-swap
-// failed, so the caller can answer with it.
-type conflictError struct{ cur *entry } // cur is nil if the key is missing
+// conflictError is a transaction whose checks failed: every failed
+// check's key at its current version (nil if missing), so the caller can
+// answer with them.
+type conflictError struct{ conflicts []item }
 
 func (e *conflictError) Error() string { return errConflict.Error() }
 func (e *conflictError) Unwrap() error { return errConflict }
 
+// cur is the current version of the first failed check's key: for a
+// single write, its key's.
+func (e *conflictError) cur() *entry { return e.conflicts[0].entry }
+
+// An op is one thing a transaction does to one key: set it (to value,
+// with ttl) or delete it.
+type op struct {
+	key   string
+	del   bool
+	value string        // of a set: compact JSON
+	ttl   time.Duration // of a set: 0 for none (or -default-ttl)
+}
+
+// A check is a condition of a transaction: key is at revision, as GET
+// reports it (noRevision: missing).
+type check struct {
+	key      string
+	revision int64
+}
+
+// txn is a write: every op, applied as one change if every check holds.
+// Each key appears at most once among the ops (the API checks it).
+type txn struct {
+	checks []check
+	ops    []op
+}
+
+// txnResult is what a transaction that held did.
+type txnResult struct {
+	seq      int64    // the change's number; if it changed nothing, the last change's
+	versions []*entry // of each op: the version it wrote, nil for a delete
+	existed  []bool   // of each op: whether its key held a value before
+}
+
+// item is a key with its version, as listings return it.
+type item struct {
+	key string
+	*entry
+}
+
 // Store is the in-memory key-value store: keys, their current versions,
-// the change sequence, and the hook through which every change is
-// published.
+// their order, the change sequence, and the hook through which every
+// change is published.
 type Store struct {
-	keys       sync.Map     // key string -> *slot
-	live       atomic.Int64 // keys that currently hold a value
-	maxKeys    int64        // 0: unlimited
+	keys     sync.Map     // key string -> *slot
+	order    index        // the same slots, in key order: listings and states
+	live     atomic.Int64 // keys that currently hold a value
+	creating atomic.Int64 // keys a transaction in progress will create, for -max-keys
+	maxKeys  int64        // 0: unlimited
+
 	defaultTTL time.Duration
 	clock      clock
 	expiry     *expiry
 
-	// seqMu orders every change: it numbers it, remembers it and
-	// publishes it, so that changes reach every queue in sequence order.
-	// It is held with the key's slot locked, so a key's changes are also
-	// in revision order.
+	// seqMu orders every change: it is held while a change is numbered
+	// (in memory and with -data), applied, remembered and published, so
+	// that changes reach every queue in sequence order. It is held with
+	// the change's keys locked, so a key's changes are also in revision
+	// order.
 	seqMu     sync.Mutex
 	seq       int64        // the last change's number; guarded by seqMu
 	history   history      // guarded by seqMu
-	published atomic.Int64 // every change numbered up to it is published
+	published atomic.Int64 // every change numbered up to it is applied and published
+	snaps     snapshots    // listings and states in progress, and what they need
 
-	// publish is called for every change, with the key's slot and seqMu
-	// locked. It must not block. It is subs.publish; tests may watch
-	// changes through it instead.
+	// publish is called for every change applied, with its keys' slots
+	// and seqMu locked. It must not block. It is subs.publish; tests may
+	// watch changes through it instead.
 	publish func(change)
 	subs    registry
 
-	// With -data, a change is published, answered and shown to readers
-	// only once its record is in the data files: a slot's cur is then
-	// the version on disk, and the journal holds a newer one while its
-	// change is being written. Writers work on the newer one, so that
-	// writes to a key go on while the earlier ones are written; readers
-	// load cur, as they do without -data.
-	journal journal // nil: memory only
+	// journal decides, numbers and keeps every change (journal.go).
+	journal journal
 
 	deletes, expiries atomic.Int64 // keys deleted and expired, for /metrics
 	liveBytes         atomic.Int64 // bytes of the keys and values held, for compaction
 }
 
-// journal is the store's one hook for durability: with -data, the data
-// files (dataDir). A change goes to it, numbered, before anyone is told
-// of it; it hands the change back to reveal once the change is written.
-// Meanwhile it keeps the key's newest version, which writers of the key
-// work on.
-type journal interface {
-	// queue takes a numbered change and returns the batch it will be
-	// written in. seqMu is held, so changes come in sequence order.
-	queue(c change) *batch
-	// hold keeps e, of the change numbered seq in batch b, as key's
-	// newest version until the change is written.
-	hold(key string, sl *slot, e *entry, seq int64, b *batch)
-	// pending returns key's newest version and its batch, if a change
-	// of the key is still to be written.
-	pending(key string, sl *slot) (*entry, *batch, bool)
-	// written forgets what hold kept, once c, the key's newest change,
-	// is written.
-	written(c change)
-}
-
-// latest returns the newest version of a locked slot, the one writes work
-// on, and with -data the batch of its change if that is not yet written.
-func (s *Store) latest(key string, sl *slot) (*entry, *batch) {
-	if s.journal != nil {
-		if e, b, ok := s.journal.pending(key, sl); ok {
-			return e, b
-		}
-	}
-	return sl.load(), nil
-}
-
-// NewStore returns an empty store that holds at most maxKeys keys (0: no
-// limit) and expires keys by clk (nil: the real clock).
+// NewStore returns an empty store in memory that holds at most maxKeys
+// keys (0: no limit) and expires keys by clk (nil: the real clock).
 //
 // Its change sequence starts at a random multiple of 2^32, so that a
 // resume point from another run of the server falls outside the range
@@ -142,8 +174,9 @@ func NewStore(maxKeys int64, clk clock) *Store {
 	s := &Store{maxKeys: maxKeys, clock: clk}
 	s.publish = s.subs.publish
 	s.subs.paths = make(map[string]map[*subscription]struct{})
-	s.expiry = &expiry{clock: clk, expire: s.expire}
+	s.expiry = &expiry{clock: clk, expire: func(d *deadline) { s.journal.expire(d) }}
 	s.history.max = defaultHistory
+	s.journal = memJournal{s}
 	s.startSequence((1 + rand.Int64N(1<<20)) << 32)
 	return s
 }
@@ -168,12 +201,20 @@ func (s *Store) unexpired(e *entry) *entry {
 
 func (s *Store) now() int64 { return s.clock.Now().UnixNano() }
 
+// Commit applies t if its checks hold: every op as one change, with one
+// number. On a failed check it returns a *conflictError and changes
+// nothing. When it returns, the change is applied on this server (and
+// with -data written, with -etcd committed).
+func (s *Store) Commit(t *txn) (txnResult, error) { return s.journal.commit(t) }
+
 // Set stores value under key unconditionally and returns the new version.
 // A ttl of 0 makes the key permanent (or gives it the default TTL).
 func (s *Store) Set(key, value string, ttl time.Duration) (*entry, error) {
-	return s.write(key, func(cur *entry) (*entry, error) {
-		return s.newEntry(key, value, cur.next(), ttl), nil
-	})
+	r, err := s.Commit(&txn{ops: []op{{key: key, value: value, ttl: ttl}}})
+	if err != nil {
+		return nil, err
+	}
+	return r.versions[0], nil
 }
 
 // CompareAndSwap stores value under key only if the write would give it
@@ -181,12 +222,30 @@ func (s *Store) Set(key, value string, ttl time.Duration) (*entry, error) {
 // rev is 0. On a mismatch it returns a *conflictError holding the current
 // version.
 func (s *Store) CompareAndSwap(key, value string, rev int64, ttl time.Duration) (*entry, error) {
-	return s.write(key, func(cur *entry) (*entry, error) {
-		if cur.next() != rev {
-			return nil, &conflictError{cur}
-		}
-		return s.newEntry(key, value, rev, ttl), nil
+	r, err := s.Commit(&txn{
+		checks: []check{{key, rev - 1}},
+		ops:    []op{{key: key, value: value, ttl: ttl}},
 	})
+	if err != nil {
+		return nil, err
+	}
+	return r.versions[0], nil
+}
+
+// Delete removes key and reports whether it held a value. With rev >= 0
+// it removes it only if its current revision is rev, and otherwise returns
+// a *conflictError. Deleting a missing key without a revision is not an
+// error.
+func (s *Store) Delete(key string, rev int64) (existed bool, err error) {
+	t := &txn{ops: []op{{key: key, del: true}}}
+	if rev >= 0 {
+		t.checks = []check{{key, rev}}
+	}
+	r, err := s.Commit(t)
+	if err != nil {
+		return false, err
+	}
+	return r.existed[0], nil
 }
 
 // newEntry returns a version of key that expires after ttl (0: never, or
@@ -202,68 +261,183 @@ func (s *Store) newEntry(key, value string, rev int64, ttl time.Duration) *entry
 	return e
 }
 
-// Delete removes key and reports whether it held a value. With rev >= 0
-// it removes it only if its current revision is rev, and otherwise returns
-// a *conflictError. Deleting a missing key without a revision is not an
-// error.
-func (s *Store) Delete(key string, rev int64) (existed bool, err error) {
-	_, err = s.write(key, func(cur *entry) (*entry, error) {
-		if rev >= 0 && (cur == nil || cur.revision != rev) {
-			return nil, &conflictError{cur}
+// A change is what a write did to one key: its new version (nil if the
+// key is now missing, for the reason why) and its place in the change
+// sequence. The changes of one transaction share a number, and each
+// holds them all (txn), so that publishing can send them as one.
+type change struct {
+	key string
+	e   *entry
+	why reason
+	seq int64
+	sl  *slot    // the key's slot
+	txn []change // a transaction's changes, this one among them; nil for a single one
+}
+
+// Why a change happened; subscribers of the WebSocket API see it as the
+// reason of a "no-value" event.
+type reason uint8
+
+const (
+	changed reason = iota
+	deleted
+	expired
+)
+
+func (r reason) String() string {
+	switch r {
+	case deleted:
+		return "deleted"
+	case expired:
+		return "expired"
+	}
+	return "changed"
+}
+
+// decide is a transaction as a journal that keeps changes on this server
+// (in memory, or the -data log) makes it: the keys are locked in key
+// order, each checked against its newest version, and the changes handed
+// to the journal, which numbers and keeps them and has them applied
+// (keep). It returns once they are applied; with -data, once the key's
+// changes, this one or those it saw, are written, so that the answer a
+// client gets, a conflict included, tells of nothing a crash could take
+// back.
+func (s *Store) decide(t *txn, j localJournal) (txnResult, error) {
+	slots := s.lockAll(t)
+	res, creates, err := s.decideLocked(t, slots, j)
+	var wait []*batch
+	for _, sl := range slots {
+		if _, b := s.latest(j, sl); b != nil && !slices.Contains(wait, b) {
+			wait = append(wait, b)
 		}
-		existed = cur != nil
-		return nil, nil
-	})
-	return existed, err
-}
-
-// next is the revision the next write of a key at version e gets.
-func (e *entry) next() int64 {
-	if e == nil {
-		return 0
+		s.release(j, sl)
+		sl.mu.Unlock()
 	}
-	return e.revision + 1
-}
-
-// write runs change on the current version of key with the key locked,
-// installs what it returns (nil deletes the key) and publishes it. With
-// -data it returns once the key's changes, this one or those it saw, are
-// in the data files: the answer a client gets, a conflict included, tells
-// of nothing a crash could take back.
-func (s *Store) write(key string, change func(cur *entry) (*entry, error)) (*entry, error) {
-	sl := s.lock(key)
-	next, err := s.writeLocked(key, sl, change)
-	_, pending := s.latest(key, sl)
-	sl.mu.Unlock()
-	if pending != nil {
-		if werr := pending.wait(); werr != nil {
-			return nil, werr
+	s.creating.Add(-creates)
+	for _, b := range wait {
+		if werr := b.wait(); werr != nil {
+			return txnResult{}, werr
 		}
 	}
-	return next, err
+	return res, err
 }
 
-// writeLocked is write with the key's slot locked.
-func (s *Store) writeLocked(key string, sl *slot, change func(cur *entry) (*entry, error)) (*entry, error) {
-	cur, _ := s.latest(key, sl)
-	if cur != nil && s.unexpired(cur) == nil {
-		// Expired, but its timer has not run yet: expire it now, so
-		// subscribers see the expiry before the key starts again at 0.
-		s.install(key, sl, cur, nil, expired)
-		cur = nil
+// decideLocked is decide with the keys of t locked, slots in key order.
+// It returns how many keys it reserved room for in s.creating.
+func (s *Store) decideLocked(t *txn, slots []*slot, j localJournal) (res txnResult, creates int64, err error) {
+	// A key that expired and whose timer has not run yet expires now,
+	// as a change of its own, so subscribers see the expiry before the
+	// key starts again at 0.
+	for _, sl := range slots {
+		if cur, _ := s.latest(j, sl); cur != nil && s.unexpired(cur) == nil {
+			j.keep([]change{{key: sl.key, why: expired, sl: sl}})
+		}
 	}
-	next, err := change(cur)
-	if err == nil && cur == nil && next != nil && !s.reserve() {
-		err = errFull
+	var conflicts []item
+	for _, c := range t.checks {
+		sl := findSlot(slots, c.key)
+		if cur, _ := s.latest(j, sl); revisionOf(cur) != c.revision {
+			conflicts = append(conflicts, item{c.key, cur})
+		}
 	}
-	if err == nil {
-		s.install(key, sl, cur, next, deleted)
+	if conflicts != nil {
+		return res, 0, &conflictError{conflicts}
 	}
-	s.release(key, sl)
-	if err != nil {
-		return nil, err
+	res.versions = make([]*entry, len(t.ops))
+	res.existed = make([]bool, len(t.ops))
+	changes := make([]change, 0, len(t.ops))
+	for i, o := range t.ops {
+		sl := findSlot(slots, o.key)
+		cur, _ := s.latest(j, sl)
+		res.existed[i] = cur != nil
+		switch {
+		case o.del && cur == nil:
+			continue // deleting what is missing changes nothing
+		case o.del:
+			changes = append(changes, change{key: sl.key, why: deleted, sl: sl})
+			creates--
+		default:
+			e := s.newEntry(sl.key, o.value, cur.next(), o.ttl)
+			res.versions[i] = e
+			changes = append(changes, change{key: sl.key, e: e, sl: sl})
+			if cur == nil {
+				creates++
+			}
+		}
 	}
-	return next, nil
+	if !s.reserve(max(creates, 0)) {
+		return res, 0, errFull
+	}
+	creates = max(creates, 0)
+	if len(changes) == 0 {
+		res.seq = s.published.Load()
+		return res, creates, nil
+	}
+	if len(changes) > 1 {
+		for i := range changes {
+			changes[i].txn = changes
+		}
+	}
+	res.seq = j.keep(changes)
+	return res, creates, nil
+}
+
+// reserve makes room for n keys more, or reports false if the store
+// would then hold more than -max-keys.
+func (s *Store) reserve(n int64) bool {
+	if n == 0 {
+		return true
+	}
+	if c := s.creating.Add(n); s.maxKeys > 0 && s.live.Load()+c > s.maxKeys {
+		s.creating.Add(-n)
+		return false
+	}
+	return true
+}
+
+// findSlot returns the slot of key among slots, which are in key order.
+func findSlot(slots []*slot, key string) *slot {
+	i, _ := slices.BinarySearchFunc(slots, key, func(sl *slot, k string) int { return cmp.Compare(sl.key, k) })
+	return slots[i]
+}
+
+// lockAll locks the slots of every key t names, in key order (so that two
+// transactions never wait for each other), and returns them in that
+// order.
+func (s *Store) lockAll(t *txn) []*slot {
+	if len(t.checks) == 0 && len(t.ops) == 1 {
+		return []*slot{s.lock(t.ops[0].key)}
+	}
+	keys := make([]string, 0, len(t.checks)+len(t.ops))
+	for _, c := range t.checks {
+		keys = append(keys, c.key)
+	}
+	for _, o := range t.ops {
+		keys = append(keys, o.key)
+	}
+	slices.Sort(keys)
+	keys = slices.Compact(keys)
+	slots := make([]*slot, len(keys))
+	for i, k := range keys {
+		slots[i] = s.lock(k)
+	}
+	return slots
+}
+
+// localJournal returns the store's journal if it keeps changes on this
+// server, else nil.
+func (s *Store) localJournal() localJournal {
+	j, _ := s.journal.(localJournal)
+	return j
+}
+
+// latest returns the newest version of a locked slot, the one writes work
+// on, and with -data the batch of its change if that is not yet written.
+func (s *Store) latest(j localJournal, sl *slot) (*entry, *batch) {
+	if e, b, ok := j.pending(sl); ok {
+		return e, b
+	}
+	return sl.load(), nil
 }
 
 // lock returns the slot of key, locked, creating it if needed.
@@ -278,36 +452,83 @@ func (s *Store) lock(key string) *slot {
 	}
 }
 
-// install makes next the newest version of the slot and commits the
-// change. why says what a nil next means. The slot must be locked.
-func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
-	if next == nil && cur == nil {
-		return // deleting what is missing changes nothing
+// slot returns the slot of key, creating it if needed.
+func (s *Store) slot(key string) *slot {
+	if v, ok := s.keys.Load(key); ok {
+		return v.(*slot)
 	}
-	if s.journal == nil {
-		sl.cur.Store(next) // with -data, reveal does, once it is written
+	v, _ := s.keys.LoadOrStore(key, &slot{key: key})
+	return v.(*slot)
+}
+
+// release removes an empty slot from the map and the index, unless a
+// change of it is still to be written (the flusher releases it then).
+// The slot must be locked.
+func (s *Store) release(j localJournal, sl *slot) {
+	if sl.cur.Load() != nil {
+		return
 	}
-	if cur != nil && cur.ttl != nil {
-		s.expiry.remove(cur.ttl)
-	}
-	if next != nil && next.ttl != nil {
-		s.expiry.add(next.ttl) // if it fires now, expire waits for the slot
-	}
-	s.liveBytes.Add(size(key, next) - size(key, cur))
-	c := change{key: key, e: next, why: changed, sl: sl}
-	if next == nil {
-		s.live.Add(-1)
-		c.why = why
-		if why == expired {
-			s.expiries.Add(1)
-		} else {
-			s.deletes.Add(1)
+	if j != nil {
+		if _, _, pending := j.pending(sl); pending {
+			return
 		}
 	}
-	if seq, b := s.commit(c); b != nil {
-		// reveal needs the slot locked: it comes after this.
-		s.journal.hold(key, sl, next, seq, b)
+	sl.cur.Store(tombstone)
+	s.order.remove(sl)
+	s.keys.CompareAndDelete(sl.key, sl)
+}
+
+// apply makes changes, numbered seq, what the store shows: each key's
+// new version becomes its current one, the change is remembered and
+// published, and every change up to seq counts as published. A
+// transaction's changes become visible together: a listing or state
+// reading at an earlier point keeps seeing the versions before them
+// (snapshots.keep). The changes' slots and seqMu must be locked.
+//
+// Every mode applies changes here: in memory as they are made, with
+// -data once written, with -etcd as the node's watch brings them back,
+// and at start-up the log's replay.
+func (s *Store) apply(changes []change) {
+	if len(changes) > 1 {
+		s.snaps.keep(changes)
 	}
+	for i := range changes {
+		c := &changes[i]
+		c.key = c.sl.key // one string per key, not one per change
+		old := c.sl.load()
+		s.setCur(c.sl, old, c.e)
+		if old != nil && old.ttl != nil {
+			s.expiry.remove(old.ttl)
+		}
+		if c.e != nil && c.e.ttl != nil {
+			s.expiry.add(c.e.ttl) // if it fires now, expire waits for the slot
+		}
+		switch {
+		case c.e != nil:
+		case c.why == expired:
+			s.expiries.Add(1)
+		default:
+			s.deletes.Add(1)
+		}
+		s.history.add(c.seq, c.key)
+		s.publish(*c)
+	}
+	s.seq = max(s.seq, changes[0].seq)
+	s.published.Store(changes[0].seq)
+}
+
+// setCur makes e the current version of the locked slot sl, whose
+// current version is old, and keeps the counts and the index in step.
+func (s *Store) setCur(sl *slot, old, e *entry) {
+	switch {
+	case old == nil && e != nil:
+		s.order.insert(sl)
+		s.live.Add(1)
+	case old != nil && e == nil:
+		s.live.Add(-1)
+	}
+	s.liveBytes.Add(size(sl.key, e) - size(sl.key, old))
+	sl.cur.Store(e)
 }
 
 // size is what a version of key weighs in the data files, about.
@@ -318,10 +539,10 @@ func size(key string, e *entry) int64 {
 	return int64(len(key) + len(e.value))
 }
 
-// expire deletes the key of d if its current version is still the one d
-// was made for: a write that raced the timer replaced the version, and
-// wins.
-func (s *Store) expire(d *deadline) {
+// expireLocal deletes the key of d, as a journal that keeps changes on
+// this server does, if its newest version is still the one d was made
+// for: a write that raced the timer replaced the version, and wins.
+func (s *Store) expireLocal(d *deadline, j localJournal) {
 	v, ok := s.keys.Load(d.key)
 	if !ok {
 		return
@@ -329,39 +550,18 @@ func (s *Store) expire(d *deadline) {
 	sl := v.(*slot)
 	sl.mu.Lock()
 	defer sl.mu.Unlock()
-	if cur, _ := s.latest(d.key, sl); cur != nil && cur != tombstone && cur.ttl == d {
-		s.install(d.key, sl, cur, nil, expired)
-		s.release(d.key, sl)
+	if cur, _ := s.latest(j, sl); cur != nil && cur != tombstone && cur.ttl == d {
+		j.keep([]change{{key: d.key, why: expired, sl: sl}})
+		s.release(j, sl)
 	}
 }
 
-// slot returns the slot of key, creating it if needed.
-func (s *Store) slot(key string) *slot {
-	if v, ok := s.keys.Load(key); ok {
-		return v.(*slot)
-	}
-	v, _ := s.keys.LoadOrStore(key, &slot{key: key})
-	return v.(*slot)
-}
+// Recovery (-data) and a node's start (-etcd) put back what the store
+// held through startSequence and restore, then apply the changes after
+// it, then start expiring (startExpiry).
 
-// release removes an empty slot from the map, unless a change of it is
-// still to be written (the flusher releases it then). The slot must be
-// locked.
-func (s *Store) release(key string, sl *slot) {
-	if sl.cur.Load() != nil {
-		return
-	}
-	if _, pending := s.latest(key, sl); pending != nil {
-		return
-	}
-	sl.cur.Store(tombstone)
-	s.keys.CompareAndDelete(key, sl)
-}
-
-// Recovery (-data): the data files put back what they hold through
-// startSequence, restore and restoreChange, then attach.
-
-// startSequence makes seq the number of the last change: the next is seq+1.
+// startSequence makes seq the number of the last change: the next is
+// seq+1, and the history starts there.
 func (s *Store) startSequence(seq int64) {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
@@ -371,8 +571,8 @@ func (s *Store) startSequence(seq int64) {
 }
 
 // restore puts a version of key in place as recovery finds it, without
-// a change: nothing is published or written. e nil removes the key. Its
-// deadline, expires (Unix ns, 0: none), is absolute, so a key that
+// a change: nothing is published or remembered. e nil removes the key.
+// Its deadline, expires (Unix ns, 0: none), is absolute, so a key that
 // expired while the server was down stays gone.
 func (s *Store) restore(key string, e *entry, expires int64) {
 	if e != nil && expires != 0 {
@@ -384,50 +584,33 @@ func (s *Store) restore(key string, e *entry, expires int64) {
 	}
 	sl := s.lock(key)
 	defer sl.mu.Unlock()
-	cur := sl.cur.Load()
-	sl.cur.Store(e)
-	s.liveBytes.Add(size(key, e) - size(key, cur))
-	switch {
-	case cur == nil && e != nil:
-		s.live.Add(1)
-	case cur != nil && e == nil:
-		s.live.Add(-1)
-	}
-	s.release(key, sl)
+	s.setCur(sl, sl.load(), e)
+	s.release(nil, sl)
 }
 
-// restoreChange restores a change as recovery replays it: the key's
-// version, and the change's place in the sequence, which goes on after
-// it.
-func (s *Store) restoreChange(c change, expires int64) {
-	s.restore(c.key, c.e, expires)
-	s.seqMu.Lock()
-	defer s.seqMu.Unlock()
-	s.seq = c.seq
-	s.history.add(c.key)
-}
-
-// attach makes j the journal of every change from now on, once recovery
-// has restored what it holds; and schedules the deadlines, only now: an
-// expiry during recovery would have taken a change number in the middle
-// of the replay.
-func (s *Store) attach(j journal) {
-	s.seqMu.Lock()
-	s.journal = j
-	s.published.Store(s.seq)
-	s.seqMu.Unlock()
-	s.keys.Range(func(_, v any) bool {
-		if e := v.(*slot).load(); e != nil && e.ttl != nil {
-			s.expiry.add(e.ttl)
+// replay applies changes as the log or etcd tells them: numbered
+// already, one key's or a transaction's, which share a number.
+func (s *Store) replay(changes []change) {
+	slices.SortFunc(changes, func(a, b change) int { return cmp.Compare(a.key, b.key) })
+	for i := range changes {
+		changes[i].sl = s.lock(changes[i].key)
+		if len(changes) > 1 {
+			changes[i].txn = changes
 		}
-		return true
-	})
+	}
+	s.seqMu.Lock()
+	s.apply(changes)
+	s.seqMu.Unlock()
+	for _, c := range changes {
+		s.release(nil, c.sl)
+		c.sl.mu.Unlock()
+	}
 }
 
 // walk calls fn with every key that holds a value and its version, as
 // readers see them: with -data, versions in the data files. A snapshot
-// is written from it. Range is not a snapshot, which the data files
-// allow for (see dataDir.compact).
+// of the data files is written from it. Range is not a snapshot, which
+// the data files allow for (see dataDir.compact).
 func (s *Store) walk(fn func(key string, e *entry)) {
 	now := s.now()
 	s.keys.Range(func(k, v any) bool {
@@ -436,62 +619,6 @@ func (s *Store) walk(fn func(key string, e *entry)) {
 		}
 		return true
 	})
-}
-
-// reveal makes a change the journal has written visible: its version
-// becomes the slot's cur, which readers see, and it is published; and so
-// are the earlier changes of its key written with it, which it
-// supersedes. The key is locked meanwhile, so that a subscription
-// reading the key's state sees it either before (and gets the change
-// after) or after.
-func (s *Store) reveal(c change) {
-	sl := c.sl
-	sl.mu.Lock()
-	defer sl.mu.Unlock()
-	sl.cur.Store(c.e)
-	s.journal.written(c)
-	s.release(c.key, sl)
-	s.seqMu.Lock()
-	s.publish(c)
-	s.published.Store(c.seq)
-	s.seqMu.Unlock()
-}
-
-// reserve counts one more live key, or reports false if the store is full.
-func (s *Store) reserve() bool {
-	if n := s.live.Add(1); s.maxKeys > 0 && n > s.maxKeys {
-		s.live.Add(-1)
-		return false
-	}
-	return true
-}
-
-// item is a key with its version, as listings return it.
-type item struct {
-	key string
-	*entry
-}
-
-// List returns every key under prefix (which ends with "/"; "/" is every
-// key) with its current version, sorted by key.
-//
-// Range is not a snapshot: a key written during the walk may appear with
-// its old or new version, or not at all if it was created after the walk
-// passed it. That is the same answer as a listing taken a moment earlier
-// or later, which is all a listing promises.
-func (s *Store) List(prefix string) []item {
-	var items []item
-	s.keys.Range(func(k, v any) bool {
-		key := k.(string)
-		if strings.HasPrefix(key, prefix) {
-			if e := s.unexpired(v.(*slot).load()); e != nil {
-				items = append(items, item{key, e})
-			}
-		}
-		return true
-	})
-	sort.Slice(items, func(i, j int) bool { return items[i].key < items[j].key })
-	return items
 }
 
 // Len returns the number of keys that hold a value.

@@ -32,7 +32,7 @@ func TestStoreRevisions(t *testing.T) {
 		t.Errorf("CAS at the current revision: got %v; want a conflict", err)
 	}
 	var c *conflictError
-	if _, err := s.CompareAndSwap("/k", "x", 9, 0); !errors.As(err, &c) || c.cur.revision != 2 {
+	if _, err := s.CompareAndSwap("/k", "x", 9, 0); !errors.As(err, &c) || c.cur().revision != 2 {
 		t.Errorf("CAS conflict: got %v; want one holding revision 2", err)
 	}
 	if existed, err := s.Delete("/k", -1); !existed || err != nil {

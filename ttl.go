@@ -167,6 +167,28 @@ type expiry struct {
 	timer   timer // nil until the first deadline
 	armedAt int64 // when timer fires; 0 if stopped
 	stopped bool  // by stop: no more expiries
+	held    bool  // by hold: deadlines are kept, none fires until resume
+}
+
+// hold keeps every deadline from firing until resume: while the store is
+// being loaded, an expiry would take a change number in the middle of
+// the replay.
+func (x *expiry) hold() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.held = true
+	if x.timer != nil {
+		x.timer.Stop()
+		x.armedAt = 0
+	}
+}
+
+// resume undoes hold: what is due fires now.
+func (x *expiry) resume() {
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	x.held = false
+	x.arm()
 }
 
 // stop ends expiring, for shutdown: keys keep their deadlines, and with
@@ -207,7 +229,7 @@ func (x *expiry) Len() int {
 
 // arm makes the timer fire at the earliest deadline. x.mu must be held.
 func (x *expiry) arm() {
-	if len(x.pending) == 0 || x.stopped {
+	if len(x.pending) == 0 || x.stopped || x.held {
 		return
 	}
 	at := x.pending[0].at
@@ -228,7 +250,7 @@ func (x *expiry) arm() {
 // expiring locks the key and writers lock the key before x.mu.
 func (x *expiry) run() {
 	x.mu.Lock()
-	if x.stopped {
+	if x.stopped || x.held {
 		x.mu.Unlock()
 		return
 	}

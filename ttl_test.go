@@ -293,7 +293,7 @@ func TestWriteRacesTimer(t *testing.T) {
 	// it could lock the key: expiring that stale deadline must do nothing.
 	stale := s.Get("/k").ttl
 	s.Set("/k", "3", 10*time.Second)
-	s.expire(stale)
+	s.journal.expire(stale)
 	if e := s.Get("/k"); e == nil || e.value != "3" {
 		t.Fatalf("a stale deadline deleted a fresh value: got %v", e)
 	}

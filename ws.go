@@ -197,6 +197,9 @@ type wsConn struct {
 
 	bound   int64         // of the queue's size, past which the reader waits
 	closed  bool          // the batch being written ends with a close frame; the writer's
+	// resumeAt is the highest seq the connection has sent, which an event
+	// inside a transaction carries; only the writer touches it.
+	resumeAt int64
 	drained chan struct{} // a token when the queue's size falls to the bound
 	done    chan struct{} // closed when the stream closes
 }
@@ -314,7 +317,7 @@ func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
 		if ev.kind == evReply {
 			b = ev.reply.append(b)
 		} else {
-			b = appendWSEvent(b, ev)
+			b = appendWSEvent(b, ev, &c.resumeAt)
 		}
 		b = endFrame(b, start, opText)
 	}
@@ -330,12 +333,16 @@ func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
 //   - synced {key, seq} and reset {key}, whose key is the subscription's
 //     path.
 //
-// Until the subscription is synced, seq is its floor (see Subscribe).
-func appendWSEvent(b []byte, ev *event) []byte {
+// Until the subscription is synced, seq is its floor (see Subscribe). An
+// event that another of its transaction follows carries the highest seq
+// the connection has sent, *resumeAt, and "more": true: no resume point
+// falls inside a transaction (SPEC 11).
+func appendWSEvent(b []byte, ev *event, resumeAt *int64) []byte {
 	sub := ev.sub
 	switch ev.kind {
 	case evSynced:
 		sub.syncing = false
+		*resumeAt = max(*resumeAt, ev.seq)
 		b = append(b, `{"type":"synced","payload":{"key":`...)
 		b = appendKey(b, spell(sub.path, sub.kvserver))
 		b = append(b, `,"seq":`...)
@@ -347,9 +354,13 @@ func appendWSEvent(b []byte, ev *event) []byte {
 		return append(b, "}}"...)
 	}
 	tag := ev.seq
-	if sub.syncing {
+	switch {
+	case sub.syncing:
 		tag = sub.floor
+	case ev.joined:
+		tag = *resumeAt
 	}
+	*resumeAt = max(*resumeAt, tag)
 	key := spell(ev.key, sub.kvserver)
 	if ev.e == nil {
 		b = append(b, `{"type":"no-value","payload":{"key":`...)
@@ -369,5 +380,8 @@ func appendWSEvent(b []byte, ev *event) []byte {
 	}
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendInt(b, tag, 10)
+	if ev.joined && !sub.syncing {
+		b = append(b, `,"more":true`...)
+	}
 	return append(b, "}}"...)
 }

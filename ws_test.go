@@ -417,7 +417,7 @@ func FuzzDecodeMessage(f *testing.F) {
 			case evReply:
 				msg = ev.reply.append(nil)
 			default:
-				msg = appendWSEvent(nil, &ev)
+				msg = appendWSEvent(nil, &ev, new(int64))
 			}
 			var reply struct {
 				Type    string
@@ -1316,7 +1316,7 @@ func TestWebSocketSubscribedAtOK(t *testing.T) {
 			case evReply:
 				sent = append(sent, string(ev.reply.append(nil)))
 			default:
-				sent = append(sent, seqField.ReplaceAllString(string(appendWSEvent(nil, ev)), `"seq":_`))
+				sent = append(sent, seqField.ReplaceAllString(string(appendWSEvent(nil, ev, new(int64))), `"seq":_`))
 			}
 		}
 		mu.Unlock()

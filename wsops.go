@@ -285,7 +285,7 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):
-		c.replyConflict(id, key, conflict.cur)
+		c.replyConflict(id, key, conflict.cur())
 	case err != nil:
 		c.fail(id, err)
 	case always || id != nil:
