@@ -243,7 +243,7 @@ func (d *dataDir) lock() error {
 
 // commit decides t, numbers it and queues it for the flusher, and
 // returns once it is written and applied.
-func (d *dataDir) commit(t *txn) (txnResult, error) { return d.s.decide(t, d) }
+func (d *dataDir) commit(t *txn) error { return d.s.decide(t, d) }
 
 // expire makes the expiry of d's key a change, if dl is still its
 // deadline.

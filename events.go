@@ -19,8 +19,8 @@ type event struct {
 	key   string
 	e     *entry       // nil: the key is missing
 	seq   int64        // of a change; of synced, the point it marks
-	reply *wsReply     // a WebSocket reply
-	state *stateCursor // a state to read, in its place in the queue
+	reply *wsReply // a WebSocket reply
+	state cursor   // a state or a listing to read, in its place in the queue
 	kind  eventKind
 	why   reason // of a change to missing
 	older bool   // an older event of its key is pending before a reply
@@ -39,14 +39,31 @@ const (
 	evReset                      // forget what you held of the subscription's path
 	evHeartbeat                  // a comment line, and how far the stream has come
 	evReply                      // reply
-	evCursor                     // state: the subscription's state, read when its turn comes
+	evCursor                     // state: the subscription's state, or a WebSocket listing (sub nil), read when its turn comes
 )
+
+// A cursor is what a queue holds of something long that is read from the
+// store only as the connection drains (SPEC 10): a subscription's state,
+// or a WebSocket listing. When its turn comes it is the queue's front,
+// and the writer reads it a chunk at a time.
+type cursor interface {
+	// read appends the next events, and reports whether it is done.
+	read(out []event) ([]event, bool)
+	// stopWalk ends it early: the stream closed.
+	stopWalk()
+}
 
 // coalesces reports whether a newer event of the same subscription and
 // key replaces ev. A cursor coalesces with the subscription's cursor not
 // yet started, under the key "", which no key is.
 func (ev *event) coalesces() bool {
-	return ev.kind == evChange || ev.kind == evState || ev.kind == evCursor
+	return ev.kind == evChange || ev.kind == evState || ev.kind == evCursor && ev.sub != nil
+}
+
+// barrier reports whether ev is a reply (or a listing, which is one):
+// nothing queued after it may move before it (SPEC 5, "Order").
+func (ev *event) barrier() bool {
+	return ev.kind == evReply || ev.kind == evCursor && ev.sub == nil
 }
 
 // weight is what ev counts against a connection's bound: the bytes it
@@ -119,7 +136,8 @@ type coalescer struct {
 	index   map[eventKey]int // position in pending of each key's newest event
 	barrier int              // positions before it lie before a reply
 	cursors int              // evCursor events in pending
-	front   *stateCursor     // the state being read; nil if none
+	front   cursor           // the state or listing being read; nil if none
+	frontOf *subscription    // whose state front is; nil for a listing
 	stale   bool             // front was replaced by a newer cursor of its subscription
 	closed  bool             // the stream closed: nothing more goes out
 	spare   []event          // the slice of the last batch, for reuse
@@ -132,7 +150,7 @@ func (q *coalescer) push(ev event) {
 	w := ev.weight()
 	if ev.coalesces() {
 		k := eventKey{ev.sub, ev.key}
-		if ev.kind == evCursor && q.front != nil && q.front.sub == ev.sub {
+		if ev.kind == evCursor && ev.sub != nil && q.front != nil && q.frontOf == ev.sub {
 			q.stale = true // the state in progress stops for the new one
 		}
 		i, ok := q.index[k]
@@ -173,7 +191,7 @@ func (q *coalescer) push(ev event) {
 	}
 	q.size.Add(w)
 	q.pending = append(q.pending, ev)
-	if ev.kind == evReply {
+	if ev.barrier() {
 		q.barrier = len(q.pending)
 	}
 	if dead := q.gaps + q.head; dead > 16 && dead > len(q.pending)/2 {
@@ -232,7 +250,7 @@ func (q *coalescer) drop(sub *subscription, key string) {
 
 // stops reports whether c, the front, must stop: a newer cursor of its
 // subscription replaced it, or the stream closed.
-func (q *coalescer) stops(c *stateCursor) bool {
+func (q *coalescer) stops(c cursor) bool {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	return q.front != c || q.stale || q.closed
@@ -258,7 +276,7 @@ func (q *coalescer) squeeze() {
 		}
 		q.pending[n] = ev
 		n++
-		if ev.kind == evReply {
+		if ev.barrier() {
 			q.barrier = n
 		}
 	}
@@ -276,7 +294,7 @@ func (q *coalescer) squeeze() {
 // What waits behind a state stays where it is: the events before it are
 // copied out, and pending starts after it (head), so that a queue of
 // many states costs each only its own batch.
-func (q *coalescer) drain() (batch []event, front *stateCursor) {
+func (q *coalescer) drain() (batch []event, front cursor) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.closed {
@@ -307,9 +325,9 @@ func (q *coalescer) drain() (batch []event, front *stateCursor) {
 			delete(q.index, eventKey{ev.sub, ev.key})
 		}
 	}
-	q.front, q.stale = q.pending[k].state, false
+	q.front, q.frontOf, q.stale = q.pending[k].state, q.pending[k].sub, false
 	q.cursors--
-	if ck := (eventKey{q.front.sub, ""}); q.index[ck] == k {
+	if ck := (eventKey{q.frontOf, ""}); q.frontOf != nil && q.index[ck] == k {
 		delete(q.index, ck)
 	}
 	clear(q.pending[q.head : k+1])
@@ -320,7 +338,7 @@ func (q *coalescer) drain() (batch []event, front *stateCursor) {
 // endFront ends the state being read.
 func (q *coalescer) endFront() {
 	q.mu.Lock()
-	q.front = nil
+	q.front, q.frontOf = nil, nil
 	q.size.Add(-cursorWeight)
 	q.mu.Unlock()
 }

@@ -17,6 +17,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/url"
 	"strconv"
 	"strings"
 	"sync"
@@ -85,7 +86,7 @@ func (s *server) close() {
 // per header per request; net/http never modifies them.
 var (
 	hdrAnyOrigin     = []string{"*"}
-	hdrExposed       = []string{"X-Revision, X-TTL"}
+	hdrExposed       = []string{"X-Revision, X-TTL, X-Seq, Link"}
 	hdrVaryOrigin    = []string{"Origin"}
 	hdrJSON          = []string{"application/json"}
 	hdrAllowMethods  = []string{"GET, POST, PUT, DELETE, OPTIONS"}
@@ -126,8 +127,7 @@ func (s *server) serveEvents(w http.ResponseWriter, r *http.Request, path string
 
 // serveListing answers GET / with Accept: application/json: every key.
 func (s *server) serveListing(w http.ResponseWriter, r *http.Request, path string) outcome {
-	s.serveList(w, path)
-	return outcomeOK
+	return s.serveList(w, r, path)
 }
 
 // handleClient answers GET /: the JavaScript client.
@@ -152,13 +152,15 @@ func (s *server) handleGet(w http.ResponseWriter, r *http.Request, key string) o
 		if err := checkPath(key, s.cfg.maxKeyBytes); err != nil {
 			return s.serveFailure(w, apiNative, err)
 		}
-		s.serveList(w, key)
-		return outcomeOK
+		return s.serveList(w, r, key)
 	}
 	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
 		return s.serveFailure(w, apiNative, err)
 	}
+	// Every change up to seq is applied before the key is read.
+	seq := s.store.published.Load()
 	e := s.store.Get(key)
+	w.Header()["X-Seq"] = []string{strconv.FormatInt(seq, 10)}
 	if e == nil {
 		w.Header()["X-Revision"] = hdrNoRevision
 		serveError(w, http.StatusNotFound, "no such key")
@@ -190,38 +192,159 @@ func (s *server) serveEntry(w http.ResponseWriter, code int, e *entry) {
 	io.WriteString(w, e.value)
 }
 
-// serveList answers the listing of every key under prefix.
-func (s *server) serveList(w http.ResponseWriter, prefix string) {
-	buf := getBuffer()
-	defer putBuffer(buf)
-	b := s.appendList(buf.AvailableBuffer(), prefix)
-	w.Header()["Content-Type"] = hdrJSON
-	w.Write(b)
+// maxPage is the most items a page of a listing may ask for (?limit).
+const maxPage = 10_000
+
+// listQuery is what a listing asks besides its prefix (SPEC 3a): at most
+// limit items (0: every one), after a key (or with shallow a prefix
+// item's prefix), the direct children only.
+type listQuery struct {
+	limit   int
+	after   string
+	shallow bool
 }
 
-// appendList appends the JSON array of every key under prefix.
-func (s *server) appendList(b []byte, prefix string) []byte {
-	now := s.store.now()
-	b = append(b, '[')
-	for i, it := range s.store.List(prefix) {
+// parseListQuery reads a listing's ?limit, ?after and ?shallow, or the
+// WebSocket list's limit, after and shallow; the error names the one
+// that is bad.
+func parseListQuery(limit *string, after string, shallow bool, maxKeyBytes int) (listQuery, error) {
+	q := listQuery{after: after, shallow: shallow}
+	if limit != nil {
+		n, err := strconv.Atoi(*limit)
+		if err != nil || n < 1 || n > maxPage {
+			return q, fmt.Errorf("invalid limit %q: want an integer from 1 to %d", *limit, maxPage)
+		}
+		q.limit = n
+	}
+	if after != "" {
+		err := checkKey(after, maxKeyBytes)
+		if shallow && strings.HasSuffix(after, "/") {
+			err = checkPath(after, maxKeyBytes)
+		}
+		if err != nil {
+			return q, fmt.Errorf("invalid after: %w", err)
+		}
+	}
+	return q, nil
+}
+
+// listQueryOf reads the listing query of r; a query that names none of
+// its parameters is a whole listing.
+func (s *server) listQueryOf(r *http.Request) (listQuery, error) {
+	if r.URL.RawQuery == "" {
+		return listQuery{}, nil
+	}
+	v := r.URL.Query()
+	var limit *string
+	if l, ok := v["limit"]; ok {
+		limit = &l[0]
+	}
+	_, shallow := v["shallow"]
+	return parseListQuery(limit, v.Get("after"), shallow, s.cfg.maxKeyBytes)
+}
+
+// serveList answers the listing of the keys under prefix, in key order
+// (SPEC 3a), as of one point of the change sequence, which X-Seq gives.
+// A whole listing is written as it is read, a chunk at a time, so that
+// its memory is bounded whatever the prefix holds. A page (?limit) is
+// read whole first, and one item more, to know whether a Link to the
+// next page goes in the head; it is at most 10,000 items, held as
+// references to the stored values.
+func (s *server) serveList(w http.ResponseWriter, r *http.Request, prefix string) outcome {
+	q, err := s.listQueryOf(r)
+	if err != nil {
+		return s.serveFailure(w, apiNative, err)
+	}
+	l := s.store.list(prefix, q.after, q.shallow)
+	defer l.close()
+	h := w.Header()
+	h["Content-Type"] = hdrJSON
+	h["X-Seq"] = []string{strconv.FormatInt(l.seq(), 10)}
+	buf := getBuffer()
+	defer putBuffer(buf)
+	if q.limit > 0 {
+		items, err := l.next(nil, q.limit+1)
+		if err != nil {
+			return s.serveFailure(w, apiNative, err)
+		}
+		if len(items) > q.limit {
+			items = items[:q.limit]
+			h["Link"] = []string{nextLink(r, q, items[len(items)-1].key)}
+		}
+		b := append(buf.AvailableBuffer(), '[')
+		b = appendItems(b, items, false, s.store.now())
+		w.Write(append(b, ']'))
+		return outcomeOK
+	}
+	b := append(buf.AvailableBuffer(), '[')
+	var chunk [stateChunk]item
+	for n := 0; ; n++ {
+		items, err := l.next(chunk[:0], stateChunk)
+		if err != nil {
+			// The head is out: all that is left is to cut the answer
+			// short, which no client takes for a whole one.
+			panic(http.ErrAbortHandler)
+		}
+		if len(items) == 0 {
+			break
+		}
+		if n > 0 {
+			b = append(b, ',')
+		}
+		b = appendItems(b, items, false, s.store.now())
+		w.Write(b)
+		b = b[:0]
+	}
+	w.Write(append(b, ']'))
+	return outcomeOK
+}
+
+// nextLink is the Link header of a page whose last item is last: the
+// URL of the next page (RFC 8288).
+func nextLink(r *http.Request, q listQuery, last string) string {
+	u := r.URL.EscapedPath() + "?"
+	if q.shallow {
+		u += "shallow&"
+	}
+	return "<" + u + "limit=" + strconv.Itoa(q.limit) + "&after=" + url.QueryEscape(last) + `>; rel="next"`
+}
+
+// appendItems appends listing items, separated by commas: each
+// {"key","value","revision"[,"ttl"]}, or a shallow listing's {"prefix"};
+// keys spelled KvServer's way if kvserver. now is when they were read,
+// for their TTLs.
+func appendItems(b []byte, items []item, kvserver bool, now int64) []byte {
+	for i, it := range items {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = appendItem(b, it, now)
+		if it.entry == nil {
+			b = append(b, `{"prefix":`...)
+			b = appendKey(b, spell(it.key, kvserver))
+			b = append(b, '}')
+			continue
+		}
+		b = appendValuePayload(b, spell(it.key, kvserver), it.entry, now)
 	}
-	return append(b, ']')
+	return b
 }
 
-// appendItem appends the JSON object {"key","value","revision"[,"ttl"]}
-// of it; ttl is the milliseconds it has left at now.
-func appendItem(b []byte, it item, now int64) []byte {
+// appendValuePayload appends the JSON object of a key's version,
+// {"key","value","revision"[,"ttl"]}: the value as stored, the
+// milliseconds it has left at now if it expires (and now >= 0), and for
+// a nil e (a missing key) null and -1. Every answer that shows a key's
+// version writes it here.
+func appendValuePayload(b []byte, key string, e *entry, now int64) []byte {
 	b = append(b, `{"key":`...)
-	b = appendKey(b, it.key)
+	b = appendKey(b, key)
 	b = append(b, `,"value":`...)
-	b = append(b, it.value...)
+	if e == nil {
+		return append(b, `null,"revision":-1}`...)
+	}
+	b = append(b, e.value...)
 	b = append(b, `,"revision":`...)
-	b = strconv.AppendInt(b, it.revision, 10)
-	if ms, ok := it.ttlLeft(now); ok {
+	b = strconv.AppendInt(b, e.revision, 10)
+	if ms, ok := e.ttlLeft(now); ok && now >= 0 {
 		b = append(b, `,"ttl":`...)
 		b = strconv.AppendInt(b, ms, 10)
 	}

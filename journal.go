@@ -18,7 +18,7 @@ type journal interface {
 	// commit applies t if its checks hold, as one change, and returns
 	// once the change is applied on this server (so a read here sees
 	// it); on a failed check it returns a *conflictError.
-	commit(t *txn) (txnResult, error)
+	commit(t *txn) error
 	// expire ends d's key, if d is still the deadline of its version: a
 	// write that raced the timer replaced the version, and wins.
 	expire(d *deadline)
@@ -42,7 +42,7 @@ type localJournal interface {
 // numbered.
 type memJournal struct{ s *Store }
 
-func (j memJournal) commit(t *txn) (txnResult, error) { return j.s.decide(t, j) }
+func (j memJournal) commit(t *txn) error { return j.s.decide(t, j) }
 func (j memJournal) expire(d *deadline)                 { j.s.expireLocal(d, j) }
 
 func (j memJournal) pending(*slot) (*entry, *batch, bool) { return nil, nil, false }

@@ -85,7 +85,7 @@ func FuzzCheckKey(f *testing.F) {
 			t.Fatalf("key %q through an SSE id %q: got %q, %d", key, id, k, rev)
 		}
 		var it struct{ Key string }
-		if b := appendItem(nil, item{key, &entry{value: "1"}}, 0); json.Unmarshal(b, &it) != nil || it.Key != key {
+		if b := appendValuePayload(nil, key, &entry{value: "1"}, 0); json.Unmarshal(b, &it) != nil || it.Key != key {
 			t.Fatalf("key %q through a JSON listing %s: got %q", key, b, it.Key)
 		}
 		if p, kv := storePath(spell(key, true)); p != key || !kv {
@@ -191,6 +191,9 @@ func TestKeysEverywhere(t *testing.T) {
 				u, want = url+"/", `invalid key "/": "/" is every key, not a key`
 			}
 			for _, method := range []string{"POST", "PUT", "DELETE"} {
+				if method == "POST" && tt.key == "" {
+					continue // POST / is a transaction (txn_test.go)
+				}
 				if r := do(t, method, u, `1`, "X-Revision", "0"); r.code != 400 || !strings.HasPrefix(errorMessage(r), want) {
 					t.Errorf("%s: got %d %s; want 400 %s", method, r.code, r.body, want)
 				}

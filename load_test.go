@@ -55,7 +55,7 @@ func TestLoadHTTP(t *testing.T) {
 		io.Copy(io.Discard, r.Body)
 		h := w.Header()
 		h.Set("Access-Control-Allow-Origin", "*")
-		h.Set("Access-Control-Expose-Headers", "X-Revision, X-TTL")
+		h.Set("Access-Control-Expose-Headers", "X-Revision, X-TTL, X-Seq, Link")
 		h.Set("Content-Type", "application/json")
 		h.Set("X-Revision", "1")
 		io.WriteString(w, `{"v":1}`)

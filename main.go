@@ -49,6 +49,8 @@ type config struct {
 	defaultTTL    ttlFlag
 	maxSubs       int64
 	maxWSSubs     int // subscriptions per WebSocket
+	maxTxnOps     int
+	maxTxnBytes   int64
 	kvserverREST  string
 	history       int
 	data          string
@@ -90,6 +92,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.BoolVar(&c.logRequests, "log-requests", false, "log one line per request")
 	fs.Int64Var(&c.maxSubs, "max-subscribers", 0, "most open event streams and WebSockets, 0 for no limit (503 past it)")
 	fs.IntVar(&c.maxWSSubs, "max-subscriptions", 10_000, "most subscriptions one WebSocket may hold (an error past it)")
+	fs.IntVar(&c.maxTxnOps, "max-txn-ops", 128, "most ops, and most checks, in one transaction (400 past it)")
+	fs.Int64Var(&c.maxTxnBytes, "max-txn-bytes", 4<<20, "largest transaction body in bytes (413 past it)")
 	fs.StringVar(&c.kvserverREST, "kvserver-rest", "", "serve KvServer's REST shape under this `path`, e.g. /storage (off if empty)")
 	fs.Var(&c.defaultTTL, "default-ttl", "TTL of every key written without one, e.g. 24h (0: keys without a TTL never expire)")
 	fs.IntVar(&c.history, "history", defaultHistory, "remember at least this many recent changes, so that clients can resume from them")
@@ -129,6 +133,8 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 		return c, errors.New("-heartbeat and -write-timeout must be positive")
 	case c.maxWSSubs < 1:
 		return c, errors.New("-max-subscriptions must be at least 1")
+	case c.maxTxnOps < 1 || c.maxTxnBytes < 64:
+		return c, errors.New("-max-txn-ops must be at least 1 and -max-txn-bytes at least 64")
 	}
 	if c.logFormat != "text" && c.logFormat != "json" {
 		return c, fmt.Errorf("-log-format %q: want text or json", c.logFormat)

@@ -184,7 +184,7 @@ func TestHTTPAPI(t *testing.T) {
 		if got := resp.header.Get("Access-Control-Allow-Origin"); got != "*" {
 			t.Errorf("%s: Access-Control-Allow-Origin: got %q; want *", st.name, got)
 		}
-		if got := resp.header.Get("Access-Control-Expose-Headers"); got != "X-Revision, X-TTL" {
+		if got := resp.header.Get("Access-Control-Expose-Headers"); got != "X-Revision, X-TTL, X-Seq, Link" {
 			t.Errorf("%s: Access-Control-Expose-Headers: got %q", st.name, got)
 		}
 		if resp.code >= 400 && resp.code != 409 { // a conflict's body is the current value
@@ -254,7 +254,7 @@ func TestBadInput(t *testing.T) {
 		code                     int
 		msg                      string // the error must contain it
 	}{
-		{"root key", "POST", "/", `1`, 400, `invalid key "/"`},
+		{"root key is a transaction", "POST", "/", `1`, 400, `invalid transaction`},
 		{"key ending in slash", "POST", "/a/", `1`, 400, `invalid key "/a/"`},
 		{"empty component", "POST", "/a//b", `1`, 400, `invalid key "/a//b": empty component`},
 		{"empty component on GET", "GET", "/a//b", ``, 400, `invalid key "/a//b": empty component`},
@@ -346,7 +346,7 @@ func TestRoutes(t *testing.T) {
 		{false, "GET", "/", []string{"Accept", "application/json"}, 200, "application/json", "list every key"},
 		{false, "GET", "/x", nil, 404, "application/json", "get"},
 		{false, "GET", "/x/", nil, 200, "application/json", "get"},
-		{false, "POST", "/", nil, 400, "application/json", "set"},
+		{false, "POST", "/", nil, 400, "application/json", "transaction"},
 		{false, "PUT", "/", nil, 400, "application/json", "update"},
 		{false, "DELETE", "/", nil, 400, "application/json", "delete"},
 		{false, "OPTIONS", "/", nil, 204, "", "preflight"},

@@ -47,6 +47,9 @@ func (s *server) routes() http.Handler {
 		{name: "events of every key", pattern: "GET /{$}", when: eventStream, perm: permRead, serve: s.serveEvents},
 		{name: "list every key", pattern: "GET /{$}", when: listing, perm: permRead, serve: s.serveListing},
 		{name: "client", pattern: "GET /{$}", serve: s.handleClient},
+		// POST / names no key: it is a transaction, whose keys are in
+		// its body, each checked (allowTxn) before it is evaluated.
+		{name: "transaction", pattern: "POST /{$}", serve: s.handleTxn},
 	}
 	table = append(table, keyRoutes...)
 	table = append(table,

@@ -76,8 +76,11 @@ var (
 
 // conflictError is a transaction whose checks failed: every failed
 // check's key at its current version (nil if missing), so the caller can
-// answer with them.
-type conflictError struct{ conflicts []item }
+// answer with them, and which check each is (its index in txn.checks).
+type conflictError struct {
+	conflicts []item
+	at        []int
+}
 
 func (e *conflictError) Error() string { return errConflict.Error() }
 func (e *conflictError) Unwrap() error { return errConflict }
@@ -103,17 +106,42 @@ type check struct {
 }
 
 // txn is a write: every op, applied as one change if every check holds.
-// Each key appears at most once among the ops (the API checks it).
+// Each key appears at most once among the ops (the API checks it). It
+// holds what it did once committed.
 type txn struct {
 	checks []check
 	ops    []op
+
+	// What it did, once committed: the change's number (if it changed
+	// nothing, the last change's); of each op, the version it wrote (nil
+	// for a delete) and whether its key held a value before.
+	seq      int64
+	versions []*entry
+	existed  []bool
+
+	// Room for a single write's op, check and what deciding it needs, so
+	// that it allocates once (see single).
+	one struct {
+		op      [1]op
+		check   [1]check
+		slot    [1]*slot
+		change  [1]change
+		version [1]*entry
+		existed [1]bool
+	}
 }
 
-// txnResult is what a transaction that held did.
-type txnResult struct {
-	seq      int64    // the change's number; if it changed nothing, the last change's
-	versions []*entry // of each op: the version it wrote, nil for a delete
-	existed  []bool   // of each op: whether its key held a value before
+// single returns the transaction of a single write: op o, if check is
+// not nil only if it holds.
+func single(o op, check *check) *txn {
+	t := new(txn)
+	t.one.op[0] = o
+	t.ops = t.one.op[:]
+	if check != nil {
+		t.one.check[0] = *check
+		t.checks = t.one.check[:]
+	}
+	return t
 }
 
 // item is a key with its version, as listings return it.
@@ -205,16 +233,16 @@ func (s *Store) now() int64 { return s.clock.Now().UnixNano() }
 // number. On a failed check it returns a *conflictError and changes
 // nothing. When it returns, the change is applied on this server (and
 // with -data written, with -etcd committed).
-func (s *Store) Commit(t *txn) (txnResult, error) { return s.journal.commit(t) }
+func (s *Store) Commit(t *txn) error { return s.journal.commit(t) }
 
 // Set stores value under key unconditionally and returns the new version.
 // A ttl of 0 makes the key permanent (or gives it the default TTL).
 func (s *Store) Set(key, value string, ttl time.Duration) (*entry, error) {
-	r, err := s.Commit(&txn{ops: []op{{key: key, value: value, ttl: ttl}}})
-	if err != nil {
+	t := single(op{key: key, value: value, ttl: ttl}, nil)
+	if err := s.Commit(t); err != nil {
 		return nil, err
 	}
-	return r.versions[0], nil
+	return t.versions[0], nil
 }
 
 // CompareAndSwap stores value under key only if the write would give it
@@ -222,14 +250,11 @@ func (s *Store) Set(key, value string, ttl time.Duration) (*entry, error) {
 // rev is 0. On a mismatch it returns a *conflictError holding the current
 // version.
 func (s *Store) CompareAndSwap(key, value string, rev int64, ttl time.Duration) (*entry, error) {
-	r, err := s.Commit(&txn{
-		checks: []check{{key, rev - 1}},
-		ops:    []op{{key: key, value: value, ttl: ttl}},
-	})
-	if err != nil {
+	t := single(op{key: key, value: value, ttl: ttl}, &check{key, rev - 1})
+	if err := s.Commit(t); err != nil {
 		return nil, err
 	}
-	return r.versions[0], nil
+	return t.versions[0], nil
 }
 
 // Delete removes key and reports whether it held a value. With rev >= 0
@@ -237,15 +262,15 @@ func (s *Store) CompareAndSwap(key, value string, rev int64, ttl time.Duration) 
 // a *conflictError. Deleting a missing key without a revision is not an
 // error.
 func (s *Store) Delete(key string, rev int64) (existed bool, err error) {
-	t := &txn{ops: []op{{key: key, del: true}}}
+	var c *check
 	if rev >= 0 {
-		t.checks = []check{{key, rev}}
+		c = &check{key, rev}
 	}
-	r, err := s.Commit(t)
-	if err != nil {
+	t := single(op{key: key, del: true}, c)
+	if err := s.Commit(t); err != nil {
 		return false, err
 	}
-	return r.existed[0], nil
+	return t.existed[0], nil
 }
 
 // newEntry returns a version of key that expires after ttl (0: never, or
@@ -302,10 +327,11 @@ func (r reason) String() string {
 // changes, this one or those it saw, are written, so that the answer a
 // client gets, a conflict included, tells of nothing a crash could take
 // back.
-func (s *Store) decide(t *txn, j localJournal) (txnResult, error) {
+func (s *Store) decide(t *txn, j localJournal) error {
 	slots := s.lockAll(t)
-	res, creates, err := s.decideLocked(t, slots, j)
-	var wait []*batch
+	creates, err := s.decideLocked(t, slots, j)
+	var waitOne [1]*batch
+	wait := waitOne[:0]
 	for _, sl := range slots {
 		if _, b := s.latest(j, sl); b != nil && !slices.Contains(wait, b) {
 			wait = append(wait, b)
@@ -316,15 +342,15 @@ func (s *Store) decide(t *txn, j localJournal) (txnResult, error) {
 	s.creating.Add(-creates)
 	for _, b := range wait {
 		if werr := b.wait(); werr != nil {
-			return txnResult{}, werr
+			return werr
 		}
 	}
-	return res, err
+	return err
 }
 
 // decideLocked is decide with the keys of t locked, slots in key order.
 // It returns how many keys it reserved room for in s.creating.
-func (s *Store) decideLocked(t *txn, slots []*slot, j localJournal) (res txnResult, creates int64, err error) {
+func (s *Store) decideLocked(t *txn, slots []*slot, j localJournal) (creates int64, err error) {
 	// A key that expired and whose timer has not run yet expires now,
 	// as a change of its own, so subscribers see the expiry before the
 	// key starts again at 0.
@@ -333,23 +359,30 @@ func (s *Store) decideLocked(t *txn, slots []*slot, j localJournal) (res txnResu
 			j.keep([]change{{key: sl.key, why: expired, sl: sl}})
 		}
 	}
-	var conflicts []item
-	for _, c := range t.checks {
+	var conflict *conflictError
+	for i, c := range t.checks {
 		sl := findSlot(slots, c.key)
 		if cur, _ := s.latest(j, sl); revisionOf(cur) != c.revision {
-			conflicts = append(conflicts, item{c.key, cur})
+			if conflict == nil {
+				conflict = new(conflictError)
+			}
+			conflict.conflicts = append(conflict.conflicts, item{sl.key, cur})
+			conflict.at = append(conflict.at, i)
 		}
 	}
-	if conflicts != nil {
-		return res, 0, &conflictError{conflicts}
+	if conflict != nil {
+		return 0, conflict
 	}
-	res.versions = make([]*entry, len(t.ops))
-	res.existed = make([]bool, len(t.ops))
-	changes := make([]change, 0, len(t.ops))
+	t.versions, t.existed = t.one.version[:], t.one.existed[:]
+	changes := t.one.change[:0]
+	if len(t.ops) > 1 {
+		t.versions, t.existed = make([]*entry, len(t.ops)), make([]bool, len(t.ops))
+		changes = make([]change, 0, len(t.ops))
+	}
 	for i, o := range t.ops {
 		sl := findSlot(slots, o.key)
 		cur, _ := s.latest(j, sl)
-		res.existed[i] = cur != nil
+		t.existed[i] = cur != nil
 		switch {
 		case o.del && cur == nil:
 			continue // deleting what is missing changes nothing
@@ -358,28 +391,28 @@ func (s *Store) decideLocked(t *txn, slots []*slot, j localJournal) (res txnResu
 			creates--
 		default:
 			e := s.newEntry(sl.key, o.value, cur.next(), o.ttl)
-			res.versions[i] = e
+			t.versions[i] = e
 			changes = append(changes, change{key: sl.key, e: e, sl: sl})
 			if cur == nil {
 				creates++
 			}
 		}
 	}
-	if !s.reserve(max(creates, 0)) {
-		return res, 0, errFull
-	}
 	creates = max(creates, 0)
+	if !s.reserve(creates) {
+		return 0, errFull
+	}
 	if len(changes) == 0 {
-		res.seq = s.published.Load()
-		return res, creates, nil
+		t.seq = s.published.Load()
+		return creates, nil
 	}
 	if len(changes) > 1 {
 		for i := range changes {
 			changes[i].txn = changes
 		}
 	}
-	res.seq = j.keep(changes)
-	return res, creates, nil
+	t.seq = j.keep(changes)
+	return creates, nil
 }
 
 // reserve makes room for n keys more, or reports false if the store
@@ -405,8 +438,9 @@ func findSlot(slots []*slot, key string) *slot {
 // transactions never wait for each other), and returns them in that
 // order.
 func (s *Store) lockAll(t *txn) []*slot {
-	if len(t.checks) == 0 && len(t.ops) == 1 {
-		return []*slot{s.lock(t.ops[0].key)}
+	if len(t.ops) == 1 && (len(t.checks) == 0 || len(t.checks) == 1 && t.checks[0].key == t.ops[0].key) {
+		t.one.slot[0] = s.lock(t.ops[0].key)
+		return t.one.slot[:]
 	}
 	keys := make([]string, 0, len(t.checks)+len(t.ops))
 	for _, c := range t.checks {

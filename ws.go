@@ -314,12 +314,20 @@ func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
 		}
 		var start int
 		b, start = beginFrame(b)
-		if ev.kind == evReply {
-			b = ev.reply.append(b)
-		} else {
+		if ev.kind != evReply {
 			b = appendWSEvent(b, ev, &c.resumeAt)
+			b = endFrame(b, start, opText)
+			continue
 		}
-		b = endFrame(b, start, opText)
+		b = ev.reply.append(b)
+		switch ev.reply.frame {
+		case fragWhole:
+			b = endFrame(b, start, opText)
+		case fragFirst:
+			b = endFragment(b, start, opText, false)
+		default:
+			b = endFragment(b, start, opContinuation, ev.reply.frame == fragLast)
+		}
 	}
 	return b
 }

@@ -37,6 +37,7 @@ const (
 	closeNoStatus     = 1005 // never sent: a close frame without a code
 	closeInvalidData  = 1007
 	closeTooBig       = 1009
+	closeInternal     = 1011 // the server cannot go on with the connection
 	maxControlPayload = 125
 )
 
@@ -224,10 +225,18 @@ func beginFrame(b []byte) (_ []byte, start int) {
 
 // endFrame turns what was appended since beginFrame into one final frame
 // of opcode op, moving the payload up against its header.
-func endFrame(b []byte, start int, op byte) []byte {
+func endFrame(b []byte, start int, op byte) []byte { return endFragment(b, start, op, true) }
+
+// endFragment is endFrame for a frame of a message in fragments (RFC 6455
+// 5.4): the first has the message's opcode, the others opContinuation;
+// only the last is final (fin).
+func endFragment(b []byte, start int, op byte, fin bool) []byte {
 	payload := len(b) - start - frameRoom
 	var h [frameRoom]byte
-	h[0] = 0x80 | op
+	h[0] = op
+	if fin {
+		h[0] |= 0x80
+	}
 	n := 2
 	switch {
 	case payload < 126:

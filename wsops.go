@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 )
 
 // wsMessage is a client's message. A value stays raw, never decoded.
@@ -30,6 +31,11 @@ type wsPayload struct {
 	TTL      json.RawMessage `json:"ttl"`
 	Initial  bool            `json:"initial"`
 	Since    json.RawMessage `json:"since"`
+	Limit    *int64          `json:"limit"`
+	After    *string         `json:"after"`
+	Shallow  bool            `json:"shallow"`
+	Check    json.RawMessage `json:"check"`
+	Ops      json.RawMessage `json:"ops"`
 }
 
 // wsOp is one message type of the WebSocket API: what its payload names
@@ -48,6 +54,7 @@ const (
 	namesKey    wsTarget = iota // "key": a key
 	namesPath                   // "key": a key, a prefix ending with "/", or "/"
 	namesPrefix                 // "prefix": a prefix ("/" if absent; the "/" at its end may be left out)
+	namesKeys                   // several keys, which the op checks itself (txn)
 )
 
 // wsOps is every message type a client may send.
@@ -59,6 +66,7 @@ var wsOps = map[string]wsOp{
 	"subscribe":   {namesPath, permRead, (*wsConn).subscribe},
 	"unsubscribe": {namesPath, permNone, (*wsConn).unsubscribe},
 	"list":        {namesPrefix, permRead, (*wsConn).list},
+	"txn":         {namesKeys, permNone, (*wsConn).txn},
 }
 
 // wsRequest is a message being answered, with what it names checked:
@@ -102,6 +110,8 @@ func (c *wsConn) handle(data []byte) {
 // connection may do op on it.
 func (c *wsConn) target(op wsOp, r *wsRequest) error {
 	switch {
+	case op.names == namesKeys:
+		return nil
 	case op.names == namesPrefix:
 		r.spelled = "/"
 		if r.p.Prefix != nil {
@@ -211,7 +221,152 @@ func (c *wsConn) unsubscribe(r wsRequest) {
 	}
 }
 
-func (c *wsConn) list(r wsRequest) { c.replyList(r.id, r.key, r.kvserver) }
+// list queues a listing of the prefix, read from the store as the
+// connection drains (wsListing): without limit, after or shallow, the
+// array of every key under it (values [...], as KvServer's clients
+// expect); with any, {items, seq, next?} (SPEC 3a).
+func (c *wsConn) list(r wsRequest) {
+	var limit *string
+	if r.p.Limit != nil {
+		n := strconv.FormatInt(*r.p.Limit, 10)
+		limit = &n
+	}
+	after := ""
+	if r.p.After != nil && *r.p.After != "" {
+		after, _ = storePath(*r.p.After)
+		if !r.kvserver {
+			after = *r.p.After
+		}
+	}
+	q, err := parseListQuery(limit, after, r.p.Shallow, c.s.cfg.maxKeyBytes)
+	if err != nil {
+		c.fail(r.id, fmt.Errorf("list: %w", err))
+		return
+	}
+	paged := r.p.Limit != nil || r.p.After != nil || r.p.Shallow
+	l := &wsListing{c: c, l: c.s.store.list(r.key, q.after, q.shallow), id: r.id, kvserver: r.kvserver, paged: paged, limit: q.limit}
+	c.st.q.push(event{kind: evCursor, state: l})
+}
+
+// txn answers a transaction (SPEC 11): ok {seq, revisions}, or conflict
+// {conflicts}, keys spelled as the client spelled them; or an error.
+// Each key is checked, and the access to it, before any check is
+// evaluated.
+func (c *wsConn) txn(r wsRequest) {
+	req, err := c.s.parseTxnParts(r.p.Check, r.p.Ops, true)
+	if err == nil {
+		err = c.s.allowTxn(c.st.who.caller, req)
+	}
+	if err == nil {
+		err = c.s.store.Commit(req.t)
+	}
+	c.s.metrics.wrote(err)
+	var conflict *conflictError
+	switch {
+	case errors.As(err, &conflict):
+		c.reply(r.id, "conflict", append(appendConflicts([]byte(`{"conflicts":`), req, conflict), '}'))
+	case err != nil:
+		c.fail(r.id, fmt.Errorf("txn: %w", err))
+	default:
+		c.reply(r.id, "ok", appendTxnDone(nil, req))
+	}
+}
+
+// wsListing is a list request's answer in progress: one message, sent in
+// fragments (RFC 6455 5.4) as the listing is read, a chunk at a time, as
+// the connection drains, so that a listing holds the same few hundred
+// bytes whatever the prefix holds (SPEC 10). What is queued behind it
+// waits, as behind a state.
+type wsListing struct {
+	c        *wsConn
+	l        *listing
+	id       json.RawMessage
+	kvserver bool
+	paged    bool // {items, seq, next?}, not the bare array
+	limit    int  // paged: the most items; 0: all
+
+	mu      sync.Mutex // of close, which the stream's end may call
+	sent    int
+	started bool
+	closed  bool
+}
+
+// read appends the next fragment of the message: the head and the first
+// items, more items, or the last items and the tail.
+func (w *wsListing) read(out []event) ([]event, bool) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.closed {
+		return out, true
+	}
+	var b []byte
+	if !w.started {
+		b = []byte(`{"type":"values","payload":[`)
+		if w.paged {
+			b = []byte(`{"type":"values","payload":{"items":[`)
+		}
+	}
+	n := stateChunk
+	if w.limit > 0 {
+		n = min(n, w.limit-w.sent)
+	}
+	var chunk [stateChunk]item
+	items, err := w.l.next(chunk[:0], n)
+	if err != nil {
+		// Part of the message is out, and it cannot be finished truly.
+		w.c.out.close(&wsCloseError{closeInternal, "list: " + err.Error()})
+		w.close()
+		return out, true
+	}
+	if w.sent > 0 && len(items) > 0 {
+		b = append(b, ',')
+	}
+	b = appendItems(b, items, w.kvserver, w.c.s.store.now())
+	w.sent += len(items)
+	done := len(items) < n || w.limit > 0 && w.sent == w.limit
+	if done {
+		b = append(b, ']')
+		if w.paged {
+			b = append(b, `,"seq":`...)
+			b = strconv.AppendInt(b, w.l.seq(), 10)
+			if w.limit > 0 && w.sent == w.limit {
+				last := items[len(items)-1].key
+				if more, _ := w.l.next(chunk[:0], 1); len(more) > 0 {
+					b = append(b, `,"next":`...)
+					b = appendKey(b, spell(last, w.kvserver))
+				}
+			}
+			b = append(b, '}')
+		}
+		b = append(appendID(b, w.id), '}')
+		w.close()
+	}
+	frame := fragMore
+	switch {
+	case !w.started && done:
+		frame = fragWhole
+	case !w.started:
+		frame = fragFirst
+	case done:
+		frame = fragLast
+	}
+	w.started = true
+	return append(out, event{kind: evReply, reply: &wsReply{head: b, size: int64(len(b)), frame: frame}}), done
+}
+
+// close ends the listing. w.mu must be held.
+func (w *wsListing) close() {
+	if !w.closed {
+		w.closed = true
+		w.l.close()
+	}
+}
+
+func (w *wsListing) stopWalk() {
+	w.mu.Lock()
+	w.close()
+	w.mu.Unlock()
+}
 
 // subscribeFrom says where a subscribe message starts: after since, a
 // change number, if given (a since that is not a positive integer cannot
@@ -297,27 +452,26 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 // a list, what to build it from when it is written, so that a queued
 // reply shares the stored values rather than copying them.
 type wsReply struct {
-	head     []byte // the message, or what comes before the values
-	e        *entry // a get's value
-	items    []item // a list's keys and values
-	kvserver bool   // the list's keys are named without the leading "/"
-	now      int64  // when the list was taken, for its TTLs
-	tail     []byte // what comes after the values
-	size     int64  // of the message, about: counted against the bound
+	head  []byte // the message, or what comes before the value
+	e     *entry // a get's value
+	tail  []byte // what comes after the value
+	size  int64  // of the message, about: counted against the bound
+	frame uint8  // which part of its message it is (a listing's)
 }
+
+// Which part of a message in fragments a reply is.
+const (
+	fragWhole uint8 = iota // the whole message
+	fragFirst
+	fragMore
+	fragLast
+)
 
 // append appends the reply's message.
 func (r *wsReply) append(b []byte) []byte {
 	b = append(b, r.head...)
 	if r.e != nil {
 		b = append(b, r.e.value...)
-	}
-	for i, it := range r.items {
-		if i > 0 {
-			b = append(b, ',')
-		}
-		it.key = spell(it.key, r.kvserver)
-		b = appendItem(b, it, r.now)
 	}
 	return append(b, r.tail...)
 }
@@ -372,19 +526,6 @@ func (c *wsConn) replyValue(id json.RawMessage, key string, e *entry) {
 	}
 	r.tail = append(appendID(append(r.tail, '}'), id), '}')
 	r.size = int64(len(r.head) + len(e.value) + len(r.tail))
-	c.push(r)
-}
-
-// replyList queues values [{key, value, revision[, ttl]}...] of the keys
-// under prefix, sharing their values.
-func (c *wsConn) replyList(id json.RawMessage, prefix string, kvserver bool) {
-	r := &wsReply{items: c.s.store.List(prefix), kvserver: kvserver, now: c.s.store.now()}
-	r.head = []byte(`{"type":"values","payload":[`)
-	r.tail = append(appendID([]byte{']'}, id), '}')
-	r.size = int64(len(r.head) + len(r.tail))
-	for _, it := range r.items {
-		r.size += int64(len(it.key)+len(it.value)) + 48 // the members around them, about
-	}
 	c.push(r)
 }
 
