@@ -591,8 +591,8 @@ func (s *Store) expireLocal(d *deadline, j localJournal) {
 }
 
 // Recovery (-data) and a node's start (-etcd) put back what the store
-// held through startSequence and restore, then apply the changes after
-// it, then start expiring (startExpiry).
+// held through startSequence and restore, then replay the changes after
+// it, with the expiry scheduler held (expiry.hold) until they are done.
 
 // startSequence makes seq the number of the last change: the next is
 // seq+1, and the history starts there.
@@ -618,7 +618,14 @@ func (s *Store) restore(key string, e *entry, expires int64) {
 	}
 	sl := s.lock(key)
 	defer sl.mu.Unlock()
-	s.setCur(sl, sl.load(), e)
+	old := sl.load()
+	if old != nil && old.ttl != nil {
+		s.expiry.remove(old.ttl)
+	}
+	if e != nil && e.ttl != nil {
+		s.expiry.add(e.ttl) // held while the store loads
+	}
+	s.setCur(sl, old, e)
 	s.release(nil, sl)
 }
 
