@@ -1,0 +1,555 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// The etcd client against real etcd clusters, which startEtcd starts and
+// stops: the harness the cluster's later tests share. Never a mock: what
+// the gateway does is the thing under test.
+
+// An etcdCluster is etcd members a test runs on loopback ports.
+type etcdCluster struct {
+	t       *testing.T
+	members []*etcdMember
+	tls     *tls.Config   // of the clients, for https members
+	clients []*etcdClient // one per member, made on first use
+}
+
+// An etcdMember is one etcd process, restartable with its data.
+type etcdMember struct {
+	name, client string // client: its client URL
+	args         []string
+	log          string // its output, across restarts
+	cmd          *exec.Cmd
+	exited       chan struct{} // closed when the process has ended
+}
+
+var etcdClusters atomic.Int64 // for cluster tokens unique in this process
+
+// startEtcd starts a cluster of members (1 or 3) on free loopback ports,
+// with data under t.TempDir(), waits until every member serves, and
+// stops it when the test ends. flags are added to every member's (e.g.
+// "--auto-compaction-mode", "revision"). Without etcd the test skips,
+// except on CI (CI set), where it fails.
+func startEtcd(t *testing.T, members int, flags ...string) *etcdCluster {
+	t.Helper()
+	return startEtcdTLS(t, members, nil, flags...)
+}
+
+// startEtcdTLS is startEtcd with https client URLs when clientTLS is not
+// nil: flags then name the members' certificates (--cert-file,
+// --key-file, --trusted-ca-file, --client-cert-auth), and clientTLS is
+// what the harness's own clients use.
+func startEtcdTLS(t *testing.T, members int, clientTLS *tls.Config, flags ...string) *etcdCluster {
+	t.Helper()
+	bin := needTool(t, "etcd", "etcd-server")
+	scheme := "http"
+	if clientTLS != nil {
+		scheme = "https"
+	}
+	// A port picked free can be taken before etcd binds it: then the
+	// member exits at once, and the cluster starts again on other ports.
+	for attempt := 1; ; attempt++ {
+		c := &etcdCluster{t: t, tls: clientTLS, clients: make([]*etcdClient, members)}
+		dir := t.TempDir()
+		token := fmt.Sprintf("atomkv-%d-%d", os.Getpid(), etcdClusters.Add(1))
+		var initial []string
+		for i := range members {
+			m := &etcdMember{name: fmt.Sprintf("m%d", i), log: filepath.Join(dir, fmt.Sprintf("m%d.log", i))}
+			m.client = fmt.Sprintf("%s://127.0.0.1:%d", scheme, freePort(t))
+			peer := fmt.Sprintf("http://127.0.0.1:%d", freePort(t))
+			m.args = []string{
+				"--name", m.name, "--data-dir", filepath.Join(dir, m.name),
+				"--listen-client-urls", m.client, "--advertise-client-urls", m.client,
+				"--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+				"--initial-cluster-state", "new", "--initial-cluster-token", token,
+				"--heartbeat-interval", "50", "--election-timeout", "500",
+				"--unsafe-no-fsync", "--logger", "zap", "--log-outputs", "stderr",
+			}
+			initial = append(initial, m.name+"="+peer)
+			c.members = append(c.members, m)
+		}
+		for _, m := range c.members {
+			m.args = append(append(m.args, "--initial-cluster", strings.Join(initial, ",")), flags...)
+			m.args = append([]string{bin}, m.args...)
+		}
+		t.Cleanup(c.stopAll)
+		for i := range c.members {
+			c.launch(i)
+		}
+		err := c.waitServing()
+		if err == nil {
+			return c
+		}
+		c.stopAll()
+		if attempt == 3 || !c.logged("address already in use") {
+			t.Fatal(err) // the cleanup shows the members' logs
+		}
+	}
+}
+
+// launch starts member i's process.
+func (c *etcdCluster) launch(i int) {
+	c.t.Helper()
+	m := c.members[i]
+	out, err := os.OpenFile(m.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	defer out.Close()
+	m.cmd = exec.Command(m.args[0], m.args[1:]...)
+	m.cmd.Stdout, m.cmd.Stderr = out, out
+	if err := m.cmd.Start(); err != nil {
+		c.t.Fatal(err)
+	}
+	m.exited = make(chan struct{})
+	go func(cmd *exec.Cmd, exited chan struct{}) {
+		cmd.Wait()
+		close(exited)
+	}(m.cmd, m.exited)
+}
+
+// waitServing polls every running member until it serves a linearizable
+// read, which needs a leader.
+func (c *etcdCluster) waitServing() error {
+	deadline := time.Now().Add(30 * time.Second)
+	for i, m := range c.members {
+		for {
+			select {
+			case <-m.exited:
+				return fmt.Errorf("etcd member %s exited", m.name)
+			default:
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			_, err := c.client(i).rangeKeys(ctx, etcdRange{Key: []byte("/")})
+			cancel()
+			if err == nil {
+				break
+			}
+			if time.Now().After(deadline) {
+				return fmt.Errorf("etcd member %s does not serve: %v", m.name, err)
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return nil
+}
+
+// client returns a client of member i alone.
+func (c *etcdCluster) client(i int) *etcdClient {
+	if c.clients[i] == nil {
+		cl, err := newEtcdClient([]string{c.members[i].client}, c.tls)
+		if err != nil {
+			c.t.Fatal(err)
+		}
+		cl.retryDown = 10 * time.Millisecond
+		c.clients[i] = cl
+	}
+	return c.clients[i]
+}
+
+// newClient returns a client of every member, in order.
+func (c *etcdCluster) newClient() *etcdClient {
+	cl, err := newEtcdClient(c.endpoints(), c.tls)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	c.t.Cleanup(cl.close)
+	return cl
+}
+
+// endpoints returns the members' client URLs.
+func (c *etcdCluster) endpoints() []string {
+	var eps []string
+	for _, m := range c.members {
+		eps = append(eps, m.client)
+	}
+	return eps
+}
+
+func (c *etcdCluster) running(i int) bool {
+	m := c.members[i]
+	if m.cmd == nil {
+		return false
+	}
+	select {
+	case <-m.exited:
+		return false
+	default:
+		return true
+	}
+}
+
+// kill ends member i with SIGKILL, as a crash would.
+func (c *etcdCluster) kill(i int) {
+	if c.running(i) {
+		c.members[i].cmd.Process.Kill()
+		<-c.members[i].exited
+	}
+}
+
+// stop ends member i with SIGTERM, and SIGKILL if it has not ended after
+// ten seconds.
+func (c *etcdCluster) stop(i int) {
+	if !c.running(i) {
+		return
+	}
+	m := c.members[i]
+	m.cmd.Process.Signal(syscall.SIGCONT) // a paused member would not see SIGTERM
+	m.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-m.exited:
+	case <-time.After(10 * time.Second):
+		m.cmd.Process.Kill()
+		<-m.exited
+	}
+}
+
+// start restarts member i on its data and waits until it serves.
+func (c *etcdCluster) start(i int) {
+	c.t.Helper()
+	if c.running(i) {
+		return
+	}
+	c.launch(i)
+	if err := c.waitServing(); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// pause stops member i with SIGSTOP: it still accepts connections (the
+// kernel does), and answers nothing, as a member that hangs. resume
+// undoes it.
+func (c *etcdCluster) pause(i int)  { c.members[i].cmd.Process.Signal(syscall.SIGSTOP) }
+func (c *etcdCluster) resume(i int) { c.members[i].cmd.Process.Signal(syscall.SIGCONT) }
+
+func (c *etcdCluster) stopAll() {
+	for i := range c.members {
+		c.stop(i)
+		if c.clients[i] != nil {
+			c.clients[i].close()
+		}
+	}
+	if c.t.Failed() {
+		c.dumpLogs()
+	}
+}
+
+// memberID returns member i's id, as answers' headers name it.
+func (c *etcdCluster) memberID(i int) uint64 {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	st, err := c.client(i).status(ctx)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return st.Header.MemberID
+}
+
+// leader returns the index of the member that leads, once one does.
+func (c *etcdCluster) leader() int {
+	c.t.Helper()
+	leader := -1
+	waitFor(c.t, "an etcd leader", func() bool {
+		for i := range c.members {
+			if !c.running(i) {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+			st, err := c.client(i).status(ctx)
+			cancel()
+			if err == nil && st.Leader != 0 && st.Leader == st.Header.MemberID {
+				leader = i
+				return true
+			}
+		}
+		return false
+	})
+	return leader
+}
+
+// compact drops the history before rev.
+func (c *etcdCluster) compact(rev int64) {
+	c.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := c.newClient().compact(ctx, rev); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// logged says whether a member's output holds s.
+func (c *etcdCluster) logged(s string) bool {
+	for _, m := range c.members {
+		if b, _ := os.ReadFile(m.log); bytes.Contains(b, []byte(s)) {
+			return true
+		}
+	}
+	return false
+}
+
+// dumpLogs logs the end of every member's output.
+func (c *etcdCluster) dumpLogs() {
+	for _, m := range c.members {
+		b, _ := os.ReadFile(m.log)
+		lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+		c.t.Logf("etcd %s (%s), last lines:\n%s", m.name, m.client, strings.Join(lines[max(0, len(lines)-15):], "\n"))
+	}
+}
+
+// etcdCtx returns a context for one request: the deadline is a hang
+// breaker, not a timing assertion.
+func etcdCtx(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+// etcdPutAll puts key=value pairs in one txn and returns its revision.
+func etcdPutAll(t *testing.T, c *etcdClient, kv ...string) int64 {
+	t.Helper()
+	var txn etcdTxn
+	for i := 0; i < len(kv); i += 2 {
+		txn.Success = append(txn.Success, etcdOp{Put: &etcdPut{Key: []byte(kv[i]), Value: []byte(kv[i+1])}})
+	}
+	resp, err := c.txn(etcdCtx(t), txn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.Header.Revision
+}
+
+// TestEtcdRangePages: a prefix of 2,500 keys read in pages, all at the
+// revision of the first, while keys change between pages.
+func TestEtcdRangePages(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1).newClient()
+	var want []string
+	for i := 0; i < 2500; i += 100 {
+		var kv []string
+		for j := i; j < i+100; j++ {
+			k := fmt.Sprintf("/p/%04d", j)
+			kv = append(kv, k, "v"+k)
+			want = append(want, k)
+		}
+		etcdPutAll(t, c, kv...)
+	}
+	etcdPutAll(t, c, "/o", "outside", "/p", "the prefix itself is outside /p/")
+
+	prefix := []byte("/p/")
+	var got []string
+	pages := 0
+	rev, err := c.rangePages(etcdCtx(t), prefix, etcdPrefixEnd(prefix), 1000, func(kvs []etcdKV) error {
+		pages++
+		for _, kv := range kvs {
+			if string(kv.Value) != "v"+string(kv.Key) {
+				t.Errorf("%s = %q", kv.Key, kv.Value)
+			}
+			got = append(got, string(kv.Key))
+		}
+		// Changes after the first page are not in the pages after it.
+		etcdPutAll(t, c, fmt.Sprintf("/p/%04d", 2500+pages), "new", "/p/0000", "changed")
+		_, err := c.txn(etcdCtx(t), etcdTxn{Success: []etcdOp{{Delete: &etcdDelete{Key: []byte("/p/2499")}}}})
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pages != 3 || strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Fatalf("got %d pages, %d keys (%v … %v); want 3 pages, the 2,500 keys", pages, len(got), got[:2], got[len(got)-2:])
+	}
+
+	now, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: prefix, RangeEnd: etcdPrefixEnd(prefix), Limit: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if now.Header.Revision <= rev || !now.More || now.Count != 2502 || len(now.KVs) != 10 {
+		t.Errorf("range limit 10: revision %d (paged at %d), more %v, count %d, %d kvs; want a later revision, more, 2502, 10",
+			now.Header.Revision, rev, now.More, now.Count, len(now.KVs))
+	}
+	old, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/p/0000"), Revision: rev})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(old.KVs) != 1 || string(old.KVs[0].Value) != "v/p/0000" || old.Header.Revision != now.Header.Revision {
+		t.Errorf("range at %d: %+v; want the old value, and the header at the current revision", rev, old)
+	}
+	count, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/nothing/"), RangeEnd: etcdPrefixEnd([]byte("/nothing/")), CountOnly: true})
+	if err != nil || count.Count != 0 || count.KVs != nil || count.More {
+		t.Errorf("empty range: %+v, %v; want count 0 (left out), no kvs", count, err)
+	}
+}
+
+func TestEtcdPrefixEnd(t *testing.T) {
+	for _, tc := range []struct{ prefix, want string }{
+		{"/a/", "/a0"},
+		{"a", "b"},
+		{"a\xff", "b"},
+		{"a\xff\xff", "b"},
+		{"\xff\xff", "\x00"},
+		{"", "\x00"},
+	} {
+		if got := string(etcdPrefixEnd([]byte(tc.prefix))); got != tc.want {
+			t.Errorf("etcdPrefixEnd(%q) = %q; want %q", tc.prefix, got, tc.want)
+		}
+	}
+}
+
+func TestEtcdEndpoints(t *testing.T) {
+	for _, eps := range [][]string{nil, {"127.0.0.1:2379"}, {"http://"}, {"ftp://h:1"}, {"http://h:1/v3"}} {
+		if _, err := newEtcdClient(eps, nil); err == nil {
+			t.Errorf("newEtcdClient(%q) accepted", eps)
+		}
+	}
+	c, err := newEtcdClient([]string{"http://a:1/", "https://b:2"}, nil)
+	if err != nil || strings.Join(c.endpoints, " ") != "http://a:1 https://b:2" {
+		t.Errorf("newEtcdClient: %v, %v", c.endpoints, err)
+	}
+}
+
+// TestEtcdTxn: a txn's compares, each target, and its branches: success
+// applies its writes at one revision, failure reads the keys as they are.
+func TestEtcdTxn(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1).newClient()
+	a, b := []byte("/t/a"), []byte("/t/b")
+	rev1 := etcdPutAll(t, c, "/t/a", "1")
+
+	// A conditional create and update, as AtomKV's CAS: a at version 1, b missing.
+	cas := etcdTxn{
+		Compare: []etcdCompare{etcdIf(a, "VERSION", "EQUAL", 1), etcdIf(b, "CREATE", "EQUAL", 0)},
+		Success: []etcdOp{{Put: &etcdPut{Key: a, Value: []byte("2"), PrevKV: true}}, {Put: &etcdPut{Key: b, Value: []byte("x")}}},
+		Failure: []etcdOp{{Range: &etcdRange{Key: a}}, {Range: &etcdRange{Key: b}}},
+	}
+	ok, err := c.txn(etcdCtx(t), cas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ok.Succeeded || ok.Header.Revision != rev1+1 || len(ok.Responses) != 2 || ok.Responses[0].Put == nil ||
+		ok.Responses[0].Put.PrevKV == nil || string(ok.Responses[0].Put.PrevKV.Value) != "1" || ok.Responses[1].Put == nil {
+		t.Fatalf("first txn: %+v; want success at revision %d with a's previous value", ok, rev1+1)
+	}
+	again, err := c.txn(etcdCtx(t), cas)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if again.Succeeded || again.Header.Revision != ok.Header.Revision || len(again.Responses) != 2 {
+		t.Fatalf("second txn: %+v; want failure at revision %d", again, ok.Header.Revision)
+	}
+	ga, gb := again.Responses[0].Range.KVs, again.Responses[1].Range.KVs
+	if len(ga) != 1 || string(ga[0].Value) != "2" || ga[0].Version != 2 || ga[0].CreateRevision != rev1 || ga[0].ModRevision != ok.Header.Revision ||
+		len(gb) != 1 || string(gb[0].Value) != "x" || gb[0].Version != 1 || gb[0].CreateRevision != ok.Header.Revision {
+		t.Fatalf("failure branch: a %+v, b %+v; want the current kvs", ga, gb)
+	}
+
+	mod := ok.Header.Revision
+	for _, tc := range []struct {
+		name string
+		cmp  etcdCompare
+		want bool
+	}{
+		{"version equal", etcdIf(a, "VERSION", "EQUAL", 2), true},
+		{"version equal, stale", etcdIf(a, "VERSION", "EQUAL", 1), false},
+		{"version of a missing key", etcdIf([]byte("/t/none"), "VERSION", "EQUAL", 0), true},
+		{"create of a missing key", etcdIf([]byte("/t/none"), "CREATE", "EQUAL", 0), true},
+		{"create of a present key", etcdIf(a, "CREATE", "EQUAL", 0), false},
+		{"mod equal", etcdIf(a, "MOD", "EQUAL", mod), true},
+		{"mod less", etcdIf(a, "MOD", "LESS", mod), false},
+		{"mod greater", etcdIf(a, "MOD", "GREATER", mod-1), true},
+		{"version not equal", etcdIf(a, "VERSION", "NOT_EQUAL", 2), false},
+		{"lease none", etcdIf(a, "LEASE", "EQUAL", 0), true},
+		{"value", etcdCompare{Target: "VALUE", Key: a, Value: []byte("2")}, true},
+		{"value differs", etcdCompare{Target: "VALUE", Key: a, Value: []byte("1")}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			resp, err := c.txn(etcdCtx(t), etcdTxn{Compare: []etcdCompare{tc.cmp}})
+			if err != nil || resp.Succeeded != tc.want {
+				t.Errorf("got %v, %v; want %v", resp.Succeeded, err, tc.want)
+			}
+		})
+	}
+
+	del, err := c.txn(etcdCtx(t), etcdTxn{Success: []etcdOp{
+		{Delete: &etcdDelete{Key: []byte("/t/"), RangeEnd: etcdPrefixEnd([]byte("/t/")), PrevKV: true}},
+		{Delete: &etcdDelete{Key: []byte("/t/none")}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := del.Responses[0].Delete; d == nil || d.Deleted != 2 || len(d.PrevKVs) != 2 || string(d.PrevKVs[1].Value) != "x" {
+		t.Errorf("delete of /t/: %+v; want 2 deleted, with their values", d)
+	}
+	if d := del.Responses[1].Delete; d == nil || d.Deleted != 0 || d.Header.Revision != del.Header.Revision {
+		t.Errorf("delete of a missing key: %+v; want 0 deleted", d)
+	}
+}
+
+// TestEtcdRefusals: what etcd refuses is recognisable, and never an
+// unknown outcome: it was not applied.
+func TestEtcdRefusals(t *testing.T) {
+	t.Parallel()
+	cl := startEtcd(t, 1)
+	c := cl.newClient()
+	put := func(key string, value []byte) etcdOp { return etcdOp{Put: &etcdPut{Key: []byte(key), Value: value}} }
+	var many []etcdOp
+	for i := range 129 {
+		many = append(many, put(fmt.Sprintf("/r/%d", i), nil))
+	}
+	rev := etcdPutAll(t, c, "/r/a", "1")
+	etcdPutAll(t, c, "/r/a", "2")
+	cl.compact(rev + 1)
+
+	for _, tc := range []struct {
+		name string
+		do   func(ctx context.Context) error
+		want error
+	}{
+		{"put of 1.6 MiB", func(ctx context.Context) error {
+			_, err := c.txn(ctx, etcdTxn{Success: []etcdOp{put("/r/big", make([]byte, 1600<<10))}})
+			return err
+		}, errEtcdTooLarge},
+		{"put of 3 MiB: gRPC refuses it", func(ctx context.Context) error {
+			_, err := c.txn(ctx, etcdTxn{Success: []etcdOp{put("/r/big", make([]byte, 3<<20))}})
+			return err
+		}, errEtcdTooLarge},
+		{"txn of 129 ops", func(ctx context.Context) error {
+			_, err := c.txn(ctx, etcdTxn{Success: many})
+			return err
+		}, errEtcdTooManyOps},
+		{"a key twice in a txn", func(ctx context.Context) error {
+			_, err := c.txn(ctx, etcdTxn{Success: []etcdOp{put("/r/d", nil), put("/r/d", nil)}})
+			return err
+		}, errEtcdDuplicateKey},
+		{"range at a compacted revision", func(ctx context.Context) error {
+			_, err := c.rangeKeys(ctx, etcdRange{Key: []byte("/r/a"), Revision: rev})
+			return err
+		}, errEtcdCompacted},
+		{"revoke of an unknown lease", func(ctx context.Context) error { return c.leaseRevoke(ctx, 12345) }, errEtcdLeaseNotFound},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := tc.do(etcdCtx(t))
+			var e *etcdError
+			if !errors.Is(err, tc.want) || !errors.Is(err, errEtcdRefused) || errors.Is(err, errOutcomeUnknown) || !errors.As(err, &e) {
+				t.Fatalf("got %v; want %v, a refusal", err, tc.want)
+			}
+			t.Logf("gRPC code %d, HTTP %d: %s", e.Code, e.Status, e.Message)
+		})
+	}
+	if resp, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/r/"), RangeEnd: []byte("/r0"), CountOnly: true}); err != nil || resp.Count != 1 {
+		t.Errorf("after the refusals: %d keys, %v; want /r/a alone", resp.Count, err)
+	}
+}
