@@ -553,3 +553,204 @@ func TestEtcdRefusals(t *testing.T) {
 		t.Errorf("after the refusals: %d keys, %v; want /r/a alone", resp.Count, err)
 	}
 }
+
+// etcdWatchOf opens a watch of prefix; the test's end closes it, and so
+// does a guard long after anything should have come, so that a missing
+// message fails the test rather than hangs it.
+func etcdWatchOf(t *testing.T, c *etcdClient, prefix string, from int64) *etcdWatch {
+	t.Helper()
+	w, err := c.watch(etcdCtx(t), etcdWatchCreate{Key: []byte(prefix), RangeEnd: etcdPrefixEnd([]byte(prefix)), StartRevision: from, PrevKV: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	guard := time.AfterFunc(20*time.Second, func() { w.Close() })
+	t.Cleanup(func() { guard.Stop(); w.Close() })
+	return w
+}
+
+// etcdEvents reads w until it has n events, and returns them with the
+// messages they came in.
+func etcdEvents(t *testing.T, w *etcdWatch, n int) (events []etcdEvent, msgs []*etcdWatchResponse) {
+	t.Helper()
+	for len(events) < n {
+		r, err := w.next()
+		if err != nil {
+			t.Fatalf("after %d events: %v", len(events), err)
+		}
+		if !r.progress() {
+			msgs = append(msgs, r)
+			events = append(events, r.Events...)
+		}
+	}
+	return events, msgs
+}
+
+// eventString is "PUT key=value@rev" or "DELETE key@rev (was value)".
+func eventString(e etcdEvent) string {
+	if e.Type == "DELETE" {
+		was := "?"
+		if e.PrevKV != nil {
+			was = string(e.PrevKV.Value)
+		}
+		return fmt.Sprintf("DELETE %s@%d (was %s)", e.KV.Key, e.KV.ModRevision, was)
+	}
+	return fmt.Sprintf("%s %s=%s@%d", e.Type, e.KV.Key, e.KV.Value, e.KV.ModRevision)
+}
+
+// TestEtcdWatch: a prefix's changes in revision order, a txn's together in
+// one message at one revision, deletes with the value they removed, and
+// the same again when watched from the past.
+func TestEtcdWatch(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1).newClient()
+	w := etcdWatchOf(t, c, "/w/", 0)
+	start := w.header.Revision
+
+	r1 := etcdPutAll(t, c, "/w/a", "1")
+	r2 := etcdPutAll(t, c, "/w/b", "1", "/x", "outside")
+	multi, err := c.txn(etcdCtx(t), etcdTxn{Success: []etcdOp{
+		{Put: &etcdPut{Key: []byte("/w/a"), Value: []byte("2")}},
+		{Put: &etcdPut{Key: []byte("/w/c"), Value: []byte("1")}},
+		{Delete: &etcdDelete{Key: []byte("/w/b")}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r3 := multi.Header.Revision
+	del, err := c.txn(etcdCtx(t), etcdTxn{Success: []etcdOp{{Delete: &etcdDelete{Key: []byte("/w/"), RangeEnd: []byte("/w0")}}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r4 := del.Header.Revision
+
+	want := []string{
+		fmt.Sprintf(" /w/a=1@%d", r1),
+		fmt.Sprintf(" /w/b=1@%d", r2),
+		fmt.Sprintf(" /w/a=2@%d", r3),
+		fmt.Sprintf(" /w/c=1@%d", r3),
+		fmt.Sprintf("DELETE /w/b@%d (was 1)", r3),
+		fmt.Sprintf("DELETE /w/a@%d (was 2)", r4),
+		fmt.Sprintf("DELETE /w/c@%d (was 1)", r4),
+	}
+	events, msgs := etcdEvents(t, w, len(want))
+	var got []string
+	for _, e := range events {
+		got = append(got, eventString(e))
+	}
+	if strings.Join(got, "\n") != strings.Join(want, "\n") {
+		t.Fatalf("events:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if len(msgs) != 4 || len(msgs[2].Events) != 3 || msgs[2].Header.Revision != r3 {
+		t.Errorf("%d messages, the txn's with %d events at %d; want 4, the txn's 3 events in one, at %d", len(msgs), len(msgs[2].Events), msgs[2].Header.Revision, r3)
+	}
+	if start != r1-1 {
+		t.Errorf("created at revision %d; want %d", start, r1-1)
+	}
+
+	// From the past: the same history, read back from etcd's.
+	again := etcdWatchOf(t, c, "/w/", r1)
+	replayed, _ := etcdEvents(t, again, len(want))
+	for i, e := range replayed {
+		if s := eventString(e); s != want[i] {
+			t.Errorf("replayed event %d: %s; want %s", i, s, want[i])
+		}
+	}
+}
+
+// TestEtcdWatchLease: a revoked lease deletes its keys at one revision,
+// and each delete's prev_kv names the lease.
+func TestEtcdWatchLease(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1).newClient()
+	id, ttl, err := c.leaseGrant(etcdCtx(t), 60)
+	if err != nil || id == 0 || ttl != 60 {
+		t.Fatalf("leaseGrant(60): id %d, ttl %d, %v", id, ttl, err)
+	}
+	put, err := c.txn(etcdCtx(t), etcdTxn{Success: []etcdOp{
+		{Put: &etcdPut{Key: []byte("/l/a"), Value: []byte("1"), Lease: id}},
+		{Put: &etcdPut{Key: []byte("/l/b"), Value: []byte("2"), Lease: id}},
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp, err := c.txn(etcdCtx(t), etcdTxn{Compare: []etcdCompare{etcdIf([]byte("/l/a"), "LEASE", "EQUAL", id)}}); err != nil || !resp.Succeeded {
+		t.Errorf("compare lease: %v, %v; want it to hold", resp, err)
+	}
+	w := etcdWatchOf(t, c, "/l/", put.Header.Revision+1)
+	if err := c.leaseRevoke(etcdCtx(t), id); err != nil {
+		t.Fatal(err)
+	}
+	events, msgs := etcdEvents(t, w, 2)
+	if len(msgs) != 1 {
+		t.Errorf("%d messages; want the revoke's deletes in one", len(msgs))
+	}
+	for i, e := range events {
+		if e.Type != "DELETE" || e.KV.ModRevision != put.Header.Revision+1 || e.PrevKV == nil || e.PrevKV.Lease != id || string(e.PrevKV.Key) != []string{"/l/a", "/l/b"}[i] {
+			t.Errorf("event %d: %s, prev %+v; want the delete of a key of lease %d at %d", i, eventString(e), e.PrevKV, id, put.Header.Revision+1)
+		}
+	}
+	if err := c.leaseRevoke(etcdCtx(t), id); !errors.Is(err, errEtcdLeaseNotFound) {
+		t.Errorf("second revoke: %v; want %v", err, errEtcdLeaseNotFound)
+	}
+}
+
+// TestEtcdWatchCompacted: a watch from a revision etcd compacted away
+// ends with the revision its history now starts at.
+func TestEtcdWatchCompacted(t *testing.T) {
+	t.Parallel()
+	cl := startEtcd(t, 1)
+	c := cl.newClient()
+	r1 := etcdPutAll(t, c, "/k/a", "1")
+	etcdPutAll(t, c, "/k/a", "2")
+	r3 := etcdPutAll(t, c, "/k/a", "3")
+	cl.compact(r3)
+
+	w := etcdWatchOf(t, c, "/k/", r1)
+	_, err := w.next()
+	var compacted *etcdCompactedError
+	if !errors.As(err, &compacted) || compacted.Revision != r3 || !errors.Is(err, errEtcdCompacted) {
+		t.Fatalf("watch from %d after a compaction at %d: %v; want *etcdCompactedError at %d", r1, r3, err, r3)
+	}
+	if _, again := w.next(); again != err {
+		t.Errorf("next after the end: %v; want the same error", again)
+	}
+	// From the compaction on, the history is there.
+	events, _ := etcdEvents(t, etcdWatchOf(t, c, "/k/", r3), 1)
+	if s := eventString(events[0]); s != fmt.Sprintf(" /k/a=3@%d", r3) {
+		t.Errorf("watch from %d: %s", r3, s)
+	}
+}
+
+// TestEtcdWatchProgress: progress requests, sent on the open request body
+// after the create request, are answered with etcd's current revision,
+// whether the change that made it was in the watched prefix or not.
+func TestEtcdWatchProgress(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1).newClient()
+	w := etcdWatchOf(t, c, "/w/", 0)
+	for i, key := range []string{"/outside", "/w/inside", "/outside"} {
+		rev := etcdPutAll(t, c, key, "v")
+		if key == "/w/inside" {
+			if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != rev {
+				t.Fatalf("event %s; want at %d", eventString(events[0]), rev)
+			}
+		}
+		if err := w.requestProgress(); err != nil {
+			t.Fatal(err)
+		}
+		r, err := w.next()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !r.progress() || r.WatchID != -1 || r.Header.Revision != rev {
+			t.Fatalf("progress %d after a put of %s at %d: %+v; want watch -1 at %d", i, key, rev, r, rev)
+		}
+	}
+	w.Close()
+	if _, err := w.next(); !errors.Is(err, errWatchClosed) {
+		t.Errorf("next after Close: %v; want %v", err, errWatchClosed)
+	}
+	if err := w.requestProgress(); !errors.Is(err, errWatchClosed) {
+		t.Errorf("requestProgress after Close: %v; want %v", err, errWatchClosed)
+	}
+}
