@@ -3,9 +3,17 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
 	"errors"
 	"fmt"
+	"math/big"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -87,10 +95,7 @@ func startEtcdTLS(t *testing.T, members int, clientTLS *tls.Config, flags ...str
 			m.args = append([]string{bin}, m.args...)
 		}
 		t.Cleanup(c.stopAll)
-		for i := range c.members {
-			c.launch(i)
-		}
-		err := c.waitServing()
+		err := c.launch(c.indexes()...)
 		if err == nil {
 			return c
 		}
@@ -101,8 +106,25 @@ func startEtcdTLS(t *testing.T, members int, clientTLS *tls.Config, flags ...str
 	}
 }
 
-// launch starts member i's process.
-func (c *etcdCluster) launch(i int) {
+// launch starts the processes of members and waits until they serve.
+func (c *etcdCluster) launch(members ...int) error {
+	c.t.Helper()
+	for _, i := range members {
+		c.exec(i)
+	}
+	return c.waitServing(members)
+}
+
+func (c *etcdCluster) indexes() []int {
+	var all []int
+	for i := range c.members {
+		all = append(all, i)
+	}
+	return all
+}
+
+// exec starts member i's process.
+func (c *etcdCluster) exec(i int) {
 	c.t.Helper()
 	m := c.members[i]
 	out, err := os.OpenFile(m.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
@@ -122,11 +144,12 @@ func (c *etcdCluster) launch(i int) {
 	}(m.cmd, m.exited)
 }
 
-// waitServing polls every running member until it serves a linearizable
-// read, which needs a leader.
-func (c *etcdCluster) waitServing() error {
+// waitServing polls members until each serves a linearizable read, which
+// needs a leader.
+func (c *etcdCluster) waitServing(members []int) error {
 	deadline := time.Now().Add(30 * time.Second)
-	for i, m := range c.members {
+	for _, i := range members {
+		m := c.members[i]
 		for {
 			select {
 			case <-m.exited:
@@ -218,14 +241,18 @@ func (c *etcdCluster) stop(i int) {
 	}
 }
 
-// start restarts member i on its data and waits until it serves.
-func (c *etcdCluster) start(i int) {
+// start restarts members on their data, and waits until they serve: a
+// member without a quorum does not, so start together the members that
+// make one.
+func (c *etcdCluster) start(members ...int) {
 	c.t.Helper()
-	if c.running(i) {
-		return
+	var stopped []int
+	for _, i := range members {
+		if !c.running(i) {
+			stopped = append(stopped, i)
+		}
 	}
-	c.launch(i)
-	if err := c.waitServing(); err != nil {
+	if err := c.launch(stopped...); err != nil {
 		c.t.Fatal(err)
 	}
 }
@@ -753,4 +780,237 @@ func TestEtcdWatchProgress(t *testing.T) {
 	if err := w.requestProgress(); !errors.Is(err, errWatchClosed) {
 		t.Errorf("requestProgress after Close: %v; want %v", err, errWatchClosed)
 	}
+}
+
+// TestEtcdFailover: when the member a client uses dies, reads, writes and
+// a resumed watch go on through the others, none of them lost or applied
+// twice; when it is back the client returns to it.
+func TestEtcdFailover(t *testing.T) {
+	t.Parallel()
+	cl := startEtcd(t, 3)
+	c := cl.newClient()
+	c.retryDown = 50 * time.Millisecond
+	ids := []uint64{cl.memberID(0), cl.memberID(1), cl.memberID(2)}
+	if c.endpoint() != cl.members[0].client {
+		t.Fatalf("the client starts with %s; want the first endpoint, %s", c.endpoint(), cl.members[0].client)
+	}
+	w := etcdWatchOf(t, c, "/f/", 0)
+	rev := etcdPutAll(t, c, "/f/a", "1")
+	if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != rev {
+		t.Fatalf("event %s; want at %d", eventString(events[0]), rev)
+	}
+
+	cl.kill(0)
+	if _, err := w.next(); !errors.Is(err, errWatchEnded) {
+		t.Errorf("watch on the killed member: %v; want %v", err, errWatchEnded)
+	}
+	w.Close()
+	// A write whose connection was refused was not sent: it goes to the
+	// next member, and is applied once.
+	ok, err := c.txn(etcdCtx(t), etcdTxn{
+		Compare: []etcdCompare{etcdIf([]byte("/f/a"), "VERSION", "EQUAL", 1)},
+		Success: []etcdOp{{Put: &etcdPut{Key: []byte("/f/a"), Value: []byte("2")}}},
+	})
+	if err != nil || !ok.Succeeded || ok.Header.MemberID == ids[0] {
+		t.Fatalf("write with member 0 dead: %+v, %v; want it applied by another member", ok, err)
+	}
+	read, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/f/a")})
+	if err != nil || len(read.KVs) != 1 || read.KVs[0].Version != 2 || read.Header.MemberID == ids[0] {
+		t.Fatalf("read with member 0 dead: %+v, %v; want version 2 from another member", read, err)
+	}
+	// The watch resumes elsewhere from the revision after the last seen.
+	w = etcdWatchOf(t, c, "/f/", rev+1)
+	if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != ok.Header.Revision {
+		t.Errorf("resumed watch: %s; want the write at %d", eventString(events[0]), ok.Header.Revision)
+	}
+	if w.header.MemberID == ids[0] {
+		t.Errorf("the resumed watch is on the killed member")
+	}
+
+	cl.start(0)
+	waitFor(t, "the client back on member 0", func() bool {
+		resp, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/f/a")})
+		return err == nil && resp.Header.MemberID == ids[0]
+	})
+	if c.endpoint() != cl.members[0].client {
+		t.Errorf("after member 0's return the client prefers %s", c.endpoint())
+	}
+}
+
+// TestEtcdNoQuorum: with two members of three gone, the third has no
+// leader and says so at once (the hasleader metadata): reads and writes
+// end unavailable at their deadline, a write provably not applied, not
+// of unknown outcome; the watch there ends. With the members back, it
+// all works again.
+func TestEtcdNoQuorum(t *testing.T) {
+	t.Parallel()
+	cl := startEtcd(t, 3)
+	c := cl.newClient()
+	w := etcdWatchOf(t, cl.client(2), "/q/", 0)
+	cl.kill(0)
+	cl.kill(1)
+	waitFor(t, "member 2 without a leader", func() bool {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_, err := cl.client(2).status(ctx)
+		return notApplied(err) // "no leader"
+	})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	_, err := c.txn(ctx, etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: []byte("/q/a"), Value: []byte("1")}}}})
+	if !errors.Is(err, errEtcdUnavailable) || errors.Is(err, errOutcomeUnknown) || !notApplied(err) {
+		t.Errorf("write without quorum: %v; want %v, with etcd's no leader", err, errEtcdUnavailable)
+	}
+	ctx, cancel = context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	if _, err = c.rangeKeys(ctx, etcdRange{Key: []byte("/q/a")}); !errors.Is(err, errEtcdUnavailable) {
+		t.Errorf("read without quorum: %v; want %v", err, errEtcdUnavailable)
+	}
+	_, err = w.next()
+	var e *etcdError
+	if !errors.As(err, &e) {
+		t.Errorf("watch without quorum: %v; want etcd's error", err)
+	}
+	t.Logf("the watch ended with %v (gRPC code %d, HTTP %d)", err, e.Code, e.Status)
+
+	cl.start(0, 1)
+	resp, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/q/a")})
+	if err != nil || len(resp.KVs) != 0 {
+		t.Errorf("after the quorum's return: %+v, %v; want /q/a never written", resp, err)
+	}
+}
+
+// TestEtcdHungMember: a member that takes connections and answers
+// nothing costs a read one attempt's timeout before the next member
+// answers; a write sent to it ends at its deadline with an unknown
+// outcome, since it may yet be applied.
+func TestEtcdHungMember(t *testing.T) {
+	t.Parallel()
+	cl := startEtcd(t, 3)
+	c := cl.newClient()
+	c.tryTimeout = 200 * time.Millisecond
+	id0 := cl.memberID(0)
+	cl.pause(0)
+	defer cl.resume(0)
+
+	resp, err := c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/h/a")})
+	if err != nil || resp.Header.MemberID == id0 {
+		t.Fatalf("read with member 0 hung: %+v, %v; want an answer from another member", resp, err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	defer cancel()
+	_, err = cl.client(0).txn(ctx, etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: []byte("/h/a"), Value: []byte("1")}}}})
+	if !errors.Is(err, errOutcomeUnknown) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Errorf("write to the hung member: %v; want %v", err, errOutcomeUnknown)
+	}
+}
+
+// TestEtcdTLS: https members that ask for client certificates, with the
+// configuration etcdTLSConfig builds from -etcd-ca, -etcd-cert and
+// -etcd-key; and its errors, which name the file at fault.
+func TestEtcdTLS(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	files := etcdTestCerts(t, dir)
+	conf, err := etcdTLSConfig(files["ca"], files["client"], files["client-key"])
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := startEtcdTLS(t, 1, conf, "--cert-file", files["server"], "--key-file", files["server-key"],
+		"--trusted-ca-file", files["ca"], "--client-cert-auth")
+	c := cl.newClient()
+	w := etcdWatchOf(t, c, "/s/", 0)
+	rev := etcdPutAll(t, c, "/s/a", "1")
+	if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != rev {
+		t.Errorf("event over TLS: %s; want at %d", eventString(events[0]), rev)
+	}
+
+	// Without a client certificate the member refuses the connection.
+	anon, err := etcdTLSConfig(files["ca"], "", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bare, err := newEtcdClient(cl.endpoints(), anon)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
+	defer cancel()
+	if _, err := bare.rangeKeys(ctx, etcdRange{Key: []byte("/s/a")}); err == nil {
+		t.Error("a client without a certificate was served")
+	}
+
+	os.WriteFile(filepath.Join(dir, "empty.pem"), nil, 0o644)
+	for _, tc := range []struct{ ca, cert, key, want string }{
+		{filepath.Join(dir, "missing.pem"), "", "", "-etcd-ca: open " + filepath.Join(dir, "missing.pem")},
+		{filepath.Join(dir, "empty.pem"), "", "", "-etcd-ca " + filepath.Join(dir, "empty.pem") + ": no PEM certificate"},
+		{"", files["client"], "", "-etcd-cert and -etcd-key go together"},
+		{"", files["client"], files["ca"], "-etcd-cert " + files["client"] + ", -etcd-key " + files["ca"]},
+	} {
+		if _, err := etcdTLSConfig(tc.ca, tc.cert, tc.key); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("etcdTLSConfig(%q, %q, %q): %v; want %q", tc.ca, tc.cert, tc.key, err, tc.want)
+		}
+	}
+}
+
+// etcdTestCerts writes a CA, a certificate for members at 127.0.0.1 and
+// one for clients, both signed by it, with their keys, into dir, and
+// returns their files: "ca", "server", "server-key", "client",
+// "client-key".
+//
+// The server's certificate is for client authentication too: with
+// --client-cert-auth, etcd 3.4's gateway connects to its own gRPC server
+// presenting it.
+func etcdTestCerts(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	files := map[string]string{}
+	write := func(name, typ string, der []byte) {
+		files[name] = filepath.Join(dir, name+".pem")
+		if err := os.WriteFile(files[name], pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	newKey := func() *ecdsa.PrivateKey {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return key
+	}
+	caKey := newKey()
+	ca := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "atomkv test CA"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
+		KeyUsage: x509.KeyUsageCertSign, IsCA: true, BasicConstraintsValid: true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, ca, ca, &caKey.PublicKey, caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	write("ca", "CERTIFICATE", der)
+	for i, name := range []string{"server", "client"} {
+		key := newKey()
+		tmpl := &x509.Certificate{
+			SerialNumber: big.NewInt(int64(i + 2)), Subject: pkix.Name{CommonName: name},
+			IPAddresses: []net.IP{net.ParseIP("127.0.0.1")},
+			NotBefore:   ca.NotBefore, NotAfter: ca.NotAfter,
+			KeyUsage:    x509.KeyUsageDigitalSignature,
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+		}
+		if name == "server" {
+			tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		write(name, "CERTIFICATE", der)
+		keyDER, err := x509.MarshalECPrivateKey(key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		write(name+"-key", "EC PRIVATE KEY", keyDER)
+	}
+	return files
 }
