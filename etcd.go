@@ -89,8 +89,8 @@ var etcdRefusals = []struct {
 	{"etcdserver: requested lease not found", errEtcdLeaseNotFound},
 }
 
-// etcdNotApplied are the errors etcd gives before it proposes a request.
-var etcdNotApplied = []string{"etcdserver: no leader", "etcdserver: too many requests",
+// etcdBeforeProposal are the errors etcd gives before it proposes a request.
+var etcdBeforeProposal = []string{"etcdserver: no leader", "etcdserver: too many requests",
 	"etcdserver: not capable", "etcdserver: rpc not supported for learner"}
 
 // An etcdError is what etcd answered: gRPC's code and message, and the
@@ -130,10 +130,10 @@ func (e *etcdError) refused() bool {
 	return false
 }
 
-// notApplied says whether err is etcd's word that it proposed nothing.
-func notApplied(err error) bool {
+// etcdNotApplied says whether err is etcd's word that it proposed nothing.
+func etcdNotApplied(err error) bool {
 	var e *etcdError
-	return errors.As(err, &e) && slices.Contains(etcdNotApplied, e.Message)
+	return errors.As(err, &e) && slices.Contains(etcdBeforeProposal, e.Message)
 }
 
 // An etcdCompactedError ends a watch from a revision etcd compacted away:
@@ -172,7 +172,6 @@ func newEtcdClient(endpoints []string, tlsConf *tls.Config) (*etcdClient, error)
 	c := &etcdClient{down: make([]atomic.Int64, len(endpoints)), fails: make([]atomic.Int32, len(endpoints)),
 		retryDown: time.Second, tryTimeout: 2 * time.Second}
 	c.http = &http.Client{Transport: &http.Transport{
-		Proxy:               http.ProxyFromEnvironment,
 		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
 		TLSClientConfig:     tlsConf,
 		TLSHandshakeTimeout: 2 * time.Second,
@@ -254,7 +253,7 @@ func (c *etcdClient) retry(ctx context.Context, idempotent bool, attempt func(ct
 				return nil
 			case errors.Is(err, errEtcdRefused):
 				return err
-			case sent && !idempotent && !notApplied(err):
+			case sent && !idempotent && !etcdNotApplied(err):
 				return fmt.Errorf("%w: %w", errOutcomeUnknown, err)
 			case ctx.Err() != nil:
 				return fmt.Errorf("%w: %w", errEtcdUnavailable, err)
@@ -614,12 +613,14 @@ func (c *etcdClient) watch(ctx context.Context, create etcdWatchCreate) (*etcdWa
 		return nil, err
 	}
 	var w *etcdWatch
-	return w, c.retry(ctx, true, func(ctx context.Context, i int) (bool, error) {
+	err = c.retry(ctx, true, func(ctx context.Context, i int) (bool, error) {
 		w, err = c.openWatch(ctx, c.endpoints[i]+"/v3/watch", first)
 		return true, err
 	})
+	return w, err
 }
 
+// openWatch opens a watch at u and reads its "created" message.
 func (c *etcdClient) openWatch(ctx context.Context, u string, first []byte) (*etcdWatch, error) {
 	stream, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, cancel)

@@ -47,7 +47,7 @@ type etcdMember struct {
 
 var etcdClusters atomic.Int64 // for cluster tokens unique in this process
 
-// startEtcd starts a cluster of members (1 or 3) on free loopback ports,
+// startEtcd starts a cluster of members (1, 3, …) on free loopback ports,
 // with data under t.TempDir(), waits until every member serves, and
 // stops it when the test ends. flags are added to every member's (e.g.
 // "--auto-compaction-mode", "revision"). Without etcd the test skips,
@@ -133,6 +133,7 @@ func (c *etcdCluster) exec(i int) {
 	}
 	defer out.Close()
 	m.cmd = exec.Command(m.args[0], m.args[1:]...)
+	m.cmd.Env = []string{"PATH=" + os.Getenv("PATH")} // no ETCD_* setting of the caller's
 	m.cmd.Stdout, m.cmd.Stderr = out, out
 	if err := m.cmd.Start(); err != nil {
 		c.t.Fatal(err)
@@ -612,8 +613,8 @@ func etcdEvents(t *testing.T, w *etcdWatch, n int) (events []etcdEvent, msgs []*
 	return events, msgs
 }
 
-// eventString is "PUT key=value@rev" or "DELETE key@rev (was value)".
-func eventString(e etcdEvent) string {
+// etcdEventString is "PUT key=value@rev" or "DELETE key@rev (was value)".
+func etcdEventString(e etcdEvent) string {
 	if e.Type == "DELETE" {
 		was := "?"
 		if e.PrevKV != nil {
@@ -662,7 +663,7 @@ func TestEtcdWatch(t *testing.T) {
 	events, msgs := etcdEvents(t, w, len(want))
 	var got []string
 	for _, e := range events {
-		got = append(got, eventString(e))
+		got = append(got, etcdEventString(e))
 	}
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Fatalf("events:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
@@ -678,7 +679,7 @@ func TestEtcdWatch(t *testing.T) {
 	again := etcdWatchOf(t, c, "/w/", r1)
 	replayed, _ := etcdEvents(t, again, len(want))
 	for i, e := range replayed {
-		if s := eventString(e); s != want[i] {
+		if s := etcdEventString(e); s != want[i] {
 			t.Errorf("replayed event %d: %s; want %s", i, s, want[i])
 		}
 	}
@@ -713,7 +714,7 @@ func TestEtcdWatchLease(t *testing.T) {
 	}
 	for i, e := range events {
 		if e.Type != "DELETE" || e.KV.ModRevision != put.Header.Revision+1 || e.PrevKV == nil || e.PrevKV.Lease != id || string(e.PrevKV.Key) != []string{"/l/a", "/l/b"}[i] {
-			t.Errorf("event %d: %s, prev %+v; want the delete of a key of lease %d at %d", i, eventString(e), e.PrevKV, id, put.Header.Revision+1)
+			t.Errorf("event %d: %s, prev %+v; want the delete of a key of lease %d at %d", i, etcdEventString(e), e.PrevKV, id, put.Header.Revision+1)
 		}
 	}
 	if err := c.leaseRevoke(etcdCtx(t), id); !errors.Is(err, errEtcdLeaseNotFound) {
@@ -743,7 +744,7 @@ func TestEtcdWatchCompacted(t *testing.T) {
 	}
 	// From the compaction on, the history is there.
 	events, _ := etcdEvents(t, etcdWatchOf(t, c, "/k/", r3), 1)
-	if s := eventString(events[0]); s != fmt.Sprintf(" /k/a=3@%d", r3) {
+	if s := etcdEventString(events[0]); s != fmt.Sprintf(" /k/a=3@%d", r3) {
 		t.Errorf("watch from %d: %s", r3, s)
 	}
 }
@@ -759,7 +760,7 @@ func TestEtcdWatchProgress(t *testing.T) {
 		rev := etcdPutAll(t, c, key, "v")
 		if key == "/w/inside" {
 			if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != rev {
-				t.Fatalf("event %s; want at %d", eventString(events[0]), rev)
+				t.Fatalf("event %s; want at %d", etcdEventString(events[0]), rev)
 			}
 		}
 		if err := w.requestProgress(); err != nil {
@@ -802,7 +803,7 @@ func TestEtcdFailover(t *testing.T) {
 	w := etcdWatchOf(t, c, "/f/", 0)
 	rev := etcdPutAll(t, c, "/f/a", "1")
 	if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != rev || w.header.MemberID != ids[first] {
-		t.Fatalf("event %s from member %x; want at %d from member %d", eventString(events[0]), w.header.MemberID, rev, first)
+		t.Fatalf("event %s from member %x; want at %d from member %d", etcdEventString(events[0]), w.header.MemberID, rev, first)
 	}
 
 	cl.kill(first)
@@ -837,7 +838,7 @@ func TestEtcdFailover(t *testing.T) {
 	// The watch resumes elsewhere from the revision after the last seen.
 	w = etcdWatchOf(t, c, "/f/", rev+1)
 	if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != ok.Header.Revision || w.header.MemberID == ids[first] {
-		t.Errorf("resumed watch: %s from member %x; want the write at %d from another member", eventString(events[0]), w.header.MemberID, ok.Header.Revision)
+		t.Errorf("resumed watch: %s from member %x; want the write at %d from another member", etcdEventString(events[0]), w.header.MemberID, ok.Header.Revision)
 	}
 
 	cl.start(first)
@@ -881,7 +882,7 @@ func TestEtcdNoQuorum(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
 		defer cancel()
 		_, err := cl.client(2).status(ctx)
-		return notApplied(err) // "no leader"
+		return etcdNotApplied(err) // "no leader"
 	})
 
 	put := etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: []byte("/q/a"), Value: []byte("1")}}}}
@@ -890,7 +891,7 @@ func TestEtcdNoQuorum(t *testing.T) {
 		c      *etcdClient
 		reason func(error) bool
 	}{
-		{"the member without a leader", cl.client(2), notApplied},
+		{"the member without a leader", cl.client(2), etcdNotApplied},
 		{"all members", c, func(error) bool { return true }}, // the last word may be a refused connection
 	} {
 		ctx, cancel := context.WithTimeout(context.Background(), 500*time.Millisecond)
@@ -962,7 +963,7 @@ func TestEtcdTLS(t *testing.T) {
 	w := etcdWatchOf(t, c, "/s/", 0)
 	rev := etcdPutAll(t, c, "/s/a", "1")
 	if events, _ := etcdEvents(t, w, 1); events[0].KV.ModRevision != rev {
-		t.Errorf("event over TLS: %s; want at %d", eventString(events[0]), rev)
+		t.Errorf("event over TLS: %s; want at %d", etcdEventString(events[0]), rev)
 	}
 
 	// Without a client certificate the member refuses the connection.
