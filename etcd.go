@@ -1,0 +1,739 @@
+// The etcd client of the cluster mode (-etcd, SPEC section 12): etcd v3's
+// JSON gateway spoken with net/http, so that the server needs no etcd
+// module. It ranges, runs txns, grants and revokes leases and watches a
+// prefix; the node's view and its writes build on it.
+//
+// The gateway is gRPC's JSON mapping POSTed over HTTP/1.1: int64 fields
+// travel as strings, bytes as base64, and an answer leaves out every
+// field at its zero value (false, 0, "", an enum's first value: a PUT
+// event has no "type", a failed txn no "succeeded", watch 0 no
+// "watch_id"). The types declare only what AtomKV uses, named as in
+// etcd's rpc.proto: snake_case, but "ID", "TTL", "dbSize" where the proto
+// says so.
+//
+// What is sent again, to the next member:
+//
+//   - a request that never left (no connection was had: refused,
+//     unreachable, TLS handshake failed), even a write;
+//   - "no leader", "too many requests", "not capable", "rpc not
+//     supported for learner": etcd says them before it proposes
+//     anything, so a write was not applied. Every request sends gRPC
+//     metadata hasleader=true, so that a member cut off from its quorum
+//     says "no leader" at once rather than time out;
+//   - anything else said or broken after the request left (timeouts,
+//     "leader changed", "server stopped", a connection cut, a proxy's
+//     5xx): a read or an idempotent write (lease revoke, compaction) is
+//     sent again; any other write may or may not have been applied, and
+//     ends in errOutcomeUnknown.
+//
+// A refusal (a request too large, too many operations or a key twice in
+// a txn, a compacted revision, an unknown lease: gRPC's client-error
+// codes) is the same from every member: it is returned at once, as an
+// *etcdError that errors.Is errEtcdRefused and its own sentinel.
+
+package main
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+var (
+	// errOutcomeUnknown: a write left, and no answer says whether etcd
+	// applied it; sending it again could apply it twice.
+	errOutcomeUnknown = errors.New("etcd: the outcome of the write is unknown")
+	// errEtcdUnavailable: no member answered in time; nothing was applied.
+	errEtcdUnavailable = errors.New("etcd unavailable")
+	// errEtcdRefused matches every refusal, the sentinels after it one each.
+	errEtcdRefused       = errors.New("etcd refused the request")
+	errEtcdTooLarge      = errors.New("etcd: request too large")
+	errEtcdTooManyOps    = errors.New("etcd: too many operations in txn")
+	errEtcdDuplicateKey  = errors.New("etcd: duplicate key in txn")
+	errEtcdCompacted     = errors.New("etcd: revision compacted")
+	errEtcdLeaseNotFound = errors.New("etcd: lease not found")
+	// errWatchEnded: the watch stream ended or broke; watch again from the
+	// revision after the last one seen.
+	errWatchEnded  = errors.New("etcd watch ended")
+	errWatchClosed = errors.New("etcd watch closed")
+)
+
+// etcdRefusals name refusals by how their message starts.
+var etcdRefusals = []struct {
+	prefix string
+	err    error
+}{
+	{"etcdserver: request is too large", errEtcdTooLarge},
+	// Past --max-request-bytes and gRPC's 512 KiB allowance, gRPC refuses
+	// the message itself (ResourceExhausted, HTTP 429).
+	{"grpc: received message larger than max", errEtcdTooLarge},
+	{"etcdserver: too many operations in txn request", errEtcdTooManyOps},
+	{"etcdserver: duplicate key given in txn request", errEtcdDuplicateKey},
+	{"etcdserver: mvcc: required revision has been compacted", errEtcdCompacted},
+	{"etcdserver: requested lease not found", errEtcdLeaseNotFound},
+}
+
+// etcdBeforeProposal are the errors etcd gives before it proposes a request.
+var etcdBeforeProposal = []string{"etcdserver: no leader", "etcdserver: too many requests",
+	"etcdserver: not capable", "etcdserver: rpc not supported for learner"}
+
+// An etcdError is what etcd answered: gRPC's code and message, and the
+// HTTP status (Code 0: no gRPC status came, e.g. a proxy's 502).
+type etcdError struct {
+	Code    int    `json:"code"`
+	Message string `json:"message"`
+	Status  int    `json:"-"`
+}
+
+func (e *etcdError) Error() string { return "etcd: " + e.Message }
+
+func (e *etcdError) Is(target error) bool {
+	if target == errEtcdRefused {
+		return e.refused()
+	}
+	for _, r := range etcdRefusals {
+		if r.err == target && strings.HasPrefix(e.Message, r.prefix) {
+			return true
+		}
+	}
+	return false
+}
+
+// refused says whether etcd turned the request down for what it is: by
+// gRPC's client-error codes, of which ResourceExhausted holds "too many
+// requests", which passes.
+func (e *etcdError) refused() bool {
+	switch e.Code {
+	case 3, 5, 6, 7, 9, 11, 12, 16: // InvalidArgument, NotFound, AlreadyExists, PermissionDenied, FailedPrecondition, OutOfRange, Unimplemented, Unauthenticated
+		return true
+	case 8: // ResourceExhausted
+		return e.Message != "etcdserver: too many requests"
+	case 0:
+		return e.Status >= 400 && e.Status < 500 && e.Status != http.StatusTooManyRequests
+	}
+	return false
+}
+
+// etcdNotApplied says whether err is etcd's word that it proposed nothing.
+func etcdNotApplied(err error) bool {
+	var e *etcdError
+	return errors.As(err, &e) && slices.Contains(etcdBeforeProposal, e.Message)
+}
+
+// An etcdCompactedError ends a watch from a revision etcd compacted away:
+// history starts at Revision, so read the state again and watch from it.
+type etcdCompactedError struct{ Revision int64 }
+
+func (e *etcdCompactedError) Error() string {
+	return fmt.Sprintf("etcd: watch start compacted (history kept from revision %d)", e.Revision)
+}
+
+func (e *etcdCompactedError) Is(target error) bool { return target == errEtcdCompacted }
+
+// An etcdClient sends requests to the members of one etcd cluster.
+type etcdClient struct {
+	endpoints []string // "http(s)://host:port", in the order preferred
+	http      *http.Client
+	// down[i] is when endpoint i is tried first again (unix nanos), after
+	// fails[i] failures in a row: retryDown, doubled for each further one
+	// up to 32 times, so a dead member costs little and a revived one is
+	// soon used again.
+	down       []atomic.Int64
+	fails      []atomic.Int32
+	retryDown  time.Duration
+	tryTimeout time.Duration // bounds one attempt of a request sent again: a hung member costs a read this, not its deadline
+}
+
+// newEtcdClient returns a client of the members at endpoints, in the order
+// given (a node that wants to spread its load orders them); tlsConf is
+// for https (nil: the system's roots). It speaks HTTP/1.1 only: on a
+// plain port etcd sends HTTP/2 to gRPC, not the gateway, so one protocol
+// behaves the same with and without TLS.
+func newEtcdClient(endpoints []string, tlsConf *tls.Config) (*etcdClient, error) {
+	if len(endpoints) == 0 {
+		return nil, errors.New("no etcd endpoint")
+	}
+	c := &etcdClient{down: make([]atomic.Int64, len(endpoints)), fails: make([]atomic.Int32, len(endpoints)),
+		retryDown: time.Second, tryTimeout: 2 * time.Second}
+	c.http = &http.Client{Transport: &http.Transport{
+		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 15 * time.Second}).DialContext,
+		TLSClientConfig:     tlsConf,
+		TLSHandshakeTimeout: 2 * time.Second,
+		TLSNextProto:        map[string]func(string, *tls.Conn) http.RoundTripper{},
+		MaxIdleConnsPerHost: 64,
+		IdleConnTimeout:     90 * time.Second,
+	}}
+	for _, e := range endpoints {
+		u, err := url.Parse(e)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" || strings.Trim(u.Path, "/") != "" {
+			return nil, fmt.Errorf("etcd endpoint %q: want http(s)://host:port", e)
+		}
+		c.endpoints = append(c.endpoints, u.Scheme+"://"+u.Host)
+	}
+	return c, nil
+}
+
+// close lets go of the idle connections.
+func (c *etcdClient) close() { c.http.CloseIdleConnections() }
+
+// order returns the endpoints in the order a request tries them: those
+// not marked down, then those marked down, each in the order given.
+func (c *etcdClient) order() []int {
+	now := time.Now().UnixNano()
+	var up, down []int
+	for i := range c.endpoints {
+		if c.down[i].Load() <= now {
+			up = append(up, i)
+		} else {
+			down = append(down, i)
+		}
+	}
+	return append(up, down...)
+}
+
+// endpoint returns the endpoint the next request goes to first.
+func (c *etcdClient) endpoint() string { return c.endpoints[c.order()[0]] }
+
+func (c *etcdClient) markDown(i int) {
+	n := min(c.fails[i].Add(1), 6)
+	c.down[i].Store(time.Now().Add(c.retryDown << (n - 1)).UnixNano())
+}
+
+// etcdCall POSTs in to path on c and returns the answer; idempotent says
+// whether the request may be applied twice.
+func etcdCall[T any](ctx context.Context, c *etcdClient, path string, idempotent bool, in any) (*T, error) {
+	body, err := json.Marshal(in)
+	if err != nil {
+		return nil, err
+	}
+	var out *T
+	err = c.retry(ctx, idempotent, func(ctx context.Context, i int) (bool, error) {
+		out = new(T) // nothing kept from a broken attempt
+		return c.try(ctx, c.endpoints[i]+path, body, out)
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// retry makes attempt on the members in turn, as the file's comment says,
+// until one succeeds, an error ends it, or ctx is done. An attempt says
+// whether its request may have left.
+func (c *etcdClient) retry(ctx context.Context, idempotent bool, attempt func(ctx context.Context, i int) (sent bool, err error)) error {
+	last := ctx.Err()
+	for round := 0; ; round++ {
+		for _, i := range c.order() {
+			try, cancel := ctx, context.CancelFunc(func() {})
+			if idempotent {
+				try, cancel = context.WithTimeout(ctx, c.tryTimeout)
+			}
+			sent, err := attempt(try, i)
+			cancel()
+			switch {
+			case err == nil:
+				c.fails[i].Store(0)
+				c.down[i].Store(0)
+				return nil
+			case errors.Is(err, errEtcdRefused):
+				return err
+			case sent && !idempotent && !etcdNotApplied(err):
+				return fmt.Errorf("%w: %w", errOutcomeUnknown, err)
+			case ctx.Err() != nil:
+				return fmt.Errorf("%w: %w", errEtcdUnavailable, err)
+			}
+			c.markDown(i)
+			last = err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w: %w", errEtcdUnavailable, cmp.Or(last, ctx.Err()))
+		case <-time.After(min(50*time.Millisecond<<round, time.Second)):
+		}
+	}
+}
+
+// try POSTs body to u and decodes the answer into out. sent says whether
+// the request may have left: until the transport had a connection for
+// it, not a byte was written.
+func (c *etcdClient) try(ctx context.Context, u string, body []byte, out any) (sent bool, err error) {
+	var conn atomic.Bool
+	ctx = httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{GotConn: func(httptrace.GotConnInfo) { conn.Store(true) }})
+	resp, err := c.post(ctx, u, bytes.NewReader(body))
+	if err != nil {
+		return conn.Load(), err
+	}
+	defer resp.Body.Close()
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return true, fmt.Errorf("etcd %s: %w", u, err)
+	}
+	io.Copy(io.Discard, resp.Body) // so that the connection is used again
+	return true, nil
+}
+
+// post POSTs body to u, and returns the response if it is a 200.
+func (c *etcdClient) post(ctx context.Context, u string, body io.Reader) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, u, body)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Content-Type", "application/json")
+	// The gateway passes Grpc-Metadata-* on as gRPC metadata.
+	req.Header.Set("Grpc-Metadata-Hasleader", "true")
+	resp, err := c.http.Do(req)
+	if err != nil || resp.StatusCode == http.StatusOK {
+		return resp, err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	e := &etcdError{Status: resp.StatusCode} // {"error", "message", "code"}
+	if json.Unmarshal(b, e) != nil || e.Message == "" {
+		e.Code, e.Message = 0, fmt.Sprintf("%s: %s", resp.Status, bytes.TrimSpace(b))
+	}
+	return nil, e
+}
+
+// etcdHeader heads every answer. Revision is the store's when the member
+// answered, even for a range at an older revision.
+type etcdHeader struct {
+	MemberID uint64 `json:"member_id,string"`
+	Revision int64  `json:"revision,string"`
+}
+
+// An etcdKV is a key as etcd keeps it. Version counts its changes since
+// it was created (1 when new, 0 when missing).
+type etcdKV struct {
+	Key            []byte `json:"key"`
+	Value          []byte `json:"value"`
+	CreateRevision int64  `json:"create_revision,string"`
+	ModRevision    int64  `json:"mod_revision,string"`
+	Version        int64  `json:"version,string"`
+	Lease          int64  `json:"lease,string"`
+}
+
+// etcdRange reads [Key, RangeEnd) (Key alone without RangeEnd) at
+// Revision (0: the latest); linearizable unless Serializable.
+type etcdRange struct {
+	Key          []byte `json:"key"`
+	RangeEnd     []byte `json:"range_end,omitempty"`
+	Limit        int64  `json:"limit,omitempty,string"`
+	Revision     int64  `json:"revision,omitempty,string"`
+	SortOrder    string `json:"sort_order,omitempty"`  // NONE, ASCEND, DESCEND
+	SortTarget   string `json:"sort_target,omitempty"` // KEY, VERSION, CREATE, MOD, VALUE
+	Serializable bool   `json:"serializable,omitempty"`
+	KeysOnly     bool   `json:"keys_only,omitempty"`
+	CountOnly    bool   `json:"count_only,omitempty"`
+}
+
+type etcdRangeResponse struct {
+	Header etcdHeader `json:"header"`
+	KVs    []etcdKV   `json:"kvs"`
+	More   bool       `json:"more"`         // Limit left keys out
+	Count  int64      `json:"count,string"` // the keys in the range, whatever Limit
+}
+
+func (c *etcdClient) rangeKeys(ctx context.Context, r etcdRange) (*etcdRangeResponse, error) {
+	return etcdCall[etcdRangeResponse](ctx, c, "/v3/kv/range", true, r)
+}
+
+// rangePages reads [key, end) in pages of at most limit keys, all at the
+// revision of the first, so that together they are one state; it calls
+// page for each and returns the revision. A compaction past it before
+// the last page ends it with errEtcdCompacted: read again.
+func (c *etcdClient) rangePages(ctx context.Context, key, end []byte, limit int64, page func([]etcdKV) error) (int64, error) {
+	r := etcdRange{Key: key, RangeEnd: end, Limit: limit}
+	for {
+		resp, err := c.rangeKeys(ctx, r)
+		if err != nil {
+			return 0, err
+		}
+		r.Revision = cmp.Or(r.Revision, resp.Header.Revision)
+		if err := page(resp.KVs); err != nil {
+			return 0, err
+		}
+		if !resp.More || len(resp.KVs) == 0 {
+			return r.Revision, nil
+		}
+		r.Key = append(slices.Clone(resp.KVs[len(resp.KVs)-1].Key), 0) // the key after the last
+	}
+}
+
+// etcdPrefixEnd returns the range end of the keys that start with prefix:
+// prefix with its last byte below 0xff incremented ("\x00", all keys, if
+// there is none).
+func etcdPrefixEnd(prefix []byte) []byte {
+	for i := len(prefix) - 1; i >= 0; i-- {
+		if prefix[i] < 0xff {
+			return append(slices.Clone(prefix[:i]), prefix[i]+1)
+		}
+	}
+	return []byte{0}
+}
+
+// etcdCompare is a condition of a txn: Key's Target (VERSION, CREATE, MOD,
+// VALUE or LEASE) compared by Result (EQUAL, the default, NOT_EQUAL,
+// GREATER or LESS) with the field Target names. Set that one only: etcd
+// refuses two, and compares with 0 when there is none, so a 0 left out
+// still counts ({Target: "CREATE", Key: k} holds when k is missing).
+type etcdCompare struct {
+	Result         string `json:"result,omitempty"`
+	Target         string `json:"target"`
+	Key            []byte `json:"key"`
+	RangeEnd       []byte `json:"range_end,omitempty"`
+	Version        int64  `json:"version,omitempty,string"`
+	CreateRevision int64  `json:"create_revision,omitempty,string"`
+	ModRevision    int64  `json:"mod_revision,omitempty,string"`
+	Lease          int64  `json:"lease,omitempty,string"`
+	Value          []byte `json:"value,omitempty"`
+}
+
+// An etcdOp is one operation of a txn: set one field.
+type etcdOp struct {
+	Range  *etcdRange  `json:"request_range,omitempty"`
+	Put    *etcdPut    `json:"request_put,omitempty"`
+	Delete *etcdDelete `json:"request_delete_range,omitempty"`
+}
+
+// etcdPut sets Key to Value, attached to Lease (0: none).
+type etcdPut struct {
+	Key    []byte `json:"key"`
+	Value  []byte `json:"value"`
+	Lease  int64  `json:"lease,omitempty,string"`
+	PrevKV bool   `json:"prev_kv,omitempty"`
+}
+
+// etcdDelete deletes Key, or [Key, RangeEnd).
+type etcdDelete struct {
+	Key      []byte `json:"key"`
+	RangeEnd []byte `json:"range_end,omitempty"`
+	PrevKV   bool   `json:"prev_kv,omitempty"`
+}
+
+// etcdTxn applies Success if every Compare holds, else Failure, at one
+// revision. etcd refuses more than --max-txn-ops (128) in a list, and a
+// key written twice.
+type etcdTxn struct {
+	Compare []etcdCompare `json:"compare,omitempty"`
+	Success []etcdOp      `json:"success,omitempty"`
+	Failure []etcdOp      `json:"failure,omitempty"`
+}
+
+type etcdTxnResponse struct {
+	Header    etcdHeader `json:"header"`
+	Succeeded bool       `json:"succeeded"`
+	Responses []struct { // one per op of the branch taken, its field set
+		Range *etcdRangeResponse `json:"response_range"`
+		Put   *struct {
+			PrevKV *etcdKV `json:"prev_kv"`
+		} `json:"response_put"`
+		Delete *struct {
+			Deleted int64    `json:"deleted,string"`
+			PrevKVs []etcdKV `json:"prev_kvs"`
+		} `json:"response_delete_range"`
+	} `json:"responses"`
+}
+
+// txn runs t: as a read if it only reads, else as a write.
+func (c *etcdClient) txn(ctx context.Context, t etcdTxn) (*etcdTxnResponse, error) {
+	reads := true
+	for _, op := range slices.Concat(t.Success, t.Failure) {
+		reads = reads && op.Range != nil
+	}
+	return etcdCall[etcdTxnResponse](ctx, c, "/v3/kv/txn", reads, t)
+}
+
+// leaseGrant grants a lease of ttl seconds; etcd picks its id, and may
+// grant more (its minimum is 1.5 election timeouts).
+func (c *etcdClient) leaseGrant(ctx context.Context, ttl int64) (id, granted int64, err error) {
+	type lease struct {
+		ID    int64  `json:"ID,omitempty,string"`
+		TTL   int64  `json:"TTL,string"`
+		Error string `json:"error,omitempty"`
+	}
+	resp, err := etcdCall[lease](ctx, c, "/v3/lease/grant", false, lease{TTL: ttl})
+	if err == nil && resp.Error != "" {
+		err = &etcdError{Message: resp.Error}
+	}
+	if err != nil {
+		return 0, 0, err
+	}
+	return resp.ID, resp.TTL, nil
+}
+
+// leaseRevoke revokes lease id, deleting its keys at one revision. Being
+// sent again after any failure, errEtcdLeaseNotFound means it is gone,
+// whoever revoked it.
+func (c *etcdClient) leaseRevoke(ctx context.Context, id int64) error {
+	_, err := etcdCall[struct{}](ctx, c, "/v3/lease/revoke", true, struct {
+		ID int64 `json:"ID,string"`
+	}{id})
+	return err
+}
+
+// compact drops the history before revision, and returns once it is
+// gone. Nodes never compact (etcd's auto-compaction does); tests do.
+func (c *etcdClient) compact(ctx context.Context, revision int64) error {
+	_, err := etcdCall[struct{}](ctx, c, "/v3/kv/compaction", true, struct {
+		Revision int64 `json:"revision,string"`
+		Physical bool  `json:"physical"`
+	}{revision, true})
+	return err
+}
+
+// etcdStatus is a member's account of itself: Leader is the leader's
+// member id; Errors lists alarms such as NOSPACE.
+type etcdStatus struct {
+	Header  etcdHeader `json:"header"`
+	Version string     `json:"version"`
+	Leader  uint64     `json:"leader,string"`
+	Errors  []string   `json:"errors"`
+}
+
+// status asks the member the next request goes to; while it has no
+// leader it says "no leader".
+func (c *etcdClient) status(ctx context.Context) (*etcdStatus, error) {
+	return etcdCall[etcdStatus](ctx, c, "/v3/maintenance/status", true, struct{}{})
+}
+
+// etcdTLSConfig builds the TLS configuration of https endpoints from PEM
+// files: the CA of the members' certificates (-etcd-ca; empty: the
+// system's), and a client certificate and its key (-etcd-cert,
+// -etcd-key; both or neither) for members that ask for one.
+func etcdTLSConfig(caFile, certFile, keyFile string) (*tls.Config, error) {
+	conf := &tls.Config{MinVersion: tls.VersionTLS12}
+	if caFile != "" {
+		pem, err := os.ReadFile(caFile)
+		if err != nil {
+			return nil, fmt.Errorf("-etcd-ca: %w", err)
+		}
+		conf.RootCAs = x509.NewCertPool()
+		if !conf.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("-etcd-ca %s: no PEM certificate in it", caFile)
+		}
+	}
+	if (certFile == "") != (keyFile == "") {
+		return nil, errors.New("-etcd-cert and -etcd-key go together")
+	}
+	if certFile != "" {
+		cert, err := tls.LoadX509KeyPair(certFile, keyFile)
+		if err != nil {
+			return nil, fmt.Errorf("-etcd-cert %s, -etcd-key %s: %w", certFile, keyFile, err)
+		}
+		conf.Certificates = []tls.Certificate{cert}
+	}
+	return conf, nil
+}
+
+// etcdWatchCreate asks for the changes of [Key, RangeEnd) (Key alone
+// without RangeEnd) from StartRevision (0: the next change). PrevKV adds
+// each key's previous state; ProgressNotify asks for a progress report
+// after a quiet while (etcd's --experimental-watch-progress-notify-interval,
+// 10 minutes by default).
+type etcdWatchCreate struct {
+	Key            []byte `json:"key"`
+	RangeEnd       []byte `json:"range_end,omitempty"`
+	StartRevision  int64  `json:"start_revision,omitempty,string"`
+	ProgressNotify bool   `json:"progress_notify,omitempty"`
+	PrevKV         bool   `json:"prev_kv,omitempty"`
+}
+
+// An etcdEvent is a key's change: Type is "DELETE", or "" for a PUT (the
+// default, left out). A delete's KV holds the key and, as ModRevision,
+// the delete's revision.
+type etcdEvent struct {
+	Type   string  `json:"type"`
+	KV     etcdKV  `json:"kv"`
+	PrevKV *etcdKV `json:"prev_kv"`
+}
+
+// An etcdWatchResponse is a message of a watch: the events of one or more
+// whole revisions, in order; or, without events, a progress report.
+type etcdWatchResponse struct {
+	Header          etcdHeader  `json:"header"`
+	WatchID         int64       `json:"watch_id,string"`
+	Created         bool        `json:"created"`
+	Canceled        bool        `json:"canceled"`
+	CompactRevision int64       `json:"compact_revision,string"`
+	CancelReason    string      `json:"cancel_reason"`
+	Events          []etcdEvent `json:"events"`
+}
+
+// progress says whether r is a progress report: the answer to a progress
+// request (watch id -1), or a progress_notify.
+func (r *etcdWatchResponse) progress() bool {
+	return len(r.Events) == 0 && !r.Created && !r.Canceled
+}
+
+// An etcdWatch is a watch stream: a POST /v3/watch whose body stays open,
+// so that progress requests can follow the create request, and whose
+// answer is a stream of JSON messages.
+//
+// Before its answer's headers, etcd's HTTP/1 server (Go's) reads and
+// drops up to 256 KiB of the body the gateway has not read yet: a body
+// left open gets no answer, and a request sent meanwhile could be
+// dropped. So the create request is followed by blanks, which JSON allows
+// between values, until the headers come; after them, what is written
+// reaches etcd's watch.
+type etcdWatch struct {
+	header etcdHeader // of the "created" message: Revision is the store's when the watch began
+	body   *io.PipeWriter
+	resp   *http.Response
+	dec    *json.Decoder
+	cancel context.CancelFunc // ends the request
+	mu     sync.Mutex         // held while writing body
+	fed    chan struct{}      // closed once the blanks are written
+	closed atomic.Bool
+	err    error // what ended the stream, for every later next
+}
+
+// watch opens a watch on the first member that answers, and returns once
+// etcd created it. ctx bounds the opening; the watch lasts until Close,
+// an error or the member's end.
+func (c *etcdClient) watch(ctx context.Context, create etcdWatchCreate) (*etcdWatch, error) {
+	first, err := json.Marshal(struct {
+		Create etcdWatchCreate `json:"create_request"`
+	}{create})
+	if err != nil {
+		return nil, err
+	}
+	var w *etcdWatch
+	err = c.retry(ctx, true, func(ctx context.Context, i int) (bool, error) {
+		w, err = c.openWatch(ctx, c.endpoints[i]+"/v3/watch", first)
+		return true, err
+	})
+	return w, err
+}
+
+// openWatch opens a watch at u and reads its "created" message.
+func (c *etcdClient) openWatch(ctx context.Context, u string, first []byte) (*etcdWatch, error) {
+	stream, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	stop := context.AfterFunc(ctx, cancel)
+	pr, pw := io.Pipe()
+	w := &etcdWatch{body: pw, cancel: cancel, fed: make(chan struct{})}
+	answered := make(chan struct{})
+	w.mu.Lock()
+	go func() {
+		defer close(w.fed)
+		defer w.mu.Unlock()
+		blank := bytes.Repeat([]byte{' '}, 16<<10)
+		// first, then blanks until the answer: see etcdWatch.
+		for _, err := pw.Write(first); err == nil; _, err = pw.Write(blank) {
+			select {
+			case <-answered:
+				return
+			default:
+			}
+		}
+	}()
+	var err error
+	w.resp, err = c.post(stream, u, pr)
+	close(answered)
+	if err == nil {
+		w.dec = json.NewDecoder(w.resp.Body)
+		var r *etcdWatchResponse
+		if r, err = w.next(); err == nil && !r.Created {
+			err = fmt.Errorf("%w: the first message is not \"created\"", errWatchEnded)
+		} else if err == nil {
+			w.header = r.Header
+		}
+	}
+	if !stop() && err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		w.Close()
+		return nil, err
+	}
+	return w, nil
+}
+
+// next returns the watch's next message: events or a progress report. An
+// error ends the watch: the caller closes it and watches again from the
+// revision after the last seen, or for an *etcdCompactedError reads the
+// state again. The errors: *etcdCompactedError (errEtcdCompacted);
+// *etcdError, what etcd said ("no leader", a cancel and its reason);
+// errWatchEnded, the stream ended or broke; errWatchClosed, after Close.
+func (w *etcdWatch) next() (*etcdWatchResponse, error) {
+	if w.err != nil {
+		return nil, w.err
+	}
+	var msg struct {
+		Result *etcdWatchResponse `json:"result"`
+		Error  *struct {
+			Code    int    `json:"grpc_code"`
+			Status  int    `json:"http_code"`
+			Message string `json:"message"`
+		} `json:"error"`
+	}
+	err := w.dec.Decode(&msg)
+	r := msg.Result
+	switch {
+	case err != nil && w.closed.Load():
+		err = errWatchClosed
+	case err != nil:
+		err = fmt.Errorf("%w: %w", errWatchEnded, err)
+	case msg.Error != nil:
+		err = &etcdError{Code: msg.Error.Code, Message: msg.Error.Message, Status: msg.Error.Status}
+	case r == nil:
+		err = fmt.Errorf("%w: a message without a result", errWatchEnded)
+	case r.Canceled && r.CompactRevision != 0:
+		err = &etcdCompactedError{Revision: r.CompactRevision}
+	case r.Canceled:
+		err = &etcdError{Message: "watch canceled: " + r.CancelReason}
+	}
+	if w.err = err; err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+// requestProgress asks for a progress report, which next returns with
+// watch id -1 and the store's revision.
+//
+// Before etcd 3.4.25 and 3.5.8 (etcd-io/etcd#15220) the report does not
+// wait for the watch's events: changes up to its revision may still come
+// after it. It then says where etcd was, not that the watch has all of
+// it. From 3.4.25 to 3.4.30 (#17507) a watch from an old revision that
+// got no events yet may get no report at all.
+func (w *etcdWatch) requestProgress() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if _, err := w.body.Write([]byte(`{"progress_request":{}}`)); err != nil {
+		if w.closed.Load() {
+			return errWatchClosed
+		}
+		return fmt.Errorf("%w: %w", errWatchEnded, err)
+	}
+	return nil
+}
+
+// Close ends the watch: etcd cancels it when the connection goes. A next
+// blocked at the time returns errWatchClosed.
+func (w *etcdWatch) Close() error {
+	if w.closed.Swap(true) {
+		return nil
+	}
+	w.body.CloseWithError(errWatchClosed)
+	w.cancel()
+	if w.resp != nil {
+		w.resp.Body.Close()
+	}
+	<-w.fed
+	return nil
+}
