@@ -82,6 +82,12 @@ func (s *server) handleHealth(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	switch s.health.Load() {
 	case healthServing:
+		if s.cluster != nil && !s.cluster.healthy.Load() {
+			// A node whose watch is down cannot keep its view current.
+			w.WriteHeader(http.StatusServiceUnavailable)
+			io.WriteString(w, "etcd out of reach: the view is not current\n")
+			return
+		}
 		io.WriteString(w, "ok\n")
 	case healthStopping:
 		w.WriteHeader(http.StatusServiceUnavailable)

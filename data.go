@@ -37,6 +37,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"iter"
 	"slices"
 	"strings"
@@ -248,6 +249,9 @@ func (d *dataDir) commit(t *txn) error { return d.s.decide(t, d) }
 // expire makes the expiry of d's key a change, if dl is still its
 // deadline.
 func (d *dataDir) expire(dl *deadline) { d.s.expireLocal(dl, d) }
+
+// current returns at once: the store holds every change made.
+func (d *dataDir) current(context.Context) error { return nil }
 
 // keep numbers changes and queues them for the next write of the log, as
 // one record, and holds each key's new version until it is written: the

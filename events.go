@@ -393,6 +393,20 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 		serveError(w, http.StatusBadRequest, err.Error())
 		return
 	}
+	from := fromNow
+	if _, initial := r.URL.Query()["initial"]; initial {
+		from = fromScratch
+	}
+	if id := r.Header.Get("Last-Event-ID"); id != "" {
+		from = resumePoint(id)
+	}
+	if from != fromNow {
+		// A state shows every change committed before the request.
+		if err := s.store.journal.current(r.Context()); err != nil {
+			s.serveFailure(w, apiNative, err)
+			return
+		}
+	}
 	if !s.streams.reserve() {
 		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
 		return
@@ -416,13 +430,6 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 	sse.sub = subscription{path: path, q: &st.q}
 	st.proto = sse
 	s.metrics.sse.Add(1) // and sse.close takes it off
-	from := fromNow
-	if _, initial := r.URL.Query()["initial"]; initial {
-		from = fromScratch
-	}
-	if id := r.Header.Get("Last-Event-ID"); id != "" {
-		from = resumePoint(id)
-	}
 	sse.resumeAt = s.store.Subscribe(&sse.sub, from, nil)
 
 	// The head, the retry hint and the stream's starting point go out at

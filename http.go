@@ -37,7 +37,8 @@ type server struct {
 	store   *Store
 	streams *streams // event streams and WebSockets
 	writers *eventWriters
-	access  *access // nil: no -tokens, everything open
+	access  *access      // nil: no -tokens, everything open
+	cluster *etcdJournal // nil: not a node of a cluster (-etcd)
 	metrics metrics
 	health  atomic.Int32 // healthLoading, healthServing or healthStopping
 
@@ -157,6 +158,9 @@ func (s *server) handleGet(w http.ResponseWriter, r *http.Request, key string) o
 	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
 		return s.serveFailure(w, apiNative, err)
 	}
+	if err := s.store.journal.current(r.Context()); err != nil {
+		return s.serveFailure(w, apiNative, err)
+	}
 	// Every change up to seq is applied before the key is read.
 	seq := s.store.published.Load()
 	e := s.store.Get(key)
@@ -252,6 +256,9 @@ func (s *server) listQueryOf(r *http.Request) (listQuery, error) {
 // references to the stored values.
 func (s *server) serveList(w http.ResponseWriter, r *http.Request, prefix string) outcome {
 	q, err := s.listQueryOf(r)
+	if err == nil {
+		err = s.store.journal.current(r.Context())
+	}
 	if err != nil {
 		return s.serveFailure(w, apiNative, err)
 	}

@@ -13,6 +13,8 @@
 
 package main
 
+import "context"
+
 // journal is where every change of the store goes.
 type journal interface {
 	// commit applies t if its checks hold, as one change, and returns
@@ -22,6 +24,10 @@ type journal interface {
 	// expire ends d's key, if d is still the deadline of its version: a
 	// write that raced the timer replaced the version, and wins.
 	expire(d *deadline)
+	// current returns once this server's view holds every change
+	// committed anywhere before it was called: at once for a single
+	// server, after a round trip to etcd for a node.
+	current(ctx context.Context) error
 }
 
 // localJournal is a journal that keeps changes on this server (memory,
@@ -43,9 +49,10 @@ type localJournal interface {
 type memJournal struct{ s *Store }
 
 func (j memJournal) commit(t *txn) error { return j.s.decide(t, j) }
-func (j memJournal) expire(d *deadline)                 { j.s.expireLocal(d, j) }
+func (j memJournal) expire(d *deadline)  { j.s.expireLocal(d, j) }
 
 func (j memJournal) pending(*slot) (*entry, *batch, bool) { return nil, nil, false }
+func (j memJournal) current(context.Context) error        { return nil }
 
 func (j memJournal) keep(changes []change) int64 {
 	s := j.s

@@ -40,6 +40,9 @@ func (s *server) handleRESTGet(w http.ResponseWriter, r *http.Request, key strin
 	if err := checkKey(key, s.cfg.maxKeyBytes); err != nil {
 		return s.serveFailure(w, apiREST, err)
 	}
+	if err := s.store.journal.current(r.Context()); err != nil {
+		return s.serveFailure(w, apiREST, err)
+	}
 	e := s.store.Get(key)
 	if e == nil {
 		w.WriteHeader(http.StatusNoContent)

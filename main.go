@@ -59,6 +59,11 @@ type config struct {
 	public        publicFlag
 	adminAddr     string
 	logFormat     string
+	etcd          string // comma-separated endpoints; "": a single server
+	etcdPrefix    string
+	etcdCA        string
+	etcdCert      string
+	etcdKey       string
 }
 
 // ttlFlag is a flag holding a TTL in parseTTL's syntax; "0" or "off" is none.
@@ -103,6 +108,11 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.Var(&c.public, "public", "with -tokens, what a request without a token may do: none, read or write")
 	fs.StringVar(&c.adminAddr, "admin-addr", "", "serve /healthz, /metrics, /debug/vars and /debug/pprof/ on this `address` (off if empty)")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log as text or json")
+	fs.StringVar(&c.etcd, "etcd", "", "run as a node of a cluster whose store is the etcd cluster at these comma-separated `URLs` (off if empty)")
+	fs.StringVar(&c.etcdPrefix, "etcd-prefix", "/atomkv", "with -etcd, the `prefix` of every etcd key the cluster keeps")
+	fs.StringVar(&c.etcdCA, "etcd-ca", "", "with -etcd over https, the CA `file` of the members' certificates (empty: the system's)")
+	fs.StringVar(&c.etcdCert, "etcd-cert", "", "with -etcd over https, the client certificate `file` to present (with -etcd-key)")
+	fs.StringVar(&c.etcdKey, "etcd-key", "", "with -etcd over https, the client certificate's key `file`")
 
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
@@ -142,6 +152,12 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	if c.public.set && c.tokens == "" {
 		return c, errors.New("-public needs -tokens: without it every request may do everything")
 	}
+	if c.etcd != "" && c.data != "" {
+		return c, errors.New("-etcd and -data together: a node of a cluster keeps nothing on its disk (etcd does); use one or the other")
+	}
+	if c.etcd != "" && (c.etcdPrefix == "" || strings.HasSuffix(c.etcdPrefix, "/")) {
+		return c, fmt.Errorf("-etcd-prefix %q: want a prefix like /atomkv, not ending with /", c.etcdPrefix)
+	}
 	if err := checkRESTPrefix(c.kvserverREST); err != nil {
 		return c, err
 	}
@@ -175,6 +191,11 @@ func run(ctx context.Context, args []string, getenv func(string) string, stdout 
 			runErr = err
 		}
 	}()
+	closeCluster, err := joinCluster(srv)
+	if err != nil {
+		return err
+	}
+	defer closeCluster()
 	web, err := startListener(srv)
 	if err != nil {
 		return err
@@ -232,6 +253,24 @@ func openDataFiles(srv *server) (failed <-chan struct{}, close func() error, err
 	}
 	srv.log.Info("data loaded", "dir", cfg.data, "keys", srv.store.Len(), "fsync", cfg.fsync.String(), "duration", time.Since(start))
 	return data.failed, data.close, nil
+}
+
+// joinCluster makes the server a node of the cluster -etcd names, if
+// it names one: its view of the keyspace is read from etcd and followed
+// from there. It returns what stops following.
+func joinCluster(srv *server) (close func(), err error) {
+	cfg := srv.cfg
+	if cfg.etcd == "" {
+		return func() {}, nil
+	}
+	start := time.Now()
+	j, err := openCluster(cfg, srv.store, srv.log)
+	if err != nil {
+		return nil, err
+	}
+	srv.cluster = j
+	srv.log.Info("cluster joined", "etcd", cfg.etcd, "prefix", cfg.etcdPrefix, "keys", srv.store.Len(), "revision", srv.store.published.Load(), "duration", time.Since(start))
+	return func() { j.close() }, nil
 }
 
 // listener is the main listener's http.Server as it serves.

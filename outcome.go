@@ -66,7 +66,7 @@ func outcomeOf(err error) outcome {
 		return outcomeConflict
 	case errors.Is(err, errFull):
 		return outcomeFull
-	case errors.Is(err, errNotWritten):
+	case errors.Is(err, errNotWritten), errors.As(err, new(*unavailableError)):
 		return outcomeUnavailable
 	case errors.As(err, &refused):
 		if refused.code == http.StatusUnauthorized {
@@ -85,6 +85,10 @@ func (s *server) errorMessage(err error) string {
 	case outcomeFull:
 		return fmt.Sprintf("store is full: at most %d keys", s.cfg.maxKeys)
 	case outcomeUnavailable:
+		var unavailable *unavailableError
+		if errors.As(err, &unavailable) {
+			return unavailable.msg
+		}
 		return "the server could not write its data files, and is stopping"
 	}
 	return err.Error()

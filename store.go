@@ -604,15 +604,45 @@ func (s *Store) startSequence(seq int64) {
 	s.published.Store(seq)
 }
 
+// historyFrom empties the history, to start at change first: a node
+// (-etcd) fills it from etcd's history of the changes before its state.
+func (s *Store) historyFrom(first int64) {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	s.history.reset(first)
+}
+
+// remember adds to the history changes the store holds already: a
+// node's, from before the state it read at start.
+func (s *Store) remember(changes []change) {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	for _, c := range changes {
+		s.history.add(c.seq, c.key)
+	}
+}
+
+// advance records that every change up to seq is applied (a node's view
+// learns it from etcd's progress), so that a listing or a subscription
+// may say so.
+func (s *Store) advance(seq int64) {
+	s.seqMu.Lock()
+	defer s.seqMu.Unlock()
+	if seq > s.published.Load() {
+		s.seq = seq
+		s.published.Store(seq)
+	}
+}
+
 // restore puts a version of key in place as recovery finds it, without
 // a change: nothing is published or remembered. e nil removes the key.
-// Its deadline, expires (Unix ns, 0: none), is absolute, so a key that
-// expired while the server was down stays gone.
+// Its deadline, expires (Unix ns, 0: none, or e's own), is absolute, so
+// a key that expired while the server was down stays gone.
 func (s *Store) restore(key string, e *entry, expires int64) {
 	if e != nil && expires != 0 {
 		if expires <= s.now() {
 			e = nil
-		} else {
+		} else if e.ttl == nil {
 			e.ttl = &deadline{at: expires, key: key, index: -1}
 		}
 	}

@@ -152,7 +152,8 @@ func (realClock) AfterFunc(d time.Duration, f func()) timer { return time.AfterF
 type deadline struct {
 	at    int64 // Unix nanoseconds; never changes
 	key   string
-	index int // position in the heap, -1 when not in it; guarded by expiry.mu
+	index int   // position in the heap, -1 when not in it; guarded by expiry.mu
+	seq   int64 // in a node's view (-etcd): the version's revision, which its expiry compares
 }
 
 // expiry schedules the deadlines of every key with a TTL. It keeps them in

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -195,13 +196,14 @@ type wsConn struct {
 	out  *wsOut
 	subs map[string]*subscription // by path as the client spelled it; only the reader touches it
 
-	bound   int64         // of the queue's size, past which the reader waits
-	closed  bool          // the batch being written ends with a close frame; the writer's
+	bound  int64 // of the queue's size, past which the reader waits
+	closed bool  // the batch being written ends with a close frame; the writer's
 	// resumeAt is the highest seq the connection has sent, which an event
 	// inside a transaction carries; only the writer touches it.
 	resumeAt int64
-	drained chan struct{} // a token when the queue's size falls to the bound
-	done    chan struct{} // closed when the stream closes
+	drained  chan struct{}   // a token when the queue's size falls to the bound
+	done     chan struct{}   // closed when the stream closes
+	ctx      context.Context // ends when the reader returns: for what a message waits for (a node's round trip to etcd)
 }
 
 // wsBound is the least a connection may have queued before its reader
@@ -222,6 +224,9 @@ func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out
 		done:    make(chan struct{}),
 	}
 	c.bound = max(wsBound, int64(c.in.max))
+	var cancel context.CancelFunc
+	c.ctx, cancel = context.WithCancel(context.Background())
+	defer cancel()
 	c.in.pong = func(p []byte) { out.control(opPong, p) }
 	in.ping = func() { out.control(opPing, nil) }
 	c.st = s.writers.newStream(conn)

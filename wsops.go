@@ -146,6 +146,10 @@ func (c *wsConn) failWrite(id json.RawMessage, err error) {
 }
 
 func (c *wsConn) get(r wsRequest) {
+	if err := c.s.store.journal.current(c.ctx); err != nil {
+		c.fail(r.id, err)
+		return
+	}
 	if e := c.s.store.Get(r.key); e != nil {
 		c.replyValue(r.id, r.spelled, e)
 	} else {
@@ -198,6 +202,14 @@ func (c *wsConn) subscribe(r wsRequest) {
 		c.fail(r.id, fmt.Errorf("subscribe %s: this connection has %d subscriptions, the most it may (-max-subscriptions): unsubscribe first", quoteKey(r.spelled), len(c.subs)))
 		return
 	}
+	from := subscribeFrom(r.p)
+	if from != fromNow {
+		// A state shows every change committed before the request.
+		if err := c.s.store.journal.current(c.ctx); err != nil {
+			c.fail(r.id, err)
+			return
+		}
+	}
 	var ok *wsReply
 	if r.id != nil {
 		ok = message(r.id, "ok", appendKeyPayload(nil, r.spelled))
@@ -206,7 +218,7 @@ func (c *wsConn) subscribe(r wsRequest) {
 		sub = &subscription{path: r.key, q: &c.st.q, kvserver: r.kvserver}
 		c.subs[r.spelled] = sub
 	}
-	c.s.store.Subscribe(sub, subscribeFrom(r.p), ok)
+	c.s.store.Subscribe(sub, from, ok)
 }
 
 // unsubscribe's ok is queued after the subscription is gone, so no event
@@ -241,6 +253,10 @@ func (c *wsConn) list(r wsRequest) {
 	q, err := parseListQuery(limit, after, r.p.Shallow, c.s.cfg.maxKeyBytes)
 	if err != nil {
 		c.fail(r.id, fmt.Errorf("list: %w", err))
+		return
+	}
+	if err := c.s.store.journal.current(c.ctx); err != nil {
+		c.fail(r.id, err)
 		return
 	}
 	paged := r.p.Limit != nil || r.p.After != nil || r.p.Shallow

@@ -1,0 +1,774 @@
+// The cluster (-etcd, SPEC section 12): this server as one node of any
+// number serving one keyspace, whose store of record is an etcd cluster.
+// etcdJournal is the node's journal: a write is an etcd txn, decided and
+// numbered by etcd (its revision is the change's seq); the change comes
+// back through the node's one watch of the prefix and is applied
+// (Store.replay) as on every other node, by the code that replays the
+// -data log at start. Reads wait until the view holds every change etcd
+// committed before they began (current), so they are linearizable.
+//
+// How AtomKV's model maps onto etcd's:
+//
+//	key /a/b                 etcd key <prefix>/a/b
+//	revision                 version - 1 (a new key: version 1, revision 0)
+//	seq                      the change's revision (mod_revision)
+//	CAS, checks              compare version == revision+1; missing: create_revision == 0
+//	a transaction            one etcd txn: one revision for all its events
+//	value, no TTL            the JSON text as it is
+//	value with a TTL         0x00, the deadline (8 bytes, Unix ns, big-endian), the JSON text
+//	since, reset             the node's history of the watch; past it, a reset
+//
+// TTL: a node expires a key at its deadline itself, with a txn that
+// deletes it only if it is still that version (compare mod_revision) and
+// puts the marker key <prefix>/\x00expired in the same revision: on the
+// watch, a DELETE whose revision holds the marker is an expiry, any other
+// a delete. Several nodes racing to expire a key make one change. So that
+// keys expire when no node runs, each is also attached to a lease that
+// the node shares among the keys whose deadlines fall in the same second
+// (never one lease per key), granted to end a few seconds after that
+// second: if it ends first (no node ran), etcd deletes the keys, and a
+// DELETE of a leased key past its deadline without the marker counts as
+// an expiry too.
+
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// etcdMaxRequest is etcd's --max-request-bytes by default: a txn past it
+// (as the node encodes it, plus room for the request's framing) is
+// refused with 413 before it is sent.
+const etcdMaxRequest = 1536 << 10
+
+// etcdLeaseGrace is how long after the end of its second a lease of
+// deadlines ends: nodes expire keys at their deadlines; the lease is for
+// when none runs.
+const etcdLeaseGrace = 3
+
+// etcdJournal is the journal of a node of a cluster.
+type etcdJournal struct {
+	s       *Store
+	c       *etcdClient
+	prefix  string // etcd's key of AtomKV's key k is prefix+k
+	log     *slog.Logger
+	timeout time.Duration // the most a request waits for etcd (-write-timeout)
+
+	ctx  context.Context // ends with close
+	stop context.CancelFunc
+	done chan struct{} // the watch's goroutine has ended
+
+	mu       sync.Mutex
+	applied  int64         // the view holds every change up to this revision
+	advanced chan struct{} // closed, and replaced, whenever applied moves
+	watch    *etcdWatch    // the watch open now, to ask for progress
+	loaded   int64         // the revision the start-up range read; changes up to it only go to the history
+	healthy  atomic.Bool   // the watch is open and caught up
+
+	reads  readBarrier
+	leases leaseCache
+}
+
+// etcdMarker is the etcd key, under the prefix, that an expiry puts in
+// the revision of its delete; no AtomKV key maps to it (no component
+// starts with a control character).
+const etcdMarker = "/\x00expired"
+
+// openCluster makes s the view of the keyspace under cfg.etcdPrefix in
+// the etcd cluster at cfg.etcd: it checks what etcd accepts, reads the
+// whole prefix at one revision, and follows it from there with one
+// watch. It returns once the view is current.
+func openCluster(cfg config, s *Store, log *slog.Logger) (*etcdJournal, error) {
+	var tlsConf *tls.Config
+	if cfg.etcdCA != "" || cfg.etcdCert != "" || cfg.etcdKey != "" {
+		conf, err := etcdTLSConfig(cfg.etcdCA, cfg.etcdCert, cfg.etcdKey)
+		if err != nil {
+			return nil, err
+		}
+		tlsConf = conf
+	}
+	c, err := newEtcdClient(strings.Split(cfg.etcd, ","), tlsConf)
+	if err != nil {
+		return nil, fmt.Errorf("-etcd: %w", err)
+	}
+	j := &etcdJournal{s: s, c: c, prefix: cfg.etcdPrefix, log: log, timeout: cfg.writeTimeout,
+		done: make(chan struct{}), advanced: make(chan struct{})}
+	j.ctx, j.stop = context.WithCancel(context.Background())
+	j.reads.round = j.revision
+	j.leases.c = c
+	ctx, cancel := context.WithTimeout(j.ctx, max(cfg.writeTimeout, 10*time.Second))
+	defer cancel()
+	if err := j.checkTxnOps(ctx, cfg.maxTxnOps); err != nil {
+		return nil, err
+	}
+	s.expiry.hold() // until the view is loaded
+	defer s.expiry.resume()
+	if err := j.load(ctx); err != nil {
+		return nil, fmt.Errorf("-etcd: reading %s: %w", j.prefix, err)
+	}
+	s.journal = j // before any request: the listener starts after
+	go j.follow(max(1, j.loaded-int64(s.history.max)+1))
+	if err := j.waitApplied(ctx, j.loaded); err != nil {
+		j.close()
+		return nil, fmt.Errorf("-etcd: watching %s: %w", j.prefix, err)
+	}
+	return j, nil
+}
+
+// checkTxnOps makes sure etcd takes a transaction of -max-txn-ops ops
+// (and as many checks: etcd counts compares against its --max-txn-ops
+// too): it sends that many compares of a key no write ever makes, which
+// fail, so nothing is written.
+func (j *etcdJournal) checkTxnOps(ctx context.Context, n int) error {
+	probe := etcdTxn{Compare: make([]etcdCompare, n)}
+	for i := range probe.Compare {
+		probe.Compare[i] = etcdCompare{Target: "VERSION", Key: j.key(etcdMarker + "/probe"), Version: 1 << 40}
+	}
+	_, err := j.c.txn(ctx, probe)
+	switch {
+	case errors.Is(err, errEtcdTooManyOps):
+		return fmt.Errorf("-max-txn-ops %d is more than etcd takes (its --max-txn-ops): lower it, or raise etcd's", n)
+	case err != nil:
+		return fmt.Errorf("-etcd: %w", err)
+	}
+	return nil
+}
+
+// key is the etcd key of AtomKV's key k.
+func (j *etcdJournal) key(k string) []byte { return []byte(j.prefix + k) }
+
+// keyRange is the etcd range of every AtomKV key.
+func (j *etcdJournal) keyRange() (key, end []byte) {
+	key = j.key("/")
+	return key, etcdPrefixEnd(key)
+}
+
+// load reads every key under the prefix at one revision into the store.
+func (j *etcdJournal) load(ctx context.Context) error {
+	key, end := j.keyRange()
+	rev, err := j.c.rangePages(ctx, key, end, 1000, func(kvs []etcdKV) error {
+		for _, kv := range kvs {
+			if k, e, ok := j.decode(kv); ok {
+				// Expired or not: the node expires it, as it would any
+				// key, once the view is loaded.
+				j.s.restore(k, e, 0)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	j.loaded = rev
+	j.s.startSequence(rev)
+	return nil
+}
+
+// decode reads an etcd key as the view holds it: its AtomKV key and
+// version (with its deadline, whose seq is the version's revision). ok
+// is false for what is not an AtomKV key (the marker).
+func (j *etcdJournal) decode(kv etcdKV) (key string, e *entry, ok bool) {
+	key = strings.TrimPrefix(string(kv.Key), j.prefix)
+	if len(kv.Key) <= len(j.prefix) || strings.HasPrefix(key, "/\x00") {
+		return "", nil, false
+	}
+	value, at := decodeEtcdValue(kv.Value)
+	e = &entry{value: value, revision: kv.Version - 1}
+	if at != 0 {
+		e.ttl = &deadline{at: at, key: key, index: -1, seq: kv.ModRevision}
+	}
+	return key, e, true
+}
+
+// encodeEtcdValue is what etcd holds of a version: its JSON text, after
+// its deadline if it has one. No JSON text begins with a 0 byte.
+func encodeEtcdValue(e *entry) []byte {
+	if e.ttl == nil {
+		return []byte(e.value)
+	}
+	b := make([]byte, 9, 9+len(e.value))
+	binary.BigEndian.PutUint64(b[1:], uint64(e.ttl.at))
+	return append(b, e.value...)
+}
+
+// decodeEtcdValue undoes encodeEtcdValue: the value and its deadline (0:
+// none).
+func decodeEtcdValue(b []byte) (value string, deadline int64) {
+	if len(b) >= 9 && b[0] == 0 {
+		return string(b[9:]), int64(binary.BigEndian.Uint64(b[1:9]))
+	}
+	return string(b), 0
+}
+
+// follow is the node's one watch of the prefix, from revision from on:
+// it applies what comes, and watches again from the revision after the
+// last one applied whenever the stream ends, until the journal closes.
+func (j *etcdJournal) follow(from int64) {
+	defer close(j.done)
+	key, end := j.keyRange()
+	for wait := time.Duration(0); j.ctx.Err() == nil; wait = min(max(2*wait, 50*time.Millisecond), 2*time.Second) {
+		select {
+		case <-time.After(wait):
+		case <-j.ctx.Done():
+			return
+		}
+		w, err := j.c.watch(j.ctx, etcdWatchCreate{Key: key, RangeEnd: end, StartRevision: from, PrevKV: true, ProgressNotify: true})
+		var compacted *etcdCompactedError
+		switch {
+		case errors.As(err, &compacted) && compacted.Revision <= j.loaded:
+			from = compacted.Revision // at start: the history the node keeps begins there
+			continue
+		case errors.As(err, &compacted):
+			from = j.resync(compacted.Revision)
+			continue
+		case err != nil:
+			j.healthy.Store(false)
+			continue
+		}
+		if from <= j.loaded {
+			j.s.historyFrom(from) // the changes before the state read at start come first
+		}
+		j.setWatch(w)
+		wait = 0
+		for {
+			r, err := w.next()
+			if errors.As(err, &compacted) {
+				from = j.resync(compacted.Revision)
+				break
+			}
+			if err != nil {
+				break
+			}
+			from = j.receive(r, w.header.Revision) + 1
+		}
+		j.setWatch(nil)
+		w.Close()
+		j.healthy.Store(false)
+	}
+}
+
+// setWatch records the watch open now, for progress requests.
+func (j *etcdJournal) setWatch(w *etcdWatch) {
+	j.mu.Lock()
+	j.watch = w
+	j.mu.Unlock()
+}
+
+// receive applies a watch message: each revision's events as one change
+// (a transaction's several keys share one), or, for a change the view
+// already holds (up to the revision the start-up read), only its keys to
+// the history. A message without events is progress: every change up to
+// its revision has come. It returns the last revision it covers.
+func (j *etcdJournal) receive(r *etcdWatchResponse, createdAt int64) int64 {
+	last := int64(0)
+	for len(r.Events) > 0 {
+		rev := r.Events[0].KV.ModRevision
+		n := 1
+		for n < len(r.Events) && r.Events[n].KV.ModRevision == rev {
+			n++
+		}
+		j.apply(rev, r.Events[:n])
+		r.Events, last = r.Events[n:], rev
+	}
+	if last == 0 {
+		last = r.Header.Revision // progress
+	}
+	j.advance(last)
+	if last >= createdAt {
+		j.healthy.Store(true)
+	}
+	return last
+}
+
+// apply applies the events of one revision.
+func (j *etcdJournal) apply(rev int64, events []etcdEvent) {
+	expiry := false
+	for _, ev := range events {
+		if ev.Type != "DELETE" && string(ev.KV.Key) == j.prefix+etcdMarker {
+			expiry = true
+		}
+	}
+	now := j.s.now()
+	changes := make([]change, 0, len(events))
+	for _, ev := range events {
+		if ev.Type == "DELETE" {
+			key, prev, ok := j.decode(ev.KV)
+			if ev.PrevKV != nil {
+				key, prev, ok = j.decode(*ev.PrevKV)
+			}
+			if !ok {
+				continue
+			}
+			why := deleted
+			if expiry || ev.PrevKV != nil && ev.PrevKV.Lease != 0 && prev.ttl != nil && prev.ttl.at <= now {
+				why = expired // the node's expiry, or the lease's, when no node ran in time
+			}
+			changes = append(changes, change{key: key, why: why, seq: rev})
+			continue
+		}
+		if key, e, ok := j.decode(ev.KV); ok {
+			changes = append(changes, change{key: key, e: e, seq: rev})
+		}
+	}
+	if len(changes) == 0 {
+		return
+	}
+	if rev <= j.loaded {
+		j.s.remember(changes) // in the state read at start already
+		return
+	}
+	j.s.replay(changes)
+}
+
+// advance records that the view holds every change up to rev, and wakes
+// who waits for it.
+func (j *etcdJournal) advance(rev int64) {
+	j.s.advance(rev)
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if rev > j.applied {
+		j.applied = rev
+		close(j.advanced)
+		j.advanced = make(chan struct{})
+	}
+}
+
+// resync follows a watch that could not start where it asked, because
+// etcd compacted its history (the node was cut off from etcd for long):
+// it reads the prefix again at etcd's revision and applies the
+// difference to the view as one change, numbered with that revision.
+// Clients resuming from before it get every key it changed, as for any
+// change; the history before it is what etcd compacted. It returns the
+// revision to watch from.
+func (j *etcdJournal) resync(compactedAt int64) int64 {
+	for j.ctx.Err() == nil {
+		ctx, cancel := context.WithTimeout(j.ctx, j.timeout)
+		seen := make(map[string]bool)
+		var changes []change
+		key, end := j.keyRange()
+		rev, err := j.c.rangePages(ctx, key, end, 1000, func(kvs []etcdKV) error {
+			for _, kv := range kvs {
+				k, e, ok := j.decode(kv)
+				if !ok {
+					continue
+				}
+				seen[k] = true
+				if cur := j.s.Get(k); cur == nil || cur.revision != e.revision || cur.value != e.value {
+					changes = append(changes, change{key: k, e: e})
+				}
+			}
+			return nil
+		})
+		cancel()
+		if err != nil {
+			j.log.Warn("etcd: reading the prefix again after a compaction", "err", err)
+			time.Sleep(time.Second)
+			continue
+		}
+		j.s.walk(func(k string, _ *entry) {
+			if !seen[k] {
+				changes = append(changes, change{key: k, why: deleted})
+			}
+		})
+		j.log.Warn("etcd: history compacted while the node could not watch; read the prefix again", "compacted", compactedAt, "revision", rev, "changed", len(changes))
+		if len(changes) > 0 {
+			for i := range changes {
+				changes[i].seq = rev
+			}
+			j.s.replay(changes)
+		}
+		j.advance(rev)
+		return rev + 1
+	}
+	return 0
+}
+
+// waitApplied returns once the view holds every change up to rev,
+// asking the watch for progress while it waits, or ctx's error.
+func (j *etcdJournal) waitApplied(ctx context.Context, rev int64) error {
+	tick := time.NewTicker(100 * time.Millisecond)
+	defer tick.Stop()
+	for asked := false; ; {
+		j.mu.Lock()
+		applied, advanced, w := j.applied, j.advanced, j.watch
+		j.mu.Unlock()
+		if applied >= rev {
+			return nil
+		}
+		if !asked && w != nil {
+			// A watch sends no message while nothing changes under its
+			// prefix: progress says how far it has come.
+			w.requestProgress()
+			asked = true
+		}
+		select {
+		case <-advanced:
+		case <-tick.C:
+			asked = false // etcd answers no progress request of a watch still catching up: ask again
+		case <-ctx.Done():
+			return fmt.Errorf("%w: the node's view is behind etcd (at revision %d of %d)", errEtcdUnavailable, applied, rev)
+		}
+	}
+}
+
+// current returns once the view holds every change etcd committed before
+// it was called: it learns etcd's revision by a linearizable read, which
+// every read that comes meanwhile shares (readBarrier), and waits for the
+// view to reach it. So a resume point another node sent, which is a
+// revision etcd committed, is reached too.
+func (j *etcdJournal) current(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, j.timeout)
+	defer cancel()
+	rev, err := j.reads.wait(ctx)
+	if err == nil {
+		err = j.waitApplied(ctx, rev)
+	}
+	if err != nil {
+		return &unavailableError{"etcd is out of reach: this node cannot tell that what it holds is current", err}
+	}
+	return nil
+}
+
+// revision is etcd's current revision, read linearizably.
+func (j *etcdJournal) revision(ctx context.Context) (int64, error) {
+	r, err := j.c.rangeKeys(ctx, etcdRange{Key: j.key(etcdMarker), CountOnly: true})
+	if err != nil {
+		return 0, err
+	}
+	return r.Header.Revision, nil
+}
+
+// commit sends t to etcd as one txn, and returns once the view has
+// applied it. A key the view holds expired (its deadline passed, its
+// expiry not yet made) is expired first, as a change of its own.
+func (j *etcdJournal) commit(t *txn) error {
+	ctx, cancel := context.WithTimeout(j.ctx, j.timeout)
+	defer cancel()
+	if err := j.fits(t); err != nil {
+		return err
+	}
+	var creates int64
+	for _, o := range t.ops {
+		if cur := j.s.Get(o.key); cur == nil && !o.del {
+			creates++
+		}
+	}
+	if !j.s.reserve(creates) {
+		return errFull
+	}
+	defer j.s.creating.Add(-creates)
+	for attempt := 0; ; attempt++ {
+		j.expireFirst(ctx, t)
+		req, err := j.txnOf(ctx, t)
+		if err != nil {
+			return err
+		}
+		resp, err := j.c.txn(ctx, req)
+		switch {
+		case errors.Is(err, errEtcdLeaseNotFound) && attempt == 0:
+			j.leases.forget()
+			continue
+		case err != nil:
+			return etcdFailure(err)
+		case !resp.Succeeded:
+			conflict, stale := j.conflicts(t, resp)
+			if stale && attempt < 3 {
+				continue // a key etcd holds expired: expired first, then again
+			}
+			return conflict
+		}
+		j.results(t, resp)
+		return j.waitApplied(ctx, t.seq)
+	}
+}
+
+// fits refuses a transaction etcd would refuse for its size.
+func (j *etcdJournal) fits(t *txn) error {
+	n := 256
+	for _, c := range t.checks {
+		n += 2*(len(j.prefix)+len(c.key)) + 64 // its compare and its range on failure
+	}
+	for _, o := range t.ops {
+		n += len(j.prefix) + len(o.key) + len(o.value) + 64
+	}
+	if n > etcdMaxRequest {
+		return &tooLargeError{"transaction, as etcd takes it,", etcdMaxRequest}
+	}
+	return nil
+}
+
+// etcdFailure is what a client is told of a failed etcd request.
+func etcdFailure(err error) error {
+	switch {
+	case errors.Is(err, errEtcdTooLarge):
+		return &tooLargeError{"request, as etcd takes it,", etcdMaxRequest}
+	case errors.Is(err, errEtcdTooManyOps):
+		return fmt.Errorf("too many ops for etcd: %w", err)
+	case errors.Is(err, errOutcomeUnknown):
+		return &unavailableError{"etcd did not say whether it applied the write: its outcome is unknown (it may or may not have been applied)", err}
+	}
+	return &unavailableError{"etcd is unavailable: nothing was applied", err}
+}
+
+// unavailableError is a request the server could not carry out now: 503,
+// with what the client should know.
+type unavailableError struct {
+	msg string
+	err error
+}
+
+func (e *unavailableError) Error() string { return e.msg }
+func (e *unavailableError) Unwrap() error { return e.err }
+
+// expireFirst expires, each as its own change, the keys of t that the
+// view holds past their deadlines: etcd still has them, and a write to
+// one must start it again at revision 0.
+func (j *etcdJournal) expireFirst(ctx context.Context, t *txn) {
+	expire := func(key string) {
+		if v, ok := j.s.keys.Load(key); ok {
+			if e := v.(*slot).load(); e != nil && j.s.unexpired(e) == nil {
+				j.expireVersion(ctx, key, e.ttl.seq)
+			}
+		}
+	}
+	for _, c := range t.checks {
+		expire(c.key)
+	}
+	for _, o := range t.ops {
+		expire(o.key)
+	}
+}
+
+// txnOf is t as an etcd txn: a compare per check, a put or delete per
+// op, and on failure a range per check, to answer with.
+func (j *etcdJournal) txnOf(ctx context.Context, t *txn) (etcdTxn, error) {
+	var req etcdTxn
+	for _, c := range t.checks {
+		cmp := etcdCompare{Target: "VERSION", Key: j.key(c.key), Version: c.revision + 1}
+		if c.revision == noRevision {
+			cmp = etcdCompare{Target: "CREATE", Key: j.key(c.key)} // create_revision 0: missing
+		}
+		req.Compare = append(req.Compare, cmp)
+		req.Failure = append(req.Failure, etcdOp{Range: &etcdRange{Key: j.key(c.key)}})
+	}
+	now := j.s.now()
+	for _, o := range t.ops {
+		if o.del {
+			req.Success = append(req.Success, etcdOp{Delete: &etcdDelete{Key: j.key(o.key), PrevKV: true}})
+			continue
+		}
+		e := j.s.newEntry(o.key, o.value, 0, o.ttl)
+		put := &etcdPut{Key: j.key(o.key), Value: encodeEtcdValue(e), PrevKV: true}
+		if e.ttl != nil {
+			lease, err := j.leases.of(ctx, e.ttl.at, now)
+			if err != nil {
+				return req, etcdFailure(err)
+			}
+			put.Lease = lease
+		}
+		req.Success = append(req.Success, etcdOp{Put: put})
+	}
+	return req, nil
+}
+
+// results records what a txn that held did: its revision, and of each
+// op the version written (its revision one past the one before, 0 if
+// new) and whether its key held a value.
+func (j *etcdJournal) results(t *txn, resp *etcdTxnResponse) {
+	t.seq = resp.Header.Revision
+	t.existed = make([]bool, len(t.ops))
+	t.versions = t.versions[:0]
+	for i, o := range t.ops {
+		var prev *etcdKV
+		r := resp.Responses[i]
+		switch {
+		case r.Put != nil:
+			prev = r.Put.PrevKV
+		case r.Delete != nil && len(r.Delete.PrevKVs) > 0:
+			prev = &r.Delete.PrevKVs[0]
+		}
+		t.existed[i] = prev != nil
+		if o.del {
+			t.versions = append(t.versions, nil)
+			continue
+		}
+		e := j.s.newEntry(o.key, o.value, 0, o.ttl)
+		if prev != nil {
+			e.revision = prev.Version // the new version's, less one
+		}
+		t.versions = append(t.versions, e)
+	}
+}
+
+// conflicts reads a txn that failed: every check that does not hold, at
+// the version etcd holds. stale reports a check for a missing key that
+// failed on a key etcd holds expired: it must be expired first.
+func (j *etcdJournal) conflicts(t *txn, resp *etcdTxnResponse) (_ *conflictError, stale bool) {
+	conflict := new(conflictError)
+	for i, c := range t.checks {
+		var cur *entry
+		if r := resp.Responses[i].Range; r != nil && len(r.KVs) > 0 {
+			_, cur, _ = j.decode(r.KVs[0])
+		}
+		if cur != nil && j.s.unexpired(cur) == nil {
+			cur, stale = nil, stale || c.revision == noRevision
+		}
+		if revisionOf(cur) != c.revision {
+			conflict.conflicts = append(conflict.conflicts, item{c.key, cur})
+			conflict.at = append(conflict.at, i)
+		}
+	}
+	if len(conflict.conflicts) == 0 {
+		// Every check holds now: a key changed between the txn and the
+		// reads (the reads are the failure branch, at the txn's
+		// revision, so this is an expired key). Report the first.
+		conflict.conflicts = []item{{t.checks[0].key, nil}}
+		conflict.at = []int{0}
+	}
+	return conflict, stale
+}
+
+// expire ends d's key at its deadline, as every node tries to: one txn
+// deletes it if it is still that version, with the marker.
+func (j *etcdJournal) expire(d *deadline) {
+	v, ok := j.s.keys.Load(d.key)
+	if !ok {
+		return
+	}
+	if e := v.(*slot).load(); e == nil || e.ttl != d {
+		return // written or gone since
+	}
+	ctx, cancel := context.WithTimeout(j.ctx, j.timeout)
+	defer cancel()
+	if err := j.expireVersion(ctx, d.key, d.seq); err != nil && j.ctx.Err() == nil {
+		// etcd is out of reach: the key stays unreadable, and its
+		// expiry is tried again.
+		time.AfterFunc(time.Second, func() { j.expire(d) })
+	}
+}
+
+// expireVersion deletes key if etcd still holds it at revision seq, with
+// the marker that tells the watch it expired.
+func (j *etcdJournal) expireVersion(ctx context.Context, key string, seq int64) error {
+	_, err := j.c.txn(ctx, etcdTxn{
+		Compare: []etcdCompare{{Target: "MOD", Key: j.key(key), ModRevision: seq}},
+		Success: []etcdOp{
+			{Delete: &etcdDelete{Key: j.key(key)}},
+			{Put: &etcdPut{Key: j.key(etcdMarker), Value: []byte(key)}},
+		},
+	})
+	return err
+}
+
+// close stops the watch.
+func (j *etcdJournal) close() error {
+	j.stop()
+	<-j.done
+	j.c.close()
+	return nil
+}
+
+// readBarrier shares etcd round trips among reads: a read joins the
+// round that will start next (never one already under way, which may
+// have begun before the read and miss a write acknowledged since), and
+// one goroutine runs rounds while reads wait.
+type readBarrier struct {
+	round func(context.Context) (int64, error)
+
+	mu      sync.Mutex
+	next    *readRound
+	running bool
+}
+
+type readRound struct {
+	done chan struct{}
+	rev  int64
+	err  error
+}
+
+// wait returns the revision of a round that began after it was called.
+func (b *readBarrier) wait(ctx context.Context) (int64, error) {
+	b.mu.Lock()
+	r := b.next
+	if r == nil {
+		r = &readRound{done: make(chan struct{})}
+		b.next = r
+	}
+	if !b.running {
+		b.running = true
+		go b.run(ctx)
+	}
+	b.mu.Unlock()
+	select {
+	case <-r.done:
+		return r.rev, r.err
+	case <-ctx.Done():
+		return 0, fmt.Errorf("%w: %w", errEtcdUnavailable, ctx.Err())
+	}
+}
+
+// run runs rounds until no read waits.
+func (b *readBarrier) run(ctx context.Context) {
+	for {
+		b.mu.Lock()
+		r := b.next
+		b.next = nil
+		if r == nil {
+			b.running = false
+			b.mu.Unlock()
+			return
+		}
+		b.mu.Unlock()
+		r.rev, r.err = b.round(context.WithoutCancel(ctx))
+		close(r.done)
+	}
+}
+
+// leaseCache holds the node's leases, one per second of deadlines.
+type leaseCache struct {
+	c  *etcdClient
+	mu sync.Mutex // held while a lease is granted: one grant per second at most
+	m  map[int64]int64
+}
+
+// of returns the lease of deadlines in the second of at (Unix ns),
+// granting it if needed, to end etcdLeaseGrace seconds after that
+// second.
+func (l *leaseCache) of(ctx context.Context, at, now int64) (int64, error) {
+	sec := at/int64(time.Second) + 1 // the end of at's second
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if id, ok := l.m[sec]; ok {
+		return id, nil
+	}
+	id, _, err := l.c.leaseGrant(ctx, sec-now/int64(time.Second)+etcdLeaseGrace)
+	if err != nil {
+		return 0, err
+	}
+	if l.m == nil {
+		l.m = make(map[int64]int64)
+	}
+	for s := range l.m {
+		if s < now/int64(time.Second) {
+			delete(l.m, s) // its second is over: no key will take it
+		}
+	}
+	l.m[sec] = id
+	return id, nil
+}
+
+// forget drops every lease: etcd no longer has one of them.
+func (l *leaseCache) forget() {
+	l.mu.Lock()
+	l.m = nil
+	l.mu.Unlock()
+}
