@@ -17,8 +17,8 @@ import (
 type event struct {
 	sub   *subscription // whose event it is; nil for a reply
 	key   string
-	e     *entry       // nil: the key is missing
-	seq   int64        // of a change; of synced, the point it marks
+	e     *entry   // nil: the key is missing
+	seq   int64    // of a change; of synced, the point it marks
 	reply *wsReply // a WebSocket reply
 	state cursor   // a state or a listing to read, in its place in the queue
 	kind  eventKind
