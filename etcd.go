@@ -631,14 +631,22 @@ func (c *etcdClient) openWatch(ctx context.Context, u string, first []byte) (*et
 	go func() {
 		defer close(w.fed)
 		defer w.mu.Unlock()
+		// first, then blanks until the answer (see etcdWatch): 512 KiB at
+		// once, then 16 KiB a millisecond, or a fast link carries
+		// megabytes of them before the answer can come back.
 		blank := bytes.Repeat([]byte{' '}, 16<<10)
-		// first, then blanks until the answer: see etcdWatch.
-		for _, err := pw.Write(first); err == nil; _, err = pw.Write(blank) {
+		_, err := pw.Write(first)
+		for n := 0; err == nil; n++ {
+			pause := time.Duration(0)
+			if n >= 32 {
+				pause = time.Millisecond
+			}
 			select {
 			case <-answered:
 				return
-			default:
+			case <-time.After(pause):
 			}
+			_, err = pw.Write(blank)
 		}
 	}()
 	var err error
