@@ -459,26 +459,22 @@ func (c *etcdClient) txn(ctx context.Context, t etcdTxn) (*etcdTxnResponse, erro
 }
 
 // leaseGrant grants a lease of ttl seconds; etcd picks its id, and may
-// grant more (its minimum is 1.5 election timeouts).
+// grant more (its minimum, about 1.5 election timeouts).
 func (c *etcdClient) leaseGrant(ctx context.Context, ttl int64) (id, granted int64, err error) {
 	type lease struct {
-		ID    int64  `json:"ID,omitempty,string"`
-		TTL   int64  `json:"TTL,string"`
-		Error string `json:"error,omitempty"`
+		ID  int64 `json:"ID,omitempty,string"`
+		TTL int64 `json:"TTL,string"`
 	}
 	resp, err := etcdCall[lease](ctx, c, "/v3/lease/grant", false, lease{TTL: ttl})
-	if err == nil && resp.Error != "" {
-		err = &etcdError{Message: resp.Error}
-	}
 	if err != nil {
 		return 0, 0, err
 	}
 	return resp.ID, resp.TTL, nil
 }
 
-// leaseRevoke revokes lease id, deleting its keys at one revision. Being
-// sent again after any failure, errEtcdLeaseNotFound means it is gone,
-// whoever revoked it.
+// leaseRevoke revokes lease id, deleting its keys at one revision. It is
+// sent again after any failure, so errEtcdLeaseNotFound may answer an
+// attempt of its own that did revoke it: either way the lease is gone.
 func (c *etcdClient) leaseRevoke(ctx context.Context, id int64) error {
 	_, err := etcdCall[struct{}](ctx, c, "/v3/lease/revoke", true, struct {
 		ID int64 `json:"ID,string"`
@@ -631,14 +627,22 @@ func (c *etcdClient) openWatch(ctx context.Context, u string, first []byte) (*et
 	go func() {
 		defer close(w.fed)
 		defer w.mu.Unlock()
+		// first, then blanks until the answer (see etcdWatch): 512 KiB at
+		// once, then 16 KiB a millisecond, or a fast link carries
+		// megabytes of them before the answer can come back.
 		blank := bytes.Repeat([]byte{' '}, 16<<10)
-		// first, then blanks until the answer: see etcdWatch.
-		for _, err := pw.Write(first); err == nil; _, err = pw.Write(blank) {
+		_, err := pw.Write(first)
+		for n := 0; err == nil; n++ {
+			pause := time.Duration(0)
+			if n >= 32 {
+				pause = time.Millisecond
+			}
 			select {
 			case <-answered:
 				return
-			default:
+			case <-time.After(pause):
 			}
+			_, err = pw.Write(blank)
 		}
 	}()
 	var err error
