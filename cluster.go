@@ -7,6 +7,14 @@
 // -data log at start. Reads wait until the view holds every change etcd
 // committed before they began (current), so they are linearizable.
 //
+// How a node knows its view holds every change up to a revision: the
+// watch's events come in revision order, so once it has brought an event
+// at revision R, it has brought every change up to R. When the prefix is
+// quiet the node writes a fence (the key <prefix>/\x00fence) and waits for
+// its event. (etcd's progress requests would save the write, but in etcd
+// 3.4.23 a progress report may come before events of lower revisions,
+// etcd-io/etcd#15220: it says where etcd was, not what the watch sent.)
+//
 // How AtomKV's model maps onto etcd's:
 //
 //	key /a/b                 etcd key <prefix>/a/b
@@ -70,18 +78,23 @@ type etcdJournal struct {
 	mu       sync.Mutex
 	applied  int64         // the view holds every change up to this revision
 	advanced chan struct{} // closed, and replaced, whenever applied moves
-	watch    *etcdWatch    // the watch open now, to ask for progress
+	watch    *etcdWatch    // the watch open now, which a stall closes
 	loaded   int64         // the revision the start-up range read; changes up to it only go to the history
-	healthy  atomic.Bool   // the watch is open and caught up
+	healthy  atomic.Bool   // the watch is open and has brought a fence written after it opened
 
-	reads  readBarrier
+	reads  readBarrier // rounds of linearizable reads of etcd's revision
+	fences readBarrier // rounds of fence writes
 	leases leaseCache
 }
 
 // etcdMarker is the etcd key, under the prefix, that an expiry puts in
-// the revision of its delete; no AtomKV key maps to it (no component
-// starts with a control character).
-const etcdMarker = "/\x00expired"
+// the revision of its delete, and etcdFence the key a node writes to know
+// its watch is current; no AtomKV key maps to either (no component starts
+// with a control character).
+const (
+	etcdMarker = "/\x00expired"
+	etcdFence  = "/\x00fence"
+)
 
 // openCluster makes s the view of the keyspace under cfg.etcdPrefix in
 // the etcd cluster at cfg.etcd: it checks what etcd accepts, reads the
@@ -104,6 +117,7 @@ func openCluster(cfg config, s *Store, log *slog.Logger) (*etcdJournal, error) {
 		done: make(chan struct{}), advanced: make(chan struct{})}
 	j.ctx, j.stop = context.WithCancel(context.Background())
 	j.reads.round = j.revision
+	j.fences.round = j.fence
 	j.leases.c = c
 	ctx, cancel := context.WithTimeout(j.ctx, max(cfg.writeTimeout, 10*time.Second))
 	defer cancel()
@@ -238,6 +252,7 @@ func (j *etcdJournal) follow(from int64) {
 			j.s.historyFrom(from) // the changes before the state read at start come first
 		}
 		j.setWatch(w)
+		go j.checkCurrent(w)
 		wait = 0
 		for {
 			r, err := w.next()
@@ -248,7 +263,9 @@ func (j *etcdJournal) follow(from int64) {
 			if err != nil {
 				break
 			}
-			from = j.receive(r, w.header.Revision) + 1
+			if last := j.receive(r, w.header.Revision); last > 0 {
+				from = last + 1
+			}
 		}
 		j.setWatch(nil)
 		w.Close()
@@ -263,12 +280,27 @@ func (j *etcdJournal) setWatch(w *etcdWatch) {
 	j.mu.Unlock()
 }
 
+// checkCurrent writes a fence once w is open, and marks the node healthy
+// when its event comes: the view has then caught up.
+func (j *etcdJournal) checkCurrent(w *etcdWatch) {
+	ctx, cancel := context.WithTimeout(j.ctx, j.timeout)
+	defer cancel()
+	if err := j.waitFence(ctx); err == nil {
+		j.mu.Lock()
+		if j.watch == w {
+			j.healthy.Store(true)
+		}
+		j.mu.Unlock()
+	}
+}
+
 // receive applies a watch message: each revision's events as one change
 // (a transaction's several keys share one), or, for a change the view
 // already holds (up to the revision the start-up read), only its keys to
-// the history. A message without events is progress: every change up to
-// its revision has come. It returns the last revision it covers.
-func (j *etcdJournal) receive(r *etcdWatchResponse, createdAt int64) int64 {
+// the history. It returns the last revision it brought (0 for a message
+// without events, whose revision says nothing sure: see the file's
+// comment).
+func (j *etcdJournal) receive(r *etcdWatchResponse, _ int64) int64 {
 	last := int64(0)
 	for len(r.Events) > 0 {
 		rev := r.Events[0].KV.ModRevision
@@ -279,12 +311,8 @@ func (j *etcdJournal) receive(r *etcdWatchResponse, createdAt int64) int64 {
 		j.apply(rev, r.Events[:n])
 		r.Events, last = r.Events[n:], rev
 	}
-	if last == 0 {
-		last = r.Header.Revision // progress
-	}
-	j.advance(last)
-	if last >= createdAt {
-		j.healthy.Store(true)
+	if last > 0 {
+		j.advance(last)
 	}
 	return last
 }
@@ -392,32 +420,67 @@ func (j *etcdJournal) resync(compactedAt int64) int64 {
 	return 0
 }
 
-// waitApplied returns once the view holds every change up to rev,
-// asking the watch for progress while it waits, or ctx's error.
+// waitApplied returns once the view holds every change up to rev, or
+// ctx's error. If the change at rev is not one whose event will come (a
+// write of the prefix), it writes a fence after it and waits for that.
 func (j *etcdJournal) waitApplied(ctx context.Context, rev int64) error {
-	tick := time.NewTicker(100 * time.Millisecond)
-	defer tick.Stop()
-	for asked := false; ; {
+	if j.appliedAt() >= rev {
+		return nil
+	}
+	return j.waitFence(ctx)
+}
+
+// waitFence returns once the view holds a fence written after it was
+// called, so every change committed before the call.
+func (j *etcdJournal) waitFence(ctx context.Context) error {
+	rev, err := j.fences.wait(ctx)
+	if err != nil {
+		return err
+	}
+	return j.waitUntil(ctx, rev)
+}
+
+// waitUntil returns once the watch has brought the change at rev, which
+// is one of the prefix. A watch that does not bring it within a few
+// seconds is stalled (a member that vanished without closing its
+// connections): it is closed, and the watch opened again.
+func (j *etcdJournal) waitUntil(ctx context.Context, rev int64) error {
+	stall := time.NewTimer(3 * time.Second)
+	defer stall.Stop()
+	for {
 		j.mu.Lock()
 		applied, advanced, w := j.applied, j.advanced, j.watch
 		j.mu.Unlock()
 		if applied >= rev {
 			return nil
 		}
-		if !asked && w != nil {
-			// A watch sends no message while nothing changes under its
-			// prefix: progress says how far it has come.
-			w.requestProgress()
-			asked = true
-		}
 		select {
 		case <-advanced:
-		case <-tick.C:
-			asked = false // etcd answers no progress request of a watch still catching up: ask again
+		case <-stall.C:
+			if w != nil {
+				j.log.Warn("etcd: the watch brought nothing in 3 s; watching again", "revision", applied, "waiting for", rev)
+				w.Close()
+			}
 		case <-ctx.Done():
 			return fmt.Errorf("%w: the node's view is behind etcd (at revision %d of %d)", errEtcdUnavailable, applied, rev)
 		}
 	}
+}
+
+// appliedAt is the revision the view holds every change up to.
+func (j *etcdJournal) appliedAt() int64 {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.applied
+}
+
+// fence writes the fence key and returns its revision.
+func (j *etcdJournal) fence(ctx context.Context) (int64, error) {
+	r, err := j.c.txn(ctx, etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: j.key(etcdFence)}}}})
+	if err != nil {
+		return 0, err
+	}
+	return r.Header.Revision, nil
 }
 
 // current returns once the view holds every change etcd committed before
@@ -487,7 +550,10 @@ func (j *etcdJournal) commit(t *txn) error {
 			return conflict
 		}
 		j.results(t, resp)
-		return j.waitApplied(ctx, t.seq)
+		if j.changed(t) {
+			return j.wrote(j.waitUntil(ctx, t.seq)) // its own events bring the view there
+		}
+		return j.wrote(j.waitFence(ctx))
 	}
 }
 
@@ -607,6 +673,26 @@ func (j *etcdJournal) results(t *txn, resp *etcdTxnResponse) {
 		}
 		t.versions = append(t.versions, e)
 	}
+}
+
+// wrote is what a client is told of a write etcd committed that the
+// view did not reach in time.
+func (j *etcdJournal) wrote(err error) error {
+	if err != nil {
+		return &unavailableError{"etcd committed the write, but this node's view did not reach it in time", err}
+	}
+	return nil
+}
+
+// changed reports whether a txn that held changed a key, so that its
+// events will come on the watch.
+func (j *etcdJournal) changed(t *txn) bool {
+	for i, o := range t.ops {
+		if !o.del || t.existed[i] {
+			return true
+		}
+	}
+	return false
 }
 
 // conflicts reads a txn that failed: every check that does not hold, at
