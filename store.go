@@ -339,12 +339,15 @@ func (s *Store) decide(t *txn, j localJournal) error {
 		s.release(j, sl)
 		sl.mu.Unlock()
 	}
-	s.creating.Add(-creates)
 	for _, b := range wait {
 		if werr := b.wait(); werr != nil {
-			return werr
+			err = werr
+			break
 		}
 	}
+	// Only now, written and applied, do the keys created count as live:
+	// until then they count as being created, against -max-keys.
+	s.creating.Add(-creates)
 	return err
 }
 
