@@ -310,6 +310,11 @@ func (s *Store) install(key string, sl *slot, cur, next *entry, why reason) {
 	}
 }
 
+// liveSize returns the bytes of the keys and values held: what the data
+// files would hold if compacted now, against which the journal weighs
+// its log.
+func (s *Store) liveSize() int64 { return s.liveBytes.Load() }
+
 // size is what a version of key weighs in the data files, about.
 func size(key string, e *entry) int64 {
 	if e == nil {
