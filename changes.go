@@ -264,7 +264,7 @@ func (c *stateCursor) changed(out []event) ([]event, bool) {
 	start := len(out)
 	defer func() { sortStates(out[start:]) }()
 	for _, key := range keys[:n] {
-		if _, dup := c.seen[key]; dup || !watches(c.sub.path, key) {
+		if _, dup := c.seen[key]; dup || !covers(c.sub.path, key) {
 			continue
 		}
 		if c.held+seenWeight > seenMax {
@@ -311,7 +311,7 @@ func (c *stateCursor) walk(out *[]event) (more bool) {
 		if !ok {
 			return false
 		}
-		if !strings.HasPrefix(key, path) {
+		if !covers(path, key) {
 			continue
 		}
 		sl.mu.Lock()
@@ -364,11 +364,6 @@ func (c *stateCursor) stopWalk() {
 	c.mu.Lock()
 	c.close()
 	c.mu.Unlock()
-}
-
-// watches reports whether a subscription to path sees the changes of key.
-func watches(path, key string) bool {
-	return path == key || strings.HasSuffix(path, "/") && strings.HasPrefix(key, path)
 }
 
 // defaultHistory is how many changes the store remembers (-history).
@@ -457,26 +452,19 @@ func (r *registry) remove(sub *subscription) {
 	}
 }
 
-// publish queues a change for the subscriptions of its key and of every
-// prefix above it: /a/b/c, /a/b/, /a/, /. The cost is the depth of the
-// key plus the subscriptions found; the prefixes are substrings of the
-// key, so finding them allocates nothing.
+// publish queues a change for the subscriptions of every path that
+// covers its key (coveringPaths: /a/b/c, /a/b/, /a/, /). The cost is the
+// depth of the key plus the subscriptions found, and it allocates
+// nothing.
 func (r *registry) publish(c change) {
 	if r.count.Load() == 0 {
 		return
 	}
 	ev := event{kind: evChange, key: c.key, e: c.e, why: c.why, seq: c.seq}
-	key := c.key
-	for sub := range r.paths[key] {
-		ev.sub = sub
-		sub.q.push(ev)
-	}
-	for i := len(key) - 1; i >= 0; i-- {
-		if key[i] == '/' {
-			for sub := range r.paths[key[:i+1]] {
-				ev.sub = sub
-				sub.q.push(ev)
-			}
+	for path := range coveringPaths(c.key) {
+		for sub := range r.paths[path] {
+			ev.sub = sub
+			sub.q.push(ev)
 		}
 	}
 }

@@ -358,7 +358,7 @@ func resumeAtRandomCuts(t *testing.T, args ...string) {
 		rounds, resets = rounds+v.rounds, resets+v.resets
 		want := map[string]string{}
 		for _, it := range srv.store.List("/") {
-			if watches(v.path, it.key) {
+			if covers(v.path, it.key) {
 				want[it.key] = fmt.Sprintf("%d=%s", it.revision, it.value)
 			}
 		}

@@ -154,7 +154,7 @@ func TestOneKeyPerRequest(t *testing.T) {
 			for _, m := range oneKeyMethods {
 				for tok, grants := range oneKeyTokens {
 					covers := func(key string, pm perm) bool {
-						return slices.ContainsFunc(grants, func(g grant) bool { return g.covers(key, pm) })
+						return slices.ContainsFunc(grants, func(g grant) bool { return g.allows(key, pm) })
 					}
 					named := map[string]string{} // canonical spelling → route and target
 					for _, set := range []map[string]string{canonical, other} {

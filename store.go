@@ -4,7 +4,6 @@ import (
 	"errors"
 	"math/rand/v2"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -488,7 +487,7 @@ func (s *Store) List(prefix string) []item {
 	var items []item
 	s.keys.Range(func(k, v any) bool {
 		key := k.(string)
-		if strings.HasPrefix(key, prefix) {
+		if covers(prefix, key) {
 			if e := s.unexpired(v.(*slot).load()); e != nil {
 				items = append(items, item{key, e})
 			}
