@@ -45,6 +45,7 @@ type server struct {
 
 	mux     *http.ServeMux
 	routing map[string][]*route // by pattern, in the order they are tried
+	methods map[api]methodHeaders
 	tracer  func(stage string, rt *route, target string)
 }
 
@@ -88,27 +89,33 @@ var (
 	hdrExposed       = []string{"X-Revision, X-TTL"}
 	hdrVaryOrigin    = []string{"Origin"}
 	hdrJSON          = []string{"application/json"}
-	hdrAllowMethods  = []string{"GET, POST, PUT, DELETE, OPTIONS"}
 	hdrAllowHeaders  = []string{"Authorization, Content-Type, X-Revision, X-TTL, Last-Event-ID"}
-	hdrAllow         = []string{"GET, HEAD, POST, PUT, DELETE, OPTIONS"}
 	hdrPreflightLife = []string{"86400"}
 )
 
-// handlePreflight answers a CORS preflight request.
+// handlePreflight answers a CORS preflight request, with the methods of
+// the shape that owns the path.
 func (s *server) handlePreflight(w http.ResponseWriter, r *http.Request, _ string) outcome {
+	m := s.methods[s.shapeOf(r)]
 	h := w.Header()
-	h["Access-Control-Allow-Methods"] = hdrAllowMethods
+	h["Access-Control-Allow-Methods"] = m.cors
 	h["Access-Control-Allow-Headers"] = hdrAllowHeaders
 	h["Access-Control-Max-Age"] = hdrPreflightLife
-	h["Allow"] = hdrAllow
+	h["Allow"] = m.allow
 	w.WriteHeader(http.StatusNoContent)
 	return outcomeOK
 }
 
-// handleMethodNotAllowed answers a method the API does not have.
+// handleMethodNotAllowed answers a method that no route of the path has,
+// with the Allow of the shape that owns the path.
 func (s *server) handleMethodNotAllowed(w http.ResponseWriter, r *http.Request, _ string) outcome {
-	w.Header()["Allow"] = hdrAllow
-	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed", r.Method))
+	a := s.shapeOf(r)
+	w.Header()["Allow"] = s.methods[a].allow
+	msg := fmt.Sprintf("method %s not allowed", r.Method)
+	if a == apiREST {
+		msg += " under -kvserver-rest " + s.cfg.kvserverREST
+	}
+	serveError(w, http.StatusMethodNotAllowed, msg)
 	return outcomeBadRequest
 }
 

@@ -97,13 +97,3 @@ func (s *server) handleRESTDelete(w http.ResponseWriter, r *http.Request, key st
 	w.WriteHeader(http.StatusOK)
 	return outcomeOK
 }
-
-var hdrRESTAllow = []string{"GET, HEAD, POST, DELETE, OPTIONS"}
-
-// handleRESTMethodNotAllowed answers a method KvServer's REST shape does
-// not have.
-func (s *server) handleRESTMethodNotAllowed(w http.ResponseWriter, r *http.Request, _ string) outcome {
-	w.Header()["Allow"] = hdrRESTAllow
-	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed under -kvserver-rest %s", r.Method, s.cfg.kvserverREST))
-	return outcomeBadRequest
-}
