@@ -221,6 +221,33 @@ func TestWebSocketBadMessages(t *testing.T) {
 	c.roundTrip(`{"type":"get","payload":{"key":"/keep"}}`, `{"type":"value","payload":{"key":"/keep","value":"safe","revision":0}}`)
 }
 
+// TestWebSocketOpList: the error that answers an unknown type names every
+// type of the op table, in its order, and each type it names is one the
+// server answers (with an error about its payload, not its type).
+func TestWebSocketOpList(t *testing.T) {
+	url := startServer(t)
+	c := dialWS(t, url, "")
+	c.send(`{"type":"nope","payload":{}}`)
+	got := c.recv()
+	list := got[strings.Index(got, "want ")+len("want ") : strings.LastIndex(got, `"`)]
+	types := strings.Split(strings.Replace(list, " or ", ", ", 1), ", ")
+	var want []string
+	for _, op := range wsOps {
+		want = append(want, op.typ)
+	}
+	if !slices.Equal(types, want) {
+		t.Fatalf("unknown type: %s; want it to name %q", got, want)
+	}
+	for _, typ := range types {
+		t.Run(typ, func(t *testing.T) {
+			c.send(`{"type":"` + typ + `","payload":{"key":""},"id":1}`)
+			if got := c.recv(); strings.Contains(got, "unknown message type") {
+				t.Errorf("%s: %s", typ, got)
+			}
+		})
+	}
+}
+
 // TestWebSocketOrigins: any origin by default, and clients without one;
 // with -origins, only those listed (and still clients without one).
 func TestWebSocketOrigins(t *testing.T) {

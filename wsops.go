@@ -32,10 +32,11 @@ type wsPayload struct {
 	Since    json.RawMessage `json:"since"`
 }
 
-// wsOp is one message type of the WebSocket API: what its payload names
-// and the permission that needs, and the method that answers it. handle
-// checks both, in one place, before the method runs.
+// wsOp is one message type of the WebSocket API: its name, what its
+// payload names and the permission that needs, and the method that
+// answers it. handle checks both, in one place, before the method runs.
 type wsOp struct {
+	typ    string
 	names  wsTarget
 	perm   perm
 	answer func(c *wsConn, r wsRequest)
@@ -50,16 +51,38 @@ const (
 	namesPrefix                 // "prefix": a prefix ("/" if absent; the "/" at its end may be left out)
 )
 
-// wsOps is every message type a client may send.
-var wsOps = map[string]wsOp{
-	"get":         {namesKey, permRead, (*wsConn).get},
-	"set":         {namesKey, permWrite, (*wsConn).set},
-	"update":      {namesKey, permWrite, (*wsConn).update},
-	"delete":      {namesKey, permWrite, (*wsConn).delete},
-	"subscribe":   {namesPath, permRead, (*wsConn).subscribe},
-	"unsubscribe": {namesPath, permNone, (*wsConn).unsubscribe},
-	"list":        {namesPrefix, permRead, (*wsConn).list},
+// wsOps is every message type a client may send, in the order the
+// documentation lists them, and the error for an unknown one (wsOpList).
+var wsOps = []wsOp{
+	{"get", namesKey, permRead, (*wsConn).get},
+	{"set", namesKey, permWrite, (*wsConn).set},
+	{"update", namesKey, permWrite, (*wsConn).update},
+	{"delete", namesKey, permWrite, (*wsConn).delete},
+	{"subscribe", namesPath, permRead, (*wsConn).subscribe},
+	{"unsubscribe", namesPath, permNone, (*wsConn).unsubscribe},
+	{"list", namesPrefix, permRead, (*wsConn).list},
 }
+
+// wsOpOf returns the op of a message type. Seven string comparisons at
+// most: a map would not be faster.
+func wsOpOf(typ string) (wsOp, bool) {
+	for _, op := range wsOps {
+		if op.typ == typ {
+			return op, true
+		}
+	}
+	return wsOp{}, false
+}
+
+// wsOpList names every message type, for the error that answers an
+// unknown one: "get, set, … or list".
+var wsOpList = func() string {
+	types := make([]string, len(wsOps))
+	for i, op := range wsOps {
+		types[i] = op.typ
+	}
+	return strings.Join(types[:len(types)-1], ", ") + " or " + types[len(types)-1]
+}()
 
 // wsRequest is a message being answered, with what it names checked:
 // the store's key or path, and as the client spelled it, which replies
@@ -82,9 +105,9 @@ func (c *wsConn) handle(data []byte) {
 		c.fail(msg.ID, err)
 		return
 	}
-	op, ok := wsOps[msg.Type]
+	op, ok := wsOpOf(msg.Type)
 	if !ok {
-		c.fail(msg.ID, fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+		c.fail(msg.ID, fmt.Errorf("unknown message type %q: want %s", msg.Type, wsOpList))
 		return
 	}
 	r := wsRequest{typ: msg.Type, id: msg.ID, p: p}
