@@ -312,28 +312,43 @@ func (s *server) readWrite(w http.ResponseWriter, r *http.Request, key string) (
 			return "", 0, err
 		}
 	}
-	value, err = readValue(w, r, s.cfg.maxValueBytes)
+	value, err = s.readValue(w, r)
 	return value, ttl, err
 }
 
-// readValue reads a request body of at most max bytes that must be one
-// JSON value, and returns it compacted. json.Compact validates as it goes,
-// so the value is scanned once; it is never decoded, which keeps numbers
-// and member order exactly as written.
-func readValue(w http.ResponseWriter, r *http.Request, max int64) (string, error) {
+// readLimit is the most bytes read for one write: a request body or a
+// WebSocket message. The value's own limit is on its compacted form
+// (checkValue), so what comes with it must fit as well: the whitespace of
+// a value written by hand or pretty-printed, and an envelope around it
+// (KvServer's {"value": …}, a WebSocket message with its key and id). But
+// a body is held whole while it is read, so it is bounded too, or
+// whitespace could make the server read without end. Twice the value
+// limit is room for a document indented as JSON.stringify(v, null, 2)
+// and json.MarshalIndent write it (objects of named fields come to about
+// 1.6 times their compact size; only arrays of one-digit numbers, at 2.5,
+// need sending compact near the limit); the key and 64 KiB are the
+// envelope, and room for a small limit whatever the value's spacing.
+func (s *server) readLimit() int64 {
+	return 2*s.cfg.maxValueBytes + int64(s.cfg.maxKeyBytes) + 64<<10
+}
+
+// readValue reads a request body that must be one JSON value, and
+// returns it compacted if that fits -max-value-bytes (checkValue). A
+// body past readLimit is refused as it is read.
+func (s *server) readValue(w http.ResponseWriter, r *http.Request) (string, error) {
 	body := getBuffer()
 	defer putBuffer(body)
-	if err := readBody(w, r, body, max, "value"); err != nil {
+	if err := readBody(w, r, body, s.readLimit()); err != nil {
 		return "", err
 	}
-	return compactValue(body.Bytes())
+	return s.checkValue(body.Bytes())
 }
 
 // readBody reads a request body of at most max bytes into buf. Past the
-// limit it returns a tooLargeError about what the body holds.
-func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int64, what string) error {
+// limit it returns a tooLargeError about the body.
+func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int64) error {
 	if r.ContentLength > max {
-		return &tooLargeError{what, max}
+		return &tooLargeError{"body", max}
 	}
 	src := r.Body
 	if r.ContentLength < 0 {
@@ -343,37 +358,50 @@ func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int
 	}
 	if _, err := buf.ReadFrom(src); err != nil {
 		if errors.As(err, new(*http.MaxBytesError)) {
-			return &tooLargeError{what, max}
+			return &tooLargeError{"body", max}
 		}
 		return fmt.Errorf("reading the body: %v", err)
 	}
 	return nil
 }
 
-// compactValue checks that src is one JSON value and returns it compacted.
-func compactValue(src []byte) (string, error) {
+// checkValue checks that raw is one JSON value and returns it compacted,
+// if that fits -max-value-bytes. It is the one size rule of every write
+// (HTTP POST and PUT, the WebSocket, KvServer's REST shape), and it
+// weighs the compacted form, which is what the store keeps and sends: a
+// value is accepted or refused alike whatever whitespace it came with,
+// and over whichever interface.
+func (s *server) checkValue(raw []byte) (string, error) {
+	return compactValue(raw, s.cfg.maxValueBytes)
+}
+
+// compactValue checks that src is one JSON value and returns it
+// compacted, or a tooLargeError if that is over max bytes. json.Compact
+// validates as it goes, so the value is scanned once; it is never
+// decoded, which keeps numbers and member order exactly as written.
+func compactValue(src []byte, max int64) (string, error) {
 	out := getBuffer()
 	defer putBuffer(out)
 	if err := json.Compact(out, src); err != nil {
 		return "", fmt.Errorf("invalid JSON value: %v", err)
+	}
+	if int64(out.Len()) > max {
+		return "", &tooLargeError{"value", max}
 	}
 	return out.String(), nil
 }
 
 // valueAndTTL checks the value and TTL of a write that came inside a
 // JSON envelope (a WebSocket message, KvServer's REST body): the value
-// must be there (null is a value) and, compacted, fit -max-value-bytes;
-// the TTL may be absent or null.
+// must be there (null is a value) and pass checkValue; the TTL may be
+// absent or null.
 func (s *server) valueAndTTL(rawValue, rawTTL json.RawMessage) (string, time.Duration, error) {
 	if rawValue == nil {
 		return "", 0, errors.New(`missing "value" (null is a value: send "value": null)`)
 	}
-	value, err := compactValue(rawValue)
+	value, err := s.checkValue(rawValue)
 	if err != nil {
 		return "", 0, err
-	}
-	if int64(len(value)) > s.cfg.maxValueBytes {
-		return "", 0, &tooLargeError{"value", s.cfg.maxValueBytes}
 	}
 	var ttl time.Duration
 	if rawTTL != nil && string(rawTTL) != "null" {

@@ -71,8 +71,7 @@ func (s *server) readRESTWrite(w http.ResponseWriter, r *http.Request, key strin
 	}
 	body := getBuffer()
 	defer putBuffer(body)
-	// The envelope holds the value; give it room beyond the value limit.
-	if err := readBody(w, r, body, s.cfg.maxValueBytes+4096, "body"); err != nil {
+	if err := readBody(w, r, body, s.readLimit()); err != nil {
 		return "", 0, err
 	}
 	var req struct {

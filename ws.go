@@ -213,8 +213,8 @@ func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out
 	c := &wsConn{
 		s: s, out: out,
 		subs: make(map[string]*subscription),
-		// The envelope, the key and an id need room beside the largest value.
-		in:      wsReader{r: r, max: int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096},
+		// A write's message is held whole, as a request body is.
+		in:      wsReader{r: r, max: int(s.readLimit())},
 		drained: make(chan struct{}, 1),
 		done:    make(chan struct{}),
 	}
