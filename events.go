@@ -348,8 +348,7 @@ func (s *server) handleEvents(w http.ResponseWriter, r *http.Request, path strin
 		serveError(w, http.StatusBadRequest, err.Error())
 		return
 	}
-	if !s.streams.reserve() {
-		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
+	if !s.admit(w) {
 		return
 	}
 	h := w.Header()

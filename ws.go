@@ -51,8 +51,7 @@ func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		serveError(w, err.code, err.msg)
 		return
 	}
-	if !s.streams.reserve() {
-		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
+	if !s.admit(w) {
 		return
 	}
 	conn, buf, err := http.NewResponseController(w).Hijack()
