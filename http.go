@@ -219,20 +219,35 @@ func (s *server) appendList(b []byte, prefix string) []byte {
 	return append(b, ']')
 }
 
-// appendItem appends the JSON object {"key","value","revision"[,"ttl"]}
-// of it; ttl is the milliseconds it has left at now.
+// appendItem appends the JSON object of a key's version, as a listing, a
+// WebSocket get and a conflict send it: {"key","value","revision"[,"ttl"]},
+// ttl the milliseconds it has left at now. A nil entry is the key
+// missing: value null, revision -1.
 func appendItem(b []byte, it item, now int64) []byte {
-	b = append(b, `{"key":`...)
-	b = appendKey(b, it.key)
-	b = append(b, `,"value":`...)
-	b = append(b, it.value...)
-	b = append(b, `,"revision":`...)
-	b = strconv.AppendInt(b, it.revision, 10)
-	if ms, ok := it.ttlLeft(now); ok {
-		b = append(b, `,"ttl":`...)
-		b = strconv.AppendInt(b, ms, 10)
+	b = appendVersion(append(b, '{'), it.key, it.entry)
+	if it.entry != nil {
+		if ms, ok := it.ttlLeft(now); ok {
+			b = append(b, `,"ttl":`...)
+			b = strconv.AppendInt(b, ms, 10)
+		}
 	}
 	return append(b, '}')
+}
+
+// appendVersion appends the members "key","value","revision" of key at
+// version e (null and -1 if e is nil: missing): what every JSON object of
+// a key's version holds, an item and a WebSocket value event alike. The
+// value is the stored bytes, compact JSON, appended as they are.
+func appendVersion(b []byte, key string, e *entry) []byte {
+	b = append(b, `"key":`...)
+	b = appendKey(b, key)
+	b = append(b, `,"value":`...)
+	if e == nil {
+		return strconv.AppendInt(append(b, `null,"revision":`...), noRevision, 10)
+	}
+	b = append(b, e.value...)
+	b = append(b, `,"revision":`...)
+	return strconv.AppendInt(b, e.revision, 10)
 }
 
 // handleSet answers POST: set a key unconditionally.

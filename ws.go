@@ -359,12 +359,7 @@ func appendWSEvent(b []byte, ev *event) []byte {
 			b = append(b, '"')
 		}
 	} else {
-		b = append(b, `{"type":"value","payload":{"key":`...)
-		b = appendKey(b, key)
-		b = append(b, `,"value":`...)
-		b = append(b, ev.e.value...)
-		b = append(b, `,"revision":`...)
-		b = strconv.AppendInt(b, ev.e.revision, 10)
+		b = appendVersion(append(b, `{"type":"value","payload":{`...), key, ev.e)
 	}
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendInt(b, tag, 10)

@@ -248,6 +248,53 @@ func TestWebSocketOpList(t *testing.T) {
 	}
 }
 
+// TestItemEverywhere: a key's version is one JSON object wherever it is
+// sent (appendItem, appendVersion): an HTTP listing, and over the
+// WebSocket an event, a get, a list and a conflict carry the same key,
+// value and revision, byte for byte; all but the event its TTL (which the
+// HTTP conflict carries too, as X-TTL), and the event its seq.
+func TestItemEverywhere(t *testing.T) {
+	url := startServer(t)
+	const key, value = `/item/q"uote`, `{"b":1,"a":[12345678901234567890,"é"]}`
+	version := `"key":"/item/q\"uote","value":` + value + `,"revision":0`
+	c := dialWS(t, url, "")
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/item/"},"id":0}`, `{"type":"ok","payload":{"key":"/item/"},"id":0}`)
+	c.send(`{"type":"set","payload":{"key":` + strconv.Quote(key) + `,"value":` + value + `,"ttl":"1h"},"id":1}`)
+	event := c.recvRaw() // before the set's ok (SPEC 5, Order)
+	if got, want := c.recv(), `{"type":"ok","payload":{"key":`+strconv.Quote(key)+`,"revision":0},"id":1}`; got != want {
+		t.Fatalf("set: %s; want %s", got, want)
+	}
+	ttl := regexp.MustCompile(`^,"ttl":\d+}$`)
+	ask := func(msg string) func() string {
+		return func() string { c.send(msg); return c.recvRaw() }
+	}
+	for _, tt := range []struct {
+		name, before, after string
+		tail                *regexp.Regexp // what follows the version's members
+		got                 func() string
+	}{
+		{"event", `{"type":"value","payload":{`, `}`, regexp.MustCompile(`^,"seq":\d+}$`), func() string { return event }},
+		{"HTTP listing", `[{`, `]`, ttl, func() string { return do(t, "GET", url+"/item/", "").body }},
+		{"get", `{"type":"value","payload":{`, `,"id":2}`, ttl,
+			ask(`{"type":"get","payload":{"key":` + strconv.Quote(key) + `},"id":2}`)},
+		{"list", `{"type":"values","payload":[{`, `],"id":3}`, ttl,
+			ask(`{"type":"list","payload":{"prefix":"/item/"},"id":3}`)},
+		{"conflict", `{"type":"conflict","payload":{`, `,"id":4}`, ttl,
+			ask(`{"type":"update","payload":{"key":` + strconv.Quote(key) + `,"value":2,"revision":7},"id":4}`)},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			got := tt.got()
+			rest, ok := strings.CutPrefix(got, tt.before+version)
+			if ok {
+				rest, ok = strings.CutSuffix(rest, tt.after)
+			}
+			if !ok || !tt.tail.MatchString(rest) {
+				t.Errorf("got %s; want %s%s%s%s", got, tt.before, version, tt.tail, tt.after)
+			}
+		})
+	}
+}
+
 // TestWebSocketOrigins: any origin by default, and clients without one;
 // with -origins, only those listed (and still clients without one).
 func TestWebSocketOrigins(t *testing.T) {

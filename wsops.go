@@ -160,7 +160,7 @@ func (c *wsConn) failWrite(id json.RawMessage, err error) {
 
 func (c *wsConn) get(r wsRequest) {
 	if e := c.s.store.Get(r.key); e != nil {
-		c.replyValue(r.id, r.spelled, e)
+		c.replyItem(r.id, "value", r.spelled, e)
 	} else {
 		c.reply(r.id, "no-value", appendKeyPayload(nil, r.spelled))
 	}
@@ -308,7 +308,7 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):
-		c.replyConflict(id, key, conflict.cur)
+		c.replyItem(id, "conflict", key, conflict.cur)
 	case err != nil:
 		c.fail(id, err)
 	case always || id != nil:
@@ -316,25 +316,22 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 	}
 }
 
-// wsReply is a reply to a WebSocket client: its message; or for a get or
-// a list, what to build it from when it is written, so that a queued
-// reply shares the stored values rather than copying them.
+// wsReply is a reply to a WebSocket client: its message; or for a get, a
+// conflict or a list, what to build it from when it is written (items,
+// by appendItem), so that a queued reply shares the stored values rather
+// than copying them.
 type wsReply struct {
-	head     []byte // the message, or what comes before the values
-	e        *entry // a get's value
-	items    []item // a list's keys and values
-	kvserver bool   // the list's keys are named without the leading "/"
-	now      int64  // when the list was taken, for its TTLs
-	tail     []byte // what comes after the values
+	head     []byte // the message, or what comes before the items
+	items    []item // a get's or conflict's key and version, or a list's
+	kvserver bool   // the items' keys are named without the leading "/"
+	now      int64  // when the reply was made, for the items' TTLs
+	tail     []byte // what comes after the items
 	size     int64  // of the message, about: counted against the bound
 }
 
 // append appends the reply's message.
 func (r *wsReply) append(b []byte) []byte {
 	b = append(b, r.head...)
-	if r.e != nil {
-		b = append(b, r.e.value...)
-	}
 	for i, it := range r.items {
 		if i > 0 {
 			b = append(b, ',')
@@ -383,18 +380,17 @@ func appendID(b []byte, id json.RawMessage) []byte {
 	return append(b, compact.Bytes()...)
 }
 
-// replyValue queues value {key, value, revision[, ttl]}, sharing e's value.
-func (c *wsConn) replyValue(id json.RawMessage, key string, e *entry) {
-	r := &wsReply{e: e}
-	r.head = append(append([]byte(`{"type":"value","payload":{"key":`), appendKey(nil, key)...), `,"value":`...)
-	r.tail = append(r.tail, `,"revision":`...)
-	r.tail = strconv.AppendInt(r.tail, e.revision, 10)
-	if ms, ok := e.ttlLeft(c.s.store.now()); ok {
-		r.tail = append(r.tail, `,"ttl":`...)
-		r.tail = strconv.AppendInt(r.tail, ms, 10)
+// replyItem queues typ {key, value, revision[, ttl]}: key, as the client
+// spelled it, at version e (nil: missing), sharing its value. It answers
+// a get (value) and a write that lost (conflict, with the current state).
+func (c *wsConn) replyItem(id json.RawMessage, typ, key string, e *entry) {
+	r := &wsReply{items: []item{{key, e}}, now: c.s.store.now()}
+	r.head = append(append([]byte(`{"type":"`), typ...), `","payload":`...)
+	r.tail = append(appendID(nil, id), '}')
+	r.size = int64(len(r.head)+len(r.tail)+len(key)) + 48 // the members around them, about
+	if e != nil {
+		r.size += int64(len(e.value))
 	}
-	r.tail = append(appendID(append(r.tail, '}'), id), '}')
-	r.size = int64(len(r.head) + len(e.value) + len(r.tail))
 	c.push(r)
 }
 
@@ -409,21 +405,6 @@ func (c *wsConn) replyList(id json.RawMessage, prefix string, kvserver bool) {
 		r.size += int64(len(it.key)+len(it.value)) + 48 // the members around them, about
 	}
 	c.push(r)
-}
-
-// replyConflict queues conflict {key, value, revision}: the current state.
-func (c *wsConn) replyConflict(id json.RawMessage, key string, cur *entry) {
-	b := append(append([]byte(`{"key":`), appendKey(nil, key)...), `,"value":`...)
-	rev := int64(noRevision)
-	if cur != nil {
-		b = append(b, cur.value...)
-		rev = cur.revision
-	} else {
-		b = append(b, "null"...)
-	}
-	b = append(b, `,"revision":`...)
-	b = strconv.AppendInt(b, rev, 10)
-	c.reply(id, "conflict", append(b, '}'))
 }
 
 func appendKeyPayload(b []byte, key string) []byte {
