@@ -69,16 +69,10 @@ type grant struct {
 	path string
 }
 
-// covers reports whether g lets its token do p on path: a key, or a
-// prefix to list or watch.
-func (g grant) covers(path string, p perm) bool {
-	if p > g.perm {
-		return false
-	}
-	if strings.HasSuffix(g.path, "/") {
-		return strings.HasPrefix(path, g.path)
-	}
-	return path == g.path
+// allows reports whether g lets its token do p on path: a key, or a
+// prefix to list or watch. A grant reaches what its path covers.
+func (g grant) allows(path string, p perm) bool {
+	return p <= g.perm && covers(g.path, path)
 }
 
 // tokenDigest is the SHA-256 of a token: what the table holds and the
@@ -254,7 +248,7 @@ func (a *access) allow(c caller, path string, p perm) *accessError {
 			"missing token: %s %s needs one (Authorization: Bearer …, or ?token=…)", doing(p), quoteKey(path))}
 	}
 	for _, g := range grants {
-		if g.covers(path, p) {
+		if g.allows(path, p) {
 			return nil
 		}
 	}

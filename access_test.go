@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"log/slog"
@@ -11,6 +12,8 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"reflect"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -540,4 +543,133 @@ func TestOriginsMatrix(t *testing.T) {
 			t.Errorf("-origins %q: %v; want an error naming -origins", bad, err)
 		}
 	}
+}
+
+// FuzzParseTokens: whatever a -tokens file holds, reading it never panics;
+// an error names the file and a line of it (or the file alone, for a
+// line too long to read) and does not quote the line's token; and a file
+// that reads gives every token the grants of its lines, one per path,
+// which the file written again from its lines (single spaces, no
+// comments) gives too.
+func FuzzParseTokens(f *testing.F) {
+	for _, seed := range []string{
+		"", "# only a comment\n", "tok read /\n", "tok write /a /b/ /c\r\n\nother read /x",
+		"a read /\na write /b\n", "   \t\n  # indented comment\n tok  read   /k ",
+		"tok", "tok read", "tok admin /", "tok read room/", "tok read /a//b", "tok read /a\x00",
+		"tok read /ключ/", "tok read " + strings.Repeat("/x", 3000), "#tok read /\ntok2 read /",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, file string) {
+		const name = "tokens.txt"
+		table, err := parseTokens(name, strings.NewReader(file), 4096)
+		lines := strings.Split(file, "\n")
+		if err != nil {
+			msg := err.Error()
+			rest, ok := strings.CutPrefix(msg, name+":")
+			if !ok {
+				t.Fatalf("error %q does not name the file", msg)
+			}
+			num, _, numbered := strings.Cut(rest, ": ")
+			n, convErr := strconv.Atoi(num)
+			if !numbered || convErr != nil {
+				if !strings.HasPrefix(rest, " bufio.Scanner") {
+					t.Fatalf("error %q names no line", msg)
+				}
+				return
+			}
+			if n < 1 || n > len(lines) {
+				t.Fatalf("error %q names line %d of %d", msg, n, len(lines))
+			}
+			fields := strings.Fields(lines[n-1])
+			if len(fields) == 0 || strings.HasPrefix(fields[0], "#") {
+				t.Fatalf("error %q names a blank or comment line %q", msg, lines[n-1])
+			}
+			// A token long enough to be told apart from the words of the
+			// message, and from the rest of its line, which it may quote.
+			if tok := fields[0]; len(tok) >= 12 && !strings.Contains(strings.Join(fields[1:], " "), tok) && strings.Contains(msg, tok) {
+				t.Fatalf("error %q quotes the token %q", msg, tok)
+			}
+			return
+		}
+		want := tokenTable{}
+		var again strings.Builder
+		for _, line := range lines {
+			fields := strings.Fields(line)
+			if len(fields) == 0 || strings.HasPrefix(fields[0], "#") {
+				continue
+			}
+			if len(fields) < 3 {
+				t.Fatalf("line %q read without a path", line)
+			}
+			p := map[string]perm{"read": permRead, "write": permWrite}[fields[1]]
+			d := tokenDigest(sha256.Sum256([]byte(fields[0])))
+			for _, path := range fields[2:] {
+				if checkPath(path, 4096) != nil {
+					t.Fatalf("line %q read with the bad path %q", line, path)
+				}
+				want[d] = append(want[d], grant{p, path})
+			}
+			again.WriteString(strings.Join(fields, " ") + "\n")
+		}
+		if !reflect.DeepEqual(table, want) {
+			t.Fatalf("read %d tokens %v; want %v", len(table), table, want)
+		}
+		if table2, err := parseTokens(name, strings.NewReader(again.String()), 4096); err != nil || !reflect.DeepEqual(table2, table) {
+			t.Fatalf("written again as %q: %v, %v; want the same table", again.String(), table2, err)
+		}
+	})
+}
+
+// FuzzOrigins: whatever the -origins flag holds, reading it never panics;
+// "*" alone is any origin (nil); an error names -origins; and a list that
+// reads holds each entry as a browser sends it in Origin ("null", or a
+// lower-case scheme://host[:port]), which read again is itself: the list
+// of what was read reads as the same list.
+func FuzzOrigins(f *testing.F) {
+	for _, seed := range []string{
+		"*", " * ", "", ",", "null", "https://app.example", "HTTPS://Also.Example:8443/",
+		"https://a.example, http://b.example:8080", "good.example", "http://good.example/app",
+		"http://good.example?x", "*, http://a.example", "http://", "http://u:p@h.example", "http://h.example#f",
+		"http://[::1]:80", "http://%41.example",
+	} {
+		f.Add(seed)
+	}
+	f.Fuzz(func(t *testing.T, list string) {
+		origins, err := parseOrigins(list)
+		switch {
+		case err != nil:
+			if !strings.HasPrefix(err.Error(), "-origins: ") {
+				t.Fatalf("error %q does not name -origins", err)
+			}
+			return
+		case origins == nil:
+			if strings.TrimSpace(list) != "*" {
+				t.Fatalf("%q reads as any origin", list)
+			}
+			return
+		}
+		entries := 0
+		for o := range strings.SplitSeq(list, ",") {
+			if strings.TrimSpace(o) != "" {
+				entries++
+			}
+		}
+		if len(origins) > entries {
+			t.Fatalf("%q: %d origins from %d entries", list, len(origins), entries)
+		}
+		var read []string
+		for o := range origins {
+			if o != "null" && (o != strings.ToLower(o) || strings.ContainsAny(o, ", \t\r\n") || !strings.Contains(o, "://") || strings.Contains(o[strings.Index(o, "://")+3:], "/")) {
+				t.Fatalf("%q: origin %q is not as a browser sends it", list, o)
+			}
+			if again, err := parseOrigins(o); err != nil || len(again) != 1 || !again[o] {
+				t.Fatalf("%q: origin %q read again: %v, %v", list, o, again, err)
+			}
+			read = append(read, o)
+		}
+		if again, err := parseOrigins(strings.Join(read, ",")); err != nil || !reflect.DeepEqual(again, origins) {
+			t.Fatalf("%q: read as %v, which read again is %v, %v", list, origins, again, err)
+		}
+	})
 }

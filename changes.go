@@ -90,13 +90,13 @@ const (
 func (s *Store) Subscribe(sub *subscription, from int64, ack *wsReply) (start int64) {
 	s.seqMu.Lock()
 	defer s.seqMu.Unlock()
-	if ack != nil {
-		sub.q.push(event{kind: evReply, reply: ack})
-	}
 	// Every change up to before is published; every later one will find
 	// sub registered, and be queued after the ack and the cursor.
 	before := s.published.Load()
 	s.subs.add(sub)
+	if ack != nil {
+		sub.q.push(event{kind: evReply, reply: ack})
+	}
 	if from == fromNow {
 		return before
 	}

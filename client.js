@@ -50,6 +50,25 @@ var AtomKV = (function () {
         return parts.map(encodeURIComponent).join('/');
     }
 
+    // coveringPaths returns the paths whose subscriptions see the changes
+    // of key, nearest first: the key itself, then each prefix above it, up
+    // to '/' (/a/b/c, /a/b/, /a/, /). It is the server's rule (keys.go,
+    // coveringPaths and covers), and TestCoversInJavaScript runs both on
+    // one table. A key spelled KvServer's way, without the leading '/',
+    // gets its paths spelled alike ('room/a': 'room/a', 'room/', '').
+    // It uses nothing else of this file, so that the test can run it alone.
+    function coveringPaths(key) {
+        const kvserver = key[0] !== '/';
+        const name = kvserver ? '/' + key : key;
+        const paths = [key];
+        for (let i = name.length - 2; i >= 0; i--) {
+            if (name[i] === '/') {
+                paths.push(name.slice(kvserver ? 1 : 0, i + 1));
+            }
+        }
+        return paths;
+    }
+
     // hub is the connection of the page to one server as one caller:
     // BASE, token and transport decide it, so a page that changes them
     // gets another (and the old one closes once nothing uses it).
@@ -725,11 +744,11 @@ var AtomKV = (function () {
         }
 
         // route gives a change to every subscription watching its key, as
-        // spelled (with or without the leading '/'): of the key itself, and
-        // of each prefix above it. Events do not name their subscription,
-        // so where two channels watch a key (/a/ and /a/b/) both copies
-        // reach both: each subscription takes the first and drops the
-        // other (Subscription.take).
+        // spelled (with or without the leading '/'): the channels of the
+        // paths that cover it (coveringPaths). Events do not name their
+        // subscription, so where two channels watch a key (/a/ and /a/b/)
+        // both copies reach both: each subscription takes the first and
+        // drops the other (Subscription.take).
         route(key, value, rev, seq) {
             if (typeof key !== 'string') {
                 return;
@@ -739,17 +758,10 @@ var AtomKV = (function () {
                 return;
             }
             const watching = [];
-            const watches = (path) => {
+            for (const path of coveringPaths(key)) {
                 const ch = this.channels.get(path);
                 if (ch && ch.active) {
                     watching.push(ch);
-                }
-            };
-            watches(key);
-            for (let i = key.lastIndexOf('/'); i >= 0; i = key.lastIndexOf('/', i - 1)) {
-                watches(key.slice(0, i + 1));
-                if (i === 0) {
-                    break;
                 }
             }
             const shared = watching.length > 1;

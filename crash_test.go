@@ -536,9 +536,10 @@ func (cl *changeLog) stateAt(n, now int64) map[string]string {
 const crashDir = "/data"
 
 // startCrashData opens a store on a new memFS in the given mode, with a
-// rotation every 4 × (about 600 bytes of live data) of log, the 1-second
-// fsync every syncEvery instead, and the rotation order reversed if
-// newLogFirst.
+// rotation every 4 × (about 600 bytes of live data) of log, each one made
+// when it is due even if the last compaction still runs (so a workload
+// makes as many every run: awaitCompaction), the 1-second fsync every
+// syncEvery instead, and the rotation order reversed if newLogFirst.
 func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time.Duration, newLogFirst bool) (*memFS, *Store, *dataDir) {
 	t.Helper()
 	m := newMemFS()
@@ -550,6 +551,7 @@ func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time
 	d.minCompact = 1 << 8
 	d.syncEvery = syncEvery
 	d.newLogFirst = newLogFirst
+	d.awaitCompaction = true // every rotation due is made: as many each run
 	d.start()
 	return m, s, d
 }
@@ -675,7 +677,7 @@ func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLo
 	if err := d.close(); err != nil {
 		t.Fatal(err)
 	}
-	if d.snapshots.Load() < 1 { // how many varies: a rotation waits for the compaction before
+	if d.snapshots.Load() < 1 {
 		t.Fatalf("%d compactions in the workload; want some", d.snapshots.Load())
 	}
 	m.mu.Lock()

@@ -146,12 +146,17 @@ type dataDir struct {
 	compaction sync.WaitGroup
 	minCompact int64 // compact only once the logs hold at least this much
 
-	// Tests only: how often the syncer runs (-fsync 1s); and the rotation
+	// Tests only: how often the syncer runs (-fsync 1s); the rotation
 	// order reversed, the new log created before the old one is made
 	// durable, as it was before, to show that the crash-state test finds
-	// what that order loses.
-	syncEvery   time.Duration
-	newLogFirst bool
+	// what that order loses; and a rotation due while a compaction runs
+	// waiting for it (awaitCompaction) rather than being put off to the
+	// first batch after it, so that how many rotations a workload makes
+	// depends on what it writes, not on how long the scheduler lets each
+	// compaction run.
+	syncEvery       time.Duration
+	newLogFirst     bool
+	awaitCompaction bool
 
 	// The log the syncer makes durable every second, if dirty. syncMu is
 	// held while it does, so that the flusher neither closes the file
@@ -362,7 +367,13 @@ func (d *dataDir) write(b *batch) bool {
 		return false
 	}
 	close(b.done)
-	if d.logBytes > 4*max(d.s.liveBytes.Load(), d.minCompact) && d.compacting.CompareAndSwap(false, true) {
+	if d.logBytes <= 4*max(d.s.liveSize(), d.minCompact) {
+		return true
+	}
+	if d.awaitCompaction {
+		d.compaction.Wait() // the flusher is the one goroutine that adds to it
+	}
+	if d.compacting.CompareAndSwap(false, true) {
 		if err := d.rotate(b.changes[len(b.changes)-1].seq); err != nil {
 			d.compacting.Store(false)
 			d.fail(err, nil)

@@ -94,6 +94,7 @@ func openTestData(t *testing.T, dir string, mode fsyncMode, minCompact int64, lo
 		t.Fatal(err)
 	}
 	d.minCompact = minCompact
+	d.awaitCompaction = true // as many compactions as the writes make due, every run
 	d.start()
 	t.Cleanup(func() { d.close() })
 	return s, d
@@ -124,17 +125,20 @@ func dirSize(t testing.TB, dir string) (size int64, names []string) {
 // TestDataCompaction: while writers change keys and readers read them,
 // the logs grow past four times the live data and are compacted into a
 // snapshot, again and again; afterwards the files are about the size of
-// the live data, and the store opened again is the same.
+// the live data, and the store opened again is the same. The writers
+// write a fixed amount, which makes a rotation due about 7 times (each
+// made: awaitCompaction), rather than until 3 compactions were seen,
+// which under load took longer than any deadline a test can set.
 func TestDataCompaction(t *testing.T) {
 	dir := t.TempDir()
 	s, d := openTestData(t, dir, fsyncNever, 16<<10, nil)
 	var stop atomic.Bool
-	var wg sync.WaitGroup
+	var wg, writers sync.WaitGroup
 	for w := range 4 {
-		wg.Add(1)
+		writers.Add(1)
 		go func() { // each key's value is its revision
-			defer wg.Done()
-			for i := 0; !stop.Load(); i++ {
+			defer writers.Done()
+			for i := range 4000 {
 				key := fmt.Sprintf("/k/%d/%d", w, i%50)
 				cur := s.Get(key)
 				next := int64(0)
@@ -164,10 +168,13 @@ func TestDataCompaction(t *testing.T) {
 			}
 		}()
 	}
-	waitFor(t, "three compactions", func() bool { return d.snapshots.Load() >= 3 })
+	writers.Wait()
 	stop.Store(true)
 	wg.Wait()
 	d.compaction.Wait()
+	if n := d.snapshots.Load(); n < 3 {
+		t.Fatalf("%d compactions; want at least 3", n)
+	}
 	live := s.liveBytes.Load()
 	size, names := dirSize(t, dir)
 	t.Logf("%d compactions, %d reads meanwhile; files %v: %d bytes for %d bytes of keys and values", d.snapshots.Load(), reads.Load(), names, size, live)

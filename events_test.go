@@ -707,16 +707,33 @@ func dialStalled(t *testing.T, url, path string, rcvbuf int) net.Conn {
 	return conn
 }
 
+// TestMaxSubscribers: event streams and WebSockets share one count, and
+// one admission: whichever kind fills -max-subscribers, the next of
+// either kind gets the same 503.
 func TestMaxSubscribers(t *testing.T) {
-	url := startServer(t, "-max-subscribers", "2")
-	subscribe(t, url, "/a")
-	subscribe(t, url, "/")
-	resp := do(t, "GET", url+"/b", "", "Accept", "text/event-stream")
-	if resp.code != 503 || !strings.Contains(errorMessage(resp), "too many subscribers") {
-		t.Errorf("third subscriber: got %d %s; want 503", resp.code, resp.body)
-	}
-	if resp := do(t, "GET", url+"/b", ""); resp.code != 404 {
-		t.Errorf("plain GET while full: got %d; want 404", resp.code)
+	const refused = "too many subscribers (-max-subscribers): try again later"
+	upgrade := []string{"Upgrade", "websocket", "Connection", "Upgrade", "Sec-WebSocket-Version", "13", "Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="}
+	for _, tt := range []struct {
+		name string
+		open func(t *testing.T, url string)
+	}{
+		{"two event streams", func(t *testing.T, url string) { subscribe(t, url, "/a"); subscribe(t, url, "/") }},
+		{"two WebSockets", func(t *testing.T, url string) { dialWS(t, url, ""); dialWS(t, url, "") }},
+		{"one of each", func(t *testing.T, url string) { subscribe(t, url, "/a"); dialWS(t, url, "") }},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			url := startServer(t, "-max-subscribers", "2")
+			tt.open(t, url)
+			if resp := do(t, "GET", url+"/b", "", "Accept", "text/event-stream"); resp.code != 503 || errorMessage(resp) != refused {
+				t.Errorf("a third, an event stream: got %d %s; want 503 %q", resp.code, resp.body, refused)
+			}
+			if resp := do(t, "GET", url+"/", "", upgrade...); resp.code != 503 || errorMessage(resp) != refused {
+				t.Errorf("a third, a WebSocket: got %d %s; want 503 %q", resp.code, resp.body, refused)
+			}
+			if resp := do(t, "GET", url+"/b", ""); resp.code != 404 {
+				t.Errorf("plain GET while full: got %d; want 404", resp.code)
+			}
+		})
 	}
 }
 

@@ -47,6 +47,7 @@ type server struct {
 
 	mux     *http.ServeMux
 	routing map[string][]*route // by pattern, in the order they are tried
+	methods map[api]methodHeaders
 	tracer  func(stage string, rt *route, target string)
 }
 
@@ -90,27 +91,33 @@ var (
 	hdrExposed       = []string{"X-Revision, X-TTL, X-Seq, Link"}
 	hdrVaryOrigin    = []string{"Origin"}
 	hdrJSON          = []string{"application/json"}
-	hdrAllowMethods  = []string{"GET, POST, PUT, DELETE, OPTIONS"}
 	hdrAllowHeaders  = []string{"Authorization, Content-Type, X-Revision, X-TTL, Last-Event-ID"}
-	hdrAllow         = []string{"GET, HEAD, POST, PUT, DELETE, OPTIONS"}
 	hdrPreflightLife = []string{"86400"}
 )
 
-// handlePreflight answers a CORS preflight request.
+// handlePreflight answers a CORS preflight request, with the methods of
+// the shape that owns the path.
 func (s *server) handlePreflight(w http.ResponseWriter, r *http.Request, _ string) outcome {
+	m := s.methods[s.shapeOf(r)]
 	h := w.Header()
-	h["Access-Control-Allow-Methods"] = hdrAllowMethods
+	h["Access-Control-Allow-Methods"] = m.cors
 	h["Access-Control-Allow-Headers"] = hdrAllowHeaders
 	h["Access-Control-Max-Age"] = hdrPreflightLife
-	h["Allow"] = hdrAllow
+	h["Allow"] = m.allow
 	w.WriteHeader(http.StatusNoContent)
 	return outcomeOK
 }
 
-// handleMethodNotAllowed answers a method the API does not have.
+// handleMethodNotAllowed answers a method that no route of the path has,
+// with the Allow of the shape that owns the path.
 func (s *server) handleMethodNotAllowed(w http.ResponseWriter, r *http.Request, _ string) outcome {
-	w.Header()["Allow"] = hdrAllow
-	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed", r.Method))
+	a := s.shapeOf(r)
+	w.Header()["Allow"] = s.methods[a].allow
+	msg := fmt.Sprintf("method %s not allowed", r.Method)
+	if a == apiREST {
+		msg += " under -kvserver-rest " + s.cfg.kvserverREST
+	}
+	serveError(w, http.StatusMethodNotAllowed, msg)
 	return outcomeBadRequest
 }
 
@@ -331,31 +338,40 @@ func appendItems(b []byte, items []item, kvserver bool, now int64) []byte {
 			b = append(b, '}')
 			continue
 		}
-		b = appendValuePayload(b, spell(it.key, kvserver), it.entry, now)
+		b = appendItem(b, item{spell(it.key, kvserver), it.entry}, now)
 	}
 	return b
 }
 
-// appendValuePayload appends the JSON object of a key's version,
-// {"key","value","revision"[,"ttl"]}: the value as stored, the
-// milliseconds it has left at now if it expires (and now >= 0), and for
-// a nil e (a missing key) null and -1. Every answer that shows a key's
-// version writes it here.
-func appendValuePayload(b []byte, key string, e *entry, now int64) []byte {
-	b = append(b, `{"key":`...)
+// appendItem appends the JSON object of a key's version, as a listing, a
+// WebSocket get and a conflict send it: {"key","value","revision"[,"ttl"]},
+// ttl the milliseconds it has left at now. A nil entry is the key
+// missing: value null, revision -1.
+func appendItem(b []byte, it item, now int64) []byte {
+	b = appendVersion(append(b, '{'), it.key, it.entry)
+	if it.entry != nil {
+		if ms, ok := it.ttlLeft(now); ok {
+			b = append(b, `,"ttl":`...)
+			b = strconv.AppendInt(b, ms, 10)
+		}
+	}
+	return append(b, '}')
+}
+
+// appendVersion appends the members "key","value","revision" of key at
+// version e (null and -1 if e is nil: missing): what every JSON object of
+// a key's version holds, an item and a WebSocket value event alike. The
+// value is the stored bytes, compact JSON, appended as they are.
+func appendVersion(b []byte, key string, e *entry) []byte {
+	b = append(b, `"key":`...)
 	b = appendKey(b, key)
 	b = append(b, `,"value":`...)
 	if e == nil {
-		return append(b, `null,"revision":-1}`...)
+		return strconv.AppendInt(append(b, `null,"revision":`...), noRevision, 10)
 	}
 	b = append(b, e.value...)
 	b = append(b, `,"revision":`...)
-	b = strconv.AppendInt(b, e.revision, 10)
-	if ms, ok := e.ttlLeft(now); ok && now >= 0 {
-		b = append(b, `,"ttl":`...)
-		b = strconv.AppendInt(b, ms, 10)
-	}
-	return append(b, '}')
+	return strconv.AppendInt(b, e.revision, 10)
 }
 
 // handleSet answers POST: set a key unconditionally.
@@ -435,28 +451,43 @@ func (s *server) readWrite(w http.ResponseWriter, r *http.Request, key string) (
 			return "", 0, err
 		}
 	}
-	value, err = readValue(w, r, s.cfg.maxValueBytes)
+	value, err = s.readValue(w, r)
 	return value, ttl, err
 }
 
-// readValue reads a request body of at most max bytes that must be one
-// JSON value, and returns it compacted. json.Compact validates as it goes,
-// so the value is scanned once; it is never decoded, which keeps numbers
-// and member order exactly as written.
-func readValue(w http.ResponseWriter, r *http.Request, max int64) (string, error) {
+// readLimit is the most bytes read for one write: a request body or a
+// WebSocket message. The value's own limit is on its compacted form
+// (checkValue), so what comes with it must fit as well: the whitespace of
+// a value written by hand or pretty-printed, and an envelope around it
+// (KvServer's {"value": …}, a WebSocket message with its key and id). But
+// a body is held whole while it is read, so it is bounded too, or
+// whitespace could make the server read without end. Twice the value
+// limit is room for a document indented as JSON.stringify(v, null, 2)
+// and json.MarshalIndent write it (objects of named fields come to about
+// 1.6 times their compact size; only arrays of one-digit numbers, at 2.5,
+// need sending compact near the limit); the key and 64 KiB are the
+// envelope, and room for a small limit whatever the value's spacing.
+func (s *server) readLimit() int64 {
+	return 2*s.cfg.maxValueBytes + int64(s.cfg.maxKeyBytes) + 64<<10
+}
+
+// readValue reads a request body that must be one JSON value, and
+// returns it compacted if that fits -max-value-bytes (checkValue). A
+// body past readLimit is refused as it is read.
+func (s *server) readValue(w http.ResponseWriter, r *http.Request) (string, error) {
 	body := getBuffer()
 	defer putBuffer(body)
-	if err := readBody(w, r, body, max, "value"); err != nil {
+	if err := readBody(w, r, body, s.readLimit()); err != nil {
 		return "", err
 	}
-	return compactValue(body.Bytes())
+	return s.checkValue(body.Bytes())
 }
 
 // readBody reads a request body of at most max bytes into buf. Past the
-// limit it returns a tooLargeError about what the body holds.
-func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int64, what string) error {
+// limit it returns a tooLargeError about the body.
+func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int64) error {
 	if r.ContentLength > max {
-		return &tooLargeError{what, max}
+		return &tooLargeError{"body", max}
 	}
 	src := r.Body
 	if r.ContentLength < 0 {
@@ -466,37 +497,50 @@ func readBody(w http.ResponseWriter, r *http.Request, buf *bytes.Buffer, max int
 	}
 	if _, err := buf.ReadFrom(src); err != nil {
 		if errors.As(err, new(*http.MaxBytesError)) {
-			return &tooLargeError{what, max}
+			return &tooLargeError{"body", max}
 		}
 		return fmt.Errorf("reading the body: %v", err)
 	}
 	return nil
 }
 
-// compactValue checks that src is one JSON value and returns it compacted.
-func compactValue(src []byte) (string, error) {
+// checkValue checks that raw is one JSON value and returns it compacted,
+// if that fits -max-value-bytes. It is the one size rule of every write
+// (HTTP POST and PUT, the WebSocket, KvServer's REST shape), and it
+// weighs the compacted form, which is what the store keeps and sends: a
+// value is accepted or refused alike whatever whitespace it came with,
+// and over whichever interface.
+func (s *server) checkValue(raw []byte) (string, error) {
+	return compactValue(raw, s.cfg.maxValueBytes)
+}
+
+// compactValue checks that src is one JSON value and returns it
+// compacted, or a tooLargeError if that is over max bytes. json.Compact
+// validates as it goes, so the value is scanned once; it is never
+// decoded, which keeps numbers and member order exactly as written.
+func compactValue(src []byte, max int64) (string, error) {
 	out := getBuffer()
 	defer putBuffer(out)
 	if err := json.Compact(out, src); err != nil {
 		return "", fmt.Errorf("invalid JSON value: %v", err)
+	}
+	if int64(out.Len()) > max {
+		return "", &tooLargeError{"value", max}
 	}
 	return out.String(), nil
 }
 
 // valueAndTTL checks the value and TTL of a write that came inside a
 // JSON envelope (a WebSocket message, KvServer's REST body): the value
-// must be there (null is a value) and, compacted, fit -max-value-bytes;
-// the TTL may be absent or null.
+// must be there (null is a value) and pass checkValue; the TTL may be
+// absent or null.
 func (s *server) valueAndTTL(rawValue, rawTTL json.RawMessage) (string, time.Duration, error) {
 	if rawValue == nil {
 		return "", 0, errors.New(`missing "value" (null is a value: send "value": null)`)
 	}
-	value, err := compactValue(rawValue)
+	value, err := s.checkValue(rawValue)
 	if err != nil {
 		return "", 0, err
-	}
-	if int64(len(value)) > s.cfg.maxValueBytes {
-		return "", 0, &tooLargeError{"value", s.cfg.maxValueBytes}
 	}
 	var ttl time.Duration
 	if rawTTL != nil && string(rawTTL) != "null" {

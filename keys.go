@@ -118,6 +118,36 @@ func keyProblem(key string, maxBytes int) string {
 	return ""
 }
 
+// covers reports whether path covers target: whether a subscription to
+// path sees the changes of target, a listing of path holds it, a grant of
+// path allows it. path is a key, which covers itself; a prefix ending
+// with "/", which covers every key and prefix under it, and itself; or
+// "/", which covers everything. target is a key, or a path to list or
+// watch. It is the one statement of the rule: coveringPaths walks the same
+// rule from the key's side, and client.js mirrors both (covers and
+// coveringPaths there; TestCoversInJavaScript holds them to one table).
+func covers(path, target string) bool {
+	return path == target || strings.HasSuffix(path, "/") && strings.HasPrefix(target, path)
+}
+
+// coveringPaths yields every path that covers key, nearest first: the key
+// itself, then each prefix above it, up to "/" (/a/b/c, /a/b/, /a/, /).
+// Publishing looks each one up rather than asking covers of every path
+// watched, so a change costs the depth of its key. Each path is a
+// substring of key, so the walk allocates nothing.
+func coveringPaths(key string) iter.Seq[string] {
+	return func(yield func(string) bool) {
+		if !yield(key) {
+			return
+		}
+		for i := len(key) - 2; i >= 0; i-- {
+			if key[i] == '/' && !yield(key[:i+1]) {
+				return
+			}
+		}
+	}
+}
+
 // quoteKey quotes a key for an error message, cutting a long one short.
 func quoteKey(key string) string {
 	const max = 64
@@ -187,26 +217,4 @@ func spell(key string, kvserver bool) string {
 		return key[1:]
 	}
 	return key
-}
-
-// covers reports whether path (a key, a prefix ending with "/", or "/")
-// covers key: is key itself, or a prefix above it.
-func covers(path, key string) bool {
-	return path == key || strings.HasSuffix(path, "/") && strings.HasPrefix(key, path)
-}
-
-// coveringPaths yields every path that covers key, deepest first: key
-// itself, each prefix above it, and "/". They are substrings of key, so
-// finding them allocates nothing.
-func coveringPaths(key string) iter.Seq[string] {
-	return func(yield func(string) bool) {
-		if !yield(key) {
-			return
-		}
-		for i := len(key) - 1; i >= 0; i-- {
-			if key[i] == '/' && !yield(key[:i+1]) {
-				return
-			}
-		}
-	}
 }

@@ -2,11 +2,16 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"encoding/json"
 	"fmt"
 	"net/http"
 	"net/url"
+	"os"
+	"os/exec"
 	"path"
+	"regexp"
+	"slices"
 	"strings"
 	"testing"
 	"unicode/utf8"
@@ -58,6 +63,133 @@ func TestCheckKey(t *testing.T) {
 	}
 }
 
+// coverCases is the one table of which paths cover which keys (and
+// prefixes): TestCovers runs it through keys.go's covers and
+// coveringPaths, TestCoversInJavaScript through client.js's
+// coveringPaths. A key spelled KvServer's way (no leading "/") is a case
+// of the client's, which sees both spellings; on the server it is the
+// same case spelled with the "/".
+var coverCases = []struct {
+	path, key string
+	covered   bool
+}{
+	{"/a", "/a", true},
+	{"/a", "/a/b", false}, // a key covers itself only
+	{"/a", "/ab", false},
+	{"/b", "/a", false},
+	{"/a/", "/a/b", true},
+	{"/a/", "/a/b/c", true},
+	{"/a/", "/a", false}, // the prefix /a/ is what lies under the key /a
+	{"/a/", "/ab", false},
+	{"/a/", "/b/a", false},
+	{"/a/b/", "/a/b", false},
+	{"/a/b/", "/a/c/d", false},
+	{"/a/b/", "/a/b/c/d", true},
+	{"/", "/a", true},
+	{"/", "/a/b/c", true},
+	{"/a b/", "/a b/c d", true},
+	{"/é/", "/é/ü", true},
+	{"/é/", "/é", false},
+	{"/x:y/", "/x:y/z", true},
+	{"/x:y", "/x:y/z", false},
+	// A listing or subscription of a prefix, as a grant must cover it.
+	{"/a/", "/a/", true},
+	{"/a/", "/a/b/", true},
+	{"/a/b/", "/a/", false},
+	{"/a", "/a/", false},
+	{"/", "/", true},
+	{"/a/", "/", false},
+	// KvServer's spelling: "" is "/".
+	{"room/", "room/a", true},
+	{"room", "room/a", false},
+	{"room/a", "room/a", true},
+	{"", "room/a", true},
+	{"", "a", true},
+	{"a/", "ab", false},
+}
+
+// TestCovers: covers and coveringPaths state one rule: the paths that
+// coveringPaths yields for a key are exactly those that cover it, nearest
+// first, and the walk allocates nothing (publishing runs it for every
+// change).
+func TestCovers(t *testing.T) {
+	for _, c := range coverCases {
+		t.Run(fmt.Sprintf("%s covers %s", c.path, c.key), func(t *testing.T) {
+			path, _ := storePath(c.path)
+			key, _ := storePath(c.key)
+			if got := covers(path, key); got != c.covered {
+				t.Errorf("covers(%q, %q) = %t; want %t", path, key, got, c.covered)
+			}
+			paths := slices.Collect(coveringPaths(key))
+			if got := slices.Contains(paths, path); got != c.covered {
+				t.Errorf("coveringPaths(%q) = %q: holds %q %t; want %t", key, paths, path, got, c.covered)
+			}
+			for i, p := range paths {
+				if !covers(p, key) || i > 0 && len(p) >= len(paths[i-1]) {
+					t.Errorf("coveringPaths(%q) = %q: %q does not cover it, or is not the next nearest", key, paths, p)
+				}
+			}
+			if n := testing.AllocsPerRun(100, func() {
+				for p := range coveringPaths(key) {
+					_ = p
+				}
+			}); n != 0 {
+				t.Errorf("coveringPaths(%q): %v allocations; want none", key, n)
+			}
+		})
+	}
+}
+
+// TestCoversInJavaScript runs coverCases through client.js's
+// coveringPaths, in node: the paths it gives each key, spelled as the key
+// is, are the server's (coveringPaths, spelled back), so a page routes a
+// change to exactly the subscriptions the server sent it for.
+func TestCoversInJavaScript(t *testing.T) {
+	node := needTool(t, "node", "nodejs")
+	js, err := os.ReadFile("client.js")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fn := regexp.MustCompile(`(?s)\n    function coveringPaths\(key\) \{\n.*?\n    \}\n`).Find(js)
+	if fn == nil {
+		t.Fatal("client.js: no `function coveringPaths(key) {…}` at the top level of its closure")
+	}
+	keys := make([]string, len(coverCases))
+	for i, c := range coverCases {
+		keys[i] = c.key
+	}
+	in, _ := json.Marshal(keys)
+	script := string(fn) + `
+const keys = JSON.parse(require('fs').readFileSync(0, 'utf8'));
+process.stdout.write(JSON.stringify(keys.map(coveringPaths)));
+`
+	cmd := exec.Command(node, "-e", script)
+	cmd.Stdin = bytes.NewReader(in)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("node: %v: %s", err, out)
+	}
+	var got [][]string
+	if err := json.Unmarshal(out, &got); err != nil || len(got) != len(coverCases) {
+		t.Fatalf("node answered %s (%v); want %d lists of paths", out, err, len(coverCases))
+	}
+	for i, c := range coverCases {
+		t.Run(fmt.Sprintf("%s covers %s", c.path, c.key), func(t *testing.T) {
+			key, kvserver := storePath(c.key)
+			var want []string
+			for p := range coveringPaths(key) {
+				want = append(want, spell(p, kvserver))
+			}
+			if !slices.Equal(got[i], want) {
+				t.Errorf("client.js coveringPaths(%q) = %q; want the server's %q", c.key, got[i], want)
+			}
+			if holds := slices.Contains(got[i], c.path); holds != c.covered {
+				t.Errorf("client.js coveringPaths(%q) = %q: holds %q %t; want %t", c.key, got[i], c.path, holds, c.covered)
+			}
+		})
+	}
+}
+
 // FuzzCheckKey: an accepted key round-trips unchanged through a URL (as a
 // client percent-encodes it and the server decodes it), an SSE id, a JSON
 // listing and KvServer's spelling, and is a valid prefix once "/" is
@@ -85,7 +217,7 @@ func FuzzCheckKey(f *testing.F) {
 			t.Fatalf("key %q through an SSE id %q: got %q, %d", key, id, k, rev)
 		}
 		var it struct{ Key string }
-		if b := appendValuePayload(nil, key, &entry{value: "1"}, 0); json.Unmarshal(b, &it) != nil || it.Key != key {
+		if b := appendItem(nil, item{key, &entry{value: "1"}}, 0); json.Unmarshal(b, &it) != nil || it.Key != key {
 			t.Fatalf("key %q through a JSON listing %s: got %q", key, b, it.Key)
 		}
 		if p, kv := storePath(spell(key, true)); p != key || !kv {

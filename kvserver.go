@@ -74,8 +74,7 @@ func (s *server) readRESTWrite(w http.ResponseWriter, r *http.Request, key strin
 	}
 	body := getBuffer()
 	defer putBuffer(body)
-	// The envelope holds the value; give it room beyond the value limit.
-	if err := readBody(w, r, body, s.cfg.maxValueBytes+4096, "body"); err != nil {
+	if err := readBody(w, r, body, s.readLimit()); err != nil {
 		return "", 0, err
 	}
 	var req struct {
@@ -99,14 +98,4 @@ func (s *server) handleRESTDelete(w http.ResponseWriter, r *http.Request, key st
 	}
 	w.WriteHeader(http.StatusOK)
 	return outcomeOK
-}
-
-var hdrRESTAllow = []string{"GET, HEAD, POST, DELETE, OPTIONS"}
-
-// handleRESTMethodNotAllowed answers a method KvServer's REST shape does
-// not have.
-func (s *server) handleRESTMethodNotAllowed(w http.ResponseWriter, r *http.Request, _ string) outcome {
-	w.Header()["Allow"] = hdrRESTAllow
-	serveError(w, http.StatusMethodNotAllowed, fmt.Sprintf("method %s not allowed under -kvserver-rest %s", r.Method, s.cfg.kvserverREST))
-	return outcomeBadRequest
 }

@@ -89,7 +89,7 @@ func parseConfig(args []string, getenv func(string) string, output io.Writer) (c
 	fs.SetOutput(output)
 	fs.StringVar(&c.addr, "addr", ":8000", "listen `address`")
 	fs.IntVar(&c.maxKeyBytes, "max-key-bytes", 4096, "longest key in bytes")
-	fs.Int64Var(&c.maxValueBytes, "max-value-bytes", 1<<20, "largest value in bytes (413 past it)")
+	fs.Int64Var(&c.maxValueBytes, "max-value-bytes", 1<<20, "largest value in bytes, once compacted (413 past it)")
 	fs.Int64Var(&c.maxKeys, "max-keys", 0, "most keys the store holds, 0 for no limit (507 past it)")
 	fs.DurationVar(&c.heartbeat, "heartbeat", 15*time.Second, "interval of the comment line that keeps event streams alive")
 	fs.DurationVar(&c.writeTimeout, "write-timeout", 30*time.Second, "close a stream whose client accepts no write for this long")

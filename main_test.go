@@ -363,7 +363,7 @@ func TestRoutes(t *testing.T) {
 		{true, "DELETE", "/storage/x", nil, 200, "", "REST delete"},
 		{true, "PUT", "/storage/x", nil, 405, "application/json", "REST method not allowed"},
 		{true, "PATCH", "/storage/x", nil, 405, "application/json", "method not allowed"},
-		{true, "OPTIONS", "/storage/x", nil, 204, "", "preflight"},
+		{true, "OPTIONS", "/storage/x", nil, 204, "", "REST preflight"},
 		// The prefix alone is KvServer's empty key: refused, never
 		// redirected to /storage/ (another key).
 		{true, "GET", "/storage", nil, 400, "application/json", "REST get"},

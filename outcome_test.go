@@ -2,9 +2,13 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"testing"
+
+	"golang.org/x/net/websocket"
 )
 
 // TestOutcomes sends the same bad inputs through the native HTTP API,
@@ -40,7 +44,7 @@ func TestOutcomes(t *testing.T) {
 			httpReq{"POST", "/x", big, rw}, &httpReq{"POST", "/storage/x", `{"value":` + big + `}`, rw},
 			`{"type":"set","payload":{"key":"/x","value":` + big + `},"id":1}`, ws, true},
 		{"too large, chunked", outcomeTooLarge, "larger than",
-			httpReq{"POST", "/x", "chunked:" + big, rw}, &httpReq{"POST", "/storage/x", "chunked:" + strings.Repeat(" ", 5000), rw},
+			httpReq{"POST", "/x", "chunked:" + big, rw}, &httpReq{"POST", "/storage/x", "chunked:" + strings.Repeat(" ", 80_000), rw}, // past the read limit
 			"", nil, false},
 		{"bad key", outcomeBadRequest, `invalid key "/a\x01b"`,
 			httpReq{"POST", "/a%01b", "1", rw}, &httpReq{"POST", "/storage/a%01b", `{"value":1}`, rw},
@@ -176,4 +180,101 @@ func writeCounts(srv *server) (counts [results]int64) {
 		counts[i] = srv.metrics.writes[i].Load()
 	}
 	return counts
+}
+
+// TestValueSizeRule: the value limit weighs the compacted value, on every
+// interface. A value that fits only once compacted is taken by HTTP POST
+// and PUT, KvServer's REST POST and the WebSocket's set and update, and
+// stored compacted; one whose compacted form is a byte over is refused by
+// each (413, KvServer's 400, error), however it is spaced; and a body
+// past the read limit is refused as it is read (the WebSocket closes).
+func TestValueSizeRule(t *testing.T) {
+	const max = 1000
+	srv, url := newTestServer(t, "-max-value-bytes", strconv.Itoa(max), "-kvserver-rest", "/storage")
+	// compact returns a value of n bytes compacted; padded, the same
+	// spread over three times as many.
+	compact := func(n int) string { return `{"a":"` + strings.Repeat("x", n-8) + `"}` }
+	padded := func(n int) string {
+		v := strings.Replace(compact(n), `":"`, "\" :\n\t  \"", 1)
+		return "\n" + strings.Repeat(" ", 2*n) + v + "  \n"
+	}
+	ws := dialWS(t, url, "")
+	for _, tt := range []struct {
+		name  string
+		raw   string // as sent
+		value string // as stored; "" if refused
+		msg   string // if refused, the message every interface gives
+	}{
+		{"compact, at the limit", compact(max), compact(max), ""},
+		{"padded, at the limit", padded(max), compact(max), ""},
+		{"compact, a byte over", compact(max + 1), "", "value larger than 1000 bytes"},
+		{"padded, a byte over", padded(max + 1), "", "value larger than 1000 bytes"},
+		{"past the read limit", "1" + strings.Repeat(" ", int(srv.readLimit())), "", fmt.Sprintf("body larger than %d bytes", srv.readLimit())},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			key := "/size/" + strings.ReplaceAll(tt.name, " ", "_")
+			stored := func(via string) {
+				t.Helper()
+				e := srv.store.Get(key)
+				switch {
+				case tt.value == "" && e != nil:
+					t.Errorf("%s: stored %.40q…; want nothing", via, e.value)
+				case tt.value != "" && (e == nil || e.value != tt.value):
+					t.Errorf("%s: stored %v; want the value compacted", via, e)
+				}
+				srv.store.Delete(key, -1)
+			}
+			for _, r := range []struct {
+				via     string
+				method  string
+				path    string
+				body    string
+				headers []string
+				ok, bad int
+			}{
+				{"HTTP POST", "POST", key, tt.raw, nil, 200, 413},
+				{"HTTP PUT", "PUT", key, tt.raw, []string{"X-Revision", "0"}, 200, 413},
+				{"HTTP POST, chunked", "chunked", key, tt.raw, nil, 200, 413},
+				{"KvServer REST POST", "POST", "/storage" + key, `{"value":` + tt.raw + `}`, nil, 202, 400},
+			} {
+				var got response
+				if r.method == "chunked" {
+					got = doChunked(t, "POST", url+r.path, r.body, r.headers...)
+				} else {
+					got = do(t, r.method, url+r.path, r.body, r.headers...)
+				}
+				switch {
+				case tt.value != "" && got.code != r.ok:
+					t.Errorf("%s: %d %.80s; want %d", r.via, got.code, got.body, r.ok)
+				case tt.value == "" && (got.code != r.bad || errorMessage(got) != tt.msg):
+					t.Errorf("%s: %d %.80s; want %d %q", r.via, got.code, got.body, r.bad, tt.msg)
+				}
+				stored(r.via)
+			}
+			for _, typ := range []string{"set", "update"} {
+				msg := `{"type":"` + typ + `","payload":{"key":"` + key + `","revision":0,"value":` + tt.raw + `},"id":1}`
+				if strings.HasPrefix(tt.msg, "body") {
+					// Past the read limit a message is not read: the
+					// connection closes (1009, as TestWebSocketFrames
+					// shows), maybe while the message is still being sent.
+					websocket.Message.Send(ws.ws, msg)
+					if err := websocket.Message.Receive(ws.ws, &msg); err == nil {
+						t.Errorf("WebSocket %s: %.80s; want the connection closed", typ, msg)
+					}
+					ws = dialWS(t, url, "")
+					stored("WebSocket " + typ)
+					continue
+				}
+				ws.send(msg)
+				want := `{"type":"ok","payload":{"key":"` + key + `","revision":0},"id":1}`
+				if tt.value == "" {
+					want = `{"type":"error","payload":"` + tt.msg + `","id":1}`
+				}
+				if got := ws.recv(); got != want {
+					t.Errorf("WebSocket %s: %.80s; want %s", typ, got, want)
+				}
+				stored("WebSocket " + typ)
+			}
+		})
+	}
 }

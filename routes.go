@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"net/http"
 	"path"
+	"slices"
 	"strings"
 )
 
@@ -24,6 +25,7 @@ type route struct {
 	perm    perm                     // needed on the target; permNone: anyone may
 	api     api                      // which shape answers it, so which status codes
 	strip   string                   // the prefix cut from the path to give the target
+	refuse  bool                     // it answers 405: its method is not one its paths have
 	serve   func(w http.ResponseWriter, r *http.Request, target string) outcome
 }
 
@@ -56,16 +58,17 @@ func (s *server) routes() http.Handler {
 		route{name: "preflight", pattern: "OPTIONS /", serve: s.handlePreflight},
 		// Every other method: ServeMux would answer 405 itself, but with a
 		// plain-text body, and every error here is JSON.
-		route{name: "method not allowed", pattern: "/", serve: s.handleMethodNotAllowed},
+		route{name: "method not allowed", pattern: "/", refuse: true, serve: s.handleMethodNotAllowed},
 	)
 	if p := s.cfg.kvserverREST; p != "" {
 		for _, rt := range []route{
 			{name: "REST get", pattern: "GET " + p + "/", perm: permRead, serve: s.handleRESTGet},
 			{name: "REST set", pattern: "POST " + p + "/", perm: permWrite, serve: s.handleRESTSet},
 			{name: "REST delete", pattern: "DELETE " + p + "/", perm: permWrite, serve: s.handleRESTDelete},
+			{name: "REST preflight", pattern: "OPTIONS " + p + "/", serve: s.handlePreflight},
 			// PUT would otherwise fall to the native "PUT /" and write the
 			// key /storage/…, which the REST shape owns.
-			{name: "REST method not allowed", pattern: "PUT " + p + "/", serve: s.handleRESTMethodNotAllowed},
+			{name: "REST method not allowed", pattern: "PUT " + p + "/", refuse: true, serve: s.handleMethodNotAllowed},
 		} {
 			rt.api, rt.strip = apiREST, p
 			table = append(table, rt)
@@ -87,12 +90,57 @@ func (s *server) routes() http.Handler {
 		s.routing[rt.pattern] = append(s.routing[rt.pattern], rt)
 	}
 	s.mux = mux
+	s.methods = methodsOf(table)
 
 	h := s.cors(s.observe(mux))
 	if s.cfg.logRequests {
 		h = logRequests(s.log, h)
 	}
 	return h
+}
+
+// methodHeaders is what one shape of the API answers about its methods:
+// Allow (with a 405, and to OPTIONS), and Access-Control-Allow-Methods (to
+// a CORS preflight), which leaves out HEAD, a method CORS always allows.
+type methodHeaders struct {
+	allow, cors []string
+}
+
+// methodsOf returns the method headers of each shape, read from the route
+// table: the method of each of its routes that does not refuse it, in the
+// table's order, and HEAD after GET, as ServeMux answers HEAD with a GET
+// pattern's handler.
+func methodsOf(table []route) map[api]methodHeaders {
+	methods := map[api][]string{}
+	for _, rt := range table {
+		m, _, ok := strings.Cut(rt.pattern, " ")
+		if !ok || rt.refuse || slices.Contains(methods[rt.api], m) {
+			continue
+		}
+		methods[rt.api] = append(methods[rt.api], m)
+		if m == http.MethodGet {
+			methods[rt.api] = append(methods[rt.api], http.MethodHead)
+		}
+	}
+	headers := map[api]methodHeaders{}
+	for a, ms := range methods {
+		cors := slices.DeleteFunc(slices.Clone(ms), func(m string) bool { return m == http.MethodHead })
+		headers[a] = methodHeaders{[]string{strings.Join(ms, ", ")}, []string{strings.Join(cors, ", ")}}
+	}
+	return headers
+}
+
+// shapeOf returns the shape that owns r's path: the one whose route a GET
+// of the path reaches (KvServer's under -kvserver-rest, else the native
+// one). A method no route of the path has, and a preflight, answer with
+// that shape's methods.
+func (s *server) shapeOf(r *http.Request) api {
+	get := &http.Request{Method: http.MethodGet, URL: r.URL, Host: r.Host, Header: http.Header{}}
+	_, pattern := s.mux.Handler(get)
+	if rts := s.routing[pattern]; len(rts) > 0 {
+		return rts[0].api
+	}
+	return apiNative
 }
 
 // targetOf returns the route a request matched and its target: the key,

@@ -568,6 +568,11 @@ func (s *Store) setCur(sl *slot, old, e *entry) {
 	sl.cur.Store(e)
 }
 
+// liveSize returns the bytes of the keys and values held: what the data
+// files would hold if compacted now, against which the journal weighs
+// its log.
+func (s *Store) liveSize() int64 { return s.liveBytes.Load() }
+
 // size is what a version of key weighs in the data files, about.
 func size(key string, e *entry) int64 {
 	if e == nil {

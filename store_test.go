@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"reflect"
 	"runtime"
 	"slices"
@@ -260,7 +261,7 @@ func FuzzCompactValue(f *testing.F) {
 		return v, d.Decode(&v)
 	}
 	f.Fuzz(func(t *testing.T, in []byte) {
-		out, err := compactValue(in)
+		out, err := compactValue(in, math.MaxInt64)
 		if err != nil {
 			if json.Valid(in) {
 				t.Fatalf("valid JSON %q refused: %v", in, err)
@@ -270,7 +271,7 @@ func FuzzCompactValue(f *testing.F) {
 		if !json.Valid([]byte(out)) {
 			t.Fatalf("%q compacted to invalid %q", in, out)
 		}
-		if again, _ := compactValue([]byte(out)); again != out {
+		if again, _ := compactValue([]byte(out), math.MaxInt64); again != out {
 			t.Fatalf("%q is not compact: %q", out, again)
 		}
 		a, errA := decode(in)

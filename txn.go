@@ -39,10 +39,10 @@ type txnJSON struct {
 	} `json:"ops"`
 }
 
-// parseTxn reads a transaction from a request's body, {"check",
-// "ops"}, and checks it (parseTxnParts). A member it does not know is an
+// parseTxn reads a transaction from a request's body or a WebSocket txn's
+// payload, {"check", "ops"}, and checks it (parseTxnParts). A member it does not know is an
 // error: a misspelt "checks" must not make a transaction unconditional.
-func (s *server) parseTxn(body []byte) (*txnRequest, error) {
+func (s *server) parseTxn(body []byte, kvserver bool) (*txnRequest, error) {
 	var parts struct {
 		Check json.RawMessage `json:"check"`
 		Ops   json.RawMessage `json:"ops"`
@@ -50,7 +50,7 @@ func (s *server) parseTxn(body []byte) (*txnRequest, error) {
 	if err := decodeStrict(body, &parts); err != nil {
 		return nil, err
 	}
-	return s.parseTxnParts(parts.Check, parts.Ops, false)
+	return s.parseTxnParts(parts.Check, parts.Ops, kvserver)
 }
 
 // decodeStrict decodes one JSON value into v, refusing members v does
@@ -214,15 +214,16 @@ func appendTxnDone(b []byte, r *txnRequest) []byte {
 }
 
 // appendConflicts appends the JSON array of a failed transaction's
-// failed checks, each {"key", "value", "revision"}: the key as spelled,
-// at its current version (null and -1 if missing).
-func appendConflicts(b []byte, r *txnRequest, conflict *conflictError) []byte {
+// failed checks, each {"key", "value", "revision"[, "ttl"]}: the key as
+// spelled, at its current version (null and -1 if missing); now is for
+// the TTLs.
+func appendConflicts(b []byte, r *txnRequest, conflict *conflictError, now int64) []byte {
 	b = append(b, '[')
 	for i, c := range conflict.conflicts {
 		if i > 0 {
 			b = append(b, ',')
 		}
-		b = appendValuePayload(b, r.checks[conflict.at[i]], c.entry, -1)
+		b = appendItem(b, item{r.checks[conflict.at[i]], c.entry}, now)
 	}
 	return append(b, ']')
 }
@@ -249,10 +250,10 @@ func (s *server) handleTxn(w http.ResponseWriter, r *http.Request, _ string) out
 func (s *server) serveTxn(w http.ResponseWriter, r *http.Request) outcome {
 	body := getBuffer()
 	defer putBuffer(body)
-	if err := readBody(w, r, body, s.cfg.maxTxnBytes, "transaction"); err != nil {
+	if err := readBody(w, r, body, s.cfg.maxTxnBytes); err != nil {
 		return s.serveFailure(w, apiNative, err)
 	}
-	req, err := s.parseTxn(body.Bytes())
+	req, err := s.parseTxn(body.Bytes(), false)
 	if err == nil {
 		err = s.allowTxn(callerOf(r), req)
 	}
@@ -263,7 +264,7 @@ func (s *server) serveTxn(w http.ResponseWriter, r *http.Request) outcome {
 	switch {
 	case errors.As(err, &conflict):
 		b := append(appendJSONString([]byte(`{"error":`), conflictMessage(req, conflict)), `,"conflicts":`...)
-		b = append(appendConflicts(b, req, conflict), '}')
+		b = append(appendConflicts(b, req, conflict, s.store.now()), '}')
 		w.Header()["Content-Type"] = hdrJSON
 		w.WriteHeader(http.StatusConflict)
 		w.Write(b)

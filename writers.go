@@ -8,6 +8,7 @@ package main
 import (
 	"bytes"
 	"net"
+	"net/http"
 	"runtime"
 	"sync"
 	"sync/atomic"
@@ -336,6 +337,19 @@ func (c *streams) reserve() bool {
 	}
 	c.n++
 	c.wg.Add(1)
+	return true
+}
+
+// admit reserves a slot for a new long-lived connection, an event stream
+// or a WebSocket, before anything of it starts; or answers 503 and reports
+// false: -max-subscribers are open, or the server is closing. It is the
+// one admission of both, and its one refusal. The caller that was
+// admitted calls s.streams.done once the connection ends.
+func (s *server) admit(w http.ResponseWriter) bool {
+	if !s.streams.reserve() {
+		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
+		return false
+	}
 	return true
 }
 

@@ -52,8 +52,7 @@ func (s *server) handleWebSocket(w http.ResponseWriter, r *http.Request) {
 		serveError(w, err.code, err.msg)
 		return
 	}
-	if !s.streams.reserve() {
-		serveError(w, http.StatusServiceUnavailable, "too many subscribers (-max-subscribers): try again later")
+	if !s.admit(w) {
 		return
 	}
 	conn, buf, err := http.NewResponseController(w).Hijack()
@@ -218,8 +217,8 @@ func (s *server) serveWebSocket(conn net.Conn, r *bufio.Reader, in *wsInput, out
 	c := &wsConn{
 		s: s, out: out,
 		subs: make(map[string]*subscription),
-		// The envelope, the key and an id need room beside the largest value.
-		in:      wsReader{r: r, max: int(s.cfg.maxValueBytes) + s.cfg.maxKeyBytes + 4096},
+		// A write's message is held whole, as a request body is.
+		in:      wsReader{r: r, max: int(s.readLimit())},
 		drained: make(chan struct{}, 1),
 		done:    make(chan struct{}),
 	}
@@ -384,12 +383,7 @@ func appendWSEvent(b []byte, ev *event, resumeAt *int64) []byte {
 			b = append(b, '"')
 		}
 	} else {
-		b = append(b, `{"type":"value","payload":{"key":`...)
-		b = appendKey(b, key)
-		b = append(b, `,"value":`...)
-		b = append(b, ev.e.value...)
-		b = append(b, `,"revision":`...)
-		b = strconv.AppendInt(b, ev.e.revision, 10)
+		b = appendVersion(append(b, `{"type":"value","payload":{`...), key, ev.e)
 	}
 	b = append(b, `,"seq":`...)
 	b = strconv.AppendInt(b, tag, 10)

@@ -221,6 +221,80 @@ func TestWebSocketBadMessages(t *testing.T) {
 	c.roundTrip(`{"type":"get","payload":{"key":"/keep"}}`, `{"type":"value","payload":{"key":"/keep","value":"safe","revision":0}}`)
 }
 
+// TestWebSocketOpList: the error that answers an unknown type names every
+// type of the op table, in its order, and each type it names is one the
+// server answers (with an error about its payload, not its type).
+func TestWebSocketOpList(t *testing.T) {
+	url := startServer(t)
+	c := dialWS(t, url, "")
+	c.send(`{"type":"nope","payload":{}}`)
+	got := c.recv()
+	list := got[strings.Index(got, "want ")+len("want ") : strings.LastIndex(got, `"`)]
+	types := strings.Split(strings.Replace(list, " or ", ", ", 1), ", ")
+	var want []string
+	for _, op := range wsOps {
+		want = append(want, op.typ)
+	}
+	if !slices.Equal(types, want) {
+		t.Fatalf("unknown type: %s; want it to name %q", got, want)
+	}
+	for _, typ := range types {
+		t.Run(typ, func(t *testing.T) {
+			c.send(`{"type":"` + typ + `","payload":{"key":""},"id":1}`)
+			if got := c.recv(); strings.Contains(got, "unknown message type") {
+				t.Errorf("%s: %s", typ, got)
+			}
+		})
+	}
+}
+
+// TestItemEverywhere: a key's version is one JSON object wherever it is
+// sent (appendItem, appendVersion): an HTTP listing, and over the
+// WebSocket an event, a get, a list and a conflict carry the same key,
+// value and revision, byte for byte; all but the event its TTL (which the
+// HTTP conflict carries too, as X-TTL), and the event its seq.
+func TestItemEverywhere(t *testing.T) {
+	url := startServer(t)
+	const key, value = `/item/q"uote`, `{"b":1,"a":[12345678901234567890,"é"]}`
+	version := `"key":"/item/q\"uote","value":` + value + `,"revision":0`
+	c := dialWS(t, url, "")
+	c.roundTrip(`{"type":"subscribe","payload":{"key":"/item/"},"id":0}`, `{"type":"ok","payload":{"key":"/item/"},"id":0}`)
+	c.send(`{"type":"set","payload":{"key":` + strconv.Quote(key) + `,"value":` + value + `,"ttl":"1h"},"id":1}`)
+	event := c.recvRaw() // before the set's ok (SPEC 5, Order)
+	if got, want := c.recv(), `{"type":"ok","payload":{"key":`+strconv.Quote(key)+`,"revision":0},"id":1}`; got != want {
+		t.Fatalf("set: %s; want %s", got, want)
+	}
+	ttl := regexp.MustCompile(`^,"ttl":\d+}$`)
+	ask := func(msg string) func() string {
+		return func() string { c.send(msg); return c.recvRaw() }
+	}
+	for _, tt := range []struct {
+		name, before, after string
+		tail                *regexp.Regexp // what follows the version's members
+		got                 func() string
+	}{
+		{"event", `{"type":"value","payload":{`, `}`, regexp.MustCompile(`^,"seq":\d+}$`), func() string { return event }},
+		{"HTTP listing", `[{`, `]`, ttl, func() string { return do(t, "GET", url+"/item/", "").body }},
+		{"get", `{"type":"value","payload":{`, `,"id":2}`, ttl,
+			ask(`{"type":"get","payload":{"key":` + strconv.Quote(key) + `},"id":2}`)},
+		{"list", `{"type":"values","payload":[{`, `],"id":3}`, ttl,
+			ask(`{"type":"list","payload":{"prefix":"/item/"},"id":3}`)},
+		{"conflict", `{"type":"conflict","payload":{`, `,"id":4}`, ttl,
+			ask(`{"type":"update","payload":{"key":` + strconv.Quote(key) + `,"value":2,"revision":7},"id":4}`)},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			got := tt.got()
+			rest, ok := strings.CutPrefix(got, tt.before+version)
+			if ok {
+				rest, ok = strings.CutSuffix(rest, tt.after)
+			}
+			if !ok || !tt.tail.MatchString(rest) {
+				t.Errorf("got %s; want %s%s%s%s", got, tt.before, version, tt.tail, tt.after)
+			}
+		})
+	}
+}
+
 // TestWebSocketOrigins: any origin by default, and clients without one;
 // with -origins, only those listed (and still clients without one).
 func TestWebSocketOrigins(t *testing.T) {
@@ -809,7 +883,7 @@ func TestWebSocketFrames(t *testing.T) {
 	noValue := `{"type":"no-value","payload":{"key":"/f"},"id":1}`
 	padded := append(append(slices.Clone(get[:len(get)-1]), bytes.Repeat([]byte(" "), 2000)...), '}')
 	bigSet := []byte(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 1<<20-2) + `"},"id":2}`)
-	tooBig := []byte(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 1<<20+8192) + `"},"id":2}`)
+	tooBig := []byte(`{"type":"set","payload":{"key":"/big","value":"` + strings.Repeat("x", 3<<20) + `"},"id":2}`) // past the read limit
 	accent := []byte(`{"type":"get","payload":{"key":"/caf` + "\xc3\xa9" + `"},"id":1}`)
 	cut := bytes.Index(accent, []byte{0xa9})
 	badUTF8 := slices.Clone(accent)

@@ -38,10 +38,11 @@ type wsPayload struct {
 	Ops      json.RawMessage `json:"ops"`
 }
 
-// wsOp is one message type of the WebSocket API: what its payload names
-// and the permission that needs, and the method that answers it. handle
-// checks both, in one place, before the method runs.
+// wsOp is one message type of the WebSocket API: its name, what its
+// payload names and the permission that needs, and the method that
+// answers it. handle checks both, in one place, before the method runs.
 type wsOp struct {
+	typ    string
 	names  wsTarget
 	perm   perm
 	answer func(c *wsConn, r wsRequest)
@@ -57,17 +58,38 @@ const (
 	namesKeys                   // several keys, which the op checks itself (txn)
 )
 
-// wsOps is every message type a client may send.
-var wsOps = map[string]wsOp{
-	"get":         {namesKey, permRead, (*wsConn).get},
-	"set":         {namesKey, permWrite, (*wsConn).set},
-	"update":      {namesKey, permWrite, (*wsConn).update},
-	"delete":      {namesKey, permWrite, (*wsConn).delete},
-	"subscribe":   {namesPath, permRead, (*wsConn).subscribe},
-	"unsubscribe": {namesPath, permNone, (*wsConn).unsubscribe},
-	"list":        {namesPrefix, permRead, (*wsConn).list},
-	"txn":         {namesKeys, permNone, (*wsConn).txn},
+// wsOps is every message type a client may send, in the order the
+// documentation lists them, and the error for an unknown one (wsOpList).
+var wsOps = []wsOp{
+	{"get", namesKey, permRead, (*wsConn).get},
+	{"set", namesKey, permWrite, (*wsConn).set},
+	{"update", namesKey, permWrite, (*wsConn).update},
+	{"delete", namesKey, permWrite, (*wsConn).delete},
+	{"subscribe", namesPath, permRead, (*wsConn).subscribe},
+	{"unsubscribe", namesPath, permNone, (*wsConn).unsubscribe},
+	{"list", namesPrefix, permRead, (*wsConn).list},
 }
+
+// wsOpOf returns the op of a message type. Seven string comparisons at
+// most: a map would not be faster.
+func wsOpOf(typ string) (wsOp, bool) {
+	for _, op := range wsOps {
+		if op.typ == typ {
+			return op, true
+		}
+	}
+	return wsOp{}, false
+}
+
+// wsOpList names every message type, for the error that answers an
+// unknown one: "get, set, … or list".
+var wsOpList = func() string {
+	types := make([]string, len(wsOps))
+	for i, op := range wsOps {
+		types[i] = op.typ
+	}
+	return strings.Join(types[:len(types)-1], ", ") + " or " + types[len(types)-1]
+}()
 
 // wsRequest is a message being answered, with what it names checked:
 // the store's key or path, and as the client spelled it, which replies
@@ -79,6 +101,7 @@ type wsRequest struct {
 	key      string
 	spelled  string
 	kvserver bool
+	msg      []byte // the whole message, until handle returns
 }
 
 // handle answers one message: it finds its op, checks what the payload
@@ -90,12 +113,12 @@ func (c *wsConn) handle(data []byte) {
 		c.fail(msg.ID, err)
 		return
 	}
-	op, ok := wsOps[msg.Type]
+	op, ok := wsOpOf(msg.Type)
 	if !ok {
-		c.fail(msg.ID, fmt.Errorf("unknown message type %q: want get, set, update, delete, subscribe, unsubscribe or list", msg.Type))
+		c.fail(msg.ID, fmt.Errorf("unknown message type %q: want %s", msg.Type, wsOpList))
 		return
 	}
-	r := wsRequest{typ: msg.Type, id: msg.ID, p: p}
+	r := wsRequest{typ: msg.Type, id: msg.ID, p: p, msg: data}
 	if err := c.target(op, &r); err != nil && op.perm == permWrite {
 		c.failWrite(r.id, err)
 		return
@@ -151,7 +174,7 @@ func (c *wsConn) get(r wsRequest) {
 		return
 	}
 	if e := c.s.store.Get(r.key); e != nil {
-		c.replyValue(r.id, r.spelled, e)
+		c.replyItem(r.id, "value", r.spelled, e)
 	} else {
 		c.reply(r.id, "no-value", appendKeyPayload(nil, r.spelled))
 	}
@@ -269,7 +292,11 @@ func (c *wsConn) list(r wsRequest) {
 // Each key is checked, and the access to it, before any check is
 // evaluated.
 func (c *wsConn) txn(r wsRequest) {
-	req, err := c.s.parseTxnParts(r.p.Check, r.p.Ops, true)
+	// The payload is read again, whole and strictly, as POST / reads its
+	// body: a misspelt "checks" must not make a transaction unconditional.
+	var m struct{ Payload json.RawMessage }
+	json.Unmarshal(r.msg, &m) // it parsed once already
+	req, err := c.s.parseTxn(m.Payload, true)
 	if err == nil {
 		err = c.s.allowTxn(c.st.who.caller, req)
 	}
@@ -280,7 +307,7 @@ func (c *wsConn) txn(r wsRequest) {
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):
-		c.reply(r.id, "conflict", append(appendConflicts([]byte(`{"conflicts":`), req, conflict), '}'))
+		c.reply(r.id, "conflict", append(appendConflicts([]byte(`{"conflicts":`), req, conflict, c.s.store.now()), '}'))
 	case err != nil:
 		c.fail(r.id, fmt.Errorf("txn: %w", err))
 	default:
@@ -434,8 +461,12 @@ func wantType(field string) string {
 	switch field {
 	case "revision":
 		return "an integer"
-	case "initial":
+	case "initial", "shallow":
 		return "true or false"
+	case "limit":
+		return fmt.Sprintf("an integer from 1 to %d", maxPage)
+	case "check", "ops":
+		return "an array"
 	}
 	return "a string"
 }
@@ -456,7 +487,7 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 	var conflict *conflictError
 	switch {
 	case errors.As(err, &conflict):
-		c.replyConflict(id, key, conflict.cur())
+		c.replyItem(id, "conflict", key, conflict.cur())
 	case err != nil:
 		c.fail(id, err)
 	case always || id != nil:
@@ -464,15 +495,18 @@ func (c *wsConn) answerWrite(id json.RawMessage, key string, err error, always b
 	}
 }
 
-// wsReply is a reply to a WebSocket client: its message; or for a get or
-// a list, what to build it from when it is written, so that a queued
-// reply shares the stored values rather than copying them.
+// wsReply is a reply to a WebSocket client: its message; or for a get, a
+// conflict or a list, what to build it from when it is written (items,
+// by appendItem), so that a queued reply shares the stored values rather
+// than copying them.
 type wsReply struct {
-	head  []byte // the message, or what comes before the value
-	e     *entry // a get's value
-	tail  []byte // what comes after the value
-	size  int64  // of the message, about: counted against the bound
-	frame uint8  // which part of its message it is (a listing's)
+	head     []byte // the message, or what comes before the items
+	items    []item // a get's or conflict's key and version, or a list's
+	kvserver bool   // the items' keys are named without the leading "/"
+	now      int64  // when the reply was made, for the items' TTLs
+	tail     []byte // what comes after the items
+	size     int64  // of the message, about: counted against the bound
+	frame    uint8  // which part of its message it is (a listing's)
 }
 
 // Which part of a message in fragments a reply is.
@@ -486,8 +520,12 @@ const (
 // append appends the reply's message.
 func (r *wsReply) append(b []byte) []byte {
 	b = append(b, r.head...)
-	if r.e != nil {
-		b = append(b, r.e.value...)
+	for i, it := range r.items {
+		if i > 0 {
+			b = append(b, ',')
+		}
+		it.key = spell(it.key, r.kvserver)
+		b = appendItem(b, it, r.now)
 	}
 	return append(b, r.tail...)
 }
@@ -530,35 +568,20 @@ func appendID(b []byte, id json.RawMessage) []byte {
 	return append(b, compact.Bytes()...)
 }
 
-// replyValue queues value {key, value, revision[, ttl]}, sharing e's value.
-func (c *wsConn) replyValue(id json.RawMessage, key string, e *entry) {
-	r := &wsReply{e: e}
-	r.head = append(append([]byte(`{"type":"value","payload":{"key":`), appendKey(nil, key)...), `,"value":`...)
-	r.tail = append(r.tail, `,"revision":`...)
-	r.tail = strconv.AppendInt(r.tail, e.revision, 10)
-	if ms, ok := e.ttlLeft(c.s.store.now()); ok {
-		r.tail = append(r.tail, `,"ttl":`...)
-		r.tail = strconv.AppendInt(r.tail, ms, 10)
+// replyItem queues typ {key, value, revision[, ttl]}: key, as the client
+// spelled it, at version e (nil: missing), sharing its value. It answers
+// a get (value) and a write that lost (conflict, with the current state).
+func (c *wsConn) replyItem(id json.RawMessage, typ, key string, e *entry) {
+	r := &wsReply{items: []item{{key, e}}, now: c.s.store.now()}
+	r.head = append(append([]byte(`{"type":"`), typ...), `","payload":`...)
+	r.tail = append(appendID(nil, id), '}')
+	r.size = int64(len(r.head)+len(r.tail)+len(key)) + 48 // the members around them, about
+	if e != nil {
+		r.size += int64(len(e.value))
 	}
-	r.tail = append(appendID(append(r.tail, '}'), id), '}')
-	r.size = int64(len(r.head) + len(e.value) + len(r.tail))
 	c.push(r)
 }
 
-// replyConflict queues conflict {key, value, revision}: the current state.
-func (c *wsConn) replyConflict(id json.RawMessage, key string, cur *entry) {
-	b := append(append([]byte(`{"key":`), appendKey(nil, key)...), `,"value":`...)
-	rev := int64(noRevision)
-	if cur != nil {
-		b = append(b, cur.value...)
-		rev = cur.revision
-	} else {
-		b = append(b, "null"...)
-	}
-	b = append(b, `,"revision":`...)
-	b = strconv.AppendInt(b, rev, 10)
-	c.reply(id, "conflict", append(b, '}'))
-}
 
 func appendKeyPayload(b []byte, key string) []byte {
 	b = append(b, `{"key":`...)
