@@ -582,7 +582,6 @@ func (c *wsConn) replyItem(id json.RawMessage, typ, key string, e *entry) {
 	c.push(r)
 }
 
-
 func appendKeyPayload(b []byte, key string) []byte {
 	b = append(b, `{"key":`...)
 	b = appendKey(b, key)
