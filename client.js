@@ -127,8 +127,8 @@ var AtomKV = (function () {
      * array of their values (null for a missing key); fn returns an array
      * in keys order, each a value to set, undefined to leave the key as it
      * is, or AtomKV.DELETE, and that is committed with a check on every
-     * revision read. On a conflict fn runs again on the new values, at
-     * most retries (25) times more. Resolves with the values committed,
+     * revision read. On a conflict fn runs again on the new values, after
+     * a random pause that grows, at most retries (25) times more. Resolves with the values committed,
      * or undefined if fn returned undefined (nothing written). fn must be
      * pure: it may run several times, and on values read one by one,
      * which a check then refuses if they were never together.
@@ -148,6 +148,7 @@ var AtomKV = (function () {
         // seen, the keys were all at them together, between the two reads.
         const unchanged = async (seen) => (await read()).every(([, rev], i) => rev === seen[i][1]);
         for (let conflicts = 0; ; ) {
+            const began = Date.now();
             const seen = await read();
             let out;
             try {
@@ -187,6 +188,12 @@ var AtomKV = (function () {
             if (++conflicts > retries) {
                 throw new Error(`transact ${keys.join(', ')}: ${conflicts} conflicts in a row (retries: ${retries}): other writes kept changing the keys; nothing was written`);
             }
+            // Wait a random moment, up to the attempt's own time, doubled
+            // at each conflict in a row: retried at once, the writer
+            // whose commit came first reads first again and wins again,
+            // and the others of a page never get their turn.
+            const took = Math.max(1, Date.now() - began);
+            await new Promise((resolve) => setTimeout(resolve, Math.random() * Math.min(retryCap, took * 2 ** Math.min(conflicts - 1, 12))));
         }
     };
 

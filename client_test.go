@@ -522,3 +522,47 @@ func TestBrowserLoad(t *testing.T) {
 		}
 	}
 }
+
+// TestBrowserTransactions runs testdata/txn.html in headless Chromium:
+// list pages (limit, after, shallow), transaction and transact through
+// the client, over the WebSocket and over fetch; a transaction cut off
+// in flight; two pages transacting on the same keys at once, each
+// watching them and seeing every transaction whole.
+//
+// The page reaches the server through cutter, which holds its bytes and
+// cuts its connections when the page asks.
+func TestBrowserTransactions(t *testing.T) {
+	chromium := needChromium(t)
+	main := startBackend(t)
+	proxy := newCutter(t, main.addr())
+	page, err := os.ReadFile("testdata/txn.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := strings.Replace(proxy.url(), "127.0.0.1", "localhost", 1) // another origin than the page's
+	page = bytes.ReplaceAll(page, []byte("{{SERVER}}"), []byte(server))
+	second := fmt.Appendf(nil, `<!doctype html><meta charset="utf-8"><script src="%s/"></script>`, server)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { w.Write(page) })
+	mux.HandleFunc("GET /second.html", func(w http.ResponseWriter, r *http.Request) { w.Write(second) })
+	mux.HandleFunc("GET /held", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, `{"subscriptions":%d}`, main.server().store.subs.count.Load())
+	})
+	mux.HandleFunc("POST /hold", func(w http.ResponseWriter, r *http.Request) { proxy.hold() })
+	mux.HandleFunc("GET /holding", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, proxy.holding()) })
+	mux.HandleFunc("POST /cut", func(w http.ResponseWriter, r *http.Request) { proxy.cut() })
+
+	results := browse(t, chromium, mux)
+	checkResults(t, results, []string{
+		"list pages over the socket",
+		"list pages over fetch",
+		"transactions over the socket",
+		"transactions over fetch",
+		"a transaction cut off in flight",
+		"transact: fibonacci, abort, leave, delete, retries",
+		"nested subscriptions take a transaction once",
+		"two pages transact on the same keys",
+		"two pages transact on the same keys, one over fetch",
+	})
+}
