@@ -128,10 +128,11 @@ var AtomKV = (function () {
      * in keys order, each a value to set, undefined to leave the key as it
      * is, or AtomKV.DELETE, and that is committed with a check on every
      * revision read. On a conflict fn runs again on the new values, after
-     * a random pause that grows, at most retries (25) times more. Resolves with the values committed,
-     * or undefined if fn returned undefined (nothing written). fn must be
-     * pure: it may run several times, and on values read one by one,
-     * which a check then refuses if they were never together.
+     * a random pause that grows, at most retries (25) times more. Resolves
+     * with the values committed, or undefined if fn returned undefined
+     * (nothing written). fn must be pure: it may run several times, and on
+     * values read one by one, which a check then refuses if they were
+     * never together.
      */
     self.transact = async (keys, fn, options) => {
         const retries = options && options.retries !== undefined ? options.retries : 25;
