@@ -20,6 +20,60 @@ interface AtomKVItem<T = AtomKVValue> {
     ttl?: number;
 }
 
+/** A shallow listing's item for a deeper prefix ('/room/42/cursor/'), standing for every key under it. */
+interface AtomKVPrefixItem {
+    prefix: string;
+}
+
+/** What a listing asks besides its prefix; any of them makes the answer a page. */
+interface AtomKVListOptions {
+    /** At most this many items (1 to 10,000). */
+    limit?: number;
+    /** Start after this key (present or not), or with shallow after a prefix item's prefix; '' is none. */
+    after?: string;
+    /** The direct children only: each key directly under the prefix, and each deeper prefix once as an AtomKVPrefixItem. */
+    shallow?: boolean;
+}
+
+/**
+ * A listing, in key order. A page (list with any option) also carries
+ * next, the after of the next page (null if none follows), and seq: every
+ * change up to it is reflected in the page (subscribe from the smallest
+ * seq of the pages to miss nothing). A listing without options has
+ * neither.
+ */
+type AtomKVListing<I> = I[] & {
+    next?: string | null;
+    seq?: number;
+};
+
+/** A transaction's check: the key must be at this revision, as get reports it (-1: missing). */
+interface AtomKVCheck {
+    key: string;
+    revision: number;
+}
+
+/** A transaction's op: set a key (with a TTL, or permanent), or delete it. */
+type AtomKVOp =
+    | {op: 'set'; key: string; value: AtomKVValue; ttl?: AtomKVTTL}
+    | {op: 'delete'; key: string};
+
+/** A transaction (SPEC 11): every op applied as one change if every check holds, else none. */
+interface AtomKVTransaction {
+    check?: AtomKVCheck[];
+    ops: AtomKVOp[];
+}
+
+/**
+ * What a transaction did: ok, its change number and each op's key's new
+ * revision (-1 for a delete); or, if a check failed and nothing was
+ * applied, each failed check's key at its current value and revision
+ * (null and -1 if missing).
+ */
+type AtomKVTransactionResult =
+    | {ok: true; seq: number; revisions: {[key: string]: number}}
+    | {ok: false; conflicts: AtomKVItem[]};
+
 /** A TTL: milliseconds, or a string such as '500ms', '90 sec', '1h30m', '2 weeks'. */
 type AtomKVTTL = number | string;
 
@@ -30,7 +84,7 @@ type AtomKVTransport = 'auto' | 'websocket' | 'http';
 type AtomKVStatus = 'connecting' | 'open' | 'closed';
 
 /**
- * The error a write (set, update, delete) rejects with when the
+ * The error a write (set, update, delete, transaction, transact) rejects with when the
  * connection dropped after it was sent and before its answer came: it may
  * or may not have been applied, and it is not sent again by itself.
  * Its name is 'OutcomeUnknownError'; its message says "outcome unknown".
@@ -69,8 +123,38 @@ interface AtomKVClient {
     update(key: string, value: AtomKVValue, revision: number, options?: {ttl?: AtomKVTTL}): Promise<boolean>;
     /** true; false if a revision was given and the key is not at it. */
     delete(key: string, options?: {revision?: number}): Promise<boolean>;
-    /** Every key under prefix ('/' for all), sorted by key. */
-    list<T = AtomKVValue>(prefix: string): Promise<AtomKVItem<T>[]>;
+    /**
+     * Every key under prefix ('/' for all), in key order; with options, a
+     * page of them (limit, after), or with shallow the direct children,
+     * a deeper prefix as one AtomKVPrefixItem. A page carries next and seq.
+     */
+    list<T = AtomKVValue>(prefix: string, options?: AtomKVListOptions & {shallow?: false}): Promise<AtomKVListing<AtomKVItem<T>>>;
+    list<T = AtomKVValue>(prefix: string, options: AtomKVListOptions): Promise<AtomKVListing<AtomKVItem<T> | AtomKVPrefixItem>>;
+    /**
+     * Applies every op as one change if every check holds ({ok: true,
+     * seq, revisions}), else nothing ({ok: false, conflicts}). Other
+     * failures reject with the server's message; one cut off in flight
+     * with AtomKVOutcomeUnknownError.
+     */
+    transaction(txn: AtomKVTransaction): Promise<AtomKVTransactionResult>;
+    /** Returned by a transact function for a key: delete it. */
+    readonly DELETE: unique symbol;
+    /**
+     * Reads the keys, calls fn with their values (null for a missing key)
+     * and commits what it returns, one element per key: a value to set,
+     * undefined to leave the key as it is (still checked), or
+     * AtomKV.DELETE. If another write changed a key read, fn runs again on
+     * the new values, at most retries (default 25) times more, then it
+     * rejects. fn returning undefined aborts: nothing is written and the
+     * call resolves undefined; else it resolves with the values committed
+     * (null for a delete). fn must be pure: it may run several times.
+     * V types the values, unchecked, e.g. transact<[[number, number]]>.
+     */
+    transact<V extends unknown[] = AtomKVValue[]>(
+        keys: string[],
+        fn: (values: V) => AtomKVCommit<V> | undefined | Promise<AtomKVCommit<V> | undefined>,
+        options?: {retries?: number},
+    ): Promise<{[I in keyof V]: V[I] | null} | undefined>;
     /**
      * Every change of a key, of every key under a prefix ending with '/',
      * or of every key ('/'); with {initial: true}, the current state
@@ -78,5 +162,8 @@ interface AtomKVClient {
      */
     subscribe<T = AtomKVValue>(path: string, options?: {initial?: boolean}): AsyncGenerator<AtomKVEvent<T>, void, undefined>;
 }
+
+/** What a transact function returns for its keys: per key a value, undefined (leave it) or AtomKV.DELETE. */
+type AtomKVCommit<V extends unknown[]> = {[I in keyof V]: V[I] | undefined | AtomKVClient['DELETE']};
 
 declare const AtomKV: AtomKVClient;

@@ -121,8 +121,101 @@ var AtomKV = (function () {
      */
     self.delete = async (key, options) => hub().delete(key, options);
 
-    /** list(prefix) → [{key, value, revision, ttl?}], sorted by key. */
-    self.list = async (prefix) => hub().list(prefix.endsWith('/') ? prefix : prefix + '/');
+    /**
+     * list(prefix, {limit, after, shallow}?) → [{key, value, revision,
+     * ttl?}], in key order. With any option it is a page (SPEC 3a): at
+     * most limit items, after the key after, and with shallow the direct
+     * children only, a deeper prefix as one {prefix} item; the array's
+     * next is the after of the next page (null if none follows), and its
+     * seq the point of the change sequence the page reflects.
+     */
+    self.list = async (prefix, options) => hub().list(prefix.endsWith('/') ? prefix : prefix + '/', options);
+
+    /**
+     * transaction({check, ops}) → {ok: true, seq, revisions} if every
+     * check held and every op was applied as one change; {ok: false,
+     * conflicts} if a check failed and nothing was applied (SPEC 11).
+     */
+    self.transaction = async (txn) => hub().transaction(txnBody(txn));
+
+    /** DELETE, returned by a transact function for a key, deletes it. */
+    self.DELETE = Symbol('AtomKV.DELETE');
+
+    /**
+     * transact(keys, fn, {retries}?) reads the keys and calls fn with an
+     * array of their values (null for a missing key); fn returns an array
+     * in keys order, each a value to set, undefined to leave the key as it
+     * is, or AtomKV.DELETE, and that is committed with a check on every
+     * revision read. On a conflict fn runs again on the new values, after
+     * a random pause that grows, at most retries (25) times more. Resolves
+     * with the values committed, or undefined if fn returned undefined
+     * (nothing written). fn must be pure: it may run several times, and on
+     * values read one by one, which a check then refuses if they were
+     * never together.
+     */
+    self.transact = async (keys, fn, options) => {
+        const retries = options && options.retries !== undefined ? options.retries : 25;
+        if (!Array.isArray(keys) || typeof fn !== 'function') {
+            throw new TypeError('transact(keys, fn): want an array of keys and a function');
+        }
+        const twice = keys.find((key, i) => keys.indexOf(key) !== i);
+        if (twice !== undefined) {
+            throw new Error(`transact: key ${JSON.stringify(twice)} is twice in keys`);
+        }
+        const h = hub();
+        const read = () => Promise.all(keys.map((key) => h.get(key)));
+        // unchanged reads the keys again: if every revision is the one
+        // seen, the keys were all at them together, between the two reads.
+        const unchanged = async (seen) => (await read()).every(([, rev], i) => rev === seen[i][1]);
+        for (let conflicts = 0; ; ) {
+            const began = Date.now();
+            const seen = await read();
+            let out;
+            try {
+                out = await fn(seen.map(([value]) => value));
+            } catch (err) {
+                if (await unchanged(seen)) {
+                    throw err; // fn's own failure, on values that were together
+                }
+                out = null; // a view no check would have let through: again
+            }
+            if (out === undefined) {
+                return undefined;
+            }
+            if (out !== null) {
+                if (!Array.isArray(out) || out.length !== keys.length) {
+                    throw new TypeError(`transact: fn returned ${Array.isArray(out) ? out.length + ' values' : typeof out}; want an array of ${keys.length} (one per key) or undefined`);
+                }
+                const check = keys.map((key, i) => ({key, revision: seen[i][1]}));
+                const ops = [];
+                const values = out.map((v, i) => {
+                    if (v === undefined) {
+                        return seen[i][0];
+                    }
+                    if (v === self.DELETE) {
+                        ops.push({op: 'delete', key: keys[i]});
+                        return null;
+                    }
+                    ops.push({op: 'set', key: keys[i], value: v});
+                    return v;
+                });
+                // Nothing to write (a transaction needs an op): the values
+                // read are committed if they were all current at once.
+                if (ops.length ? (await h.transaction({check, ops})).ok : await unchanged(seen)) {
+                    return values;
+                }
+            }
+            if (++conflicts > retries) {
+                throw new Error(`transact ${keys.join(', ')}: ${conflicts} conflicts in a row (retries: ${retries}): other writes kept changing the keys; nothing was written`);
+            }
+            // Wait a random moment, up to the attempt's own time, doubled
+            // at each conflict in a row: retried at once, the writer
+            // whose commit came first reads first again and wins again,
+            // and the others of a page never get their turn.
+            const took = Math.max(1, Date.now() - began);
+            await new Promise((resolve) => setTimeout(resolve, Math.random() * Math.min(retryCap, took * 2 ** Math.min(conflicts - 1, 12))));
+        }
+    };
 
     /**
      * subscribe(path, {initial}?) → an async generator of [key, value,
@@ -263,8 +356,9 @@ var AtomKV = (function () {
     // outcomeUnknown is how a write in flight when the connection dropped
     // rejects: it was sent, its answer never came, so it may or may not
     // have been applied; the client does not send it again by itself.
-    function outcomeUnknown(type, key) {
-        const err = new Error(`${type} ${key}: outcome unknown: the connection closed before the answer came; the write may or may not have been applied`);
+    // what names the write: 'set /a', 'transaction of /a, /b'.
+    function outcomeUnknown(what, why = 'the connection closed before the answer came') {
+        const err = new Error(`${what}: outcome unknown: ${why}; the write may or may not have been applied`);
         err.name = 'OutcomeUnknownError';
         return err;
     }
@@ -291,6 +385,7 @@ var AtomKV = (function () {
             this.channels = new Map(); // by path
             this.seq = null; // where channels resume: the last change the last connection carried
             this.connSeq = 0; // the highest change this connection carried
+            this.joined = []; // a transaction's events so far, [key, value, revision], until its last
             this.probing = null; // the key of the probe in flight
             this.http = null; // the fallback, once taken
             this.direct = null; // fetch, for messages too big for the socket
@@ -353,6 +448,7 @@ var AtomKV = (function () {
             this.ws = null;
             this.open = false;
             this.probing = null;
+            this.joined = []; // the resume sends the transaction again, whole
             if (!wasOpen) {
                 this.failures++;
             }
@@ -363,7 +459,7 @@ var AtomKV = (function () {
                     continue; // subscribed again on open
                 }
                 if (call.write) {
-                    call.reject(outcomeUnknown(call.msg.type, call.key));
+                    call.reject(outcomeUnknown(call.what));
                 } else {
                     this.waiting.push(call);
                 }
@@ -441,9 +537,8 @@ var AtomKV = (function () {
                 return this.direct[method](...args);
             }
             return new Promise((resolve, reject) => {
-                const key = msg.payload.key !== undefined ? msg.payload.key : msg.payload.prefix;
                 this.send({
-                    method, args, msg, text, write, key, reject,
+                    method, args, msg, text, write, what: describe(method, args), reject,
                     fulfil: resolve, // with an answer of the fallback
                     resolve: (reply) => {
                         if (reply.type === 'error') {
@@ -489,9 +584,16 @@ var AtomKV = (function () {
             return this.call('delete', [key, options], {type: 'delete', payload}, true, (r) => r.type === 'ok');
         }
 
-        list(prefix) {
+        list(prefix, options) {
             urlPath(prefix);
-            return this.call('list', [prefix], {type: 'list', payload: {prefix}}, false, (r) => r.payload);
+            const q = paging(options);
+            return this.call('list', [prefix, options], {type: 'list', payload: {prefix, ...q}}, false,
+                (r) => (q ? page(r.payload.items, r.payload.seq, r.payload.next) : r.payload));
+        }
+
+        transaction(body) {
+            return this.call('transaction', [body], {type: 'txn', payload: body}, true,
+                (r) => (r.type === 'ok' ? {ok: true, seq: r.payload.seq, revisions: r.payload.revisions} : {ok: false, conflicts: r.payload.conflicts}));
         }
 
         attach(sub) {
@@ -683,9 +785,26 @@ var AtomKV = (function () {
             const p = msg.payload || {};
             switch (msg.type) {
             case 'value':
-            case 'no-value':
-                this.route(p.key, msg.type === 'value' ? p.value : null, msg.type === 'value' ? p.revision : -1, p.seq);
+            case 'no-value': {
+                // A transaction's events come one after another, all but
+                // its last on the connection marked more, with no resume
+                // point (SPEC 11): they are held, and handed on together
+                // with the last, under its seq, the transaction's, so that
+                // floors and copies compare its own number and a page sees
+                // the transaction whole.
+                const ev = [p.key, msg.type === 'value' ? p.value : null, msg.type === 'value' ? p.revision : -1];
+                if (p.more === true) {
+                    this.joined.push(ev);
+                    break;
+                }
+                const joined = this.joined;
+                this.joined = [];
+                for (const [key, value, rev] of joined) {
+                    this.route(key, value, rev, p.seq);
+                }
+                this.route(...ev, p.seq);
                 break;
+            }
             case 'reset': {
                 // The state that follows is tagged 0, or the since it
                 // could not resume from.
@@ -797,8 +916,10 @@ var AtomKV = (function () {
         }
 
         // request does one HTTP request and rejects with the server's own
-        // message on any status it was not told to expect.
-        async request(method, key, {body, headers = {}, ok = []} = {}) {
+        // message on any status it was not told to expect. A write whose
+        // fetch fails (no answer: the network, the server gone) rejects
+        // with OutcomeUnknownError, as on the socket.
+        async request(method, key, {body, headers = {}, ok = [], query = '', what} = {}) {
             const init = {method, headers};
             if (this.token) {
                 headers['Authorization'] = 'Bearer ' + this.token;
@@ -807,7 +928,16 @@ var AtomKV = (function () {
                 init.body = JSON.stringify(body);
                 headers['Content-Type'] = 'application/json';
             }
-            const resp = await fetch(this.base + urlPath(key), init);
+            const url = this.base + urlPath(key) + query;
+            let resp;
+            try {
+                resp = await fetch(url, init);
+            } catch (err) {
+                if (method === 'GET') {
+                    throw err;
+                }
+                throw outcomeUnknown(what || `${method} ${key}`, `the request failed before its answer came (${err.message})`);
+            }
             if (resp.ok || ok.includes(resp.status)) {
                 return resp;
             }
@@ -844,10 +974,32 @@ var AtomKV = (function () {
             return resp.status !== 409;
         }
 
-        async list(prefix) {
+        async list(prefix, options) {
             // GET / alone is this script; Accept asks for the listing instead.
-            const resp = await this.request('GET', prefix, {headers: {Accept: 'application/json'}});
-            return resp.json();
+            const q = paging(options);
+            let query = '';
+            if (q) {
+                const parts = q.shallow ? ['shallow'] : [];
+                for (const name of ['limit', 'after']) {
+                    if (q[name] !== undefined) {
+                        parts.push(name + '=' + encodeURIComponent(q[name]));
+                    }
+                }
+                query = '?' + parts.join('&');
+            }
+            const resp = await this.request('GET', prefix, {headers: {Accept: 'application/json'}, query});
+            const items = await resp.json();
+            return q ? page(items, Number(resp.headers.get('X-Seq')), nextAfter(resp.headers.get('Link'))) : items;
+        }
+
+        // transaction is POST / (SPEC 11): 409 is a failed check.
+        async transaction(body) {
+            const resp = await this.request('POST', '/', {body, ok: [409], what: describe('transaction', [body])});
+            const answer = await resp.json();
+            if (resp.status === 409) {
+                return {ok: false, conflicts: answer.conflicts};
+            }
+            return {ok: true, seq: answer.seq, revisions: answer.revisions};
         }
 
         // attach opens the subscription's EventSource. It reconnects by
@@ -867,15 +1019,47 @@ var AtomKV = (function () {
             }
             const source = new EventSource(url);
             this.sources.set(sub, source);
+            // A transaction's events but its last carry the stream's last
+            // resume point, which they do not move (SPEC 11); so do a
+            // state's, until synced. An event tagged no higher than the
+            // last one is held, and handed on with the next that is, or
+            // with synced, so that the page sees a transaction whole.
+            // (Where the stream's opening id or a heartbeat's, which reach
+            // no handler, moved the point, the first event of a
+            // transaction looks like a change of its own and goes alone.)
+            let last = -Infinity;
+            let held = [];
+            const handOn = () => {
+                for (const ev of held) {
+                    sub.push(ev);
+                }
+                held = [];
+            };
             source.onmessage = (msg) => {
-                const [key, rev] = parseID(msg.lastEventId);
-                sub.push([key, JSON.parse(msg.data), rev]);
+                const [key, rev, tag] = parseID(msg.lastEventId);
+                const ev = [key, JSON.parse(msg.data), rev];
+                if (tag <= last) {
+                    held.push(ev);
+                    return;
+                }
+                last = tag;
+                handOn();
+                sub.push(ev);
             };
             // Named events: they reach no onmessage, so a page that uses
             // EventSource itself sees only changes.
-            source.addEventListener('reset', () => sub.push(RESET));
-            source.addEventListener('synced', () => sub.push(SYNCED));
+            source.addEventListener('reset', (msg) => {
+                last = Number(msg.lastEventId);
+                held = [];
+                sub.push(RESET);
+            });
+            source.addEventListener('synced', (msg) => {
+                last = Number(msg.lastEventId);
+                handOn();
+                sub.push(SYNCED);
+            });
             source.onerror = () => {
+                held = []; // the stream resumes from the last id, before them
                 // While CONNECTING, EventSource is retrying by itself;
                 // CLOSED means the server refused the stream.
                 if (source.readyState === EventSource.CLOSED) {
@@ -905,6 +1089,68 @@ var AtomKV = (function () {
         }
     }
 
+    // describe names a request for a message: 'set /a', 'transaction of
+    // /a, /b'.
+    function describe(method, args) {
+        if (method === 'transaction') {
+            const ops = Array.isArray(args[0].ops) ? args[0].ops : [];
+            return 'transaction of ' + ops.map((op) => op && op.key).join(', ');
+        }
+        return method + ' ' + args[0];
+    }
+
+    // paging is what a list asks besides its prefix (SPEC 3a): those of
+    // limit, after and shallow given, or null for none, which lists every
+    // key under the prefix as it always did (over the socket, the bare
+    // array KvServer's clients expect).
+    function paging(options) {
+        const {limit, after, shallow} = options || {};
+        if (limit == null && after == null && !shallow) {
+            return null;
+        }
+        const q = {};
+        if (limit != null) {
+            q.limit = limit;
+        }
+        if (after != null) {
+            q.after = after;
+        }
+        if (shallow) {
+            q.shallow = true;
+        }
+        return q;
+    }
+
+    // page is a page of a listing: its items, and on the array, seq and
+    // the after of the next page (next, null if none follows).
+    function page(items, seq, next) {
+        items.seq = seq;
+        items.next = next === undefined ? null : next;
+        return items;
+    }
+
+    // nextAfter reads the after of the next page from a listing's Link
+    // header, '<url>; rel="next"' (RFC 8288), or null.
+    function nextAfter(link) {
+        const m = link && /<([^>]*)>\s*;\s*rel="?next"?/.exec(link);
+        return m ? new URL(m[1], 'http://x').searchParams.get('after') : null;
+    }
+
+    // txnBody is the body of a transaction, {check?, ops}. Any other
+    // member is refused here, as POST / refuses it (a misspelt "checks"
+    // must not make a transaction unconditional), whichever way it goes.
+    function txnBody(txn) {
+        if (txn === null || typeof txn !== 'object' || Array.isArray(txn)) {
+            throw new TypeError('invalid transaction: want {check?: [{key, revision}…], ops: [{op, key, value?, ttl?}…]}');
+        }
+        for (const name of Object.keys(txn)) {
+            if (name !== 'check' && name !== 'ops') {
+                throw new Error(`invalid transaction: unknown member ${JSON.stringify(name)}: want {check?, ops}`);
+            }
+        }
+        return txn.check === undefined ? {ops: txn.ops} : {check: txn.check, ops: txn.ops};
+    }
+
     function revision(resp) {
         return Number(resp.headers.get('X-Revision'));
     }
@@ -923,8 +1169,8 @@ var AtomKV = (function () {
     // parseID reads an event's id, <key>:<revision>:<seq>: the key has its
     // '%' and ':' written '%25' and '%3A', so the first colon ends it.
     function parseID(id) {
-        const [key, rev] = id.split(':');
-        return [key.replace(/%3A|%25/g, (m) => (m === '%3A' ? ':' : '%')), Number(rev)];
+        const [key, rev, seq] = id.split(':');
+        return [key.replace(/%3A|%25/g, (m) => (m === '%3A' ? ':' : '%')), Number(rev), Number(seq)];
     }
 
     return self;

@@ -345,7 +345,7 @@ func TestClientDeclarations(t *testing.T) {
 		t.Fatal("client.d.ts: no `interface AtomKVClient {…}`")
 	}
 	declared := map[string]bool{}
-	for _, m := range regexp.MustCompile(`(?m)^    (\w+)\??[:(<]`).FindAllSubmatch(iface[1], -1) {
+	for _, m := range regexp.MustCompile(`(?m)^    (?:readonly )?(\w+)\??[:(<]`).FindAllSubmatch(iface[1], -1) {
 		declared[string(m[1])] = true
 	}
 	if len(defined) < 10 {
@@ -419,16 +419,49 @@ async function main(): Promise<void> {
     } catch (err) {
         if (err instanceof Error && err.name === 'OutcomeUnknownError') console.log('maybe applied');
     }
+    let after: string | null | undefined = '';
+    while (typeof after === 'string') {
+        const page: AtomKVListing<AtomKVItem<number>> = await AtomKV.list<number>('/room/', {limit: 100, after});
+        for (const item of page) console.log(item.key, item.value + 1);
+        after = page.next;
+        const seq: number | undefined = page.seq;
+        console.log(seq);
+    }
+    for (const item of await AtomKV.list('/room/', {shallow: true})) {
+        if ('prefix' in item) console.log(item.prefix);
+        else console.log(item.key, item.revision);
+    }
+    const t = await AtomKV.transaction({
+        check: [{key: '/a', revision: 3}, {key: '/b', revision: -1}],
+        ops: [{op: 'set', key: '/a', value: {x: 1}, ttl: '5s'}, {op: 'delete', key: '/c'}],
+    });
+    if (t.ok) console.log(t.seq, t.revisions['/a']);
+    else for (const c of t.conflicts) console.log(c.key, c.value, c.revision);
+    const fib = await AtomKV.transact<[[number, number]]>(['/fib'], ([[a, b]]) => [[b, a + b]]);
+    if (fib) console.log(fib[0]?.[1]);
+    const moved = await AtomKV.transact<[number | null, number | null, string | null]>(['/x', '/y', '/z'], ([x, y]) => {
+        if (x === null || x < 1) return undefined;
+        return [x - 1, (y ?? 0) + 1, AtomKV.DELETE];
+    }, {retries: 5});
+    console.log(moved);
+    await AtomKV.transact(['/n'], async ([n]) => [typeof n === 'number' ? n + 1 : 0]);
 }
 main();
 `
 	write("page", page)
 	wrong := map[string]string{
-		"set-without-value":  `AtomKV.set('/a');`,
-		"bad-transport":      `AtomKV.transport = 'sse';`,
-		"revision-as-string": `AtomKV.update('/a', 1, '2');`,
-		"bad-status":         `AtomKV.onstatus = (s) => { if (s === 'offline') {} };`,
-		"undefined-value":    `AtomKV.set('/a', undefined);`,
+		"set-without-value":   `AtomKV.set('/a');`,
+		"bad-transport":       `AtomKV.transport = 'sse';`,
+		"revision-as-string":  `AtomKV.update('/a', 1, '2');`,
+		"bad-status":          `AtomKV.onstatus = (s) => { if (s === 'offline') {} };`,
+		"undefined-value":     `AtomKV.set('/a', undefined);`,
+		"txn-unknown-op":      `AtomKV.transaction({ops: [{op: 'put', key: '/a', value: 1}]});`,
+		"txn-no-ops":          `AtomKV.transaction({check: [{key: '/a', revision: 0}]});`,
+		"delete-with-value":   `AtomKV.transaction({ops: [{op: 'delete', key: '/a', value: 1}]});`,
+		"transact-wrong-type": `AtomKV.transact<[number]>(['/n'], ([n]) => ['one']);`,
+		"limit-as-string":     `AtomKV.list('/a/', {limit: '3'});`,
+		"prefix-item-key":     `AtomKV.list('/a/', {shallow: true}).then((p) => p[0].key);`,
+		"delete-is-readonly":  `AtomKV.DELETE = Symbol();`,
 	}
 	for name, code := range wrong {
 		write(name, code)
@@ -488,4 +521,48 @@ func TestBrowserLoad(t *testing.T) {
 			t.Logf("%-40s %d", name, figures[name])
 		}
 	}
+}
+
+// TestBrowserTransactions runs testdata/txn.html in headless Chromium:
+// list pages (limit, after, shallow), transaction and transact through
+// the client, over the WebSocket and over fetch; a transaction cut off
+// in flight; two pages transacting on the same keys at once, each
+// watching them and seeing every transaction whole.
+//
+// The page reaches the server through cutter, which holds its bytes and
+// cuts its connections when the page asks.
+func TestBrowserTransactions(t *testing.T) {
+	chromium := needChromium(t)
+	main := startBackend(t)
+	proxy := newCutter(t, main.addr())
+	page, err := os.ReadFile("testdata/txn.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	server := strings.Replace(proxy.url(), "127.0.0.1", "localhost", 1) // another origin than the page's
+	page = bytes.ReplaceAll(page, []byte("{{SERVER}}"), []byte(server))
+	second := fmt.Appendf(nil, `<!doctype html><meta charset="utf-8"><script src="%s/"></script>`, server)
+
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /{$}", func(w http.ResponseWriter, r *http.Request) { w.Write(page) })
+	mux.HandleFunc("GET /second.html", func(w http.ResponseWriter, r *http.Request) { w.Write(second) })
+	mux.HandleFunc("GET /held", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, `{"subscriptions":%d}`, main.server().store.subs.count.Load())
+	})
+	mux.HandleFunc("POST /hold", func(w http.ResponseWriter, r *http.Request) { proxy.hold() })
+	mux.HandleFunc("GET /holding", func(w http.ResponseWriter, r *http.Request) { fmt.Fprint(w, proxy.holding()) })
+	mux.HandleFunc("POST /cut", func(w http.ResponseWriter, r *http.Request) { proxy.cut() })
+
+	results := browse(t, chromium, mux)
+	checkResults(t, results, []string{
+		"list pages over the socket",
+		"list pages over fetch",
+		"transactions over the socket",
+		"transactions over fetch",
+		"a transaction cut off in flight",
+		"transact: fibonacci, abort, leave, delete, retries",
+		"nested subscriptions take a transaction once",
+		"two pages transact on the same keys",
+		"two pages transact on the same keys, one over fetch",
+	})
 }
