@@ -68,6 +68,7 @@ var wsOps = []wsOp{
 	{"subscribe", namesPath, permRead, (*wsConn).subscribe},
 	{"unsubscribe", namesPath, permNone, (*wsConn).unsubscribe},
 	{"list", namesPrefix, permRead, (*wsConn).list},
+	{"txn", namesKeys, permNone, (*wsConn).txn}, // each key checked by the op (allowTxn)
 }
 
 // wsOpOf returns the op of a message type. Seven string comparisons at
