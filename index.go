@@ -13,13 +13,14 @@ import (
 //
 // It is a B-tree of slot pointers. A node holds nothing but pointers, 8
 // bytes an item, and compares keys through them (a slot's key never
-// changes), so the index costs about 8.5 bytes a key when its nodes are
-// full; put keeps them full when keys come in ascending order.
+// changes), so the index costs about 8.6 bytes a key when its nodes are
+// full, as put keeps them when keys come in order, and 12.5 when random
+// inserts leave them 70% full.
 //
 // The zero index is empty and ready to use. It is safe for concurrent use:
 // insert and remove take its write lock, read its read lock for one chunk,
-// so readers never wait for each other and a writer waits for at most one
-// chunk per reader.
+// so readers wait not for each other but only for one insert or remove,
+// and a writer waits for the chunks being read.
 type index struct {
 	mu    sync.RWMutex
 	root  *indexNode // nil until the first insert; an empty leaf once emptied
@@ -38,48 +39,50 @@ type indexNode struct {
 	at       int32        // where the last insert went
 }
 
-// indexNodeItems is the size of the index's nodes: with its 56-byte header
-// in the same allocation (newIndexNode), a leaf is 1,024 bytes, one size
-// class of Go's allocator, with nothing rounded away. It was chosen by
-// BenchmarkIndex*, against 512-, 2,048- and 4,096-byte nodes and a skip
-// list: see docs/performance.md.
-const indexNodeItems = 121
+// indexNodeItems is the size of the index's nodes: a leaf is 1,016 bytes,
+// its 56-byte header and its items in one allocation (newIndexNode),
+// which with the 8-byte header Go's allocator puts before an object of
+// pointers larger than 512 bytes fills its size class, 1,024 bytes,
+// exactly. It was chosen by BenchmarkIndex*, against 512-, 2,048- and
+// 4,096-byte nodes and a skip list: see docs/performance.md.
+const indexNodeItems = 120
 
 // newIndexNode returns an empty node of size items.
 //
 // A node of a size the benchmarks compare is one allocation: the header,
 // then the items array its slice points into, so it fills one size class
-// exactly (a 1 KB leaf holds 121 items, where a separate array of 128
-// would make a 1,024-byte array and a 64-byte header) and a search reads
-// the items beside the header. Fixed-size arrays in the node would save 40
-// bytes of header, 5 items a node, but fix the size at compile time, and
-// the benchmarks compare sizes in one run. Other sizes, the small nodes
-// that tests use to make deep trees, allocate their array apart.
+// exactly (a 1 KB leaf holds 120 items, where a separate array of 128
+// would make a 1,024-byte array, a 64-byte header and 1,152 bytes with
+// the allocator's header) and a search reads the items beside the header.
+// Fixed-size arrays in the node would save 40 bytes of header, 5 items a
+// node, but fix the size at compile time, and the benchmarks compare sizes
+// in one run. Other sizes, the small nodes that tests use to make deep
+// trees, allocate their array apart.
 func newIndexNode(size int, leaf bool) *indexNode {
 	var nd *indexNode
 	switch size {
-	case 57: // 512 B
+	case 57: // 512 B: no allocator header up to 512 bytes
 		n := new(struct {
 			indexNode
 			a [57]*slot
 		})
 		nd, n.items = &n.indexNode, n.a[:0]
-	case 121: // 1 KB
+	case 120: // 1 KB
 		n := new(struct {
 			indexNode
-			a [121]*slot
+			a [120]*slot
 		})
 		nd, n.items = &n.indexNode, n.a[:0]
-	case 249: // 2 KB
+	case 248: // 2 KB
 		n := new(struct {
 			indexNode
-			a [249]*slot
+			a [248]*slot
 		})
 		nd, n.items = &n.indexNode, n.a[:0]
-	case 505: // 4 KB
+	case 504: // 4 KB
 		n := new(struct {
 			indexNode
-			a [505]*slot
+			a [504]*slot
 		})
 		nd, n.items = &n.indexNode, n.a[:0]
 	default:

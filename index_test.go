@@ -3,11 +3,11 @@ package main
 import (
 	"fmt"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
 	"testing"
-	"unsafe"
 )
 
 // orderedSlots is what the index does, which its alternatives do too: the
@@ -83,6 +83,100 @@ func (s *sortedSlots) get(key string) *slot {
 		return s.items[i]
 	}
 	return nil
+}
+
+// skipList is the other alternative: a skip list of slots (Pugh, with
+// p = 1/4, as Redis and LevelDB), each node a slot pointer and a tower of
+// 1.33 next pointers on average.
+type skipList struct {
+	mu    sync.RWMutex
+	head  skipNode // its tower is skipMaxLevel high
+	level int      // the highest tower's
+	count int
+	rng   uint64
+}
+
+type skipNode struct {
+	sl   *slot
+	next []*skipNode
+}
+
+const skipMaxLevel = 16 // 4^16 keys
+
+// seek returns, for each level, the last node before key.
+func (s *skipList) seek(key string, prev *[skipMaxLevel]*skipNode) {
+	if s.head.next == nil {
+		s.head.next = make([]*skipNode, skipMaxLevel)
+	}
+	p := &s.head
+	for l := s.level - 1; l >= 0; l-- {
+		for q := p.next[l]; q != nil && q.sl.key < key; q = p.next[l] {
+			p = q
+		}
+		prev[l] = p
+	}
+	for l := s.level; l < skipMaxLevel; l++ {
+		prev[l] = &s.head
+	}
+}
+
+func (s *skipList) insert(sl *slot) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var prev [skipMaxLevel]*skipNode
+	s.seek(sl.key, &prev)
+	if q := prev[0].next[0]; q != nil && q.sl.key == sl.key {
+		q.sl = sl
+		return
+	}
+	level := 1
+	for s.rng = s.rng*6364136223846793005 + 1442695040888963407; level < skipMaxLevel && (s.rng>>(62-2*level))&3 == 0; level++ {
+	}
+	nd := &skipNode{sl: sl, next: make([]*skipNode, level)}
+	for l := range level {
+		nd.next[l], prev[l].next[l] = prev[l].next[l], nd
+	}
+	s.level = max(s.level, level)
+	s.count++
+}
+
+func (s *skipList) remove(sl *slot) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var prev [skipMaxLevel]*skipNode
+	s.seek(sl.key, &prev)
+	q := prev[0].next[0]
+	if q == nil || q.sl != sl {
+		return
+	}
+	for l := range q.next {
+		prev[l].next[l] = q.next[l]
+	}
+	s.count--
+}
+
+func (s *skipList) read(dst []*slot, from, to string, max int) []*slot {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	if s.head.next == nil {
+		return dst
+	}
+	p := &s.head
+	for l := s.level - 1; l >= 0; l-- {
+		for q := p.next[l]; q != nil && q.sl.key < from; q = p.next[l] {
+			p = q
+		}
+	}
+	for q := p.next[0]; q != nil && max > 0 && (to == "" || q.sl.key < to); q, max = q.next[0], max-1 {
+		dst = append(dst, q.sl)
+	}
+	return dst
+}
+
+func (s *skipList) len() int {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return s.count
 }
 
 // checkIndex fails t unless x is a well-formed B-tree holding exactly
@@ -541,19 +635,171 @@ func TestIndexAllocations(t *testing.T) {
 	}
 }
 
-// TestIndexNodeSizes: each node size the benchmarks compare is one size
-// class of Go's allocator exactly.
+// TestIndexNodeSizes: a leaf of each size the benchmarks compare takes
+// the size class it is made for, nothing rounded away.
 func TestIndexNodeSizes(t *testing.T) {
-	if got := unsafe.Sizeof(indexNode{}); got != 56 {
-		t.Errorf("node header: %d bytes; want 56", got)
-	}
-	for _, size := range []int{57, 121, 249, 505} {
-		if got := 56 + 8*size; got&(got-1) != 0 {
-			t.Errorf("node of %d items: %d bytes; want a power of two", size, got)
+	for _, tt := range []struct{ size, bytes int }{{57, 512}, {120, 1024}, {248, 2048}, {504, 4096}} {
+		const n = 1000
+		nodes := make([]*indexNode, n)
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		for i := range nodes {
+			nodes[i] = newIndexNode(tt.size, true)
 		}
-		nd := newIndexNode(size, true)
-		if cap(nd.items) != size || len(nd.items) != 0 {
-			t.Errorf("newIndexNode(%d): len %d, cap %d", size, len(nd.items), cap(nd.items))
+		runtime.ReadMemStats(&after)
+		if got := (after.TotalAlloc - before.TotalAlloc) / n; got != uint64(tt.bytes) {
+			t.Errorf("leaf of %d items: %d bytes; want %d", tt.size, got, tt.bytes)
+		}
+		if nd := nodes[0]; cap(nd.items) != tt.size || len(nd.items) != 0 {
+			t.Errorf("newIndexNode(%d): len %d, cap %d", tt.size, len(nd.items), cap(nd.items))
+		}
+	}
+}
+
+// benchStructures are the ordered sets the benchmarks compare: the B-tree
+// with four node sizes (its leaf's bytes), and the alternatives.
+var benchStructures = []struct {
+	name string
+	new  func() orderedSlots
+}{
+	{"btree-512B", func() orderedSlots { return newIndexOfSize(57) }},
+	{"btree-1KB", func() orderedSlots { return newIndexOfSize(120) }},
+	{"btree-2KB", func() orderedSlots { return newIndexOfSize(248) }},
+	{"btree-4KB", func() orderedSlots { return newIndexOfSize(504) }},
+	{"skiplist", func() orderedSlots { return new(skipList) }},
+	{"slice", func() orderedSlots { return new(sortedSlots) }},
+}
+
+// slowAt skips a benchmark of the sorted slice's O(n) inserts or removes
+// past 100,000 keys, where it would take minutes.
+func slowAt(b *testing.B, name string) {
+	if name == "slice" && b.N > 100_000 {
+		b.Skip("O(n) an insert or remove: minutes at this size")
+	}
+}
+
+// BenchmarkIndexInsert inserts b.N keys into an empty set, in ascending or
+// random order, and reports the heap the set then takes a key and how full
+// a B-tree's nodes are. With -benchtime 1000000x, the figures are for a
+// million keys.
+func BenchmarkIndexInsert(b *testing.B) {
+	for _, order := range []string{"seq", "random"} {
+		for _, st := range benchStructures {
+			b.Run(order+"/"+st.name, func(b *testing.B) {
+				if order == "random" {
+					slowAt(b, st.name)
+				}
+				slots := benchSlots(b.N, order == "random")
+				s := st.new()
+				before := heapAllocated()
+				b.ResetTimer()
+				for _, sl := range slots {
+					s.insert(sl)
+				}
+				b.StopTimer()
+				b.ReportMetric(float64(heapAllocated()-before)/float64(b.N), "B/key")
+				if x, ok := s.(*index); ok {
+					f, _ := fill(x)
+					b.ReportMetric(100*f, "fill%")
+				}
+				runtime.KeepAlive(s)
+				runtime.KeepAlive(slots) // counted in before
+			})
+		}
+	}
+}
+
+// heapAllocated returns the bytes of the heap's live objects, each rounded
+// up to its size class: what a structure built between two calls costs,
+// to the byte (HeapInuse, which BenchmarkMemoryPerKey reads for the whole
+// store, counts 8 KB spans, coarse for a structure of a few MB).
+func heapAllocated() int64 {
+	runtime.GC()
+	var m runtime.MemStats
+	runtime.ReadMemStats(&m)
+	return int64(m.HeapAlloc)
+}
+
+// BenchmarkIndexRemove removes, in random order, the b.N keys of a set
+// they were inserted into in another random order.
+func BenchmarkIndexRemove(b *testing.B) {
+	for _, st := range benchStructures {
+		b.Run(st.name, func(b *testing.B) {
+			slowAt(b, st.name)
+			slots := benchSlots(b.N, true)
+			s := st.new()
+			for _, sl := range slots {
+				s.insert(sl)
+			}
+			r := rand.New(rand.NewPCG(7, 8))
+			r.Shuffle(len(slots), func(i, j int) { slots[i], slots[j] = slots[j], slots[i] })
+			b.ResetTimer()
+			for _, sl := range slots {
+				s.remove(sl)
+			}
+			b.StopTimer()
+			if s.len() != 0 {
+				b.Fatalf("%d keys left", s.len())
+			}
+		})
+	}
+}
+
+// benchSets holds, by structure, a set of the same million slots, built
+// once for the read benchmarks: in random order, but for the slice, whose
+// layout does not depend on it.
+var (
+	benchSets      = map[string]orderedSlots{}
+	benchSetSlots  []*slot
+	benchSetRandom []*slot
+)
+
+const benchSetKeys = 1_000_000
+
+func benchSet(name string, new func() orderedSlots) orderedSlots {
+	if s, ok := benchSets[name]; ok {
+		return s
+	}
+	if benchSetSlots == nil {
+		benchSetSlots = benchSlots(benchSetKeys, false)
+		benchSetRandom = slices.Clone(benchSetSlots)
+		rand.New(rand.NewPCG(1, 2)).Shuffle(benchSetKeys, func(i, j int) {
+			benchSetRandom[i], benchSetRandom[j] = benchSetRandom[j], benchSetRandom[i]
+		})
+	}
+	slots := benchSetRandom
+	if name == "slice" {
+		slots = benchSetSlots
+	}
+	s := new()
+	for _, sl := range slots {
+		s.insert(sl)
+	}
+	benchSets[name] = s
+	return s
+}
+
+// BenchmarkIndexRead reads 10 and 100 keys from a random key in the middle
+// half of a set of a million.
+func BenchmarkIndexRead(b *testing.B) {
+	r := rand.New(rand.NewPCG(9, 10))
+	froms := make([]string, 4096)
+	for i := range froms {
+		froms[i] = benchKey(benchSetKeys/4 + r.IntN(benchSetKeys/2))
+	}
+	for _, k := range []int{10, 100} {
+		for _, st := range benchStructures {
+			b.Run(fmt.Sprintf("%d/%s", k, st.name), func(b *testing.B) {
+				s := benchSet(st.name, st.new)
+				dst := make([]*slot, 0, k)
+				b.ReportAllocs()
+				b.ResetTimer()
+				for i := range b.N {
+					if dst = s.read(dst[:0], froms[i%len(froms)], "", k); len(dst) != k {
+						b.Fatalf("read %d keys; want %d", len(dst), k)
+					}
+				}
+			})
 		}
 	}
 }
