@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // orderedSlots is what the index does, which its alternatives do too: the
@@ -681,7 +682,8 @@ func slowAt(b *testing.B, name string) {
 // BenchmarkIndexInsert inserts b.N keys into an empty set, in ascending or
 // random order, and reports the heap the set then takes a key and how full
 // a B-tree's nodes are. With -benchtime 1000000x, the figures are for a
-// million keys.
+// million keys. Its times, one structure after the other, swing with the
+// machine's load: BenchmarkIndexSideBySide compares them.
 func BenchmarkIndexInsert(b *testing.B) {
 	for _, order := range []string{"seq", "random"} {
 		for _, st := range benchStructures {
@@ -720,33 +722,8 @@ func heapAllocated() int64 {
 	return int64(m.HeapAlloc)
 }
 
-// BenchmarkIndexRemove removes, in random order, the b.N keys of a set
-// they were inserted into in another random order.
-func BenchmarkIndexRemove(b *testing.B) {
-	for _, st := range benchStructures {
-		b.Run(st.name, func(b *testing.B) {
-			slowAt(b, st.name)
-			slots := benchSlots(b.N, true)
-			s := st.new()
-			for _, sl := range slots {
-				s.insert(sl)
-			}
-			r := rand.New(rand.NewPCG(7, 8))
-			r.Shuffle(len(slots), func(i, j int) { slots[i], slots[j] = slots[j], slots[i] })
-			b.ResetTimer()
-			for _, sl := range slots {
-				s.remove(sl)
-			}
-			b.StopTimer()
-			if s.len() != 0 {
-				b.Fatalf("%d keys left", s.len())
-			}
-		})
-	}
-}
-
 // benchSets holds, by structure, a set of the same million slots, built
-// once for the read benchmarks: in random order, but for the slice, whose
+// once for the reads of BenchmarkIndexSideBySide: in random order, but for the slice, whose
 // layout does not depend on it.
 var (
 	benchSets      = map[string]orderedSlots{}
@@ -779,27 +756,89 @@ func benchSet(name string, new func() orderedSlots) orderedSlots {
 	return s
 }
 
-// BenchmarkIndexRead reads 10 and 100 keys from a random key in the middle
-// half of a set of a million.
-func BenchmarkIndexRead(b *testing.B) {
-	r := rand.New(rand.NewPCG(9, 10))
-	froms := make([]string, 4096)
-	for i := range froms {
-		froms[i] = benchKey(benchSetKeys/4 + r.IntN(benchSetKeys/2))
-	}
-	for _, k := range []int{10, 100} {
-		for _, st := range benchStructures {
-			b.Run(fmt.Sprintf("%d/%s", k, st.name), func(b *testing.B) {
-				s := benchSet(st.name, st.new)
-				dst := make([]*slot, 0, k)
-				b.ReportAllocs()
-				b.ResetTimer()
-				for i := range b.N {
-					if dst = s.read(dst[:0], froms[i%len(froms)], "", k); len(dst) != k {
-						b.Fatalf("read %d keys; want %d", len(dst), k)
+// BenchmarkIndexSideBySide runs each operation on every structure,
+// interleaved: each batch of 1,000 runs on each structure in turn, so a
+// busy moment of a shared machine slows them alike and their ratios hold.
+// It reports each structure's ns per operation, over b.N operations: with
+// -benchtime 1000000x, inserting and removing a million keys and reading
+// a million times from a million. The sorted slice sits out random inserts
+// and removes (minutes at O(n) each).
+func BenchmarkIndexSideBySide(b *testing.B) {
+	const batch = 1000
+	for _, op := range []string{"insert-seq", "insert-random", "remove", "read-10", "read-100"} {
+		b.Run(op, func(b *testing.B) {
+			var slots []*slot
+			if op == "insert-seq" || op == "insert-random" || op == "remove" {
+				slots = benchSlots(b.N, op != "insert-seq")
+			}
+			var names []string
+			var sets []orderedSlots
+			for _, st := range benchStructures {
+				if st.name == "slice" && (op == "insert-random" || op == "remove") {
+					continue
+				}
+				names = append(names, st.name)
+				switch op {
+				case "insert-seq", "insert-random":
+					sets = append(sets, st.new())
+				case "remove":
+					s := st.new()
+					for _, sl := range slots {
+						s.insert(sl)
+					}
+					sets = append(sets, s)
+				default:
+					sets = append(sets, benchSet(st.name, st.new))
+				}
+			}
+			if op == "remove" { // in another order than inserted
+				r := rand.New(rand.NewPCG(7, 8))
+				r.Shuffle(len(slots), func(i, j int) { slots[i], slots[j] = slots[j], slots[i] })
+			}
+			k := 10
+			if op == "read-100" {
+				k = 100
+			}
+			froms := make([]string, batch)
+			r := rand.New(rand.NewPCG(9, 10))
+			for i := range froms {
+				froms[i] = benchKey(benchSetKeys/4 + r.IntN(benchSetKeys/2))
+			}
+			dst := make([]*slot, 0, 100)
+			elapsed := make([]time.Duration, len(sets))
+			b.ResetTimer()
+			for start := 0; start < b.N; start += batch {
+				end := min(start+batch, b.N)
+				for j, s := range sets {
+					t0 := time.Now()
+					switch op {
+					case "insert-seq", "insert-random":
+						for _, sl := range slots[start:end] {
+							s.insert(sl)
+						}
+					case "remove":
+						for _, sl := range slots[start:end] {
+							s.remove(sl)
+						}
+					default:
+						for _, from := range froms[:end-start] {
+							dst = s.read(dst[:0], from, "", k)
+						}
+					}
+					elapsed[j] += time.Since(t0)
+				}
+			}
+			b.StopTimer()
+			for j, name := range names {
+				b.ReportMetric(float64(elapsed[j].Nanoseconds())/float64(b.N), name+"-ns/op")
+			}
+			if op == "remove" {
+				for j, s := range sets {
+					if s.len() != 0 {
+						b.Fatalf("%s: %d keys left", names[j], s.len())
 					}
 				}
-			})
-		}
+			}
+		})
 	}
 }
