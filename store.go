@@ -174,6 +174,10 @@ type Store struct {
 	history   history      // guarded by seqMu
 	published atomic.Int64 // every change numbered up to it is applied and published
 	snaps     snapshots    // listings and states in progress, and what they need
+	// applying is set while a transaction's versions are being made
+	// current, one key after another: a read that finds it set waits for
+	// the transaction to be whole (see Get).
+	applying atomic.Bool
 
 	// publish is called for every change applied, with its keys' slots
 	// and seqMu locked. It must not block. It is subs.publish; tests may
@@ -211,7 +215,17 @@ func NewStore(maxKeys int64, clk clock) *Store {
 
 // Get returns the current version of key, or nil if it is missing or
 // expired. It checks the deadline itself: the timer may not have run yet.
+//
+// A transaction's keys become current one after another. A read that
+// saw one of them, and then a read of another that began after it, must
+// see that one too: so a read that finds a transaction being applied
+// waits for it (seqMu, which apply holds). Otherwise it costs one atomic
+// load.
 func (s *Store) Get(key string) *entry {
+	if s.applying.Load() {
+		s.seqMu.Lock()
+		s.seqMu.Unlock() // nothing to do inside: waiting for apply is the point
+	}
 	v, ok := s.keys.Load(key)
 	if !ok {
 		return nil
@@ -528,6 +542,8 @@ func (s *Store) release(j localJournal, sl *slot) {
 func (s *Store) apply(changes []change) {
 	if len(changes) > 1 {
 		s.snaps.keep(changes)
+		s.applying.Store(true)
+		defer s.applying.Store(false)
 	}
 	for i := range changes {
 		c := &changes[i]
