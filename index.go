@@ -57,10 +57,9 @@ const indexNodeItems = 248
 //
 // A node of a size the benchmarks compare is one allocation: the header,
 // then the items array its slice points into, so it fills one size class
-// exactly (a 2 KB leaf holds 248 items, where a separate array of 256
-// would make a 2,048-byte array and a 64-byte header, and 2,048 bytes of
-// header and items together 2,304 with the allocator's header) and a
-// search reads the items beside the header.
+// exactly, and a search reads the items beside the header. (Apart, the
+// array would carry an allocator header of its own, which pushes 256
+// items into the 2,304-byte class, and the node a 64-byte allocation.)
 // Fixed-size arrays in the node would save 40 bytes of header, 5 items a
 // node, but fix the size at compile time, and the benchmarks compare sizes
 // in one run. Other sizes, the small nodes that tests use to make deep
