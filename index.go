@@ -13,8 +13,8 @@ import (
 //
 // It is a B-tree of slot pointers. A node holds nothing but pointers, 8
 // bytes an item, and compares keys through them (a slot's key never
-// changes), so the index costs about 8.6 bytes a key when its nodes are
-// full, as put keeps them when keys come in order, and 12.5 when random
+// changes), so the index costs about 8.3 bytes a key when its nodes are
+// full, as put keeps them when keys come in order, and 12 when random
 // inserts leave them 70% full.
 //
 // The zero index is empty and ready to use. It is safe for concurrent use:
@@ -31,7 +31,7 @@ type index struct {
 // inner node, children[i] holds the keys between items[i-1] and items[i].
 // Every leaf is at the same depth, and every node but the root holds at
 // least one item, so the tree is at most log2(n)+1 deep (and in practice
-// log base ~100 of n).
+// 3 deep for a million keys).
 type indexNode struct {
 	items    []*slot      // cap(items) is the node's size, fixed when it is made
 	children []*indexNode // nil in a leaf, else len(items)+1 subtrees
@@ -39,21 +39,27 @@ type indexNode struct {
 	at       int32        // where the last insert went
 }
 
-// indexNodeItems is the size of the index's nodes: a leaf is 1,016 bytes,
-// its 56-byte header and its items in one allocation (newIndexNode),
-// which with the 8-byte header Go's allocator puts before an object of
-// pointers larger than 512 bytes fills its size class, 1,024 bytes,
-// exactly. It was chosen by BenchmarkIndex*, against 512-, 2,048- and
-// 4,096-byte nodes and a skip list: see docs/performance.md.
-const indexNodeItems = 120
+// indexNodeItems is the size of the index's nodes: a leaf is 2,040
+// bytes, its 56-byte header and its items in one allocation
+// (newIndexNode), which with the 8-byte header Go's allocator puts before
+// an object of pointers larger than 512 bytes fills its size class, 2,048
+// bytes, exactly. Chosen by BenchmarkIndexInsert and
+// BenchmarkIndexSideBySide against 512-byte, 1 KB and 4 KB nodes: a key
+// costs less the larger the node, by less each time (9.3, 8.7, 8.3, 8.2
+// bytes loaded in order; 13.2, 12.5, 12.0, 11.4 at random), and at a
+// million keys 1, 2 and 4 KB nodes take as long within the noise (512
+// bytes reads 1.1–1.2×). 4 KB would save 0.2–0.6 bytes a key more, for
+// twice the bytes an insert moves and a split copies under the write
+// lock. See docs/performance.md.
+const indexNodeItems = 248
 
 // newIndexNode returns an empty node of size items.
 //
 // A node of a size the benchmarks compare is one allocation: the header,
 // then the items array its slice points into, so it fills one size class
-// exactly (a 1 KB leaf holds 120 items, where a separate array of 128
-// would make a 1,024-byte array, a 64-byte header and 1,152 bytes with
-// the allocator's header) and a search reads the items beside the header.
+// exactly, and a search reads the items beside the header. (Apart, the
+// array would carry an allocator header of its own, which pushes 256
+// items into the 2,304-byte class, and the node a 64-byte allocation.)
 // Fixed-size arrays in the node would save 40 bytes of header, 5 items a
 // node, but fix the size at compile time, and the benchmarks compare sizes
 // in one run. Other sizes, the small nodes that tests use to make deep

@@ -560,12 +560,15 @@ func TestIndexFill(t *testing.T) {
 			prefixes = append(prefixes, &slot{key: fmt.Sprintf("/w%d/%07d", w, i)})
 		}
 	}
-	var pairs, groups []*slot // /k/0099998, /k/0099999, /k/0099996, …; the same by 100
+	// /k/0049998, /k/0049999, /k/0049996, …; the same by groups a little
+	// smaller than a node, each long enough a run to split at
+	var pairs, groups []*slot
 	for i := n - 2; i >= 0; i -= 2 {
 		pairs = append(pairs, seq[i], seq[i+1])
 	}
-	for i := n - 100; i >= 0; i -= 100 {
-		groups = append(groups, seq[i:i+100]...)
+	g := indexNodeItems * 5 / 6
+	for i := n - g; i >= 0; i -= g {
+		groups = append(groups, seq[i:i+g]...)
 	}
 	var noisy []*slot // ascending, one in ten a random key
 	r := rand.New(rand.NewPCG(5, 6))
@@ -584,9 +587,9 @@ func TestIndexFill(t *testing.T) {
 		{"descending", desc, 0.95},
 		{"ascending under 8 prefixes at once", prefixes, 0.9},
 		{"random", benchSlots(n, true), 0.65},
-		{"ascending, one in ten random", noisy, 0.6},
+		{"ascending, one in ten random", noisy, 0.55},
 		{"descending pairs", pairs, 0.45},
-		{"descending groups of 100", groups, 0.35},
+		{"descending groups of 5/6 a node", groups, 0.35},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			x := new(index)
