@@ -306,6 +306,38 @@ func TestClusterRecipeFiles(t *testing.T) {
 	if kept < 10 {
 		t.Errorf("found %d directives of deploy/nginx.conf to look for; the test no longer reads it right", kept)
 	}
+
+	// docs/cluster-deploy.md's lines for three machines are the
+	// Procfile's, machine 1's address for 127.0.0.11.
+	doc, err := os.ReadFile("docs/cluster-deploy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	onMachines := func(s string) string {
+		return regexp.MustCompile(`\b127\.0\.0\.1([1-9])\b`).ReplaceAllString(s, "10.0.0.$1")
+	}
+	_, block, _ := strings.Cut(string(doc), "# /etc/default/etcd on machine 1")
+	block, _, _ = strings.Cut(block, "```")
+	got := map[string]string{}
+	for _, line := range strings.Split(block, "\n")[1:] {
+		if k, v, ok := strings.Cut(line, "="); ok {
+			got[k] = v
+		}
+	}
+	want := map[string]string{}
+	args := r.members[0].args[1:]
+	for i := 0; i+1 < len(args); i += 2 {
+		if args[i] != "--data-dir" { // Debian's unit has its own
+			want["ETCD_"+strings.ToUpper(strings.ReplaceAll(strings.TrimPrefix(args[i], "--"), "-", "_"))] = onMachines(args[i+1])
+		}
+	}
+	if !maps.Equal(got, want) {
+		t.Errorf("docs/cluster-deploy.md's /etc/default/etcd on machine 1:\n%v\nwant the Procfile's %s line, on 10.0.0.1:\n%v", got, r.members[0].name, want)
+	}
+	wantExec := "ExecStart=/usr/local/bin/" + onMachines(strings.Join(r.nodes[0].args, " "))
+	if !strings.Contains(string(doc), "\n"+wantExec+"\n") {
+		t.Errorf("docs/cluster-deploy.md lacks %q, the Procfile's %s line on 10.0.0.1", wantExec, r.nodes[0].name)
+	}
 }
 
 // startClusterRecipe runs the recipe's Procfile on free ports: its etcd
