@@ -436,7 +436,12 @@ func (r *clusterRecipe) waitBalanced(t *testing.T, b *balancer, i int) {
 
 // TestClusterRecipeCaddy runs the recipe with Caddy in front, configured
 // by deploy/cluster/Caddyfile.
+//
+// It runs in parallel with the other tests, as TestClusterRecipeNginx
+// does: the two mostly wait for their balancer to find a node down or up
+// again.
 func TestClusterRecipeCaddy(t *testing.T) {
+	t.Parallel()
 	caddy := needTool(t, "caddy", "caddy")
 	r := startClusterRecipe(t)
 
@@ -500,6 +505,7 @@ import %s
 // TestClusterRecipeNginx runs the recipe with nginx in front, configured
 // by deploy/cluster/nginx.conf.
 func TestClusterRecipeNginx(t *testing.T) {
+	t.Parallel()
 	nginx := needTool(t, "nginx", "nginx")
 	r := startClusterRecipe(t)
 
