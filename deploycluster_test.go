@@ -550,6 +550,16 @@ http {
 	b.said = runBalancer(t, cmd, filepath.Join(dir, "error.log"))
 	b.waitServing(t, "nginx")
 	throughBalancer(t, r, b)
+
+	// nginx did send requests to a dead node (in the first round, the
+	// node with no connection left), and every one succeeded: it sent
+	// them on.
+	logged, _ := os.ReadFile(filepath.Join(dir, "error.log"))
+	refused := strings.Count(string(logged), "connect() failed (111: Connection refused) while connecting to upstream")
+	if refused == 0 {
+		t.Error("nginx never tried a dead node: the test did not see it send a request on")
+	}
+	t.Logf("nginx found a dead node %d times, and sent each of those requests on", refused)
 }
 
 // A balancer is Caddy or nginx in front of the recipe's nodes.
