@@ -171,7 +171,7 @@ func TestKvServerScenario(t *testing.T) {
 	}
 	c.roundTrip(`{"type":"get","payload":{"key":"/b"}}`, `{"type":"no-value","payload":{"key":"/b"}}`)
 	c.roundTrip(`{"type":"set","payload":{"key":"/b","value":1,"ttl":"10 parsecs"}}`, `{"type":"error","payload":"invalid TTL \"10 parsecs\": unknown unit \"parsecs\""}`)
-	c.roundTrip(`{"type":"frobnicate","payload":{"key":"/b"}}`, `{"type":"error","payload":"unknown message type \"frobnicate\": want get, set, update, delete, subscribe, unsubscribe or list"}`)
+	c.roundTrip(`{"type":"frobnicate","payload":{"key":"/b"}}`, `{"type":"error","payload":"unknown message type \"frobnicate\": want get, set, update, delete, subscribe, unsubscribe, list or txn"}`)
 	c.roundTrip(`{"type":"get","payload":{"key":"/b"}}`, `{"type":"no-value","payload":{"key":"/b"}}`)
 }
 
