@@ -83,7 +83,8 @@ const (
 // resets.
 //
 // ack, if not nil, is a reply queued with the registration, before
-// anything of the subscription (the WebSocket's ok): once it is queued,
+// anything of the subscription (the WebSocket's ok, or an empty reply
+// that only marks the place): once it is queued,
 // and so once a client may have read it, every change published reaches
 // sub. Queued before the registration, outside seqMu, it left a window in
 // which a client that had the ok wrote the key and was never told.
@@ -95,6 +96,11 @@ func (s *Store) Subscribe(sub *subscription, from int64, ack *wsReply) (start in
 	before := s.published.Load()
 	s.subs.add(sub)
 	if ack != nil {
+		// Once it is written, every change up to before has been written
+		// for every subscription of the queue: before is a resume point
+		// of the whole connection (what a transaction's first events
+		// carry on a connection that has sent nothing else).
+		ack.start = before
 		sub.q.push(event{kind: evReply, reply: ack})
 	}
 	if from == fromNow {
@@ -240,12 +246,16 @@ func (c *stateCursor) next(out *[]event) (more bool) {
 	s, path := c.s, c.sub.path
 	switch {
 	case c.since > 0:
-		n := min(len(c.keys), stateChunk)
-		for _, key := range c.keys[:n] {
+		n, weight := 0, 0
+		for _, key := range c.keys[:min(len(c.keys), stateChunk)] {
 			sl := s.lock(key)
 			*out = c.state(*out, key, sl, true)
 			s.release(s.localJournal(), sl)
 			sl.mu.Unlock()
+			n++
+			if weight += stateWeight(*out); weight >= chunkBytes {
+				break
+			}
 		}
 		c.keys = c.keys[n:]
 		return len(c.keys) > 0
@@ -258,19 +268,37 @@ func (c *stateCursor) next(out *[]event) (more bool) {
 	}
 	var buf [stateChunk]rangeItem
 	items, hi := s.readRange(c.sn, buf[:0], c.from, prefixEnd(path), stateChunk)
+	weight := 0
 	for _, it := range items {
 		if it.sl == nil { // deleted after the cursor's point: its change follows
 			if e := s.unexpired(it.e); e != nil {
 				*out = append(*out, event{sub: c.sub, kind: evState, key: it.key, e: e})
 			}
-			continue
+		} else {
+			it.sl.mu.Lock()
+			*out = c.state(*out, it.key, it.sl, false)
+			it.sl.mu.Unlock()
 		}
-		it.sl.mu.Lock()
-		*out = c.state(*out, it.key, it.sl, false)
-		it.sl.mu.Unlock()
+		if weight += stateWeight(*out); weight >= chunkBytes {
+			c.from = it.key + "\x00" // the rest of the range, next time
+			return true
+		}
 	}
 	c.from = hi
 	return hi != ""
+}
+
+// stateWeight is what the last state of out weighs, about: its key and
+// value (0 if out is empty).
+func stateWeight(out []event) int {
+	if len(out) == 0 {
+		return 0
+	}
+	ev := &out[len(out)-1]
+	if ev.e == nil {
+		return len(ev.key)
+	}
+	return len(ev.key) + len(ev.e.value)
 }
 
 // state appends the state of key, whose slot is locked, as the cursor's
@@ -308,6 +336,9 @@ func (c *stateCursor) forget() {
 	c.sub.q.size.Add(-c.held)
 	c.held = 0
 }
+
+// drop lets go of the snapshot of a cursor that never began.
+func (c *stateCursor) drop() { c.s.closeSnapshot(c.sn) }
 
 // stopWalk ends the cursor from outside the writer: the stream closed.
 func (c *stateCursor) stopWalk() {

@@ -141,7 +141,6 @@ type dataDir struct {
 	seg        logFile // the log written to
 	logBytes   int64   // of the logs after the newest snapshot
 	buf        []byte
-	lastOf     map[*slot]int // of a batch: the index of each slot's last change
 	compacting atomic.Bool
 	compaction sync.WaitGroup
 	minCompact int64 // compact only once the logs hold at least this much
@@ -205,7 +204,6 @@ func loadDataFS(fs fileSystem, dir string, mode fsyncMode, s *Store, log *slog.L
 		failed:     make(chan struct{}),
 		minCompact: 1 << 20,
 		syncEvery:  time.Second,
-		lastOf:     make(map[*slot]int),
 	}
 	d.inflight.seed = maphash.MakeSeed()
 	s.expiry.hold() // until the store is loaded: an expiry would take a number mid-replay
@@ -400,24 +398,25 @@ func (d *dataDir) breakWith(err error) {
 	}
 }
 
-// settle settles a written batch: each record in sequence order, but
-// of a key's single changes only its last in the batch. The earlier are
-// superseded: a subscriber may skip intermediate revisions anyway, and
-// their numbers are behind the one published. So a hot key costs the
-// flusher one lock of its slot per batch, not one per write. A
-// transaction is settled whole, even where a later change supersedes
-// some of its keys: its other keys must not show without them.
+// settle settles a written batch: each record in sequence order, but a
+// key's single change that the very next record, a single change of the
+// same key, supersedes: a subscriber may skip intermediate revisions
+// anyway, and its number is behind the one published. So a hot key
+// written by one writer after another costs the flusher one lock of its
+// slot per run, not one per write. Skipping a change further back would
+// show a later one of another key without it (a change applied before
+// one numbered earlier: what X-Seq promises, and a transaction that
+// checked it, would not hold).
 func (d *dataDir) settle(b *batch) {
-	clear(d.lastOf)
-	for i, c := range b.changes {
-		d.lastOf[c.sl] = i
-	}
-	i := 0
+	var held []change // revealed unless the very next record supersedes it
 	for cs := range records(b.changes) {
-		if len(cs) > 1 || d.lastOf[cs[0].sl] == i {
-			d.reveal(cs)
+		if held != nil && !(len(cs) == 1 && len(held) == 1 && cs[0].sl == held[0].sl) {
+			d.reveal(held)
 		}
-		i += len(cs)
+		held = cs
+	}
+	if held != nil {
+		d.reveal(held)
 	}
 }
 

@@ -49,8 +49,12 @@ const (
 type cursor interface {
 	// read appends the next events, and reports whether it is done.
 	read(out []event) ([]event, bool)
-	// stopWalk ends it early: the stream closed.
+	// stopWalk ends it early: the stream closed while it was the front.
 	stopWalk()
+	// drop lets go of what it holds (its snapshot), without a lock but
+	// the snapshots' own: the queue dropped it before it began (a newer
+	// state replaced it, or the stream closed).
+	drop()
 }
 
 // coalesces reports whether a newer event of the same subscription and
@@ -142,6 +146,7 @@ type coalescer struct {
 	closed  bool             // the stream closed: nothing more goes out
 	spare   []event          // the slice of the last batch, for reuse
 	dropped int64            // events replaced by newer ones, since recycle
+	inTxn   bool             // the last change drained is joined to the next: a transaction is half sent
 }
 
 // push queues ev.
@@ -209,11 +214,13 @@ func (q *coalescer) inTransaction(i int) bool {
 		return true
 	}
 	for j := i - 1; j >= q.head; j-- {
-		if q.pending[j].kind != evGone {
+		// A heartbeat or a reply may be queued between a transaction's
+		// events: only a change tells.
+		if q.pending[j].kind == evChange {
 			return q.pending[j].joined
 		}
 	}
-	return false
+	return q.inTxn // the events before it are drained already
 }
 
 // remove turns the pending event at i into a gap. q.mu must be held.
@@ -222,6 +229,7 @@ func (q *coalescer) remove(i int) {
 	q.size.Add(-ev.weight())
 	if ev.kind == evCursor {
 		q.cursors--
+		ev.state.drop()
 	}
 	*ev = event{}
 	q.gaps++
@@ -303,6 +311,14 @@ func (q *coalescer) drain() (batch []event, front cursor) {
 	if q.front != nil {
 		return nil, q.front
 	}
+	defer func() {
+		for i := len(batch) - 1; i >= 0; i-- {
+			if batch[i].kind == evChange {
+				q.inTxn = batch[i].joined
+				break
+			}
+		}
+	}()
 	if q.cursors == 0 {
 		batch = q.pending[q.head:]
 		q.pending = q.spare[:0]
@@ -349,6 +365,11 @@ func (q *coalescer) close() {
 	q.mu.Lock()
 	q.closed = true
 	front := q.front
+	for i := q.head; i < len(q.pending); i++ {
+		if ev := &q.pending[i]; ev.kind == evCursor {
+			ev.state.drop() // never to be read: its snapshot goes now
+		}
+	}
 	q.mu.Unlock()
 	if front != nil {
 		front.stopWalk()
@@ -471,6 +492,7 @@ type sseStream struct {
 	// resumeAt is the change number of the last id sent; only the writer
 	// that has the stream touches it.
 	resumeAt int64
+	inTxn    bool // the last event sent is joined to the next: no heartbeat id
 }
 
 func (p *sseStream) sent()      {}
@@ -532,6 +554,7 @@ func (st *sseStream) appendEvent(b []byte, ev *event) []byte {
 		return append(b, "\ndata: {}\n\n"...)
 	}
 	tag := sub.floor
+	st.inTxn = ev.joined
 	switch {
 	case sub.syncing:
 	case ev.joined:
@@ -565,7 +588,7 @@ func (st *sseStream) appendEvent(b []byte, ev *event) []byte {
 // resets. It goes after the batch, all of which is before upTo.
 func (st *sseStream) appendHeartbeat(b []byte, upTo int64) []byte {
 	b = append(b, ":\n"...)
-	if !st.sub.syncing && upTo > st.resumeAt {
+	if !st.sub.syncing && !st.inTxn && upTo > st.resumeAt {
 		st.resumeAt = upTo
 		b = append(b, "id: "...)
 		b = strconv.AppendInt(b, upTo, 10)

@@ -274,30 +274,51 @@ func (s *server) serveList(w http.ResponseWriter, r *http.Request, prefix string
 	h := w.Header()
 	h["Content-Type"] = hdrJSON
 	h["X-Seq"] = []string{strconv.FormatInt(l.seq(), 10)}
-	buf := getBuffer()
-	defer putBuffer(buf)
 	if q.limit > 0 {
-		items, err := l.next(nil, q.limit+1)
+		page, err := l.next(nil, q.limit+1, 0)
 		if err != nil {
 			return s.serveFailure(w, apiNative, err)
 		}
-		if len(items) > q.limit {
-			items = items[:q.limit]
-			h["Link"] = []string{nextLink(r, q, items[len(items)-1].key)}
+		if len(page) > q.limit {
+			page = page[:q.limit]
+			h["Link"] = []string{nextLink(r, q, page[len(page)-1].key)}
 		}
-		b := append(buf.AvailableBuffer(), '[')
-		b = appendItems(b, items, false, s.store.now())
-		w.Write(append(b, ']'))
+		// The page holds references to the stored values; it is written
+		// as a whole listing is, a chunk of about chunkBytes at a time.
+		s.writeList(w, func() ([]item, error) {
+			n, weight := 0, 0
+			for n < len(page) && (n == 0 || weight < chunkBytes) {
+				weight += len(page[n].key)
+				if page[n].entry != nil {
+					weight += len(page[n].value)
+				}
+				n++
+			}
+			chunk := page[:n]
+			page = page[n:]
+			return chunk, nil
+		})
 		return outcomeOK
 	}
-	b := append(buf.AvailableBuffer(), '[')
 	var chunk [stateChunk]item
+	if err := s.writeList(w, func() ([]item, error) { return l.next(chunk[:0], stateChunk, chunkBytes) }); err != nil {
+		// The head is out: all that is left is to cut the answer short,
+		// which no client takes for a whole one.
+		panic(http.ErrAbortHandler)
+	}
+	return outcomeOK
+}
+
+// writeList writes a JSON array of listing items, a chunk at a time as
+// next gives them, until it gives none or fails.
+func (s *server) writeList(w http.ResponseWriter, next func() ([]item, error)) error {
+	buf := getBuffer()
+	defer putBuffer(buf)
+	b := append(buf.AvailableBuffer(), '[')
 	for n := 0; ; n++ {
-		items, err := l.next(chunk[:0], stateChunk)
+		items, err := next()
 		if err != nil {
-			// The head is out: all that is left is to cut the answer
-			// short, which no client takes for a whole one.
-			panic(http.ErrAbortHandler)
+			return err
 		}
 		if len(items) == 0 {
 			break
@@ -310,7 +331,7 @@ func (s *server) serveList(w http.ResponseWriter, r *http.Request, prefix string
 		b = b[:0]
 	}
 	w.Write(append(b, ']'))
-	return outcomeOK
+	return nil
 }
 
 // nextLink is the Link header of a page whose last item is last: the

@@ -20,8 +20,9 @@ import (
 // may show: a listing reflects every change up to its point, and may
 // reflect later ones.)
 type snapshot struct {
-	seq  int64
-	lost atomic.Bool // the store changed too much while it was open to keep what it shows
+	seq    int64
+	lost   atomic.Bool // the store changed too much while it was open to keep what it shows
+	closed atomic.Bool
 }
 
 // errSnapshotLost is a listing whose point the store could no longer
@@ -42,12 +43,11 @@ var errSnapshotLost = errors.New("the listing was read too slowly while the stor
 // what only they needed is dropped. With no listing or state in
 // progress, nothing is kept, and a transaction costs nothing more.
 type snapshots struct {
-	active map[*snapshot]struct{} // guarded by the store's seqMu
-
-	mu    sync.RWMutex // guards undo and held; writers take it inside seqMu
-	undo  map[string][]undo
-	held  int64        // what undo weighs, against undoBudget
-	count atomic.Int64 // entries in undo: a reader takes no lock while it is 0
+	mu     sync.RWMutex           // guards the rest; taken inside seqMu, and nothing is taken inside it
+	active map[*snapshot]struct{} // open: a snapshot opens under seqMu, at the last change published
+	undo   map[string][]undo
+	held   int64        // what undo weighs, against undoBudget
+	count  atomic.Int64 // entries in undo: a reader takes no lock while it is 0
 }
 
 // undo is a key's version before the transaction numbered seq changed it.
@@ -62,8 +62,11 @@ var undoBudget int64 = 64 << 20
 
 const undoWeight = 64
 
-// open returns a new snapshot at seq. seqMu must be held.
+// open returns a new snapshot at seq, the last change published.
+// seqMu must be held, so that no change is published meanwhile.
 func (ss *snapshots) open(seq int64) *snapshot {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
 	if ss.active == nil {
 		ss.active = make(map[*snapshot]struct{})
 	}
@@ -80,13 +83,18 @@ func (s *Store) openSnapshot() *snapshot {
 }
 
 // closeSnapshot ends a snapshot, and drops what no open one needs any
-// more. A second call does nothing.
+// more. A second call does nothing. It takes no lock but the snapshots'
+// own, so a queue may close the cursors it drops whatever it holds.
 func (s *Store) closeSnapshot(sn *snapshot) {
-	s.seqMu.Lock()
-	defer s.seqMu.Unlock()
-	if _, ok := s.snaps.active[sn]; ok {
-		delete(s.snaps.active, sn)
-		s.snaps.prune()
+	if sn.closed.Swap(true) {
+		return
+	}
+	ss := &s.snaps
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if _, ok := ss.active[sn]; ok {
+		delete(ss.active, sn)
+		ss.pruneLocked()
 	}
 }
 
@@ -94,11 +102,11 @@ func (s *Store) closeSnapshot(sn *snapshot) {
 // keys have before it: changes' slots are locked, and their versions
 // not yet replaced. seqMu must be held.
 func (ss *snapshots) keep(changes []change) {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
 	if len(ss.active) == 0 {
 		return
 	}
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
 	if ss.undo == nil {
 		ss.undo = make(map[string][]undo)
 	}
@@ -122,14 +130,8 @@ func (ss *snapshots) keep(changes []change) {
 	}
 }
 
-// prune drops what no open snapshot needs: a snapshot at S needs the
-// versions before transactions numbered after S. seqMu must be held.
-func (ss *snapshots) prune() {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	ss.pruneLocked()
-}
-
+// pruneLocked drops what no open snapshot needs: a snapshot at S needs
+// the versions before transactions numbered after S. ss.mu must be held.
 func (ss *snapshots) pruneLocked() {
 	if ss.count.Load() == 0 {
 		return
@@ -278,14 +280,21 @@ func (s *Store) list(prefix, after string, shallow bool) *listing {
 	return l
 }
 
-// next appends up to max more items to dst and returns them; none when
-// the listing is done. A listing whose snapshot was lost fails with
-// errSnapshotLost.
-func (l *listing) next(dst []item, max int) ([]item, error) {
+// chunkBytes is where a chunk of a listing or a state stops, whatever
+// its count of keys, once its values weigh that much (one key at least):
+// what a connection's writer holds at a time stays about this, however
+// large the values (SPEC 10).
+const chunkBytes = 256 << 10
+
+// next appends up to max more items to dst and returns them, stopping
+// once they weigh maxBytes (0: no limit); none when the listing is done.
+// A listing whose snapshot was lost fails with errSnapshotLost.
+func (l *listing) next(dst []item, max, maxBytes int) ([]item, error) {
 	start := len(dst)
 	now := l.s.now()
+	weight := 0
 	var buf [stateChunk]rangeItem
-	for len(dst)-start < max && l.from != l.to {
+	for len(dst)-start < max && l.from != l.to && (maxBytes == 0 || weight < maxBytes) {
 		items, next := l.s.readRange(l.sn, buf[:0], l.from, l.to, min(max-(len(dst)-start), stateChunk))
 		l.from = next
 		if next == "" {
@@ -310,7 +319,8 @@ func (l *listing) next(dst []item, max int) ([]item, error) {
 				}
 			}
 			dst = append(dst, item{it.key, e})
-			if len(dst)-start == max {
+			weight += len(it.key) + len(e.value)
+			if len(dst)-start == max || maxBytes > 0 && weight >= maxBytes {
 				l.from = it.key + "\x00"
 				break
 			}
@@ -340,7 +350,7 @@ func (s *Store) List(prefix string) []item {
 	var items []item
 	for {
 		n := len(items)
-		items, _ = l.next(items, stateChunk)
+		items, _ = l.next(items, stateChunk, 0)
 		if len(items) == n {
 			return items
 		}

@@ -316,6 +316,12 @@ func (c *wsConn) appendBatch(b []byte, batch []event, upTo int64) []byte {
 		if ev.kind == evGone || ev.kind == evHeartbeat {
 			continue
 		}
+		if ev.kind == evReply {
+			c.resumeAt = max(c.resumeAt, ev.reply.start)
+			if ev.reply.empty() {
+				continue
+			}
+		}
 		var start int
 		b, start = beginFrame(b)
 		if ev.kind != evReply {

@@ -234,7 +234,7 @@ func (c *wsConn) subscribe(r wsRequest) {
 			return
 		}
 	}
-	var ok *wsReply
+	ok := &wsReply{} // nothing to send (KvServer's subscribe has no reply), only its place
 	if r.id != nil {
 		ok = message(r.id, "ok", appendKeyPayload(nil, r.spelled))
 	}
@@ -355,7 +355,7 @@ func (w *wsListing) read(out []event) ([]event, bool) {
 		n = min(n, w.limit-w.sent)
 	}
 	var chunk [stateChunk]item
-	items, err := w.l.next(chunk[:0], n)
+	items, err := w.l.next(chunk[:0], n, chunkBytes)
 	if err != nil {
 		// Part of the message is out, and it cannot be finished truly.
 		w.c.out.close(&wsCloseError{closeInternal, "list: " + err.Error()})
@@ -367,7 +367,7 @@ func (w *wsListing) read(out []event) ([]event, bool) {
 	}
 	b = appendItems(b, items, w.kvserver, w.c.s.store.now())
 	w.sent += len(items)
-	done := len(items) < n || w.limit > 0 && w.sent == w.limit
+	done := w.l.done() || w.limit > 0 && w.sent == w.limit
 	if done {
 		b = append(b, ']')
 		if w.paged {
@@ -375,7 +375,7 @@ func (w *wsListing) read(out []event) ([]event, bool) {
 			b = strconv.AppendInt(b, w.l.seq(), 10)
 			if w.limit > 0 && w.sent == w.limit {
 				last := items[len(items)-1].key
-				if more, _ := w.l.next(chunk[:0], 1); len(more) > 0 {
+				if more, _ := w.l.next(chunk[:0], 1, 0); len(more) > 0 {
 					b = append(b, `,"next":`...)
 					b = appendKey(b, spell(last, w.kvserver))
 				}
@@ -405,6 +405,9 @@ func (w *wsListing) close() {
 		w.l.close()
 	}
 }
+
+// drop lets go of the snapshot of a listing that never began.
+func (w *wsListing) drop() { w.l.close() }
 
 func (w *wsListing) stopWalk() {
 	w.mu.Lock()
@@ -508,7 +511,11 @@ type wsReply struct {
 	tail     []byte // what comes after the items
 	size     int64  // of the message, about: counted against the bound
 	frame    uint8  // which part of its message it is (a listing's)
+	start    int64  // a subscribe's: the connection's resume point once it is written
 }
+
+// empty reports whether the reply has nothing to send.
+func (r *wsReply) empty() bool { return len(r.head) == 0 && r.items == nil && len(r.tail) == 0 }
 
 // Which part of a message in fragments a reply is.
 const (
