@@ -411,7 +411,11 @@ func (s *sseLedger) take(b sseBlock) error {
 	seq := seqOf(b.lastID)
 	if s.synced && seq > s.lastSeq {
 		s.checks++
-		if err := s.l.check(fmt.Sprintf("SSE at id %q (the previous at seq %d)", b.lastID, s.lastSeq)); err != nil {
+		what := "an event's"
+		if !b.hasData {
+			what = "a heartbeat's"
+		}
+		if err := s.l.check(fmt.Sprintf("SSE at %s id %q (the previous at seq %d)", what, b.lastID, s.lastSeq)); err != nil {
 			return err
 		}
 	}
