@@ -8,6 +8,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,8 @@ import (
 	"maps"
 	"math/rand/v2"
 	"strconv"
+	"sync"
+	"sync/atomic"
 	"testing"
 )
 
@@ -91,6 +94,11 @@ func seedBank(t *testing.T, s *Store) {
 // subscribers of /bank/ see.
 func shuffle(s *Store, rnd *rand.Rand) error {
 	read, commit := storeBank(s)
+	return shuffleWith(read, commit, rnd)
+}
+
+// shuffleWith is shuffle through a reader and a committer.
+func shuffleWith(read reader, commit committer, rnd *rand.Rand) error {
 	a := rnd.IntN(bankKeys)
 	b := (a + 1 + rnd.IntN(bankKeys-1)) % bankKeys
 	c := (b + 1 + rnd.IntN(bankKeys-2)) % bankKeys
@@ -117,7 +125,9 @@ func shuffle(s *Store, rnd *rand.Rand) error {
 			return []write{{value: *v[0]}}
 		})
 	default:
-		_, err = s.Set("/elsewhere", strconv.Itoa(rnd.IntN(100)), 0)
+		_, err = transact(read, commit, []string{"/elsewhere"}, func([]*int64) []write {
+			return []write{{value: int64(rnd.IntN(100))}}
+		})
 	}
 	if errors.Is(err, errAborted) {
 		return nil
@@ -383,4 +393,194 @@ func everyIDIsSafe(t *testing.T, rec recorder) {
 		}
 	}
 	t.Logf("%d bytes, %d points, %d flushes in the middle of publishing, %d resumes from an unknown point", len(out), len(pts), midPublish, resets)
+}
+
+// TestTxnResumeDuringBurst: an SSE stream and a WebSocket subscription
+// of /bank/ (each with its initial state) are recorded while four
+// writers (two on the store, two over HTTP) run a burst of transactions
+// that keep the bank's total. Then,
+// for every point a client of each could have been cut off at, a new
+// connection resumes from what it held there (SSE Last-Event-ID,
+// WebSocket since): the state it then holds at synced is the store's at
+// the end, and the total holds at every resume point on the way. In
+// memory and with -data.
+func TestTxnResumeDuringBurst(t *testing.T) {
+	t.Run("memory", func(t *testing.T) { resumeDuringBurst(t) })
+	t.Run("data", func(t *testing.T) { resumeDuringBurst(t, "-data", t.TempDir()) })
+}
+
+func resumeDuringBurst(t *testing.T, args ...string) {
+	srv, url := newTestServer(t, append([]string{"-heartbeat", "2ms"}, args...)...)
+	seedBank(t, srv.store)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	final := make(chan int64, 2)
+
+	// The recordings: the bytes of the stream, the messages of the
+	// WebSocket, up to the last change.
+	var sseBytes bytes.Buffer
+	var wsMsgs []string
+	var recording sync.WaitGroup
+	recording.Add(2)
+	resp, err := openSSE(ctx, url+"/bank/?initial")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer recording.Done()
+		defer resp.Body.Close()
+		upTo, last := int64(-1), int64(0)
+		readBlocks(bufio.NewReader(io.TeeReader(resp.Body, &sseBytes)), func(b sseBlock) bool {
+			last = max(last, seqOf(b.lastID))
+			if upTo < 0 {
+				select {
+				case upTo = <-final:
+				default:
+				}
+			}
+			return upTo < 0 || last < upTo
+		})
+	}()
+	p, err := dialPeer(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer p.ws.Close()
+	if m, err := p.request("subscribe", `{"key":"bank/","initial":true}`); err != nil || m.Type != "ok" {
+		t.Fatalf("subscribe: %v %s", err, m.raw)
+	}
+	go func() {
+		defer recording.Done()
+		upTo, last := int64(-1), int64(0)
+		for upTo < 0 || last < upTo {
+			m, err := p.recv()
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			if m.ID == nil { // a reply is the wake-up below
+				wsMsgs = append(wsMsgs, m.raw)
+				var ev wsEvent
+				json.Unmarshal(m.Payload, &ev)
+				if !ev.More {
+					last = max(last, ev.Seq)
+				}
+			}
+			if upTo < 0 {
+				select {
+				case upTo = <-final:
+				default:
+				}
+			}
+		}
+	}()
+
+	var writers sync.WaitGroup
+	var failed atomic.Bool
+	for w := range 4 {
+		writers.Add(1)
+		go func() {
+			defer writers.Done()
+			rnd := rand.New(rand.NewPCG(uint64(w), 9))
+			read, commit := storeBank(srv.store)
+			if w%2 == 1 {
+				read, commit = httpBank(url)
+			}
+			for range 60 {
+				if err := shuffleWith(read, commit, rnd); err != nil && !failed.Swap(true) {
+					t.Error(err)
+				}
+			}
+		}()
+	}
+	writers.Wait()
+	_, seq := wholeState(t, url)
+	raw := do(t, "GET", url+"/bank/", "").body
+	final <- seq
+	final <- seq
+	if err := p.send(`{"type":"get","id":"wake","payload":{"key":"/none"}}`); err != nil {
+		t.Fatal(err)
+	}
+	recording.Wait()
+	if t.Failed() {
+		return
+	}
+	want, err := ledgerOf([]byte(raw))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// SSE: every block end that moved the id or brought data.
+	sseRec := sseRecorder{}
+	pts := sseRec.points(t, sseBytes.Bytes(), sseRec.fresh())
+	pts = append([]point{{0, sseRec.fresh()}}, pts...)
+	resumes := 0
+	for i, pt := range pts {
+		c := pt.c.(*sseClient)
+		if i > 0 && i < len(pts)-1 && c.lastID == pts[i-1].c.(*sseClient).lastID && c.events == pts[i-1].c.(*sseClient).events {
+			continue // a heartbeat that moved nothing
+		}
+		resumes++
+		c = c.clone().(*sseClient)
+		headers := []string{}
+		if c.lastID != "" {
+			headers = []string{"Last-Event-ID", c.lastID}
+		}
+		resp, err := openSSE(ctx, url+"/bank/?initial", headers...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.resumed()
+		readBlocks(bufio.NewReader(resp.Body), func(b sseBlock) bool {
+			if err := c.take(b); err != nil {
+				t.Fatalf("resumed from %q: %v", pt.c.(*sseClient).lastID, err)
+			}
+			return !c.synced()
+		})
+		resp.Body.Close()
+		if !c.synced() || !maps64Equal(c.l, want) {
+			t.Fatalf("SSE cut at byte %d, resumed from %q: holds %v (synced %v); the store %v", pt.at, pt.c.(*sseClient).lastID, c.l, c.synced(), want)
+		}
+	}
+
+	// WebSocket: every message.
+	wsRec := wsRecorder{}
+	var frames []byte
+	for _, m := range wsMsgs {
+		frames = appendFrame(frames, opText, []byte(m))
+	}
+	wpts := wsRec.points(t, frames, wsRec.fresh())
+	wpts = append([]point{{0, wsRec.fresh()}}, wpts...)
+	q, err := dialPeer(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer q.ws.Close()
+	for _, pt := range wpts {
+		c := pt.c.clone().(*wsClientState)
+		sub := `{"key":"bank/","initial":true}`
+		if c.since >= 0 {
+			sub = fmt.Sprintf(`{"key":"bank/","since":%d}`, c.since)
+		}
+		if m, err := q.request("subscribe", sub); err != nil || m.Type != "ok" {
+			t.Fatalf("subscribe %s: %v %s", sub, err, m.raw)
+		}
+		c.resumed()
+		for done := false; !done; {
+			m, err := q.recv()
+			if err == nil {
+				done, err = c.take(m, "bank/")
+			}
+			if err != nil {
+				t.Fatalf("resumed with %s: %v", sub, err)
+			}
+		}
+		if !maps64Equal(c.l, want) {
+			t.Fatalf("WebSocket cut after message %d, resumed with %s: holds %v; the store %v", pt.at, sub, c.l, want)
+		}
+		if m, err := q.request("unsubscribe", `{"key":"bank/"}`); err != nil || m.Type != "ok" {
+			t.Fatalf("unsubscribe: %v %s", err, m.raw)
+		}
+	}
+	t.Logf("SSE: %d bytes, %d resumes; WebSocket: %d messages, %d resumes", sseBytes.Len(), resumes, len(wsMsgs), len(wpts))
 }
