@@ -41,8 +41,11 @@ func storeBank(s *Store) (reader, committer) {
 	}
 	commit := func(body string) (bool, error) {
 		var j struct {
-			Check []check
-			Ops   []struct {
+			Check []struct {
+				Key      string
+				Revision int64
+			}
+			Ops []struct {
 				Op, Key string
 				Value   json.RawMessage
 			}
@@ -50,7 +53,10 @@ func storeBank(s *Store) (reader, committer) {
 		if err := json.Unmarshal([]byte(body), &j); err != nil {
 			return false, err
 		}
-		t := &txn{checks: j.Check}
+		t := &txn{}
+		for _, c := range j.Check {
+			t.checks = append(t.checks, check{c.Key, c.Revision})
+		}
 		for _, o := range j.Ops {
 			t.ops = append(t.ops, op{key: o.Key, del: o.Op == "delete", value: string(o.Value)})
 		}
@@ -61,17 +67,6 @@ func storeBank(s *Store) (reader, committer) {
 		return err == nil, err
 	}
 	return read, commit
-}
-
-// UnmarshalJSON reads a check as a transaction's body spells it.
-func (c *check) UnmarshalJSON(b []byte) error {
-	var j struct {
-		Key      string
-		Revision int64
-	}
-	err := json.Unmarshal(b, &j)
-	c.key, c.revision = j.Key, j.Revision
-	return err
 }
 
 // seedBank opens bankOpen accounts under /bank/ with bankStart each.
