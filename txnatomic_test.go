@@ -129,7 +129,10 @@ func TestTxnDataAppliedInOrder(t *testing.T) {
 	var seen []string
 	s.publish = func(c change) { // the flusher's goroutine alone calls it
 		if c.key == "/b" {
-			e := s.Get("/a")
+			var e *entry // what a reader sees (Get may wait for the change being applied)
+			if v, ok := s.keys.Load("/a"); ok {
+				e = v.(*slot).load()
+			}
 			seen = append(seen, fmt.Sprintf("/a at revision %d when S%d is applied", revisionOf(e), c.seq-seq1+1))
 		}
 		s.subs.publish(c)
