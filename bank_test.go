@@ -26,28 +26,27 @@ import (
 )
 
 const (
-	bankKeys  = 10  // /bank/0 … /bank/9, each open or closed
-	bankOpen  = 6   // open at the start
-	bankStart = 100 // each open account's first balance
+	bankOpen  = 6   // accounts open at the start: /bank/0 …
+	bankStart = 100 // each one's first balance
 	bankTotal = bankOpen * bankStart
 )
 
 func bankKey(i int) string { return "/bank/" + strconv.Itoa(i) }
 
-// A write is what a transact function does to one of its keys.
-type write struct {
+// A txnWrite is what a transact function does to one of its keys.
+type txnWrite struct {
 	keep  bool // leave it as it is (it is still checked)
 	del   bool
 	value int64
 }
 
-// A reader reads keys: each value (nil: missing) and revision (-1:
+// A keyReader reads keys: each value (nil: missing) and revision (-1:
 // missing).
-type reader func(keys []string) ([]*int64, []int64, error)
+type keyReader func(keys []string) ([]*int64, []int64, error)
 
-// A committer sends a transaction and reports whether it was applied;
+// A txnCommitter sends a transaction and reports whether it was applied;
 // false, nil is a conflict.
-type committer func(body string) (applied bool, err error)
+type txnCommitter func(body string) (applied bool, err error)
 
 // errAborted is a transact whose function gave up.
 var errAborted = errors.New("aborted")
@@ -56,7 +55,7 @@ var errAborted = errors.New("aborted")
 // what to write, and commits that with a check on every revision read;
 // on a conflict it runs again on what it reads then. fn returning nil
 // aborts. It returns how many conflicts it went through.
-func transact(read reader, commit committer, keys []string, fn func([]*int64) []write) (conflicts int, err error) {
+func transact(read keyReader, commit txnCommitter, keys []string, fn func([]*int64) []txnWrite) (conflicts int, err error) {
 	for conflicts = 0; conflicts < 1000; conflicts++ {
 		values, revs, err := read(keys)
 		if err != nil {
@@ -86,30 +85,126 @@ func transact(read reader, commit committer, keys []string, fn func([]*int64) []
 	return conflicts, errors.New("1000 conflicts in a row")
 }
 
-// transfer moves a random amount from one account to another; or, one
-// time in eight, closes the first: its whole balance goes to the other,
-// which opens if it was closed. A closed source aborts.
-func transfer(rnd *rand.Rand) func(v []*int64) []write {
-	closing := rnd.IntN(8) == 0
-	amount := int64(1 + rnd.IntN(20))
-	return func(v []*int64) []write {
-		from, to := v[0], v[1]
-		if from == nil {
-			return nil
-		}
-		dest := int64(0)
-		if to != nil {
-			dest = *to
-		}
-		if closing {
-			return []write{{del: true}, {value: dest + *from}}
-		}
-		return []write{{value: *from - amount}, {value: dest + amount}}
-	}
+// bankClient is how a writer reaches the bank: it lists the open
+// accounts, reads keys and commits transactions.
+type bankClient struct {
+	list   func() ([]string, error)
+	read   keyReader
+	commit txnCommitter
+	name   string // the writer's, in the keys of the accounts it opens
+	opened int
 }
 
-// httpBank reads and commits over HTTP.
-func httpBank(url string) (reader, committer) {
+// move does one random thing to the bank that keeps its total, as a
+// transaction from transact: moves an amount between two accounts, or
+// from one to two others (deleting a key that never was, which is no
+// change); closes an account (deleted) into another; opens one (a new
+// key) from another; writes an account's own balance again (one key);
+// or writes a key elsewhere, which moves the change sequence past what
+// the subscribers of /bank/ see. It reports whether the transaction
+// was applied (not aborted: an account it picked was closed meanwhile).
+//
+// It never writes a key that was deleted: a key written again starts
+// again at revision 0, so a check of revision 0 read before the delete
+// would hold on the new key (the ABA problem), and a transfer would
+// then lose or make money.
+func (bc *bankClient) move(rnd *rand.Rand) (applied bool, conflicts int, err error) {
+	accounts, err := bc.list()
+	if err != nil {
+		return false, 0, err
+	}
+	if len(accounts) == 0 {
+		return false, 0, errors.New("no account open: the money is gone")
+	}
+	// Writers close accounts concurrently: fewer than three may be left,
+	// and then one opens.
+	accounts = append(accounts, accounts[0], accounts[0])
+	perm := rnd.Perm(len(accounts) - 2)
+	a, b, c := accounts[perm[0]], accounts[perm[min(1, len(perm)-1)]], accounts[perm[min(2, len(perm)-1)]]
+	amount := int64(1 + rnd.IntN(20))
+	var keys []string
+	var fn func(v []*int64) []txnWrite
+	all := func(v []*int64) bool { return !slices.Contains(v, nil) }
+	switch k := rnd.IntN(10); {
+	case len(perm) < 3 || k == 6 && len(perm) < 9: // open one from a
+		bc.opened++
+		keys = []string{a, fmt.Sprintf("/bank/%s-%d", bc.name, bc.opened)}
+		fn = func(v []*int64) []txnWrite {
+			if v[0] == nil {
+				return nil
+			}
+			return []txnWrite{{value: *v[0] - amount}, {value: amount}}
+		}
+	case k == 5 && len(perm) > 4: // close a into b
+		keys = []string{a, b}
+		fn = func(v []*int64) []txnWrite {
+			if !all(v) {
+				return nil
+			}
+			return []txnWrite{{del: true}, {value: *v[1] + *v[0]}}
+		}
+	case k == 7: // a to b and c
+		keys = []string{a, b, c, "/bank/never"}
+		fn = func(v []*int64) []txnWrite {
+			if !all(v[:3]) {
+				return nil
+			}
+			return []txnWrite{{value: *v[0] - 2*amount}, {value: *v[1] + amount}, {value: *v[2] + amount}, {del: true}}
+		}
+	case k == 8: // a single write
+		keys = []string{a}
+		fn = func(v []*int64) []txnWrite {
+			if !all(v) {
+				return nil
+			}
+			return []txnWrite{{value: *v[0]}}
+		}
+	case k == 9: // elsewhere
+		keys = []string{"/elsewhere"}
+		fn = func([]*int64) []txnWrite { return []txnWrite{{value: amount}} }
+	default: // a to b
+		keys = []string{a, b}
+		fn = func(v []*int64) []txnWrite {
+			if !all(v) {
+				return nil
+			}
+			return []txnWrite{{value: *v[0] - amount}, {value: *v[1] + amount}}
+		}
+	}
+	conflicts, err = transact(bc.read, bc.commit, keys, fn)
+	if errors.Is(err, errAborted) {
+		return false, conflicts, nil
+	}
+	return err == nil, conflicts, err
+}
+
+// keysOf returns the keys of a listing.
+func keysOf(raw []byte) ([]string, error) {
+	var items []struct{ Key string }
+	if err := json.Unmarshal(raw, &items); err != nil {
+		return nil, fmt.Errorf("listing %s: %v", raw, err)
+	}
+	var keys []string
+	for _, it := range items {
+		keys = append(keys, it.Key)
+	}
+	return keys, nil
+}
+
+// httpBank reaches the bank over HTTP.
+func httpBank(url, name string) *bankClient {
+	list := func() ([]string, error) {
+		resp, err := client.Get(url + "/bank/")
+		if err != nil {
+			return nil, err
+		}
+		b, err := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if err != nil {
+			return nil, err
+		}
+		return keysOf(b)
+	}
 	read := func(keys []string) ([]*int64, []int64, error) {
 		values, revs := make([]*int64, len(keys)), make([]int64, len(keys))
 		for i, key := range keys {
@@ -152,7 +247,7 @@ func httpBank(url string) (reader, committer) {
 		}
 		return false, fmt.Errorf("POST / %s: %d %s", body, resp.StatusCode, b)
 	}
-	return read, commit
+	return &bankClient{list: list, read: read, commit: commit, name: name}
 }
 
 // wsPeer is a WebSocket connection a test's goroutine uses (wsClient
@@ -225,8 +320,15 @@ func (p *wsPeer) request(typ, payload string) (wsMsg, error) {
 	}
 }
 
-// wsBank reads and commits over a WebSocket.
-func wsBank(p *wsPeer) (reader, committer) {
+// wsBank reaches the bank over a WebSocket.
+func wsBank(p *wsPeer, name string) *bankClient {
+	list := func() ([]string, error) {
+		m, err := p.request("list", `{"prefix":"/bank/"}`)
+		if err != nil {
+			return nil, err
+		}
+		return keysOf(m.Payload)
+	}
 	read := func(keys []string) ([]*int64, []int64, error) {
 		values, revs := make([]*int64, len(keys)), make([]int64, len(keys))
 		for i, key := range keys {
@@ -263,7 +365,7 @@ func wsBank(p *wsPeer) (reader, committer) {
 		}
 		return false, fmt.Errorf("txn %s: %s", body, m.raw)
 	}
-	return read, commit
+	return &bankClient{list: list, read: read, commit: commit, name: name}
 }
 
 // ledger is what an observer holds of the accounts.
@@ -496,18 +598,19 @@ func (w *wsLedger) take(m wsMsg, prefix string) (done bool, err error) {
 	return false, nil
 }
 
-// TestTxnBank: transfers between accounts, as transactions by a Go
-// transact (read, compute, commit with checks, again on a conflict),
-// from HTTP clients and WebSocket connections at once, while every kind
-// of observer checks the total wherever it stands on a whole state:
-// listings (HTTP and WebSocket list) on every answer; initial states (SSE
-// ?initial, WebSocket subscribe initial) at synced; live subscribers (SSE
-// and WebSocket) after every whole transaction: on SSE at every id whose
-// seq moves past the last (heartbeat ids included), on the WebSocket
-// after every event without "more". Some transfers close an account
-// (delete) and open another (create) in one transaction. At the end,
-// every transfer applied took one seq, and every live subscriber holds
-// exactly the store. In memory and with -data.
+// TestTxnBank: random moves of money between accounts
+// (bankClient.move), each a transaction by a Go transact (read, compute,
+// commit with checks, again on a conflict), from HTTP clients and
+// WebSocket connections at once, while every kind of observer checks
+// the total wherever it stands on a whole state: listings (HTTP and
+// WebSocket list) on every answer; initial states (SSE ?initial,
+// WebSocket subscribe initial) at synced; live subscribers (SSE and
+// WebSocket) after every whole transaction: on SSE at every id whose seq
+// moves past the last (heartbeat ids included), on the WebSocket after
+// every event without "more". Some moves close an account (a delete) or
+// open one (a create). At the end, every move applied took one seq, and
+// every live subscriber holds exactly the store. In memory and with
+// -data.
 func TestTxnBank(t *testing.T) {
 	t.Run("memory", func(t *testing.T) { bank(t) })
 	t.Run("data", func(t *testing.T) { bank(t, "-data", t.TempDir()) })
@@ -716,33 +819,29 @@ func bank(t *testing.T, args ...string) {
 		writers.Add(1)
 		go func() {
 			defer writers.Done()
-			var read reader
-			var commit committer
-			if c < 3 {
-				read, commit = httpBank(url)
-			} else {
+			name := strconv.Itoa(c)
+			bc := httpBank(url, name)
+			if c >= 3 {
 				p, err := dialPeer(url)
 				if err != nil {
 					fail(err)
 					return
 				}
 				defer p.ws.Close()
-				read, commit = wsBank(p)
+				bc = wsBank(p, name)
 			}
 			rnd := rand.New(rand.NewPCG(uint64(c), 7))
 			for range perClient {
-				from := rnd.IntN(bankKeys)
-				to := (from + 1 + rnd.IntN(bankKeys-1)) % bankKeys
-				n, err := transact(read, commit, []string{bankKey(from), bankKey(to)}, transfer(rnd))
+				applied, n, err := bc.move(rnd)
 				conflicts.Add(int64(n))
 				switch {
-				case errors.Is(err, errAborted):
-					aborted.Add(1)
 				case err != nil:
 					fail(err)
 					return
-				default:
+				case applied:
 					transfers.Add(1)
+				default:
+					aborted.Add(1)
 				}
 			}
 		}()
@@ -751,7 +850,7 @@ func bank(t *testing.T, args ...string) {
 	close(stop)
 	observers.Wait()
 
-	raw, seq := wholeState(t, url)
+	raw, seq := bankEnd(t, url)
 	final <- seq
 	final <- seq
 	// The WebSocket subscriber may be waiting for a message already: a
@@ -768,23 +867,39 @@ func bank(t *testing.T, args ...string) {
 	if err := want.check("the store at the end"); err != nil {
 		t.Error(err)
 	}
-	if got := seq - seedSeq; got != transfers.Load() {
-		t.Errorf("%d transfers applied; the change sequence moved %d: one seq each", transfers.Load(), got)
+	if got := seq - seedSeq; got != transfers.Load()+1 {
+		t.Errorf("%d moves applied, and the end; the change sequence moved %d: one seq each", transfers.Load(), got)
 	}
 	for name, got := range map[string]ledger{"SSE": sseLive.l, "WebSocket": wsLive.l} {
-		if !maps64Equal(got, want) {
+		if !sameLedger(got, want) {
 			t.Errorf("%s subscriber at the end: %v; the store %v", name, got, want)
 		}
 	}
 	if transfers.Load() == 0 || listings.Load() == 0 || initials.Load() == 0 || sseLive.checks == 0 || wsLive.checks == 0 {
-		t.Errorf("nothing to check: %d transfers, %d listings, %d initial states, %d and %d live checks",
+		t.Errorf("nothing to check: %d moves, %d listings, %d initial states, %d and %d live checks",
 			transfers.Load(), listings.Load(), initials.Load(), sseLive.checks, wsLive.checks)
 	}
-	t.Logf("%d transfers (%d conflicts retried, %d aborted on a closed account); %d listings and %d initial states checked; live: SSE %d events, %d checks; WebSocket %d events, %d checks",
+	t.Logf("%d moves (%d conflicts retried, %d aborted on a closed account); %d listings and %d initial states checked; live: SSE %d events, %d checks; WebSocket %d events, %d checks",
 		transfers.Load(), conflicts.Load(), aborted.Load(), listings.Load(), initials.Load(), sseLive.events, sseLive.checks, wsLive.events, wsLive.checks)
 }
 
-func maps64Equal(a, b ledger) bool {
+// bankEnd writes /bank/end, 0, the last change, on every stream of
+// /bank/, and returns the listing of /bank/ and its X-Seq: the seq of
+// that change, where subscribers come to the end.
+func bankEnd(t *testing.T, url string) (raw string, seq int64) {
+	t.Helper()
+	if r := do(t, "POST", url+"/bank/end", "0"); r.code != 200 {
+		t.Fatalf("POST /bank/end: %d %s", r.code, r.body)
+	}
+	r := do(t, "GET", url+"/bank/", "")
+	seq, err := strconv.ParseInt(r.header.Get("X-Seq"), 10, 64)
+	if r.code != 200 || err != nil {
+		t.Fatalf("GET /bank/: %d %s, X-Seq %q", r.code, r.body, r.header.Get("X-Seq"))
+	}
+	return r.body, seq
+}
+
+func sameLedger(a, b ledger) bool {
 	if len(a) != len(b) {
 		return false
 	}

@@ -22,8 +22,15 @@ import (
 	"testing"
 )
 
-// storeBank reads and commits on a store directly.
-func storeBank(s *Store) (reader, committer) {
+// storeBank reaches the bank on a store directly.
+func storeBank(s *Store, name string) *bankClient {
+	list := func() ([]string, error) {
+		var keys []string
+		for _, it := range s.List("/bank/") {
+			keys = append(keys, it.key)
+		}
+		return keys, nil
+	}
 	read := func(keys []string) ([]*int64, []int64, error) {
 		values, revs := make([]*int64, len(keys)), make([]int64, len(keys))
 		for i, key := range keys {
@@ -66,7 +73,7 @@ func storeBank(s *Store) (reader, committer) {
 		}
 		return err == nil, err
 	}
-	return read, commit
+	return &bankClient{list: list, read: read, commit: commit, name: name}
 }
 
 // seedBank opens bankOpen accounts under /bank/ with bankStart each.
@@ -79,55 +86,6 @@ func seedBank(t *testing.T, s *Store) {
 	if err := s.Commit(tx); err != nil {
 		t.Fatal(err)
 	}
-}
-
-// shuffle does one random thing to the bank that keeps its total: a
-// transfer (or a closing) between two accounts; a transaction over three
-// that also deletes a missing key (no event); a single write of an
-// account to its own balance (an event outside any transaction); or a
-// write elsewhere, which moves the change sequence past what the
-// subscribers of /bank/ see.
-func shuffle(s *Store, rnd *rand.Rand) error {
-	read, commit := storeBank(s)
-	return shuffleWith(read, commit, rnd)
-}
-
-// shuffleWith is shuffle through a reader and a committer.
-func shuffleWith(read reader, commit committer, rnd *rand.Rand) error {
-	a := rnd.IntN(bankKeys)
-	b := (a + 1 + rnd.IntN(bankKeys-1)) % bankKeys
-	c := (b + 1 + rnd.IntN(bankKeys-2)) % bankKeys
-	if c == a {
-		c = (c + 1) % bankKeys
-	}
-	var err error
-	switch rnd.IntN(10) {
-	case 0, 1, 2, 3, 4:
-		_, err = transact(read, commit, []string{bankKey(a), bankKey(b)}, transfer(rnd))
-	case 5, 6:
-		amount := int64(1 + rnd.IntN(9))
-		_, err = transact(read, commit, []string{bankKey(a), bankKey(b), bankKey(c), "/bank/none"}, func(v []*int64) []write {
-			if v[0] == nil || v[1] == nil || v[2] == nil {
-				return nil
-			}
-			return []write{{value: *v[0] - 2*amount}, {value: *v[1] + amount}, {value: *v[2] + amount}, {del: true}}
-		})
-	case 7, 8:
-		_, err = transact(read, commit, []string{bankKey(a)}, func(v []*int64) []write {
-			if v[0] == nil {
-				return nil
-			}
-			return []write{{value: *v[0]}}
-		})
-	default:
-		_, err = transact(read, commit, []string{"/elsewhere"}, func([]*int64) []write {
-			return []write{{value: int64(rnd.IntN(100))}}
-		})
-	}
-	if errors.Is(err, errAborted) {
-		return nil
-	}
-	return err
 }
 
 // A recorder is one protocol's side of TestTxnEveryIDIsSafe: it opens a
@@ -304,8 +262,9 @@ func (wsRecorder) points(t *testing.T, out []byte, c holder) []point {
 }
 
 // TestTxnEveryIDIsSafe: one subscription of /bank/ (with its initial
-// state) is driven through a random run of transactions that keep the
-// bank's total, single writes inside and outside the path, heartbeats,
+// state) is driven through a random run of moves (bankClient.move:
+// transactions that keep the bank's total, single writes inside and
+// outside the path), heartbeats,
 // and flushes at random moments, some in the middle of a transaction's
 // publishing (between the pushes of its events to the queue), with
 // coalescing wherever events wait. Then, for every point a client may
@@ -336,6 +295,7 @@ func everyIDIsSafe(t *testing.T, rec recorder) {
 	st, _, out := rec.open(s, fromScratch)
 	out = flush(st, out) // the initial state
 	rnd := rand.New(rand.NewPCG(3, 4))
+	bc := storeBank(s, "w")
 	midPublish := 0
 	st.q.notify = func() { // called after each push, in the publisher's goroutine
 		if rnd.IntN(4) == 0 {
@@ -350,7 +310,7 @@ func everyIDIsSafe(t *testing.T, rec recorder) {
 		case 1:
 			out = flush(st, out)
 		default:
-			if err := shuffle(s, rnd); err != nil {
+			if _, _, err := bc.move(rnd); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -366,7 +326,7 @@ func everyIDIsSafe(t *testing.T, rec recorder) {
 	}
 
 	pts := rec.points(t, out, rec.fresh())
-	if len(pts) == 0 || !pts[len(pts)-1].c.synced() || !maps64Equal(pts[len(pts)-1].c.ledger(), want) {
+	if len(pts) == 0 || !pts[len(pts)-1].c.synced() || !sameLedger(pts[len(pts)-1].c.ledger(), want) {
 		t.Fatalf("the whole stream: %d points, ends holding %v; want the store %v", len(pts), pts[len(pts)-1].c.ledger(), want)
 	}
 	pts = append([]point{{0, rec.fresh()}}, pts...) // cut before anything
@@ -382,7 +342,7 @@ func everyIDIsSafe(t *testing.T, rec recorder) {
 		s.Unsubscribe(sub)
 		c.resumed()
 		rec.points(t, resumed, c)
-		if !c.synced() || !maps64Equal(c.ledger(), want) {
+		if !c.synced() || !sameLedger(c.ledger(), want) {
 			t.Fatalf("cut at byte %d (%q), resumed from %d: holds %v (synced %v); the store %v",
 				p.at, out[max(0, p.at-80):p.at], from, c.ledger(), c.synced(), want)
 		}
@@ -477,20 +437,19 @@ func resumeDuringBurst(t *testing.T, args ...string) {
 		go func() {
 			defer writers.Done()
 			rnd := rand.New(rand.NewPCG(uint64(w), 9))
-			read, commit := storeBank(srv.store)
+			bc := storeBank(srv.store, strconv.Itoa(w))
 			if w%2 == 1 {
-				read, commit = httpBank(url)
+				bc = httpBank(url, strconv.Itoa(w))
 			}
 			for range 60 {
-				if err := shuffleWith(read, commit, rnd); err != nil && !failed.Swap(true) {
+				if _, _, err := bc.move(rnd); err != nil && !failed.Swap(true) {
 					t.Error(err)
 				}
 			}
 		}()
 	}
 	writers.Wait()
-	_, seq := wholeState(t, url)
-	raw := do(t, "GET", url+"/bank/", "").body
+	raw, seq := bankEnd(t, url)
 	final <- seq
 	final <- seq
 	if err := p.send(`{"type":"get","id":"wake","payload":{"key":"/none"}}`); err != nil {
@@ -533,7 +492,7 @@ func resumeDuringBurst(t *testing.T, args ...string) {
 			return !c.synced()
 		})
 		resp.Body.Close()
-		if !c.synced() || !maps64Equal(c.l, want) {
+		if !c.synced() || !sameLedger(c.l, want) {
 			t.Fatalf("SSE cut at byte %d, resumed from %q: holds %v (synced %v); the store %v", pt.at, pt.c.(*sseClient).lastID, c.l, c.synced(), want)
 		}
 	}
@@ -570,7 +529,7 @@ func resumeDuringBurst(t *testing.T, args ...string) {
 				t.Fatalf("resumed with %s: %v", sub, err)
 			}
 		}
-		if !maps64Equal(c.l, want) {
+		if !sameLedger(c.l, want) {
 			t.Fatalf("WebSocket cut after message %d, resumed with %s: holds %v; the store %v", pt.at, sub, c.l, want)
 		}
 		if m, err := q.request("unsubscribe", `{"key":"bank/"}`); err != nil || m.Type != "ok" {
