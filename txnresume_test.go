@@ -101,6 +101,10 @@ type recorder interface {
 	points(t *testing.T, out []byte, c holder) []point
 	// fresh returns a client that has read nothing.
 	fresh() holder
+	// interject queues what the stream sends besides its subscription's
+	// events, as another goroutine may at any moment: a heartbeat (SSE),
+	// a reply (WebSocket).
+	interject(q *coalescer)
 }
 
 // holder is what a protocol's client holds.
@@ -130,6 +134,8 @@ func (sseRecorder) open(s *Store, from int64) (*stream, *subscription, []byte) {
 	sse.resumeAt = s.Subscribe(&sse.sub, from, nil)
 	return st, &sse.sub, fmt.Appendf(nil, "retry: 2000\nid: %d\n\n", sse.resumeAt) // as handleEvents writes it
 }
+
+func (sseRecorder) interject(q *coalescer) { q.push(event{kind: evHeartbeat}) }
 
 func (sseRecorder) fresh() holder { return &sseClient{sseLedger: sseLedger{l: ledger{}}} }
 
@@ -200,6 +206,10 @@ func (wsRecorder) open(s *Store, from int64) (*stream, *subscription, []byte) {
 	return st, sub, nil
 }
 
+func (wsRecorder) interject(q *coalescer) {
+	q.push(event{kind: evReply, reply: message(json.RawMessage(`"r"`), "ok", []byte(`{"key":"/elsewhere"}`))})
+}
+
 func (wsRecorder) fresh() holder { return &wsClientState{wsLedger: wsLedger{l: ledger{}}, since: -1} }
 
 type wsClientState struct {
@@ -248,6 +258,10 @@ func (wsRecorder) points(t *testing.T, out []byte, c holder) []point {
 			t.Fatalf("message %s: %v", raw, err)
 		}
 		m.raw = raw
+		if m.ID != nil {
+			pts = append(pts, point{at: at, c: cl.clone()})
+			continue // a reply
+		}
 		var ev wsEvent
 		json.Unmarshal(m.Payload, &ev)
 		if m.Type != "reset" {
@@ -265,9 +279,9 @@ func (wsRecorder) points(t *testing.T, out []byte, c holder) []point {
 // state) is driven through a random run of moves (bankClient.move:
 // transactions that keep the bank's total, single writes inside and
 // outside the path), heartbeats,
-// and flushes at random moments, some in the middle of a transaction's
-// publishing (between the pushes of its events to the queue), with
-// coalescing wherever events wait. Then, for every point a client may
+// replies (WebSocket), and flushes at random moments, some of these in
+// the middle of a transaction's publishing (between the pushes of its
+// events to the queue), with coalescing wherever events wait. Then, for every point a client may
 // be cut off at (the end of each SSE block, each WebSocket message):
 // the client holds the bank's total at every resume point it passed
 // (checked as it reads: SSE ids that move past the last, WebSocket
@@ -296,17 +310,22 @@ func everyIDIsSafe(t *testing.T, rec recorder) {
 	out = flush(st, out) // the initial state
 	rnd := rand.New(rand.NewPCG(3, 4))
 	bc := storeBank(s, "w")
-	midPublish := 0
+	midPublish, interjecting := 0, false
 	st.q.notify = func() { // called after each push, in the publisher's goroutine
-		if rnd.IntN(4) == 0 {
+		switch r := rnd.IntN(8); {
+		case r < 2:
 			out, _ = st.appendPending(out, s.published.Load(), &metrics{})
 			midPublish++
+		case r == 2 && !interjecting:
+			interjecting = true
+			rec.interject(&st.q)
+			interjecting = false
 		}
 	}
 	for range 600 {
 		switch rnd.IntN(8) {
 		case 0:
-			st.q.push(event{kind: evHeartbeat})
+			rec.interject(&st.q)
 		case 1:
 			out = flush(st, out)
 		default:
