@@ -251,6 +251,10 @@ func (j *etcdJournal) follow(from int64) {
 		if from <= j.loaded {
 			j.s.historyFrom(from) // the changes before the state read at start come first
 		}
+		// The watch outlives the context it was opened with (etcdClient
+		// ties only the opening to it): close ends it here, or next would
+		// wait for a message a quiet prefix never sends.
+		unhook := context.AfterFunc(j.ctx, func() { w.Close() })
 		j.setWatch(w)
 		go j.checkCurrent(w)
 		wait = 0
@@ -267,6 +271,7 @@ func (j *etcdJournal) follow(from int64) {
 				from = last + 1
 			}
 		}
+		unhook()
 		j.setWatch(nil)
 		w.Close()
 		j.healthy.Store(false)
