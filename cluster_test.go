@@ -1,9 +1,12 @@
 package main
 
 import (
+	"encoding/json"
 	"fmt"
 	"log/slog"
+	"maps"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -143,5 +146,81 @@ func TestClusterNodeStops(t *testing.T) {
 	n.stop()
 	if n.srv.cluster.ctx.Err() == nil {
 		t.Error("the journal's context is still live after the node stopped")
+	}
+}
+
+// listedItem is an item of a listing.
+type listedItem struct {
+	Key      string          `json:"key"`
+	Value    json.RawMessage `json:"value"`
+	Revision int64           `json:"revision"`
+}
+
+// TestClusterReadsAcrossNodes: a write acknowledged by one node is seen
+// by the other at once, hundreds of times in a row, by GET, listing and
+// WebSocket get: the second node's read waits for its view to reach what
+// etcd had committed when the read began.
+func TestClusterReadsAcrossNodes(t *testing.T) {
+	t.Parallel()
+	nodes := startNodes(t, startEtcd(t, 1), 2)
+	ws := []*wsClient{dialWS(t, nodes[0].url, ""), dialWS(t, nodes[1].url, "")}
+	type version struct {
+		value string
+		rev   int64
+	}
+	want := map[string]version{}
+	for i := range 300 {
+		w, r := nodes[i%2].url, nodes[(i+1)%2].url
+		key := fmt.Sprintf("/rw/%d", i%5)
+		seq := int64(0)
+		switch i % 6 {
+		case 5:
+			mustDo(t, 200, "DELETE", w+key, "")
+			delete(want, key)
+		case 3:
+			// A transaction, whose answer gives its seq.
+			resp := mustDo(t, 200, "POST", w+"/", fmt.Sprintf(`{"ops":[{"op":"set","key":%q,"value":%d},{"op":"set","key":"/rw/t","value":%d}]}`, key, i, i))
+			var done struct {
+				Seq       int64
+				Revisions map[string]int64
+			}
+			json.Unmarshal([]byte(resp.body), &done)
+			seq = done.Seq
+			want[key] = version{strconv.Itoa(i), done.Revisions[key]}
+			want["/rw/t"] = version{strconv.Itoa(i), done.Revisions["/rw/t"]}
+		default:
+			resp := mustDo(t, 200, "POST", w+key, strconv.Itoa(i))
+			want[key] = version{strconv.Itoa(i), xRevision(resp)}
+		}
+
+		got := do(t, "GET", r+key, "")
+		v, ok := want[key]
+		if ok && (got.code != 200 || got.body != v.value || xRevision(got) != v.rev) || !ok && got.code != 404 {
+			t.Fatalf("write %d on %s, GET %s on %s: %d %s at %d; want %v (present: %v)", i, w, key, r, got.code, got.body, xRevision(got), v, ok)
+		}
+		list := mustDo(t, 200, "GET", r+"/rw/", "")
+		var items []listedItem
+		if err := json.Unmarshal([]byte(list.body), &items); err != nil {
+			t.Fatal(err)
+		}
+		listed := map[string]version{}
+		for _, it := range items {
+			listed[it.Key] = version{string(it.Value), it.Revision}
+		}
+		if !maps.Equal(listed, want) {
+			t.Fatalf("write %d on %s, listing on %s: %v; want %v", i, w, r, listed, want)
+		}
+		if s, _ := strconv.ParseInt(list.header.Get("X-Seq"), 10, 64); s < seq {
+			t.Fatalf("write %d on %s at seq %d, listing on %s: X-Seq %d", i, w, seq, r, s)
+		}
+		c := ws[(i+1)%2]
+		c.send(fmt.Sprintf(`{"type":"get","id":%d,"payload":{"key":%q}}`, i, key))
+		wantMsg := fmt.Sprintf(`{"type":"no-value","payload":{"key":%q},"id":%d}`, key, i)
+		if ok {
+			wantMsg = fmt.Sprintf(`{"type":"value","payload":{"key":%q,"value":%s,"revision":%d},"id":%d}`, key, v.value, v.rev, i)
+		}
+		if m := c.recv(); m != wantMsg {
+			t.Fatalf("write %d on %s, WebSocket get on %s: %s; want %s", i, w, r, m, wantMsg)
+		}
 	}
 }
