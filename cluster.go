@@ -229,6 +229,7 @@ func decodeEtcdValue(b []byte) (value string, deadline int64) {
 func (j *etcdJournal) follow(from int64) {
 	defer close(j.done)
 	key, end := j.keyRange()
+	restart := true // the history starts at from: it holds nothing before
 	for wait := time.Duration(0); j.ctx.Err() == nil; wait = min(max(2*wait, 50*time.Millisecond), 2*time.Second) {
 		select {
 		case <-time.After(wait):
@@ -237,20 +238,18 @@ func (j *etcdJournal) follow(from int64) {
 		}
 		w, err := j.c.watch(j.ctx, etcdWatchCreate{Key: key, RangeEnd: end, StartRevision: from, PrevKV: true, ProgressNotify: true})
 		var compacted *etcdCompactedError
-		switch {
-		case errors.As(err, &compacted) && compacted.Revision <= j.loaded:
-			from = compacted.Revision // at start: the history the node keeps begins there
+		if errors.As(err, &compacted) {
+			from, restart = j.compacted(compacted.Revision)
 			continue
-		case errors.As(err, &compacted):
-			from = j.resync(compacted.Revision)
-			continue
-		case err != nil:
+		}
+		if err != nil {
 			j.healthy.Store(false)
 			continue
 		}
-		if from <= j.loaded {
+		if restart && from <= j.loaded {
 			j.s.historyFrom(from) // the changes before the state read at start come first
 		}
+		restart = false
 		// The watch outlives the context it was opened with (etcdClient
 		// ties only the opening to it): close ends it here, or next would
 		// wait for a message a quiet prefix never sends.
@@ -261,7 +260,9 @@ func (j *etcdJournal) follow(from int64) {
 		for {
 			r, err := w.next()
 			if errors.As(err, &compacted) {
-				from = j.resync(compacted.Revision)
+				// etcd says so on the stream, after "created", not when
+				// the watch opens.
+				from, restart = j.compacted(compacted.Revision)
 				break
 			}
 			if err != nil {
@@ -373,6 +374,25 @@ func (j *etcdJournal) advance(rev int64) {
 		close(j.advanced)
 		j.advanced = make(chan struct{})
 	}
+}
+
+// compacted returns where to watch from when etcd compacted its history
+// up to rev, past where the watch asked to start. While the node fills
+// its history with the changes before the state it read at start (rev at
+// most that state's revision), the history begins at rev (restart):
+// the node cannot know what changed before. Past the state, the node
+// reads the prefix again (resync), and the history goes on through the
+// difference; if the watch had not yet brought every change up to the
+// state, what it brought of them is no history (it has a gap), and the
+// history begins after the state.
+func (j *etcdJournal) compacted(rev int64) (from int64, restart bool) {
+	if rev <= j.loaded {
+		return rev, true
+	}
+	if j.appliedAt() < j.loaded {
+		j.s.historyFrom(j.loaded + 1)
+	}
+	return j.resync(rev), false
 }
 
 // resync follows a watch that could not start where it asked, because

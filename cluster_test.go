@@ -224,3 +224,106 @@ func TestClusterReadsAcrossNodes(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterResumeAcrossNodes: a stream read on one node resumes on
+// another from its last id (SSE Last-Event-ID, WebSocket since), on a
+// node that ran all along and on one started since: only what changed
+// after, no reset. After etcd compacts its history past that point, a
+// node that ran all along still remembers it (-history, SPEC 4a), but
+// one started after the compaction does not, and resets, then sends the
+// whole state; from a point after the compaction it resumes.
+func TestClusterResumeAcrossNodes(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	prefix := newPrefix()
+	a := startNode(t, c.endpoints(), prefix)
+	b := startNode(t, c.endpoints(), prefix)
+	mustDo(t, 200, "POST", a.url+"/", `{"ops":[{"op":"set","key":"/r/a","value":1},{"op":"set","key":"/r/b","value":1},{"op":"set","key":"/r/c","value":1}]}`)
+
+	sse, stop := openStream(t, a.url, "/r/")
+	ws := wsSubscribed(t, a.url, "/r/", "")
+	mustDo(t, 200, "POST", b.url+"/r/a", `2`)
+	mustDo(t, 200, "POST", b.url+"/r/d", `1`)
+	last := nextEvent(t, sse)
+	last = nextEvent(t, sse)
+	wsNext(t, ws)
+	since := wsNext(t, ws).Payload.Seq
+	if last.String() != "/r/d:0=1" || since != last.seq {
+		t.Fatalf("the streams on %s: %s, WebSocket at %d; want /r/d:0=1, at the same seq", a.url, last, since)
+	}
+	stop()
+
+	// Meanwhile: a change, a delete, a new key, a transaction, an expiry.
+	mustDo(t, 200, "POST", a.url+"/r/b", `2`)
+	mustDo(t, 200, "DELETE", b.url+"/r/c", "")
+	mustDo(t, 200, "POST", a.url+"/r/e", `1`, "X-TTL", "100ms")
+	mustDo(t, 200, "POST", b.url+"/", `{"ops":[{"op":"set","key":"/r/f","value":1},{"op":"set","key":"/r/b","value":3}]}`)
+	waitFor(t, "/r/e to expire", func() bool { return do(t, "GET", a.url+"/r/e", "").code == 404 })
+	mustDo(t, 200, "POST", a.url+"/other", `1`) // outside the path
+
+	sinceState := "/r/b:2=3 /r/c:-1=null /r/e:-1=null /r/f:0=1 synced"
+	wsState := "/r/b:2=3 /r/c:-1 /r/e:-1 /r/f:0=1 synced"
+	resumes := func(n *clusterNode, from sseEvent, wantSSE, wantWS string) {
+		t.Helper()
+		ch, stop := openStream(t, n.url, "/r/", "Last-Event-ID", from.id)
+		defer stop()
+		k := len(strings.Fields(wantSSE))
+		if got := eventStrings(sseEvents(t, ch, k)); stripSeq(got) != wantSSE {
+			t.Errorf("SSE on %s from %s: %s; want %s", n.url, from.id, got, wantSSE)
+		}
+		w := wsSubscribed(t, n.url, "/r/", fmt.Sprintf(`,"since":%d`, from.seq))
+		var msgs []serverMsg
+		for range k {
+			msgs = append(msgs, wsNext(t, w))
+		}
+		if got := eventStrings(msgs); got != wantWS {
+			t.Errorf("WebSocket on %s since %d: %s; want %s", n.url, from.seq, got, wantWS)
+		}
+		// Then live.
+		mustDo(t, 200, "POST", a.url+"/r/live", fmt.Sprint(from.seq))
+		if ev := next(t, ch); ev.key != "/r/live" || ev.data != fmt.Sprint(from.seq) {
+			t.Errorf("SSE on %s after synced: %s; want the write of /r/live", n.url, ev)
+		}
+		if m := wsNext(t, w); m.Payload.Key != "/r/live" || string(m.Payload.Value) != fmt.Sprint(from.seq) {
+			t.Errorf("WebSocket on %s after synced: %s; want the write of /r/live", n.url, m.raw)
+		}
+		mustDo(t, 200, "DELETE", a.url+"/r/live", "")
+		next(t, ch)
+		wsNext(t, w)
+	}
+	resumes(b, last, sinceState, wsState)
+	// resumes wrote /r/live and deleted it: a change since the point too.
+	sinceState = strings.Replace(sinceState, " synced", " /r/live:-1=null synced", 1)
+	wsState = strings.Replace(wsState, " synced", " /r/live:-1 synced", 1)
+	fresh := startNode(t, c.endpoints(), prefix) // its history is etcd's
+	resumes(fresh, last, sinceState, wsState)
+
+	// etcd compacts its history past the point.
+	mustDo(t, 200, "POST", b.url+"/r/g", `1`)
+	rev := etcdPutAll(t, c.newClient(), "/outside/atomkv", "x")
+	c.compact(rev)
+
+	// A node that ran all along remembers: it resumes, no reset.
+	resumes(b, last, strings.Replace(sinceState, " /r/live", " /r/g:0=1 /r/live", 1), strings.Replace(wsState, " /r/live", " /r/g:0=1 /r/live", 1))
+	// One started after the compaction cannot know what changed: a
+	// reset, then the whole state.
+	b.stop()
+	b = startNode(t, c.endpoints(), prefix)
+	whole := "/r/a:1=2 /r/b:2=3 /r/d:0=1 /r/f:0=1 /r/g:0=1 synced"
+	resumes(b, last, "reset "+whole, "reset "+whole)
+	// From a point after the compaction, it resumes.
+	mustDo(t, 200, "POST", a.url+"/r/h", `1`)
+	resumes(b, sseEvent{id: fmt.Sprint(rev), seq: rev}, "/r/h:0=1 /r/live:-1=null synced", "/r/h:0=1 /r/live:-1 synced")
+}
+
+// stripSeq removes the seqs of named events from eventStrings' text.
+func stripSeq(s string) string {
+	var out []string
+	for _, f := range strings.Fields(s) {
+		if i := strings.IndexByte(f, '@'); i > 0 && !strings.HasPrefix(f, "/") {
+			f = f[:i]
+		}
+		out = append(out, f)
+	}
+	return strings.Join(out, " ")
+}
