@@ -327,3 +327,81 @@ func stripSeq(s string) string {
 	}
 	return strings.Join(out, " ")
 }
+
+// TestClusterExpiry: keys with a TTL expire once, though every node
+// tries: each node's stream has one expiry event of each key, with the
+// same seq on both, and etcd holds the marker in that revision. With no
+// node running, etcd's lease deletes a key; a node that does not expire
+// keys itself (its timer stopped) reports that delete as an expiry.
+func TestClusterExpiry(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	etcd := c.newClient()
+	prefix := newPrefix()
+	nodes := []*clusterNode{startNode(t, c.endpoints(), prefix), startNode(t, c.endpoints(), prefix)}
+	var ws []<-chan serverMsg
+	for _, n := range nodes {
+		ws = append(ws, wsSubscribed(t, n.url, "/x/", ""))
+	}
+	const keys = 20
+	for i := range keys {
+		mustDo(t, 200, "POST", nodes[i%2].url+fmt.Sprintf("/x/%02d", i), `1`, "X-TTL", "300ms")
+	}
+	expired := make([]map[string]int64, 2) // of each node, key -> seq
+	for i := range nodes {
+		expired[i] = map[string]int64{}
+		for len(expired[i]) < keys {
+			m := wsNext(t, ws[i])
+			switch {
+			case m.Type == "value":
+			case m.Type == "no-value" && m.Payload.Reason == "expired":
+				if _, again := expired[i][m.Payload.Key]; again {
+					t.Errorf("node %d: a second expiry of %s", i, m.Payload.Key)
+				}
+				expired[i][m.Payload.Key] = m.Payload.Seq
+			default:
+				t.Fatalf("node %d: %s; want the writes and their expiries", i, m.raw)
+			}
+		}
+	}
+	if !maps.Equal(expired[0], expired[1]) {
+		t.Errorf("expiries: node 0 %v, node 1 %v; want the same seqs", expired[0], expired[1])
+	}
+	mustDo(t, 200, "POST", nodes[0].url+"/x/after", `1`)
+	for i := range nodes {
+		if m := wsNext(t, ws[i]); m.String() != "/x/after:0=1" {
+			t.Errorf("node %d, after the expiries: %s; want the write of /x/after, nothing between", i, m.raw)
+		}
+	}
+	r, err := etcd.rangeKeys(etcdCtx(t), etcdRange{Key: []byte(prefix + "/x/0"), RangeEnd: etcdPrefixEnd([]byte(prefix + "/x/0"))})
+	if err != nil || len(r.KVs) != 0 {
+		t.Errorf("etcd after the expiries: %v, %v; want none of the keys", r, err)
+	}
+	marker, err := etcd.rangeKeys(etcdCtx(t), etcdRange{Key: []byte(prefix + etcdMarker)})
+	if err != nil || len(marker.KVs) != 1 || expired[0][string(marker.KVs[0].Value)] != marker.KVs[0].ModRevision {
+		t.Errorf("the expiry marker: %v, %v; want the last expired key, at its expiry's seq", marker, err)
+	}
+
+	// No node runs: the lease deletes a key after its deadline.
+	mustDo(t, 200, "POST", nodes[0].url+"/x/lease", `1`, "X-TTL", "1s")
+	for _, n := range nodes {
+		n.stop()
+	}
+	waitFor(t, "etcd's lease to delete /x/lease", func() bool {
+		r, err := etcd.rangeKeys(etcdCtx(t), etcdRange{Key: []byte(prefix + "/x/lease"), CountOnly: true})
+		return err == nil && r.Count == 0
+	})
+
+	// A node that does not expire keys itself sees the lease's delete,
+	// past the deadline, as an expiry.
+	n := startNode(t, c.endpoints(), prefix)
+	n.srv.store.expiry.stop()
+	w := wsSubscribed(t, n.url, "/x/", "")
+	mustDo(t, 200, "POST", n.url+"/x/leased", `1`, "X-TTL", "500ms")
+	if m := wsNext(t, w); m.String() != "/x/leased:0=1" {
+		t.Fatalf("%s; want the write", m.raw)
+	}
+	if m := wsNext(t, w); m.String() != "/x/leased:-1 expired" {
+		t.Errorf("after the lease ended: %s; want the expiry of /x/leased", m.raw)
+	}
+}

@@ -217,7 +217,7 @@ func wsNext(t testing.TB, ch <-chan serverMsg) serverMsg {
 			t.Fatal("WebSocket closed")
 		}
 		return m
-	case <-time.After(10 * time.Second):
+	case <-time.After(20 * time.Second): // a hang breaker, longer than a lease's grace
 		t.Fatal("no WebSocket message")
 	}
 	return serverMsg{}
