@@ -1,11 +1,14 @@
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"maps"
 	"net/http/httptest"
+	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -403,5 +406,122 @@ func TestClusterExpiry(t *testing.T) {
 	}
 	if m := wsNext(t, w); m.String() != "/x/leased:-1 expired" {
 		t.Errorf("after the lease ended: %s; want the expiry of /x/leased", m.raw)
+	}
+}
+
+// TestClusterFlags: -etcd with -data is refused at start, before anything
+// is read or written, with an error that says why; so are a bad prefix,
+// a bad endpoint, half a client certificate, and -max-txn-ops past what
+// etcd takes.
+func TestClusterFlags(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	noEnv := func(string) string { return "" }
+	for _, tc := range []struct {
+		args []string
+		env  map[string]string
+		want string
+	}{
+		{[]string{"-etcd", "http://127.0.0.1:1", "-data", dir}, nil, "-etcd and -data together: a node of a cluster keeps nothing on its disk (etcd does); use one or the other"},
+		{[]string{"-data", dir}, map[string]string{"ATOMKV_ETCD": "http://127.0.0.1:1"}, "-etcd and -data together"},
+		{[]string{"-etcd", "http://127.0.0.1:1"}, map[string]string{"ATOMKV_DATA": dir}, "-etcd and -data together"},
+		{[]string{"-etcd", "http://127.0.0.1:1", "-etcd-prefix", "/atomkv/"}, nil, `-etcd-prefix "/atomkv/"`},
+		{[]string{"-etcd", "http://127.0.0.1:1", "-etcd-prefix", ""}, nil, `-etcd-prefix ""`},
+		{[]string{"-etcd", "127.0.0.1:2379"}, nil, `etcd endpoint "127.0.0.1:2379": want http(s)://host:port`},
+		{[]string{"-etcd", "https://127.0.0.1:1", "-etcd-cert", "c.pem"}, nil, "-etcd-cert and -etcd-key go together"},
+	} {
+		getenv := noEnv
+		if tc.env != nil {
+			getenv = func(k string) string { return tc.env[k] }
+		}
+		err := run(context.Background(), append([]string{"-addr", "127.0.0.1:0"}, tc.args...), getenv, io.Discard)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("run %q (env %v): %v; want %q", tc.args, tc.env, err, tc.want)
+		}
+	}
+	if names, _ := os.ReadDir(dir); len(names) != 0 {
+		t.Errorf("-data %s holds %d files after the refusals; want none", dir, len(names))
+	}
+
+	c := startEtcd(t, 1)
+	err := run(context.Background(), []string{"-addr", "127.0.0.1:0", "-etcd", c.members[0].client, "-max-txn-ops", "129"}, noEnv, io.Discard)
+	if err == nil || !strings.Contains(err.Error(), "-max-txn-ops 129 is more than etcd takes") {
+		t.Errorf("-max-txn-ops 129 against etcd's 128: %v; want a refusal", err)
+	}
+}
+
+// TestClusterStartsCurrent: a node answers only once its view is current:
+// started on an etcd holding 5,000 keys under its prefix (and others
+// outside) while a writer goes on, its first GET, listing and state show
+// every key, and every write acknowledged before them.
+func TestClusterStartsCurrent(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	etcd := c.newClient()
+	prefix := newPrefix()
+	const keys = 5000
+	later := time.Now().Add(time.Hour).UnixNano()
+	for i := 0; i < keys; i += 125 {
+		var txn etcdTxn
+		for j := i; j < i+125; j++ {
+			e := &entry{value: fmt.Sprintf(`{"i":%d}`, j)}
+			if j%10 == 0 {
+				e.ttl = &deadline{at: later}
+			}
+			txn.Success = append(txn.Success, etcdOp{Put: &etcdPut{Key: []byte(fmt.Sprintf("%s/big/%05d", prefix, j)), Value: encodeEtcdValue(e)}})
+		}
+		if _, err := etcd.txn(etcdCtx(t), txn); err != nil {
+			t.Fatal(err)
+		}
+	}
+	etcdPutAll(t, etcd, prefix+"5/big/x", "1", prefix+"0", "1", prefix, "1") // beside the prefix, not under it
+
+	var acked atomic.Int64
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(stopped)
+		for n := int64(1); ; n++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			put := etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: []byte(prefix + "/live"), Value: []byte(strconv.FormatInt(n, 10))}}}}
+			if _, err := etcd.txn(etcdCtx(t), put); err != nil {
+				return
+			}
+			acked.Store(n)
+		}
+	}()
+	defer func() { close(stop); <-stopped }()
+	waitFor(t, "the writer's first write", func() bool { return acked.Load() > 0 })
+
+	n := startNode(t, c.endpoints(), prefix)
+	before := acked.Load()
+	r := mustDo(t, 200, "GET", n.url+"/live", "")
+	if v, _ := strconv.ParseInt(r.body, 10, 64); v < before {
+		t.Errorf("the first GET of /live: %s; want at least %d, acknowledged before it", r.body, before)
+	}
+	var items []listedItem
+	if err := json.Unmarshal([]byte(mustDo(t, 200, "GET", n.url+"/big/", "").body), &items); err != nil {
+		t.Fatal(err)
+	}
+	if len(items) != keys {
+		t.Fatalf("the first listing of /big/: %d keys; want %d", len(items), keys)
+	}
+	for i, it := range items {
+		if want := fmt.Sprintf("/big/%05d", i); it.Key != want || string(it.Value) != fmt.Sprintf(`{"i":%d}`, i) || it.Revision != 0 {
+			t.Fatalf("item %d: %+v; want %s = {\"i\":%d} at revision 0", i, it, want, i)
+		}
+	}
+	if r := mustDo(t, 200, "GET", n.url+"/big/04990", ""); r.header.Get("X-TTL") == "" {
+		t.Errorf("/big/04990: no X-TTL; want the hour it was written with")
+	}
+	evs, _, _ := untilSynced(t, subscribe(t, n.url, "/big/?initial"))
+	if len(evs) != keys {
+		t.Errorf("the state of /big/: %d keys; want %d", len(evs), keys)
+	}
+	if got := len(listAll(t, n.url)); got != keys+1 {
+		t.Errorf("every key: %d; want %d (the 5,000 and /live, none from beside the prefix)", got, keys+1)
 	}
 }
