@@ -525,3 +525,145 @@ func TestClusterStartsCurrent(t *testing.T) {
 		t.Errorf("every key: %d; want %d (the 5,000 and /live, none from beside the prefix)", got, keys+1)
 	}
 }
+
+// TestClusterLeaderLoss: a three-member etcd loses its leader, the member
+// the node prefers, while the node takes a stream of writes: after the
+// election, writes go on through another member; a write answered 503
+// happened once or not at all (read back: the counter's value and
+// revision say which), never twice; the node's stream has every change
+// once, in order; and when the member is back the node's client prefers
+// it again.
+func TestClusterLeaderLoss(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 3)
+	leader := c.leader()
+	eps := []string{c.members[leader].client}
+	for i := range c.members {
+		if i != leader {
+			eps = append(eps, c.members[i].client)
+		}
+	}
+	n := startNode(t, eps, newPrefix(), "-write-timeout", "5s")
+	events := subscribe(t, n.url, "/counter")
+
+	var applied, unknown, notApplied atomic.Int64 // writes applied (so the counter's next revision), 503s each way
+	var mu sync.Mutex
+	var answers []string // the 503s
+	stop, stopped := make(chan struct{}), make(chan struct{})
+	errs := make(chan error, 1)
+	go func() {
+		defer close(stopped)
+		fail := func(err error) { errs <- err }
+		for i := 1; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			r, err := call("POST", n.url+"/counter", strconv.Itoa(i))
+			switch {
+			case err != nil:
+				fail(err)
+				return
+			case r.code == 200:
+				if rev := xRevision(r); rev != applied.Load() {
+					fail(fmt.Errorf("write %d: revision %d; want %d (as many writes applied before it)", i, rev, applied.Load()))
+					return
+				}
+				applied.Add(1)
+				continue
+			case r.code != 503:
+				fail(fmt.Errorf("write %d: %d %s", i, r.code, r.body))
+				return
+			}
+			// 503: read it back (reads may be refused too, during the
+			// election).
+			var back response
+			for back, err = call("GET", n.url+"/counter", ""); err == nil && back.code == 503; back, err = call("GET", n.url+"/counter", "") {
+			}
+			switch {
+			case err != nil:
+				fail(err)
+				return
+			case back.code == 200 && back.body == strconv.Itoa(i) && xRevision(back) == applied.Load():
+				applied.Add(1)
+				unknown.Add(1)
+			case applied.Load() == 0 && back.code == 404,
+				back.code == 200 && back.body == strconv.Itoa(i-1) && xRevision(back) == applied.Load()-1:
+				notApplied.Add(1)
+			default:
+				fail(fmt.Errorf("write %d answered %s; read back: %d %s at revision %d; want it applied once (revision %d) or not at all",
+					i, r.body, back.code, back.body, xRevision(back), applied.Load()))
+				return
+			}
+			mu.Lock()
+			answers = append(answers, fmt.Sprintf("write %d: 503 %s; applied: %v", i, r.body, back.body == strconv.Itoa(i)))
+			mu.Unlock()
+			if !strings.Contains(r.body, "outcome is unknown") && !strings.Contains(r.body, "nothing was applied") {
+				fail(fmt.Errorf("write %d: 503 %s; want it to say whether it was applied", i, r.body))
+				return
+			}
+		}
+	}()
+	defer func() {
+		select {
+		case <-stopped:
+		default:
+			close(stop)
+			<-stopped
+		}
+	}()
+	writes := func(k int64) { // waits for k more writes applied
+		t.Helper()
+		want := applied.Load() + k
+		waitFor(t, fmt.Sprintf("%d writes applied", want), func() bool {
+			select {
+			case err := <-errs:
+				t.Fatal(err)
+			default:
+			}
+			return applied.Load() >= want
+		})
+	}
+	writes(20)
+	c.kill(leader)
+	writes(20) // after the election
+	if ep := n.srv.cluster.c.endpoint(); ep == c.members[leader].client {
+		t.Errorf("with member %d dead, the node's client still goes to it first", leader)
+	}
+	c.start(leader)
+	id := c.memberID(leader)
+	deadline := time.Now().Add(time.Minute) // its member is tried again at most 32 s after its last failure
+	for {
+		resp, err := n.srv.cluster.c.rangeKeys(etcdCtx(t), etcdRange{Key: []byte("/"), CountOnly: true})
+		if err == nil && resp.Header.MemberID == id {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the node's client does not go back to member %d: %v", leader, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	writes(10)
+	close(stop)
+	<-stopped
+	select {
+	case err := <-errs:
+		t.Fatal(err)
+	default:
+	}
+
+	total := applied.Load()
+	r := mustDo(t, 200, "GET", n.url+"/counter", "")
+	if xRevision(r) != total-1 {
+		t.Errorf("the counter: revision %d; want %d (%d writes applied)", xRevision(r), total-1, total)
+	}
+	for rev := int64(-1); rev < total-1; {
+		ev := next(t, events)
+		if ev.rev <= rev {
+			t.Fatalf("the stream: revision %d after %d; want each change once, in order", ev.rev, rev)
+		}
+		rev = ev.rev
+	}
+	t.Logf("%d writes applied; 503s: %d applied, %d not:\n%s", total, unknown.Load(), notApplied.Load(), strings.Join(answers, "\n"))
+}
