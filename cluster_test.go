@@ -667,3 +667,71 @@ func TestClusterLeaderLoss(t *testing.T) {
 	}
 	t.Logf("%d writes applied; 503s: %d applied, %d not:\n%s", total, unknown.Load(), notApplied.Load(), strings.Join(answers, "\n"))
 }
+
+// health is what the node's admin /healthz answers.
+func (n *clusterNode) health() response {
+	rec := httptest.NewRecorder()
+	n.srv.adminRoutes().ServeHTTP(rec, httptest.NewRequest("GET", "/healthz", nil))
+	return response{rec.Code, rec.Header(), rec.Body.String()}
+}
+
+// TestClusterEtcdDown: with etcd gone, a node answers writes and reads
+// 503 saying why, and /healthz 503; its streams and sockets stay open,
+// and when etcd is back they go on from where they were, the node is
+// healthy again, and writes and reads work.
+func TestClusterEtcdDown(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	prefix := newPrefix()
+	a := startNode(t, c.endpoints(), prefix, "-write-timeout", "1s")
+	b := startNode(t, c.endpoints(), prefix, "-write-timeout", "1s")
+	sse := subscribe(t, a.url, "/u/")
+	ws := wsSubscribed(t, a.url, "/u/", "")
+	mustDo(t, 200, "POST", b.url+"/u/a", `1`)
+	if ev := next(t, sse); ev.String() != "/u/a:0=1" {
+		t.Fatalf("SSE: %s", ev)
+	}
+	wsNext(t, ws)
+	waitFor(t, "the node healthy", func() bool { return a.health().code == 200 })
+
+	c.stop(0)
+	waitFor(t, "/healthz to say etcd is out of reach", func() bool {
+		h := a.health()
+		return h.code == 503 && strings.Contains(h.body, "etcd out of reach")
+	})
+	for _, tc := range []struct{ method, path, body, want string }{
+		{"POST", "/u/a", `2`, "etcd is unavailable: nothing was applied"},
+		{"PUT", "/u/a", `2`, "etcd is unavailable: nothing was applied"},
+		{"DELETE", "/u/a", ``, "etcd is unavailable: nothing was applied"},
+		{"POST", "/", `{"ops":[{"op":"set","key":"/u/b","value":1}]}`, "etcd is unavailable: nothing was applied"},
+		{"GET", "/u/a", ``, "etcd is out of reach: this node cannot tell that what it holds is current"},
+		{"GET", "/u/", ``, "etcd is out of reach"},
+	} {
+		var h []string
+		if tc.method == "PUT" {
+			h = []string{"X-Revision", "1"}
+		}
+		r := do(t, tc.method, a.url+tc.path, tc.body, h...)
+		if r.code != 503 || errorMessage(r) == "" || !strings.Contains(r.body, tc.want) {
+			t.Errorf("%s %s with etcd down: %d %s; want 503 saying %q", tc.method, tc.path, r.code, r.body, tc.want)
+		}
+	}
+	w := dialWS(t, a.url, "")
+	w.send(`{"type":"get","id":1,"payload":{"key":"/u/a"}}`)
+	if m := w.recv(); !strings.Contains(m, `"type":"error"`) || !strings.Contains(m, "etcd is out of reach") {
+		t.Errorf("WebSocket get with etcd down: %s; want an error saying etcd is out of reach", m)
+	}
+
+	c.start(0)
+	waitFor(t, "the node healthy again", func() bool { return a.health().code == 200 })
+	mustDo(t, 200, "POST", b.url+"/u/a", `3`)
+	if ev := next(t, sse); ev.String() != "/u/a:1=3" {
+		t.Errorf("SSE after etcd's return: %s; want /u/a:1=3", ev)
+	}
+	if m := wsNext(t, ws); m.String() != "/u/a:1=3" {
+		t.Errorf("WebSocket after etcd's return: %s; want /u/a:1=3", m.raw)
+	}
+	if r := mustDo(t, 200, "GET", a.url+"/u/a", ""); r.body != "3" {
+		t.Errorf("GET after etcd's return: %s; want 3", r.body)
+	}
+}
