@@ -116,8 +116,8 @@ func openCluster(cfg config, s *Store, log *slog.Logger) (*etcdJournal, error) {
 	j := &etcdJournal{s: s, c: c, prefix: cfg.etcdPrefix, log: log, timeout: cfg.writeTimeout,
 		done: make(chan struct{}), advanced: make(chan struct{})}
 	j.ctx, j.stop = context.WithCancel(context.Background())
-	j.reads.round = j.revision
-	j.fences.round = j.fence
+	j.reads = readBarrier{round: j.revision, ctx: j.ctx, timeout: j.timeout}
+	j.fences = readBarrier{round: j.fence, ctx: j.ctx, timeout: j.timeout}
 	j.leases.c = c
 	ctx, cancel := context.WithTimeout(j.ctx, max(cfg.writeTimeout, 10*time.Second))
 	defer cancel()
@@ -793,7 +793,9 @@ func (j *etcdJournal) close() error {
 // have begun before the read and miss a write acknowledged since), and
 // one goroutine runs rounds while reads wait.
 type readBarrier struct {
-	round func(context.Context) (int64, error)
+	round   func(context.Context) (int64, error)
+	ctx     context.Context // rounds end with it
+	timeout time.Duration   // the most a round lasts
 
 	mu      sync.Mutex
 	next    *readRound
@@ -816,7 +818,7 @@ func (b *readBarrier) wait(ctx context.Context) (int64, error) {
 	}
 	if !b.running {
 		b.running = true
-		go b.run(ctx)
+		go b.run()
 	}
 	b.mu.Unlock()
 	select {
@@ -827,8 +829,9 @@ func (b *readBarrier) wait(ctx context.Context) (int64, error) {
 	}
 }
 
-// run runs rounds until no read waits.
-func (b *readBarrier) run(ctx context.Context) {
+// run runs rounds until no read waits. A round is not any waiter's: it
+// ends with the journal, or after the longest a request waits.
+func (b *readBarrier) run() {
 	for {
 		b.mu.Lock()
 		r := b.next
@@ -839,7 +842,9 @@ func (b *readBarrier) run(ctx context.Context) {
 			return
 		}
 		b.mu.Unlock()
-		r.rev, r.err = b.round(context.WithoutCancel(ctx))
+		ctx, cancel := context.WithTimeout(b.ctx, b.timeout)
+		r.rev, r.err = b.round(ctx)
+		cancel()
 		close(r.done)
 	}
 }
