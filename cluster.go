@@ -71,16 +71,17 @@ type etcdJournal struct {
 	log     *slog.Logger
 	timeout time.Duration // the most a request waits for etcd (-write-timeout)
 
-	ctx  context.Context // ends with close
-	stop context.CancelFunc
-	done chan struct{} // the watch's goroutine has ended
+	ctx     context.Context // ends with close
+	stop    context.CancelFunc
+	workers sync.WaitGroup // the watch's goroutine and the watchdog
 
 	mu       sync.Mutex
 	applied  int64         // the view holds every change up to this revision
 	advanced chan struct{} // closed, and replaced, whenever applied moves
 	watch    *etcdWatch    // the watch open now, which a stall closes
 	loaded   int64         // the revision the start-up range read; changes up to it only go to the history
-	healthy  atomic.Bool   // the watch is open and has brought a fence written after it opened
+	healthy  atomic.Bool   // the watch is open, and the view was last found current (proved) less than etcdHealthEvery ago
+	proven   atomic.Int64  // when the view was last found current (Unix ns)
 
 	reads  readBarrier // rounds of linearizable reads of etcd's revision
 	fences readBarrier // rounds of fence writes
@@ -113,8 +114,7 @@ func openCluster(cfg config, s *Store, log *slog.Logger) (*etcdJournal, error) {
 	if err != nil {
 		return nil, fmt.Errorf("-etcd: %w", err)
 	}
-	j := &etcdJournal{s: s, c: c, prefix: cfg.etcdPrefix, log: log, timeout: cfg.writeTimeout,
-		done: make(chan struct{}), advanced: make(chan struct{})}
+	j := &etcdJournal{s: s, c: c, prefix: cfg.etcdPrefix, log: log, timeout: cfg.writeTimeout, advanced: make(chan struct{})}
 	j.ctx, j.stop = context.WithCancel(context.Background())
 	j.reads = readBarrier{round: j.revision, ctx: j.ctx, timeout: j.timeout}
 	j.fences = readBarrier{round: j.fence, ctx: j.ctx, timeout: j.timeout}
@@ -130,7 +130,9 @@ func openCluster(cfg config, s *Store, log *slog.Logger) (*etcdJournal, error) {
 		return nil, fmt.Errorf("-etcd: reading %s: %w", j.prefix, err)
 	}
 	s.journal = j // before any request: the listener starts after
+	j.workers.Add(2)
 	go j.follow(max(1, j.loaded-int64(s.history.max)+1))
+	go j.watchdog()
 	if err := j.waitApplied(ctx, j.loaded); err != nil {
 		j.close()
 		return nil, fmt.Errorf("-etcd: watching %s: %w", j.prefix, err)
@@ -227,7 +229,7 @@ func decodeEtcdValue(b []byte) (value string, deadline int64) {
 // it applies what comes, and watches again from the revision after the
 // last one applied whenever the stream ends, until the journal closes.
 func (j *etcdJournal) follow(from int64) {
-	defer close(j.done)
+	defer j.workers.Done()
 	key, end := j.keyRange()
 	restart := true // the history starts at from: it holds nothing before
 	for wait := time.Duration(0); j.ctx.Err() == nil; wait = min(max(2*wait, 50*time.Millisecond), 2*time.Second) {
@@ -243,7 +245,6 @@ func (j *etcdJournal) follow(from int64) {
 			continue
 		}
 		if err != nil {
-			j.healthy.Store(false)
 			continue
 		}
 		if restart && from <= j.loaded {
@@ -255,7 +256,7 @@ func (j *etcdJournal) follow(from int64) {
 		// wait for a message a quiet prefix never sends.
 		unhook := context.AfterFunc(j.ctx, func() { w.Close() })
 		j.setWatch(w)
-		go j.checkCurrent(w)
+		go j.checkCurrent()
 		wait = 0
 		for {
 			r, err := w.next()
@@ -275,28 +276,74 @@ func (j *etcdJournal) follow(from int64) {
 		unhook()
 		j.setWatch(nil)
 		w.Close()
-		j.healthy.Store(false)
 	}
 }
 
-// setWatch records the watch open now, for progress requests.
+// setWatch records the watch open now (nil: none), which a stall
+// closes; without one the node is not healthy.
 func (j *etcdJournal) setWatch(w *etcdWatch) {
 	j.mu.Lock()
 	j.watch = w
+	if w == nil {
+		j.healthy.Store(false)
+	}
 	j.mu.Unlock()
 }
 
-// checkCurrent writes a fence once w is open, and marks the node healthy
-// when its event comes: the view has then caught up.
-func (j *etcdJournal) checkCurrent(w *etcdWatch) {
+// checkCurrent writes a fence once a watch is open, and marks the node
+// healthy when its event comes: the view has then caught up.
+func (j *etcdJournal) checkCurrent() {
 	ctx, cancel := context.WithTimeout(j.ctx, j.timeout)
 	defer cancel()
 	if err := j.waitFence(ctx); err == nil {
-		j.mu.Lock()
-		if j.watch == w {
-			j.healthy.Store(true)
+		j.proved()
+	}
+}
+
+// etcdHealthEvery is how long the node goes without finding its view
+// current before its watchdog asks etcd itself: a node whose etcd hangs
+// (a partition: connections neither answer nor close) is unhealthy
+// within about twice that.
+const etcdHealthEvery = 2 * time.Second
+
+// proved records that the view was found current: a read or write
+// reached etcd and the watch brought the view up to it. With a watch
+// open, the node is healthy.
+func (j *etcdJournal) proved() {
+	j.proven.Store(time.Now().UnixNano())
+	if j.healthy.Load() {
+		return
+	}
+	j.mu.Lock()
+	if j.watch != nil {
+		j.healthy.Store(true)
+	}
+	j.mu.Unlock()
+}
+
+// watchdog keeps healthy (and so /healthz) true only while the node can
+// make its view current: when no read or write found it so for
+// etcdHealthEvery, it does what a read does, and a failure makes the
+// node unhealthy until one succeeds. A watch that closes makes it
+// unhealthy at once (setWatch); one that hangs only shows here.
+func (j *etcdJournal) watchdog() {
+	defer j.workers.Done()
+	tick := time.NewTicker(etcdHealthEvery / 2)
+	defer tick.Stop()
+	for {
+		select {
+		case <-j.ctx.Done():
+			return
+		case <-tick.C:
 		}
-		j.mu.Unlock()
+		if time.Since(time.Unix(0, j.proven.Load())) < etcdHealthEvery {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(j.ctx, etcdHealthEvery)
+		if err := j.current(ctx); err != nil && j.ctx.Err() == nil {
+			j.healthy.Store(false)
+		}
+		cancel()
 	}
 }
 
@@ -523,6 +570,7 @@ func (j *etcdJournal) current(ctx context.Context) error {
 	if err != nil {
 		return &unavailableError{"etcd is out of reach: this node cannot tell that what it holds is current", err}
 	}
+	j.proved()
 	return nil
 }
 
@@ -780,10 +828,10 @@ func (j *etcdJournal) expireVersion(ctx context.Context, key string, seq int64) 
 	return err
 }
 
-// close stops the watch.
+// close stops the watch and the watchdog.
 func (j *etcdJournal) close() error {
 	j.stop()
-	<-j.done
+	j.workers.Wait()
 	j.c.close()
 	return nil
 }

@@ -768,3 +768,27 @@ func compactAt(t *testing.T, c *etcdCluster, rev int64) {
 		t.Fatal(err)
 	}
 }
+
+// TestClusterEtcdHung: etcd hangs (takes connections, answers nothing,
+// as a member cut off by a partition): reads fail with 503, and so does
+// /healthz, though no connection closed and no request came to it; when
+// etcd answers again, the node is healthy again.
+func TestClusterEtcdHung(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	n := startNodes(t, c, 1, "-write-timeout", "1s")[0]
+	mustDo(t, 200, "POST", n.url+"/h", `1`)
+	waitFor(t, "the node healthy", func() bool { return n.health().code == 200 })
+	c.pause(0)
+	defer c.resume(0)
+	waitFor(t, "/healthz to say etcd is out of reach", func() bool {
+		h := n.health()
+		return h.code == 503 && strings.Contains(h.body, "etcd out of reach")
+	})
+	if r := do(t, "GET", n.url+"/h", ""); r.code != 503 {
+		t.Errorf("GET with etcd hung: %d %s; want 503", r.code, r.body)
+	}
+	c.resume(0)
+	waitFor(t, "the node healthy again", func() bool { return n.health().code == 200 })
+	mustDo(t, 200, "GET", n.url+"/h", "")
+}

@@ -240,7 +240,15 @@ func sseEvents(t testing.TB, ch <-chan sseEvent, n int) []sseEvent {
 	t.Helper()
 	var evs []sseEvent
 	for range n {
-		evs = append(evs, nextEvent(t, ch))
+		select {
+		case ev, ok := <-ch:
+			if !ok {
+				t.Fatalf("the stream closed after %s", eventStrings(evs))
+			}
+			evs = append(evs, ev)
+		case <-time.After(20 * time.Second): // a hang breaker
+			t.Fatalf("no event after %s", eventStrings(evs))
+		}
 	}
 	return evs
 }
