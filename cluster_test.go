@@ -792,3 +792,42 @@ func TestClusterEtcdHung(t *testing.T) {
 	waitFor(t, "the node healthy again", func() bool { return n.health().code == 200 })
 	mustDo(t, 200, "GET", n.url+"/h", "")
 }
+
+// TestClusterLargeValues: values near etcd's request limit (1.5 MiB)
+// pass through a node, a change of one (its event carries the old value
+// too) and a transaction of several; past the limit, with -max-value-bytes
+// above it, a write is refused 413 saying why, and nothing is applied.
+func TestClusterLargeValues(t *testing.T) {
+	t.Parallel()
+	nodes := startNodes(t, startEtcd(t, 1), 2, "-max-value-bytes", "4194304")
+	value := func(n int, c byte) string { return `"` + strings.Repeat(string(c), n-2) + `"` }
+	big := value(1400<<10, 'a')
+	mustDo(t, 200, "POST", nodes[0].url+"/big/a", big)
+	mustDo(t, 200, "POST", nodes[0].url+"/big/a", value(1400<<10, 'b'))
+	if r := mustDo(t, 200, "GET", nodes[1].url+"/big/a", ""); r.body != value(1400<<10, 'b') || xRevision(r) != 1 {
+		t.Errorf("GET /big/a on the other node: %d bytes at revision %d; want the second value, at 1", len(r.body), xRevision(r))
+	}
+	var ops []string
+	for _, k := range []string{"b", "c", "d"} {
+		ops = append(ops, fmt.Sprintf(`{"op":"set","key":"/big/%s","value":%s}`, k, value(450<<10, k[0])))
+	}
+	mustDo(t, 200, "POST", nodes[1].url+"/", `{"ops":[`+strings.Join(ops, ",")+`]}`)
+	var items []listedItem
+	if err := json.Unmarshal([]byte(mustDo(t, 200, "GET", nodes[0].url+"/big/", "").body), &items); err != nil || len(items) != 4 {
+		t.Errorf("/big/ on the other node: %d items, %v; want 4", len(items), err)
+	}
+
+	for _, tc := range []struct{ method, path, body string }{
+		{"POST", "/big/a", value(1600<<10, 'x')},
+		{"POST", "/", `{"ops":[` + strings.Join(ops, ",") + `,{"op":"set","key":"/big/e","value":` + value(450<<10, 'e') + `}]}`},
+	} {
+		r := do(t, tc.method, nodes[0].url+tc.path, tc.body)
+		if r.code != 413 || !strings.Contains(r.body, "as etcd takes it") {
+			t.Errorf("%s %s of %d bytes: %d %s; want 413, etcd's limit", tc.method, tc.path, len(tc.body), r.code, r.body)
+		}
+	}
+	if r := mustDo(t, 200, "GET", nodes[1].url+"/big/a", ""); xRevision(r) != 1 {
+		t.Errorf("/big/a after the refusals: revision %d; want 1", xRevision(r))
+	}
+	mustDo(t, 404, "GET", nodes[1].url+"/big/e", "")
+}
