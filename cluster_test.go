@@ -831,3 +831,53 @@ func TestClusterLargeValues(t *testing.T) {
 	}
 	mustDo(t, 404, "GET", nodes[1].url+"/big/e", "")
 }
+
+// TestClusterExpiredInEtcd: a key past its deadline that etcd still
+// holds (no node expired it yet: their timers are stopped here) is
+// missing to every read, and a write to it starts it again at revision
+// 0: a create (PUT X-Revision 0), a transaction checking it missing, a
+// POST; its expiry comes first, as a change of its own.
+func TestClusterExpiredInEtcd(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	etcd := c.newClient()
+	nodes := startNodes(t, c, 2)
+	prefix := nodes[0].srv.cluster.prefix
+	for _, n := range nodes {
+		n.srv.store.expiry.stop()
+	}
+	ws := wsSubscribed(t, nodes[1].url, "/e/", "")
+	for _, k := range []string{"/e/put", "/e/txn", "/e/post"} {
+		mustDo(t, 200, "POST", nodes[0].url+k, `1`, "X-TTL", "100ms")
+		wsNext(t, ws)
+	}
+	waitFor(t, "the deadlines to pass", func() bool { return do(t, "GET", nodes[1].url+"/e/post", "").code == 404 })
+	if r, err := etcd.rangeKeys(etcdCtx(t), etcdRange{Key: []byte(prefix + "/e/"), RangeEnd: etcdPrefixEnd([]byte(prefix + "/e/")), CountOnly: true}); err != nil || r.Count != 3 {
+		t.Fatalf("etcd holds %v keys (%v); want the 3, expired, not deleted", r, err)
+	}
+	if r := mustDo(t, 200, "GET", nodes[0].url+"/e/", ""); r.body != "[]" {
+		t.Errorf("listing past the deadlines: %s; want []", r.body)
+	}
+	for _, w := range []struct{ method, path, body, rev string }{
+		{"PUT", "/e/put", `2`, "0"},
+		{"POST", "/", `{"check":[{"key":"/e/txn","revision":-1}],"ops":[{"op":"set","key":"/e/txn","value":2}]}`, ""},
+		{"POST", "/e/post", `2`, ""},
+	} {
+		var h []string
+		if w.rev != "" {
+			h = []string{"X-Revision", w.rev}
+		}
+		mustDo(t, 200, w.method, nodes[1].url+w.path, w.body, h...)
+	}
+	for _, k := range []string{"/e/put", "/e/txn", "/e/post"} {
+		if r := mustDo(t, 200, "GET", nodes[0].url+k, ""); r.body != "2" || xRevision(r) != 0 {
+			t.Errorf("GET %s: %s at %d; want 2 at revision 0", k, r.body, xRevision(r))
+		}
+		if m := wsNext(t, ws); m.String() != k+":-1 expired" {
+			t.Errorf("the stream: %s; want the expiry of %s", m.raw, k)
+		}
+		if m := wsNext(t, ws); m.String() != k+":0=2" {
+			t.Errorf("the stream: %s; want the write of %s at 0", m.raw, k)
+		}
+	}
+}
