@@ -539,12 +539,28 @@ func (j *etcdJournal) resync(compactedAt int64) int64 {
 	return 0
 }
 
+// etcdFenceGrace is how long waitApplied waits for the watch before it
+// writes a fence. etcd's revision is nearly always that of a change of
+// the prefix (an AtomKV write, a fence, an expiry), which the watch
+// brings within it; only a write outside the prefix (other data in the
+// same etcd) is never brought, and needs the fence. Without the grace,
+// a read during writes wrote a fence two times in five.
+const etcdFenceGrace = 20 * time.Millisecond
+
 // waitApplied returns once the view holds every change up to rev, or
-// ctx's error. If the change at rev is not one whose event will come (a
-// write of the prefix), it writes a fence after it and waits for that.
+// ctx's error. Once the view holds a change at rev or after, it holds
+// every change up to rev (the watch brings changes in order); if none
+// comes within etcdFenceGrace (rev is not a change of the prefix, and
+// the prefix is quiet), it writes a fence after rev and waits for that.
 func (j *etcdJournal) waitApplied(ctx context.Context, rev int64) error {
 	if j.appliedAt() >= rev {
 		return nil
+	}
+	grace, cancel := context.WithTimeout(ctx, etcdFenceGrace)
+	err := j.waitUntil(grace, rev)
+	cancel()
+	if err == nil || ctx.Err() != nil {
+		return err
 	}
 	return j.waitFence(ctx)
 }
@@ -694,7 +710,7 @@ func (j *etcdJournal) commit(t *txn) error {
 		if j.changed(t) {
 			return j.wrote(j.waitUntil(ctx, t.seq)) // its own events bring the view there
 		}
-		return j.wrote(j.waitFence(ctx))
+		return j.wrote(j.waitApplied(ctx, t.seq)) // etcd's revision when it found nothing to change
 	}
 }
 
@@ -976,6 +992,7 @@ type readBarrier struct {
 	mu      sync.Mutex
 	next    *readRound
 	running bool
+	rounds  atomic.Int64 // run so far, for /metrics
 }
 
 type readRound struct {
@@ -1019,6 +1036,7 @@ func (b *readBarrier) run() {
 		}
 		b.mu.Unlock()
 		ctx, cancel := context.WithTimeout(b.ctx, b.timeout)
+		b.rounds.Add(1)
 		r.rev, r.err = b.round(ctx)
 		cancel()
 		close(r.done)

@@ -881,3 +881,27 @@ func TestClusterExpiredInEtcd(t *testing.T) {
 		}
 	}
 }
+
+// TestClusterForeignWrites: etcd holds other data beside the prefix,
+// written while the prefix is quiet: a node's read cannot wait for the
+// watch to bring etcd's revision (it never will: the change is not the
+// prefix's), and writes a fence after it (with -write-timeout 1s, a read
+// that waited for the watch alone would end 503); what it reads is
+// current.
+func TestClusterForeignWrites(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	etcd := c.newClient()
+	nodes := startNodes(t, c, 2, "-write-timeout", "1s")
+	mustDo(t, 200, "POST", nodes[0].url+"/f", `1`)
+	for i := range 5 {
+		etcdPutAll(t, etcd, "/elsewhere", strconv.Itoa(i))
+		if r := mustDo(t, 200, "GET", nodes[1].url+"/f", ""); r.body != "1" {
+			t.Errorf("GET /f: %s; want 1", r.body)
+		}
+	}
+	mustDo(t, 200, "POST", nodes[0].url+"/f", `2`)
+	if r := mustDo(t, 200, "GET", nodes[1].url+"/f", ""); r.body != "2" {
+		t.Errorf("GET /f after the write on the other node: %s; want 2", r.body)
+	}
+}

@@ -354,6 +354,10 @@ func TestClusterLinearizable(t *testing.T) {
 	for err := range errs {
 		t.Fatal(err)
 	}
+	for i, n := range nodes {
+		j := n.srv.cluster
+		t.Logf("node %d: %d rounds of reads, %d fences", i, j.reads.rounds.Load(), j.fences.rounds.Load())
+	}
 	for _, key := range keys {
 		ops := history[key]
 		ok, longest := checkLinearizable2(kvState{}, ops)
