@@ -6,7 +6,6 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -367,22 +366,62 @@ func testCAS(t *testing.T, start startFunc) {
 	}
 }
 
+// watchers are an SSE stream and a WebSocket subscription of one path on
+// each server of a deployment (the WebSocket on the next server's).
+type watchers struct {
+	t   *testing.T
+	d   *deployment
+	sse []<-chan sseEvent
+	ws  []<-chan serverMsg
+}
+
+func watchAll(t *testing.T, d *deployment, path string) *watchers {
+	t.Helper()
+	w := &watchers{t: t, d: d}
+	for i := range d.urls {
+		w.sse = append(w.sse, subscribe(t, d.node(i), path))
+		w.ws = append(w.ws, wsSubscribed(t, d.node(i+1), path, ""))
+	}
+	return w
+}
+
+// expect reads the next event of every stream, which must say wantSSE
+// (as sseEvent.String) or wantWS (as serverMsg.String), and returns the
+// SSE ids and the WebSocket seqs and "more"s. A test reads each change's
+// events before it makes the next: a subscriber that does not keep up
+// may get a newer change of a key in place of an older (SPEC 4).
+func (w *watchers) expect(wantSSE, wantWS string) (ids, seqs []string) {
+	w.t.Helper()
+	for i := range w.sse {
+		ev := sseEvents(w.t, w.sse[i], 1)[0]
+		if ev.String() != wantSSE {
+			w.t.Errorf("SSE on %s: %s; want %s", w.d.node(i), ev, wantSSE)
+		}
+		m := wsNext(w.t, w.ws[i])
+		if m.String() != wantWS {
+			w.t.Errorf("WebSocket on %s: %s; want %s", w.d.node(i+1), m.raw, wantWS)
+		}
+		ids = append(ids, ev.id)
+		seqs = append(seqs, fmt.Sprint(m.Payload.Seq, m.Payload.More))
+	}
+	return ids, seqs
+}
+
 // testTTL: a key written with a TTL reports it, and is gone at its
 // deadline: one expiry event on every stream, with the same seq, and no
 // server returns it after; a write without a TTL makes a key permanent;
 // an expired key starts again at revision 0.
 func testTTL(t *testing.T, start startFunc) {
 	d := start(t)
-	var sse []<-chan sseEvent
-	var ws []<-chan serverMsg
-	for i := range d.urls {
-		sse = append(sse, subscribe(t, d.node(i), "/ttl/"))
-		ws = append(ws, wsSubscribed(t, d.node(i+1), "/ttl/", ""))
-	}
+	w := watchAll(t, d, "/ttl/")
 	mustDo(t, 200, "POST", d.url()+"/ttl/long?ttl=1h", `"long"`)
+	w.expect(`/ttl/long:0="long"`, `/ttl/long:0="long"`)
 	mustDo(t, 200, "POST", d.url()+"/ttl/p", `"p"`, "X-TTL", "200ms")
+	w.expect(`/ttl/p:0="p"`, `/ttl/p:0="p"`)
 	mustDo(t, 200, "POST", d.url()+"/ttl/p", `"p2"`) // permanent now
+	w.expect(`/ttl/p:1="p2"`, `/ttl/p:1="p2"`)
 	mustDo(t, 200, "POST", d.url()+"/ttl/k", `1`, "X-TTL", "200ms")
+	w.expect(`/ttl/k:0=1`, `/ttl/k:0=1`)
 	for _, url := range d.urls {
 		r := mustDo(t, 200, "GET", url+"/ttl/long", "")
 		if ms, err := strconv.ParseInt(r.header.Get("X-TTL"), 10, 64); err != nil || ms <= 0 || ms > 3600_000 {
@@ -391,26 +430,11 @@ func testTTL(t *testing.T, start startFunc) {
 	}
 	// /ttl/p's first deadline is before /ttl/k's: had it expired, its
 	// event would come before /ttl/k's expiry.
-	wantSSE := `/ttl/long:0="long" /ttl/p:0="p" /ttl/p:1="p2" /ttl/k:0=1 /ttl/k:-1=null`
-	wantWS := `/ttl/long:0="long" /ttl/p:0="p" /ttl/p:1="p2" /ttl/k:0=1 /ttl/k:-1 expired`
-	var expirySeq []int64
-	for i := range d.urls {
-		evs := sseEvents(t, sse[i], 5)
-		if got := eventStrings(evs); got != wantSSE {
-			t.Errorf("SSE on %s: %s; want %s", d.node(i), got, wantSSE)
-		}
-		var msgs []serverMsg
-		for range 5 {
-			msgs = append(msgs, wsNext(t, ws[i]))
-		}
-		if got := eventStrings(msgs); got != wantWS {
-			t.Errorf("WebSocket on %s: %s; want %s", d.node(i+1), got, wantWS)
-		}
-		expirySeq = append(expirySeq, evs[4].seq, msgs[4].Payload.Seq)
-	}
-	for _, seq := range expirySeq {
-		if seq != expirySeq[0] || seq <= 0 {
-			t.Errorf("the expiry's seq on the streams: %v; want one, the same everywhere", expirySeq)
+	ids, seqs := w.expect(`/ttl/k:-1=null`, `/ttl/k:-1 expired`)
+	expiry := seqOf(ids[0])
+	for i := range ids {
+		if seqOf(ids[i]) != expiry || seqs[i] != fmt.Sprint(expiry, false) || expiry <= 0 {
+			t.Errorf("the expiry's ids %v and seqs %v on the streams; want one seq, the same everywhere", ids, seqs)
 			break
 		}
 	}
@@ -425,10 +449,8 @@ func testTTL(t *testing.T, start startFunc) {
 	if r := mustDo(t, 200, "POST", d.url()+"/ttl/k", `2`); xRevision(r) != 0 {
 		t.Errorf("POST /ttl/k after its expiry: revision %d; want 0", xRevision(r))
 	}
-	for i := range d.urls {
-		if ev := nextEvent(t, sse[i]); ev.String() != "/ttl/k:0=2" || ev.seq <= expirySeq[0] {
-			t.Errorf("SSE on %s: %s@%d; want /ttl/k:0=2 after %d", d.node(i), ev, ev.seq, expirySeq[0])
-		}
+	if ids, _ := w.expect("/ttl/k:0=2", "/ttl/k:0=2"); seqOf(ids[0]) <= expiry {
+		t.Errorf("the write after the expiry at %d: %v", expiry, ids)
 	}
 }
 
@@ -437,57 +459,47 @@ func testTTL(t *testing.T, start startFunc) {
 // delete, a transaction.
 func testEvents(t *testing.T, start startFunc) {
 	d := start(t)
-	var sse []<-chan sseEvent
-	var ws []<-chan serverMsg
-	for i := range d.urls {
-		sse = append(sse, subscribe(t, d.node(i), "/ev/"))
-		ws = append(ws, wsSubscribed(t, d.node(i), "/ev/", ""))
+	w := watchAll(t, d, "/ev/")
+	var ids, seqs [][]string // of each change, of each stream
+	for _, c := range []struct {
+		method, path, body, rev string
+		sse, ws                 []string
+	}{
+		{"POST", "/ev/a", `1`, "", []string{"/ev/a:0=1"}, []string{"/ev/a:0=1"}},
+		{"POST", "/ev/b", `"x"`, "", []string{`/ev/b:0="x"`}, []string{`/ev/b:0="x"`}},
+		{"PUT", "/ev/a", `{"n":2}`, "1", []string{`/ev/a:1={"n":2}`}, []string{`/ev/a:1={"n":2}`}},
+		{"DELETE", "/ev/b", "", "", []string{"/ev/b:-1=null"}, []string{"/ev/b:-1 deleted"}},
+		{"DELETE", "/ev/none", "", "", nil, nil}, // no change, no event
+		{"POST", "/other", `0`, "", nil, nil},    // not watched
+		{"POST", "/", `{"ops":[{"op":"delete","key":"/ev/a"},{"op":"set","key":"/ev/c","value":true}]}`, "",
+			[]string{"/ev/a:-1=null", "/ev/c:0=true"}, []string{"/ev/a:-1 deleted", "/ev/c:0=true"}},
+	} {
+		var h []string
+		if c.rev != "" {
+			h = []string{"X-Revision", c.rev}
+		}
+		mustDo(t, 200, c.method, d.url()+c.path, c.body, h...)
+		for i := range c.sse {
+			id, seq := w.expect(c.sse[i], c.ws[i])
+			ids, seqs = append(ids, id), append(seqs, seq)
+		}
 	}
-	mustDo(t, 200, "POST", d.url()+"/ev/a", `1`)
-	mustDo(t, 200, "POST", d.url()+"/ev/b", `"x"`)
-	mustDo(t, 200, "PUT", d.url()+"/ev/a", `{"n":2}`, "X-Revision", "1")
-	mustDo(t, 200, "DELETE", d.url()+"/ev/b", "")
-	mustDo(t, 200, "DELETE", d.url()+"/ev/none", "") // no change, no event
-	mustDo(t, 200, "POST", d.url()+"/", `{"ops":[{"op":"delete","key":"/ev/a"},{"op":"set","key":"/ev/c","value":true}]}`)
-	mustDo(t, 200, "POST", d.url()+"/other", `0`) // not watched
-
-	wantSSE := `/ev/a:0=1 /ev/b:0="x" /ev/a:1={"n":2} /ev/b:-1=null /ev/a:-1=null /ev/c:0=true`
-	wantWS := `/ev/a:0=1 /ev/b:0="x" /ev/a:1={"n":2} /ev/b:-1 deleted /ev/a:-1 deleted /ev/c:0=true`
-	var ids, seqs [][]string
-	for i := range d.urls {
-		evs := sseEvents(t, sse[i], 6)
-		if got := eventStrings(evs); got != wantSSE {
-			t.Errorf("SSE on %s: %s; want %s", d.node(i), got, wantSSE)
-		}
-		var msgs []serverMsg
-		for range 6 {
-			msgs = append(msgs, wsNext(t, ws[i]))
-		}
-		if got := eventStrings(msgs); got != wantWS {
-			t.Errorf("WebSocket on %s: %s; want %s", d.node(i), got, wantWS)
-		}
-		var id, seq []string
-		for j := range evs {
-			id = append(id, evs[j].id)
-			seq = append(seq, fmt.Sprint(msgs[j].Payload.Seq, msgs[j].Payload.More))
-		}
-		ids, seqs = append(ids, id), append(seqs, seq)
-		// The transaction's two events: the first carries the resume
-		// point before it (no resume point inside a transaction).
-		if evs[4].seq != evs[3].seq || evs[5].seq <= evs[4].seq || msgs[4].Payload.Seq != msgs[3].Payload.Seq || !msgs[4].Payload.More {
-			t.Errorf("on %s, the transaction's events: SSE %s then %s after %s, WebSocket %s then %s; want the first at the point before",
-				d.node(i), evs[4].id, evs[5].id, evs[3].id, msgs[4].raw, msgs[5].raw)
-		}
-		for j := 1; j < 4; j++ {
-			if evs[j].seq <= evs[j-1].seq {
-				t.Errorf("on %s, SSE seqs %d then %d; want them to increase", d.node(i), evs[j-1].seq, evs[j].seq)
+	for k := range ids {
+		for i := range d.urls {
+			if ids[k][i] != ids[k][0] || seqs[k][i] != seqs[k][0] {
+				t.Errorf("event %d: SSE ids %v, WebSocket seqs %v; want the same on every server", k, ids[k], seqs[k])
 			}
 		}
-	}
-	for i := 1; i < len(d.urls); i++ {
-		if !slices.Equal(ids[i], ids[0]) || !slices.Equal(seqs[i], seqs[0]) {
-			t.Errorf("ids on %s: %v, seqs %v; on %s: %v, %v; want the same", d.node(i), ids[i], seqs[i], d.node(0), ids[0], seqs[0])
+		if k > 0 && k < 4 && seqOf(ids[k][0]) <= seqOf(ids[k-1][0]) {
+			t.Errorf("SSE seqs %s then %s; want them to increase", ids[k-1][0], ids[k][0])
 		}
+	}
+	// The transaction's two events: the first carries the resume point
+	// before it (no resume point inside a transaction), and says more.
+	if seqOf(ids[4][0]) != seqOf(ids[3][0]) || seqOf(ids[5][0]) <= seqOf(ids[4][0]) ||
+		seqs[4][0] != strings.Replace(seqs[3][0], "false", "true", 1) || !strings.HasSuffix(seqs[5][0], "false") {
+		t.Errorf("the transaction's events: SSE %s then %s after %s, WebSocket %s then %s after %s; want the first at the point before",
+			ids[4][0], ids[5][0], ids[3][0], seqs[4][0], seqs[5][0], seqs[3][0])
 	}
 }
 
