@@ -41,6 +41,7 @@
 package main
 
 import (
+	"bytes"
 	"container/heap"
 	"context"
 	"crypto/tls"
@@ -194,8 +195,13 @@ func (j *etcdJournal) load(ctx context.Context) error {
 // version (with its deadline, whose seq is the version's revision). ok
 // is false for what is not an AtomKV key (the marker).
 func (j *etcdJournal) decode(kv etcdKV) (key string, e *entry, ok bool) {
-	key = strings.TrimPrefix(string(kv.Key), j.prefix)
-	if len(kv.Key) <= len(j.prefix) || strings.HasPrefix(key, "/\x00") {
+	if len(kv.Key) <= len(j.prefix) || !bytes.HasPrefix(kv.Key, []byte(j.prefix)) {
+		return "", nil, false
+	}
+	// The key alone: the view keeps this string, and the prefix's bytes
+	// in it would cost every key as much again.
+	key = string(kv.Key[len(j.prefix):])
+	if strings.HasPrefix(key, "/\x00") {
 		return "", nil, false
 	}
 	value, at := decodeEtcdValue(kv.Value)
