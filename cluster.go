@@ -48,6 +48,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"iter"
 	"log/slog"
 	"strings"
 	"sync"
@@ -171,24 +172,66 @@ func (j *etcdJournal) keyRange() (key, end []byte) {
 }
 
 // load reads every key under the prefix at one revision into the store.
+// The pages are read at the revision of the first; if etcd compacts it
+// away before the last, the prefix is read again, at a later revision,
+// and what the earlier reads put in place that etcd no longer holds
+// goes.
 func (j *etcdJournal) load(ctx context.Context) error {
 	key, end := j.keyRange()
-	rev, err := j.c.rangePages(ctx, key, end, 1000, func(kvs []etcdKV) error {
-		for _, kv := range kvs {
-			if k, e, ok := j.decode(kv); ok {
-				// Expired or not: the node expires it, as it would any
-				// key, once the view is loaded.
-				j.s.restore(k, e, 0)
+	for attempt := 0; ; attempt++ {
+		var seen map[string]bool // the keys read, once a read was cut short
+		if attempt > 0 {
+			seen = make(map[string]bool, j.s.Len())
+		}
+		rev, err := j.c.rangePages(ctx, key, end, 1000, func(kvs []etcdKV) error {
+			for _, kv := range kvs {
+				if k, e, ok := j.decode(kv); ok {
+					// Expired or not: the node expires it, as it would
+					// any key, once the view is loaded.
+					j.s.restore(k, e, 0)
+					if seen != nil {
+						seen[k] = true
+					}
+				}
+			}
+			return nil
+		})
+		if errors.Is(err, errEtcdCompacted) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if seen != nil {
+			for k := range j.held() {
+				if !seen[k] {
+					j.s.restore(k, nil, 0)
+				}
 			}
 		}
+		j.loaded = rev
+		j.s.startSequence(rev)
 		return nil
-	})
-	if err != nil {
-		return err
 	}
-	j.loaded = rev
-	j.s.startSequence(rev)
-	return nil
+}
+
+// held yields every key the view holds, expired or not.
+func (j *etcdJournal) held() iter.Seq2[string, *entry] {
+	return func(yield func(string, *entry) bool) {
+		var keys []string
+		var entries []*entry
+		j.s.keys.Range(func(k, v any) bool {
+			if e := v.(*slot).load(); e != nil {
+				keys, entries = append(keys, k.(string)), append(entries, e)
+			}
+			return true
+		})
+		for i, k := range keys {
+			if !yield(k, entries[i]) {
+				return
+			}
+		}
+	}
 }
 
 // decode reads an etcd key as the view holds it: its AtomKV key and

@@ -1,14 +1,19 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"log/slog"
 	"maps"
+	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"strconv"
 	"strings"
@@ -906,5 +911,113 @@ func TestClusterForeignWrites(t *testing.T) {
 	mustDo(t, 200, "POST", nodes[0].url+"/f", `2`)
 	if r := mustDo(t, 200, "GET", nodes[1].url+"/f", ""); r.body != "2" {
 		t.Errorf("GET /f after the write on the other node: %s; want 2", r.body)
+	}
+}
+
+// An etcdProxy stands between nodes and an etcd member, so that a test
+// can cut them off, as a partition would, and see what they ask.
+type etcdProxy struct {
+	url string
+	cut atomic.Bool
+	// before, if set, is called with each range request's body before it
+	// goes on.
+	before func(body []byte)
+
+	mu     sync.Mutex
+	active map[*http.Request]context.CancelFunc
+}
+
+// newEtcdProxy serves a proxy of member i of c until the test ends.
+func newEtcdProxy(t *testing.T, c *etcdCluster, i int) *etcdProxy {
+	t.Helper()
+	target, err := url.Parse(c.members[i].client)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &etcdProxy{active: map[*http.Request]context.CancelFunc{}}
+	rp := httputil.NewSingleHostReverseProxy(target)
+	rp.FlushInterval = -1 // a watch's messages as they come
+	rp.ErrorLog = log.New(io.Discard, "", 0)
+	hs := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if p.cut.Load() {
+			if conn, _, err := http.NewResponseController(w).Hijack(); err == nil {
+				conn.Close() // the connection breaks, as across a partition
+			}
+			return
+		}
+		if p.before != nil && r.URL.Path == "/v3/kv/range" {
+			body, _ := io.ReadAll(r.Body)
+			p.before(body)
+			r.Body = io.NopCloser(bytes.NewReader(body))
+		}
+		// A watch's request stays open while its answer streams.
+		http.NewResponseController(w).EnableFullDuplex()
+		ctx, cancel := context.WithCancel(r.Context())
+		r = r.WithContext(ctx)
+		p.mu.Lock()
+		p.active[r] = cancel
+		p.mu.Unlock()
+		defer func() {
+			p.mu.Lock()
+			delete(p.active, r)
+			p.mu.Unlock()
+			cancel()
+		}()
+		rp.ServeHTTP(w, r)
+	}))
+	t.Cleanup(func() {
+		p.cutOff()
+		hs.Close()
+	})
+	p.url = hs.URL
+	return p
+}
+
+// cutOff refuses every request from now on, and ends those under way.
+func (p *etcdProxy) cutOff() {
+	p.cut.Store(true)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, cancel := range p.active {
+		cancel()
+	}
+}
+
+// TestClusterStartCompacted: etcd compacts its history while a node
+// reads its state at start, page by page, and a key of the first page is
+// deleted meanwhile: the node reads its state again, at a later
+// revision, and starts with exactly etcd's keys.
+func TestClusterStartCompacted(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	etcd := c.newClient()
+	prefix := newPrefix()
+	for i := 0; i < 2500; i += 125 {
+		var kv []string
+		for k := i; k < i+125; k++ {
+			kv = append(kv, fmt.Sprintf("%s/s/%04d", prefix, k), strconv.Itoa(k))
+		}
+		etcdPutAll(t, etcd, kv...)
+	}
+	p := newEtcdProxy(t, c, 0)
+	var once sync.Once
+	p.before = func(body []byte) {
+		if bytes.Contains(body, []byte(`"revision"`)) && bytes.Contains(body, []byte(`"limit":"1000"`)) {
+			once.Do(func() { // before the second page
+				resp, err := etcd.txn(etcdCtx(t), etcdTxn{Success: []etcdOp{{Delete: &etcdDelete{Key: []byte(prefix + "/s/0000")}}}})
+				if err == nil {
+					err = etcd.compact(etcdCtx(t), resp.Header.Revision)
+				}
+				if err != nil {
+					t.Error(err)
+				}
+			})
+		}
+	}
+	n := startNode(t, []string{p.url}, prefix)
+	var items []listedItem
+	json.Unmarshal([]byte(mustDo(t, 200, "GET", n.url+"/s/", "").body), &items)
+	if len(items) != 2499 || items[0].Key != "/s/0001" || n.srv.store.Len() != 2499 {
+		t.Errorf("the node's keys: %d listed (the first %+v), %d held; want the 2,499 etcd holds, from /s/0001", len(items), items[0], n.srv.store.Len())
 	}
 }
