@@ -464,11 +464,7 @@ func (j *etcdJournal) apply(rev int64, events []etcdEvent) {
 // etcd reads it from its history for every event, which costs about as
 // much as the write; the view has it.
 func (j *etcdJournal) pastDeadline(key string, now int64) bool {
-	v, ok := j.s.keys.Load(key)
-	if !ok {
-		return false
-	}
-	e := v.(*slot).load()
+	e := j.holds(key)
 	return e != nil && e.ttl != nil && e.ttl.at <= now
 }
 
@@ -558,7 +554,7 @@ func (j *etcdJournal) resync(compactedAt int64) int64 {
 					continue
 				}
 				seen[k] = true
-				if cur := j.s.Get(k); cur == nil || cur.revision != e.revision || cur.value != e.value {
+				if cur := j.holds(k); cur == nil || cur.revision != e.revision || cur.value != e.value || deadlineOf(cur) != deadlineOf(e) {
 					changes = append(changes, change{key: k, e: e})
 				}
 			}
@@ -567,14 +563,24 @@ func (j *etcdJournal) resync(compactedAt int64) int64 {
 		cancel()
 		if err != nil {
 			j.log.Warn("etcd: reading the prefix again after a compaction", "err", err)
-			time.Sleep(time.Second)
+			select {
+			case <-time.After(time.Second):
+			case <-j.ctx.Done():
+			}
 			continue
 		}
-		j.s.walk(func(k string, _ *entry) {
+		// What etcd no longer holds: deleted, or expired (the view may
+		// hold a key past its deadline that another node expired).
+		now := j.s.now()
+		for k, e := range j.held() {
 			if !seen[k] {
-				changes = append(changes, change{key: k, why: deleted})
+				why := deleted
+				if e.ttl != nil && e.ttl.at <= now {
+					why = expired
+				}
+				changes = append(changes, change{key: k, why: why})
 			}
-		})
+		}
 		j.log.Warn("etcd: history compacted while the node could not watch; read the prefix again", "compacted", compactedAt, "revision", rev, "changed", len(changes))
 		if len(changes) > 0 {
 			for i := range changes {
@@ -595,6 +601,23 @@ func (j *etcdJournal) resync(compactedAt int64) int64 {
 // same etcd) is never brought, and needs the fence. Without the grace,
 // a read during writes wrote a fence two times in five.
 const etcdFenceGrace = 20 * time.Millisecond
+
+// holds is the version the view holds of key, expired or not; nil if
+// none.
+func (j *etcdJournal) holds(key string) *entry {
+	if v, ok := j.s.keys.Load(key); ok {
+		return v.(*slot).load()
+	}
+	return nil
+}
+
+// deadlineOf is e's deadline (Unix ns), 0 if it has none.
+func deadlineOf(e *entry) int64 {
+	if e.ttl == nil {
+		return 0
+	}
+	return e.ttl.at
+}
 
 // waitApplied returns once the view holds every change up to rev, or
 // ctx's error. Once the view holds a change at rev or after, it holds

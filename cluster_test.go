@@ -1021,3 +1021,50 @@ func TestClusterStartCompacted(t *testing.T) {
 		t.Errorf("the node's keys: %d listed (the first %+v), %d held; want the 2,499 etcd holds, from /s/0001", len(items), items[0], n.srv.store.Len())
 	}
 }
+
+// TestClusterResync: a node cut off from etcd while the others change
+// the keyspace, and etcd compacts its history past where the node's
+// watch was: once back, the node reads the prefix again and applies the
+// difference as one change. Its streams get every key that changed, its
+// view is the others' (an expired key it held is gone too), and a client
+// resuming from before the cut gets exactly what changed.
+func TestClusterResync(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	p := newEtcdProxy(t, c, 0)
+	prefix := newPrefix()
+	a := startNode(t, []string{p.url}, prefix)
+	b := startNode(t, c.endpoints(), prefix)
+	mustDo(t, 200, "POST", b.url+"/", `{"ops":[{"op":"set","key":"/r/keep","value":1},{"op":"set","key":"/r/change","value":1},{"op":"set","key":"/r/del","value":1}]}`)
+	mustDo(t, 200, "POST", b.url+"/r/ttl", `1`, "X-TTL", "1500ms")
+	sse := subscribe(t, a.url, "/r/?initial")
+	_, _, synced := untilSynced(t, sse)
+
+	p.cutOff()
+	mustDo(t, 200, "POST", b.url+"/r/change", `2`)
+	mustDo(t, 200, "DELETE", b.url+"/r/del", "")
+	mustDo(t, 200, "POST", b.url+"/r/new", `1`)
+	waitFor(t, "/r/ttl to expire", func() bool {
+		r, err := c.newClient().rangeKeys(etcdCtx(t), etcdRange{Key: []byte(prefix + "/r/ttl"), CountOnly: true})
+		return err == nil && r.Count == 0
+	})
+	rev := etcdPutAll(t, c.newClient(), "/elsewhere", "1")
+	compactAt(t, c, rev)
+	p.cut.Store(false)
+
+	// One change, whose events come one after another, in key order.
+	want := "/r/change:1=2 /r/del:-1=null /r/new:0=1 /r/ttl:-1=null"
+	if got := eventStrings(sseEvents(t, sse, 4)); got != want {
+		t.Errorf("the stream on the node cut off: %s; want %s", got, want)
+	}
+	if la, lb := mustDo(t, 200, "GET", a.url+"/r/", "").body, mustDo(t, 200, "GET", b.url+"/r/", "").body; la != lb {
+		t.Errorf("the node cut off lists %s; the other %s", la, lb)
+	}
+	if a.srv.store.Len() != b.srv.store.Len() {
+		t.Errorf("the node cut off holds %d keys, the other %d; want the same", a.srv.store.Len(), b.srv.store.Len())
+	}
+	ch := subscribe(t, a.url, "/r/", "Last-Event-ID", synced.id)
+	if got := stripSeq(eventStrings(sseEvents(t, ch, 5))); got != want+" synced" {
+		t.Errorf("resumed on the node cut off from %s: %s; want %s synced", synced.id, got, want)
+	}
+}
