@@ -81,6 +81,8 @@ type etcdJournal struct {
 	mu      sync.Mutex
 	applied int64        // the view holds every change up to this revision
 	waiting revWaiters   // who waits for applied to reach a revision, soonest first
+	owed    int64        // the last revision of the prefix etcd said it committed (a write's, a fence's): the watch owes it
+	moved   time.Time    // when applied last moved, or the view last fell behind owed: a stalled watch moves it no more
 	watch   *etcdWatch   // the watch open now, which a stall closes
 	loaded  int64        // the revision the start-up range read; changes up to it only go to the history
 	healthy atomic.Bool  // the watch is open, and the view was last found current (proved) less than etcdHealthEvery ago
@@ -375,25 +377,43 @@ func (j *etcdJournal) proved() {
 // make its view current: when no read or write found it so for
 // etcdHealthEvery, it does what a read does, and a failure makes the
 // node unhealthy until one succeeds. A watch that closes makes it
-// unhealthy at once (setWatch); one that hangs only shows here.
+// unhealthy at once (setWatch); one that hangs, owing the view a change,
+// it closes (unstall), whether or not a request waits for it.
 func (j *etcdJournal) watchdog() {
 	defer j.workers.Done()
 	tick := time.NewTicker(etcdHealthEvery / 2)
 	defer tick.Stop()
+	probed := make(chan struct{}, 1) // a token: one probe at a time
+	probed <- struct{}{}
+	var probes sync.WaitGroup
+	defer probes.Wait()
 	for {
 		select {
 		case <-j.ctx.Done():
 			return
 		case <-tick.C:
 		}
+		j.unstall()
 		if time.Since(time.Unix(0, j.proven.Load())) < etcdHealthEvery {
 			continue
 		}
-		ctx, cancel := context.WithTimeout(j.ctx, etcdHealthEvery)
-		if err := j.current(ctx); err != nil && j.ctx.Err() == nil {
-			j.healthy.Store(false)
+		select {
+		case <-probed:
+		default:
+			continue // one is under way
 		}
-		cancel()
+		probes.Add(1)
+		go func() {
+			defer probes.Done()
+			// As long as a stall: a read that meets a member that hangs
+			// tries it a while (the client's tryTimeout) before the next.
+			ctx, cancel := context.WithTimeout(j.ctx, etcdStall)
+			defer cancel()
+			if err := j.current(ctx); err != nil && j.ctx.Err() == nil {
+				j.healthy.Store(false)
+			}
+			probed <- struct{}{}
+		}()
 	}
 }
 
@@ -476,6 +496,7 @@ func (j *etcdJournal) advance(rev int64) {
 	defer j.mu.Unlock()
 	if rev > j.applied {
 		j.applied = rev
+		j.moved = time.Now()
 		for len(j.waiting) > 0 && j.waiting[0].rev <= rev {
 			close(heap.Pop(&j.waiting).(*revWaiter).done)
 		}
@@ -647,10 +668,13 @@ func (j *etcdJournal) waitFence(ctx context.Context) error {
 	return j.waitUntil(ctx, rev)
 }
 
-// waitUntil returns once the watch has brought the change at rev, which
-// is one of the prefix. A watch that does not bring it within a few
-// seconds is stalled (a member that vanished without closing its
-// connections): it is closed, and the watch opened again.
+// etcdStall is how long a watch may keep a change etcd committed before
+// it counts as stalled (its member vanished without closing its
+// connections) and is opened again (see unstall).
+const etcdStall = 3 * time.Second
+
+// waitUntil returns once the view holds every change up to rev, or
+// ctx's error.
 func (j *etcdJournal) waitUntil(ctx context.Context, rev int64) error {
 	j.mu.Lock()
 	if j.applied >= rev {
@@ -660,32 +684,52 @@ func (j *etcdJournal) waitUntil(ctx context.Context, rev int64) error {
 	waiter := &revWaiter{rev: rev, done: make(chan struct{})}
 	heap.Push(&j.waiting, waiter)
 	j.mu.Unlock()
-	stall := time.NewTimer(3 * time.Second)
-	defer stall.Stop()
-	for {
-		select {
-		case <-waiter.done:
-			return nil
-		case <-stall.C:
-			j.mu.Lock()
-			applied, w := j.applied, j.watch
-			j.mu.Unlock()
-			if w != nil {
-				j.log.Warn("etcd: the watch brought nothing in 3 s; watching again", "revision", applied, "waiting for", rev)
-				w.Close()
-			}
-		case <-ctx.Done():
-			j.mu.Lock()
-			applied := j.applied
-			if waiter.index >= 0 {
-				heap.Remove(&j.waiting, waiter.index)
-			}
-			j.mu.Unlock()
-			if applied >= rev {
-				return nil
-			}
-			return fmt.Errorf("%w: the node's view is behind etcd (at revision %d of %d)", errEtcdUnavailable, applied, rev)
+	select {
+	case <-waiter.done:
+		return nil
+	case <-ctx.Done():
+		j.mu.Lock()
+		applied := j.applied
+		if waiter.index >= 0 {
+			heap.Remove(&j.waiting, waiter.index)
 		}
+		j.mu.Unlock()
+		if applied >= rev {
+			return nil
+		}
+		return fmt.Errorf("%w: the node's view is behind etcd (at revision %d of %d)", errEtcdUnavailable, applied, rev)
+	}
+}
+
+// owe records that etcd committed a change of the prefix at rev (a
+// write's, a fence's): the watch owes it to the view.
+func (j *etcdJournal) owe(rev int64) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	if rev <= j.applied || rev <= j.owed {
+		return
+	}
+	if j.owed <= j.applied {
+		j.moved = time.Now() // the view falls behind from now
+	}
+	j.owed = rev
+}
+
+// unstall closes the watch if it owes the view a change and has brought
+// nothing for etcdStall: its member vanished without closing its
+// connections (a partition, a hung process). The watch opens again,
+// through a member that answers.
+func (j *etcdJournal) unstall() {
+	j.mu.Lock()
+	w, stalled := j.watch, j.owed > j.applied && time.Since(j.moved) > etcdStall
+	applied, owed := j.applied, j.owed
+	if stalled {
+		j.moved = time.Now() // the next watch gets as long
+	}
+	j.mu.Unlock()
+	if stalled && w != nil {
+		j.log.Warn("etcd: the watch brought nothing in time; watching again", "after", etcdStall, "revision", applied, "owed", owed)
+		w.Close()
 	}
 }
 
@@ -698,11 +742,12 @@ func (j *etcdJournal) appliedAt() int64 {
 
 // fence writes the fence key and returns its revision.
 func (j *etcdJournal) fence(ctx context.Context) (int64, error) {
-	r, err := j.c.txn(ctx, etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: j.key(etcdFence)}}}})
+	w, err := j.send(ctx, etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: j.key(etcdFence)}}}})
 	if err != nil {
 		return 0, err
 	}
-	return r.Header.Revision, nil
+	j.owe(w.revision)
+	return w.revision, nil
 }
 
 // current returns once the view holds every change etcd committed before
@@ -780,6 +825,7 @@ func (j *etcdJournal) commit(t *txn) error {
 		}
 		j.results(t, resp, versions)
 		if j.changed(t) {
+			j.owe(t.seq)
 			return j.wrote(j.waitUntil(ctx, t.seq)) // its own events bring the view there
 		}
 		return j.wrote(j.waitApplied(ctx, t.seq)) // etcd's revision when it found nothing to change

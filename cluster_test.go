@@ -15,6 +15,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -1066,5 +1067,43 @@ func TestClusterResync(t *testing.T) {
 	ch := subscribe(t, a.url, "/r/", "Last-Event-ID", synced.id)
 	if got := stripSeq(eventStrings(sseEvents(t, ch, 5))); got != want+" synced" {
 		t.Errorf("resumed on the node cut off from %s: %s; want %s synced", synced.id, got, want)
+	}
+}
+
+// TestClusterWatchHangs: the member a node's watch is on hangs (as a
+// member cut off by a partition: its connections neither answer nor
+// close) while the others go on and another node writes. With no request
+// to the node, its watchdog finds the watch stalled, watches again
+// through another member, and the node is healthy and current.
+func TestClusterWatchHangs(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 3)
+	prefix := newPrefix()
+	// A follower hangs: the others keep their quorum and their leader.
+	follower := (c.leader() + 1) % 3
+	eps := c.endpoints()
+	others := append(slices.Clone(eps[:follower]), eps[follower+1:]...)
+	n := startNode(t, append([]string{eps[follower]}, others...), prefix)
+	m := startNode(t, others, prefix)
+	hung := c.memberID(follower)
+	j := n.srv.cluster
+	watchOn := func() uint64 {
+		j.mu.Lock()
+		defer j.mu.Unlock()
+		if j.watch == nil {
+			return 0
+		}
+		return j.watch.header.MemberID
+	}
+	if watchOn() != hung {
+		t.Fatalf("the node watches through member %x; want the first, %x", watchOn(), hung)
+	}
+	c.pause(follower)
+	defer c.resume(follower)
+	mustDo(t, 200, "POST", m.url+"/w", `1`)
+	waitFor(t, "the node to watch through another member", func() bool { w := watchOn(); return w != 0 && w != hung })
+	waitFor(t, "the node healthy", func() bool { return n.health().code == 200 })
+	if r := mustDo(t, 200, "GET", n.url+"/w", ""); r.body != "1" {
+		t.Errorf("GET /w: %s; want 1", r.body)
 	}
 }
