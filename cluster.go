@@ -1,7 +1,8 @@
 // The cluster (-etcd, SPEC section 12): this server as one node of any
 // number serving one keyspace, whose store of record is an etcd cluster.
-// etcdJournal is the node's journal: a write is an etcd txn, decided and
-// numbered by etcd (its revision is the change's seq); the change comes
+// etcdJournal is the node's journal: a write is an etcd txn (a put or a
+// delete when it is one on no condition), decided and numbered by etcd
+// (its revision is the change's seq); the change comes
 // back through the node's one watch of the prefix and is applied
 // (Store.replay) as on every other node, by the code that replays the
 // -data log at start. Reads wait until the view holds every change etcd
@@ -9,11 +10,20 @@
 //
 // How a node knows its view holds every change up to a revision: the
 // watch's events come in revision order, so once it has brought an event
-// at revision R, it has brought every change up to R. When the prefix is
-// quiet the node writes a fence (the key <prefix>/\x00fence) and waits for
-// its event. (etcd's progress requests would save the write, but in etcd
-// 3.4.23 a progress report may come before events of lower revisions,
-// etcd-io/etcd#15220: it says where etcd was, not what the watch sent.)
+// at revision R or later, it has brought every change up to R. etcd's
+// revision is nearly always a change of the prefix, which the watch
+// brings; when none comes within a grace (the revision is another
+// prefix's: etcd holds other data), the node writes a fence (the key
+// <prefix>/\x00fence) and waits for its event. (etcd's progress requests
+// would save the write, but in etcd 3.4.23 a progress report may come
+// before events of lower revisions, etcd-io/etcd#15220: it says where
+// etcd was, not what the watch sent.)
+//
+// A watch can hang without closing (its member cut off by a partition):
+// one that owes the view a change it knows etcd committed, and brings
+// nothing for a while, is closed and opened again; a watchdog checks it,
+// and probes etcd as a read does when no request has, which /healthz
+// reports.
 //
 // How AtomKV's model maps onto etcd's:
 //
@@ -85,7 +95,7 @@ type etcdJournal struct {
 	moved   time.Time    // when applied last moved, or the view last fell behind owed: a stalled watch moves it no more
 	watch   *etcdWatch   // the watch open now, which a stall closes
 	loaded  int64        // the revision the start-up range read; changes up to it only go to the history
-	healthy atomic.Bool  // the watch is open, and the view was last found current (proved) less than etcdHealthEvery ago
+	healthy atomic.Bool  // the watch is open, and the last try to find the view current succeeded
 	proven  atomic.Int64 // when the view was last found current (Unix ns)
 
 	reads  readBarrier // rounds of linearizable reads of etcd's revision
