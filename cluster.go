@@ -134,25 +134,37 @@ func openCluster(cfg config, s *Store, log *slog.Logger) (*etcdJournal, error) {
 	j.reads = readBarrier{round: j.revision, ctx: j.ctx, timeout: j.timeout}
 	j.fences = readBarrier{round: j.fence, ctx: j.ctx, timeout: j.timeout}
 	j.leases.c = c
-	ctx, cancel := context.WithTimeout(j.ctx, max(cfg.writeTimeout, 10*time.Second))
+	// Each step of the start must make progress within this; the whole
+	// may take longer (a prefix of millions of keys, its history).
+	timeout := max(cfg.writeTimeout, 10*time.Second)
+	ctx, cancel := context.WithTimeout(j.ctx, timeout)
 	defer cancel()
 	if err := j.checkTxnOps(ctx, cfg.maxTxnOps); err != nil {
 		return nil, err
 	}
 	s.expiry.hold() // until the view is loaded
 	defer s.expiry.resume()
-	if err := j.load(ctx); err != nil {
+	if err := j.load(timeout); err != nil {
 		return nil, fmt.Errorf("-etcd: reading %s: %w", j.prefix, err)
 	}
 	s.journal = j // before any request: the listener starts after
 	j.workers.Add(2)
 	go j.follow(max(1, j.loaded-int64(s.history.max)+1))
 	go j.watchdog()
-	if err := j.waitApplied(ctx, j.loaded); err != nil {
+	for applied := j.appliedAt(); ; {
+		ctx, cancel := context.WithTimeout(j.ctx, timeout)
+		err := j.waitApplied(ctx, j.loaded)
+		cancel()
+		if err == nil {
+			return j, nil
+		}
+		if now := j.appliedAt(); now > applied {
+			applied = now // the history before the state still comes
+			continue
+		}
 		j.close()
 		return nil, fmt.Errorf("-etcd: watching %s: %w", j.prefix, err)
 	}
-	return j, nil
 }
 
 // checkTxnOps makes sure etcd takes a transaction of -max-txn-ops ops
@@ -188,7 +200,13 @@ func (j *etcdJournal) keyRange() (key, end []byte) {
 // away before the last, the prefix is read again, at a later revision,
 // and what the earlier reads put in place that etcd no longer holds
 // goes.
-func (j *etcdJournal) load(ctx context.Context) error {
+func (j *etcdJournal) load(timeout time.Duration) error {
+	// A page at a time: each page must come within timeout, the whole
+	// may take longer.
+	ctx, cancel := context.WithCancel(j.ctx)
+	defer cancel()
+	stalled := time.AfterFunc(timeout, cancel)
+	defer stalled.Stop()
 	key, end := j.keyRange()
 	for attempt := 0; ; attempt++ {
 		var seen map[string]bool // the keys read, once a read was cut short
@@ -196,6 +214,7 @@ func (j *etcdJournal) load(ctx context.Context) error {
 			seen = make(map[string]bool, j.s.Len())
 		}
 		rev, err := j.c.rangePages(ctx, key, end, 1000, func(kvs []etcdKV) error {
+			stalled.Reset(timeout)
 			for _, kv := range kvs {
 				if k, e, ok := j.decode(kv); ok {
 					// Expired or not: the node expires it, as it would
@@ -210,6 +229,9 @@ func (j *etcdJournal) load(ctx context.Context) error {
 		})
 		if errors.Is(err, errEtcdCompacted) {
 			continue
+		}
+		if err != nil && ctx.Err() != nil {
+			return fmt.Errorf("no page in %v: %w", timeout, err)
 		}
 		if err != nil {
 			return err

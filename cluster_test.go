@@ -922,7 +922,7 @@ type etcdProxy struct {
 	cut atomic.Bool
 	// before, if set, is called with each range request's body before it
 	// goes on.
-	before func(body []byte)
+	before atomic.Pointer[func(body []byte)]
 
 	mu     sync.Mutex
 	active map[*http.Request]context.CancelFunc
@@ -946,9 +946,9 @@ func newEtcdProxy(t *testing.T, c *etcdCluster, i int) *etcdProxy {
 			}
 			return
 		}
-		if p.before != nil && r.URL.Path == "/v3/kv/range" {
+		if before := p.before.Load(); before != nil && r.URL.Path == "/v3/kv/range" {
 			body, _ := io.ReadAll(r.Body)
-			p.before(body)
+			(*before)(body)
 			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
 		// A watch's request stays open while its answer streams.
@@ -1002,7 +1002,7 @@ func TestClusterStartCompacted(t *testing.T) {
 	}
 	p := newEtcdProxy(t, c, 0)
 	var once sync.Once
-	p.before = func(body []byte) {
+	before := func(body []byte) {
 		if bytes.Contains(body, []byte(`"revision"`)) && bytes.Contains(body, []byte(`"limit":"1000"`)) {
 			once.Do(func() { // before the second page
 				resp, err := etcd.txn(etcdCtx(t), etcdTxn{Success: []etcdOp{{Delete: &etcdDelete{Key: []byte(prefix + "/s/0000")}}}})
@@ -1015,6 +1015,7 @@ func TestClusterStartCompacted(t *testing.T) {
 			})
 		}
 	}
+	p.before.Store(&before)
 	n := startNode(t, []string{p.url}, prefix)
 	var items []listedItem
 	json.Unmarshal([]byte(mustDo(t, 200, "GET", n.url+"/s/", "").body), &items)
@@ -1105,5 +1106,37 @@ func TestClusterWatchHangs(t *testing.T) {
 	waitFor(t, "the node healthy", func() bool { return n.health().code == 200 })
 	if r := mustDo(t, 200, "GET", n.url+"/w", ""); r.body != "1" {
 		t.Errorf("GET /w: %s; want 1", r.body)
+	}
+}
+
+// TestClusterStartSlow: a node's start-up read of a large prefix takes
+// longer than the start's timeout (10 s at least, -write-timeout if
+// longer), each page in time: the node starts, with every key. (Here a
+// proxy makes etcd slow; a prefix of millions of keys is as slow.)
+func TestClusterStartSlow(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	etcd := c.newClient()
+	prefix := newPrefix()
+	const keys = 8000 // 8 pages
+	for i := 0; i < keys; i += 125 {
+		var kv []string
+		for k := i; k < i+125; k++ {
+			kv = append(kv, fmt.Sprintf("%s/s/%04d", prefix, k), strconv.Itoa(k))
+		}
+		etcdPutAll(t, etcd, kv...)
+	}
+	p := newEtcdProxy(t, c, 0)
+	slow := func(body []byte) {
+		if bytes.Contains(body, []byte(`"limit":"1000"`)) {
+			// A slow page (not a wait for anything): under the client's
+			// 2 s for one attempt, 12 s in all.
+			time.Sleep(1500 * time.Millisecond)
+		}
+	}
+	p.before.Store(&slow)
+	n := startNode(t, []string{p.url}, prefix, "-write-timeout", "3s")
+	if got := n.srv.store.Len(); got != keys {
+		t.Errorf("the node started with %d keys; want %d", got, keys)
 	}
 }
