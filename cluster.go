@@ -94,6 +94,7 @@ type etcdJournal struct {
 	owed    int64        // the last revision of the prefix etcd said it committed (a write's, a fence's): the watch owes it
 	moved   time.Time    // when applied last moved, or the view last fell behind owed: a stalled watch moves it no more
 	watch   *etcdWatch   // the watch open now, which a stall closes
+	upTo    int64        // etcd's revision when it opened: below it, the watch catches up
 	loaded  int64        // the revision the start-up range read; changes up to it only go to the history
 	healthy atomic.Bool  // the watch is open, and the last try to find the view current succeeded
 	proven  atomic.Int64 // when the view was last found current (Unix ns)
@@ -152,7 +153,7 @@ func openCluster(cfg config, s *Store, log *slog.Logger) (*etcdJournal, error) {
 	go j.follow(max(1, j.loaded-int64(s.history.max)+1))
 	go j.watchdog()
 	for applied := j.appliedAt(); ; {
-		ctx, cancel := context.WithTimeout(j.ctx, timeout)
+		ctx, cancel := context.WithTimeout(j.ctx, max(timeout, etcdCatchUp))
 		err := j.waitApplied(ctx, j.loaded)
 		cancel()
 		if err == nil {
@@ -370,6 +371,8 @@ func (j *etcdJournal) setWatch(w *etcdWatch) {
 	j.watch = w
 	if w == nil {
 		j.healthy.Store(false)
+	} else {
+		j.upTo, j.moved = w.header.Revision, time.Now()
 	}
 	j.mu.Unlock()
 }
@@ -751,19 +754,33 @@ func (j *etcdJournal) owe(rev int64) {
 // nothing for etcdStall: its member vanished without closing its
 // connections (a partition, a hung process). The watch opens again,
 // through a member that answers.
+//
+// A watch that catches up (from a revision before etcd's when it opened:
+// the history before a node's state, or what a node missed while cut
+// off) gets etcdCatchUp: etcd reads and sends the history in messages of
+// up to 1,000 revisions, which can take seconds each to read, encode and
+// decode.
 func (j *etcdJournal) unstall() {
 	j.mu.Lock()
-	w, stalled := j.watch, j.owed > j.applied && time.Since(j.moved) > etcdStall
+	limit := etcdStall
+	if j.applied < j.upTo {
+		limit = etcdCatchUp
+	}
+	w, stalled := j.watch, j.owed > j.applied && time.Since(j.moved) > limit
 	applied, owed := j.applied, j.owed
 	if stalled {
 		j.moved = time.Now() // the next watch gets as long
 	}
 	j.mu.Unlock()
 	if stalled && w != nil {
-		j.log.Warn("etcd: the watch brought nothing in time; watching again", "after", etcdStall, "revision", applied, "owed", owed)
+		j.log.Warn("etcd: the watch brought nothing in time; watching again", "after", limit, "revision", applied, "owed", owed)
 		w.Close()
 	}
 }
+
+// etcdCatchUp is how long a watch that catches up may bring nothing
+// before it counts as stalled.
+const etcdCatchUp = time.Minute
 
 // appliedAt is the revision the view holds every change up to.
 func (j *etcdJournal) appliedAt() int64 {

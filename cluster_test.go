@@ -923,6 +923,10 @@ type etcdProxy struct {
 	// before, if set, is called with each range request's body before it
 	// goes on.
 	before atomic.Pointer[func(body []byte)]
+	// slowEvents, if set, holds back the first events of each watch that
+	// long, as etcd holds a large history's first message while it reads
+	// and encodes it.
+	slowEvents atomic.Int64
 
 	mu     sync.Mutex
 	active map[*http.Request]context.CancelFunc
@@ -964,6 +968,9 @@ func newEtcdProxy(t *testing.T, c *etcdCluster, i int) *etcdProxy {
 			p.mu.Unlock()
 			cancel()
 		}()
+		if d := time.Duration(p.slowEvents.Load()); d > 0 && r.URL.Path == "/v3/watch" {
+			w = &slowFirstEvents{ResponseWriter: w, wait: d}
+		}
 		rp.ServeHTTP(w, r)
 	}))
 	t.Cleanup(func() {
@@ -973,6 +980,24 @@ func newEtcdProxy(t *testing.T, c *etcdCluster, i int) *etcdProxy {
 	p.url = hs.URL
 	return p
 }
+
+// slowFirstEvents writes the first bytes holding events late.
+type slowFirstEvents struct {
+	http.ResponseWriter
+	wait time.Duration
+	held bool
+}
+
+func (s *slowFirstEvents) Write(b []byte) (int, error) {
+	if !s.held && bytes.Contains(b, []byte(`"events"`)) {
+		s.held = true
+		time.Sleep(s.wait) // a slow etcd, not a wait for anything
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// Flush passes on, so that the proxy sends each message as it comes.
+func (s *slowFirstEvents) Flush() { http.NewResponseController(s.ResponseWriter).Flush() }
 
 // cutOff refuses every request from now on, and ends those under way.
 func (p *etcdProxy) cutOff() {
@@ -1138,5 +1163,25 @@ func TestClusterStartSlow(t *testing.T) {
 	n := startNode(t, []string{p.url}, prefix, "-write-timeout", "3s")
 	if got := n.srv.store.Len(); got != keys {
 		t.Errorf("the node started with %d keys; want %d", got, keys)
+	}
+}
+
+// TestClusterLongCatchUp: a node starts on a prefix with a history whose
+// first message etcd takes long to send (a large history: 125,000 events
+// of 1,000 revisions took 12 s on the test machine). A watch catching up
+// brings nothing for a while without being stalled: the node starts,
+// rather than close the watch again and again.
+func TestClusterLongCatchUp(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 1)
+	prefix := newPrefix()
+	for i := range 20 {
+		etcdPutAll(t, c.newClient(), fmt.Sprintf("%s/h/%d", prefix, i), "1")
+	}
+	p := newEtcdProxy(t, c, 0)
+	p.slowEvents.Store(int64(5 * time.Second))
+	n := startNode(t, []string{p.url}, prefix)
+	if got := n.srv.store.Len(); got != 20 {
+		t.Errorf("the node started with %d keys; want 20", got)
 	}
 }
