@@ -12,7 +12,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -67,18 +70,36 @@ func TestConsolePage(t *testing.T) {
 	}
 }
 
-// TestConsole drives the console in headless Chromium. A harness page
-// holds it in a frame of the same origin, so that it can read and click
-// the console's DOM like a user: keys written with plain HTTP show up
+// TestConsole drives the console in headless Chromium, on a store of
+// 200,000 keys. A harness page holds it in a frame of the same origin, so
+// that it can read and click the console's DOM like a user: the first
+// screen shows the children of /; keys written with plain HTTP show up
 // with their revision and TTL, a change made elsewhere is highlighted, a
-// compare-and-swap edit that loses shows the current value, deletes leave
-// the tree, a TTL is set, the figures come from /metrics, and with
-// -tokens the console asks for a token and keeps it for the tab.
+// compare-and-swap edit that loses shows the current value, deletes
+// leave the list, a TTL is set, the figures come from /metrics; a prefix
+// opens on a click and the crumbs lead back up; a long prefix comes a
+// page at a time, in order; a write updates its row live, a new key
+// takes its place if the pages loaded reach it (and not otherwise); a
+// stream back after the history forgot it starts the view again rather
+// than take the state of the prefix; with -tokens the console asks for a
+// token and keeps it for the tab. The server watches only the prefix on
+// screen for it, and it never reads anything whole: no listing without
+// a limit, no stream with initial.
 func TestConsole(t *testing.T) {
 	chromium := needTool(t, "chromium", "chromium")
-	srv, server := newTestServer(t)
+	// A short heartbeat, so that the server soon notices the streams of
+	// the prefixes the console left; a short history, so that the page
+	// can be away long enough to need a reset.
+	srv, server, unbounded := newWatchedServer(t, "-heartbeat", "100ms", "-history", "100")
 	guardedSrv, guarded := newTestServer(t, "-tokens", writeTokens(t, "console-token write /"))
 
+	// 200,000 keys, through the store in key order: 200,000 HTTP requests
+	// would take minutes.
+	for i := range 200_000 {
+		if _, err := srv.store.Set(fmt.Sprintf("/big/%06d", i), fmt.Sprintf(`{"n":%d}`, i), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
 	// Written before the page opens, as curl would.
 	for _, w := range []struct{ key, value, ttl string }{
 		{"/console/a", `{"n": 1}`, ""},
@@ -87,6 +108,11 @@ func TestConsole(t *testing.T) {
 		{"/console/d", `4`, ""},
 		{"/console/deep/x", `[1, 2]`, ""},
 		{"/console/t", `"brief"`, "90s"},
+		{"/room/1/topic", `"one"`, ""},
+		{"/room/2/a", `"ay"`, ""},
+		{"/room/2/b", `"bee"`, ""},
+		{"/room/2/c", `"see"`, ""},
+		{"/room/3/x", `3`, ""},
 	} {
 		if r := do(t, "POST", server+w.key, w.value, "X-TTL", w.ttl); r.code != 200 {
 			t.Fatalf("POST %s: %d %s", w.key, r.code, r.body)
@@ -106,16 +132,23 @@ func TestConsole(t *testing.T) {
 	mux.Handle("/", srv.adminRoutes())
 	mux.Handle("/guarded/", http.StripPrefix("/guarded", guardedSrv.adminRoutes()))
 	mux.HandleFunc("GET /harness", func(w http.ResponseWriter, r *http.Request) { w.Write(harness) })
+	mux.HandleFunc("GET /subscribers", func(w http.ResponseWriter, r *http.Request) {
+		io.WriteString(w, strconv.Itoa(subscribersOf(srv.store, r.URL.Query().Get("path"))))
+	})
+	// drop closes the server's streams of a path, as a network failure
+	// would; churn makes changes until the history forgets.
+	mux.HandleFunc("POST /drop", func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprint(w, dropWatchers(srv, r.URL.Query().Get("path")))
+	})
+	mux.HandleFunc("POST /churn", func(w http.ResponseWriter, r *http.Request) {
+		for i := range 1000 {
+			srv.store.Set("/churn", strconv.Itoa(i), 0)
+		}
+	})
 	// write makes a change elsewhere than in the console.
 	mux.HandleFunc("POST /write", func(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Method, Key, Body string }
 		json.NewDecoder(r.Body).Decode(&req)
-		if prefix, ok := strings.CutSuffix(req.Key, "/many?count=2100"); ok { // many keys at once
-			for i := range 2100 {
-				srv.store.Set(fmt.Sprintf("%s/many/%04d", prefix, i), "0", 0)
-			}
-			return
-		}
 		out, err := http.NewRequest(req.Method, server+req.Key, strings.NewReader(req.Body))
 		if err != nil {
 			http.Error(w, err.Error(), 400)
@@ -144,10 +177,13 @@ func TestConsole(t *testing.T) {
 
 	results := pageResults(t, ctx, report)
 	want := []string{
-		"keys written with curl show, with revision and TTL", "a change made elsewhere is highlighted",
-		"a CAS edit that conflicts shows the current value", "a delete leaves the tree", "a TTL is set",
-		"a new key is created", "the figures come from /metrics", "another host needs a click before its script runs",
-		"a large tree is cut, with a notice", "with -tokens it asks for a token, kept for the tab",
+		"the first screen shows the children of /", "keys written with curl show, with revision and TTL",
+		"a change made elsewhere is highlighted", "a CAS edit that conflicts shows the current value",
+		"a delete leaves the list", "a TTL is set", "a new key is created", "the figures come from /metrics",
+		"a small room shows its keys, and the crumbs lead back up", "a long prefix is paged",
+		"only the prefix on screen is watched", "a write to a shown key updates its row live",
+		"a stream back too late starts the view again",
+		"another host needs a click before its script runs", "with -tokens it asks for a token, kept for the tab",
 	}
 	checkResults(t, results, want)
 	// What the console did reached the server.
@@ -157,6 +193,60 @@ func TestConsole(t *testing.T) {
 	if r := do(t, "GET", server+"/console/a", ""); r.header.Get("X-TTL") == "" {
 		t.Errorf("/console/a has no TTL after the console set one")
 	}
+	for _, req := range unbounded.seen() {
+		t.Errorf("the console asked for %s: its answer grows with the store", req)
+	}
+}
+
+// newWatchedServer is newTestServer, whose main listener also notes
+// every request that reads without a bound (see unboundedReads).
+func newWatchedServer(t *testing.T, args ...string) (*server, string, *unboundedReads) {
+	t.Helper()
+	cfg, err := parseConfig(args, func(string) string { return "" }, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv, err := newServer(cfg, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := new(unboundedReads)
+	hs := httptest.NewServer(u.watch(srv.routes()))
+	t.Cleanup(func() {
+		hs.Close()
+		srv.close()
+	})
+	return srv, hs.URL, u
+}
+
+// unboundedReads notes the requests whose answer grows with what the
+// store holds rather than with what was asked: a listing without
+// ?limit, and an event stream with ?initial (the state of every key
+// under its path first).
+type unboundedReads struct {
+	mu   sync.Mutex
+	reqs []string
+}
+
+func (u *unboundedReads) watch(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		accept := r.Header.Get("Accept")
+		stream := strings.Contains(accept, "text/event-stream")
+		listing := r.Method == "GET" && strings.HasSuffix(r.URL.Path, "/") && !stream && r.Header.Get("Upgrade") == "" &&
+			(r.URL.Path != "/" || strings.Contains(accept, "application/json")) // GET / alone is client.js
+		if listing && !r.URL.Query().Has("limit") || stream && r.URL.Query().Has("initial") {
+			u.mu.Lock()
+			u.reqs = append(u.reqs, r.Method+" "+r.URL.String()+" (Accept: "+accept+")")
+			u.mu.Unlock()
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func (u *unboundedReads) seen() []string {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	return slices.Clone(u.reqs)
 }
 
 // chromiumFlags are the flags of a headless Chromium run by a test.
@@ -192,7 +282,8 @@ func (l *lockedWriter) String() string {
 }
 
 // TestConsoleScreenshot writes docs/console.png, the screenshot README.md
-// shows: the console on a store with some keys, a few of them changing.
+// shows: the console on a prefix of a store with some keys, a few of them
+// changing.
 // It runs only with ATOMKV_SCREENSHOT=1:
 //
 //	ATOMKV_SCREENSHOT=1 go test -run TestConsoleScreenshot .
@@ -206,6 +297,7 @@ func TestConsoleScreenshot(t *testing.T) {
 		"/config/theme": `"dark"`, "/config/max-players": `8`,
 		"/room/42/topic": `"Friday planning"`, "/room/42/cursor/ann": `{"x":120,"y":48}`,
 		"/room/42/cursor/bob": `{"x":310,"y":200}`, "/room/7/topic": `"retro"`,
+		"/room/42/members": `["ann","bob"]`, "/room/42/created": `"2026-03-02T09:00:00Z"`, "/room/42/max": `8`,
 		"/user:42": `{"name":"Ann","langs":["go","js"]}`, "/user:43": `{"name":"Bob"}`,
 	} {
 		do(t, "POST", server+key, value)
@@ -240,12 +332,13 @@ func TestConsoleScreenshot(t *testing.T) {
 	}()
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	// Ready once every key is in the tree, a change is highlighted and the
-	// sparklines have a few points; then the editor is opened on a key.
-	png := screenshot(t, ctx, chromium, admin.URL+"/?server="+server,
-		`document.querySelectorAll('.row').length >= 10 && document.querySelector('.row.changed') !== null &&
+	// Ready once the children of /room/42/ show, a change is highlighted
+	// and the sparklines have a few points; then the editor is opened on
+	// a key.
+	png := screenshot(t, ctx, chromium, admin.URL+"/?server="+server+"&path=/room/42/",
+		`document.querySelectorAll('.row').length >= 6 && document.querySelector('.row.changed') !== null &&
 		 document.querySelector('#figure-writes polyline').getAttribute('points').split(' ').length >= 6`,
-		`document.querySelector('.row[data-key="/user:42"]').click()`)
+		`document.querySelector('.row[data-key="/room/42/topic"]').click()`)
 	out, _ := filepath.Abs("docs/console.png")
 	if err := os.WriteFile(out, png, 0o644); err != nil {
 		t.Fatal(err)
@@ -330,5 +423,10 @@ func screenshot(t *testing.T, ctx context.Context, chromium, url, ready, then st
 	call("Runtime.evaluate", map[string]any{"expression": then})
 	var shot struct{ Data []byte }
 	json.Unmarshal(call("Page.captureScreenshot", map[string]any{"format": "png"}), &shot)
+	// Close the browser, whose helper processes would otherwise go on
+	// writing to its profile while the test removes it: killing the
+	// browser's own process leaves them running.
+	websocket.JSON.Send(ws, map[string]any{"id": id + 1, "method": "Browser.close"})
+	cmd.Wait()
 	return shot.Data
 }
