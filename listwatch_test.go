@@ -648,3 +648,79 @@ func txnOpsJSON(ops []op) []map[string]any {
 	}
 	return out
 }
+
+// TestTransactionEvents: a transaction's events on a stream come one
+// after another, and every one but the last carries the resume point the
+// stream sent last before them (its start point if none), the last the
+// transaction's seq (SPEC 11); on the WebSocket those carry "more": true
+// too. So a client cut off inside a transaction resumes before it,
+// without a reset, and gets all of it.
+func TestTransactionEvents(t *testing.T) {
+	_, base := newTestServer(t)
+	txn := func(body string) int64 {
+		t.Helper()
+		resp := do(t, "POST", base+"/", body)
+		var done struct{ Seq int64 }
+		if err := json.Unmarshal([]byte(resp.body), &done); err != nil || resp.code != 200 {
+			t.Fatalf("POST / %s: %d %s", body, resp.code, resp.body)
+		}
+		return done.Seq
+	}
+	const abc = `{"ops":[{"op":"set","key":"/t/a","value":1},{"op":"set","key":"/t/b","value":2},{"op":"delete","key":"/t/none"},{"op":"set","key":"/u/c","value":3},{"op":"set","key":"/t/d","value":4}]}`
+
+	t.Run("SSE", func(t *testing.T) {
+		start := getPage(t, base+"/t/?limit=1").seq // nothing changes before the stream starts
+		events := subscribe(t, base, "/t/")
+		s1 := txn(abc)
+		for _, want := range []string{"/t/a", "/t/b", "/t/d"} {
+			ev := next(t, events)
+			tag := start
+			if want == "/t/d" {
+				tag = s1
+			}
+			if ev.key != want || ev.seq != tag {
+				t.Errorf("first transaction: %s tagged %d; want %s tagged %d (the stream's start point, the last one its seq)", ev.key, ev.seq, want, tag)
+			}
+		}
+		do(t, "POST", base+"/t/x", `5`)
+		s2 := next(t, events).seq
+		s3 := txn(`{"ops":[{"op":"delete","key":"/t/a"},{"op":"set","key":"/t/b","value":6}]}`)
+		if ev := next(t, events); ev.key != "/t/a" || ev.rev != -1 || ev.seq != s2 {
+			t.Errorf("second transaction, first event: %v tagged %d; want /t/a deleted, tagged %d", ev, ev.seq, s2)
+		}
+		if ev := next(t, events); ev.key != "/t/b" || ev.seq != s3 {
+			t.Errorf("second transaction, last event: %v tagged %d; want /t/b tagged %d", ev, ev.seq, s3)
+		}
+	})
+
+	t.Run("WebSocket", func(t *testing.T) {
+		c := dialWS(t, base, "")
+		c.roundTrip(`{"type":"subscribe","payload":{"key":"/t/"},"id":1}`, `{"type":"ok","payload":{"key":"/t/"},"id":1}`)
+		s1 := txn(abc)
+		var first int64
+		for _, want := range []string{"/t/a", "/t/b", "/t/d"} {
+			msg := c.recvRaw()
+			ev := decodeWS(t, msg)
+			more := strings.Contains(msg, `"more":true`)
+			if ev.Payload.Key != want || more != (want != "/t/d") {
+				t.Errorf("got %s; want %s, with \"more\": true unless it is the last", msg, want)
+			}
+			if want == "/t/a" {
+				first = ev.Payload.Seq
+			}
+			if want == "/t/d" && ev.Payload.Seq != s1 {
+				t.Errorf("the last event: %s; want seq %d", msg, s1)
+			}
+			if want == "/t/b" && ev.Payload.Seq != first {
+				t.Errorf("%s: want the seq of the event before, %d", msg, first)
+			}
+		}
+		// Cut off after the first event: resuming from its seq must not
+		// reset, and must bring the whole transaction.
+		other := dialWS(t, base, "")
+		st := wsState(t, other, "/t/", fmt.Sprintf(`"since":%d`, first))
+		if st.reset || len(st.keys) != 3 {
+			t.Errorf("resumed from %d, the seq of a live subscription's first event of a transaction: reset %v, keys %q; want no reset and /t/a, /t/b, /t/d", first, st.reset, st.keys)
+		}
+	})
+}
