@@ -370,6 +370,18 @@ func benchStore(b *testing.B, n int) *server {
 	if srv := benchStores.m[n]; srv != nil {
 		return srv
 	}
+	srv := newBenchServer(b, n)
+	if benchStores.m == nil {
+		benchStores.m = map[int]*server{}
+	}
+	benchStores.m[n] = srv
+	return srv
+}
+
+// newBenchServer returns a new server whose store holds what benchStore
+// says.
+func newBenchServer(b *testing.B, n int) *server {
+	b.Helper()
 	cfg, err := parseConfig(nil, func(string) string { return "" }, io.Discard)
 	if err != nil {
 		b.Fatal(err)
@@ -384,10 +396,6 @@ func benchStore(b *testing.B, n int) *server {
 	for i := range 10 {
 		srv.store.Set(fmt.Sprintf("/m/%d", i), `{"v":1}`, 0)
 	}
-	if benchStores.m == nil {
-		benchStores.m = map[int]*server{}
-	}
-	benchStores.m[n] = srv
 	return srv
 }
 
@@ -620,3 +628,23 @@ func TestSnapshotLost(t *testing.T) {
 }
 
 func must(b []byte, _ int) []byte { return b }
+
+// BenchmarkListWithUndo lists the prefix of 10 keys while a listing that
+// is never read holds its snapshot open, after 0 and 100,000
+// transactions of two keys elsewhere: what the store keeps for that
+// snapshot (at most undoBudget), which every read of every listing and
+// state then looks through (snapshots.gone).
+func BenchmarkListWithUndo(b *testing.B) {
+	for _, txns := range []int{0, 100_000} {
+		b.Run(fmt.Sprintf("txns=%d", txns), func(b *testing.B) {
+			srv := newBenchServer(b, 0)
+			s := srv.store
+			sn := s.openSnapshot() // a listing whose client reads nothing
+			defer s.closeSnapshot(sn)
+			for i := range txns {
+				s.Commit(&txn{ops: []op{{key: fmt.Sprintf("/u/%d/a", i%50_000), value: "1"}, {key: fmt.Sprintf("/u/%d/b", i%50_000), value: "2"}}})
+			}
+			serveBench(b, srv.routes(), "/m/")
+		})
+	}
+}
