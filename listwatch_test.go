@@ -479,8 +479,15 @@ func sumOf(t testing.TB, items []listItem) (sum int64) {
 func TestListingsNeverSplitTransactions(t *testing.T) {
 	srv, base := newTestServer(t)
 	const accounts, groups, start = 600, 16, 100
+	// Accounts are renamed to names never used before: a key written
+	// again after a delete starts again at revision 0, and a check of a
+	// revision read before must not pass for the key's next life.
+	names := make([]string, accounts)
+	var namesMu sync.Mutex
+	var generation atomic.Int64
 	for i := range accounts {
-		srv.store.Set(fmt.Sprintf("/bank/a%04d", i), strconv.Itoa(start), 0)
+		names[i] = fmt.Sprintf("/bank/a%04d.0", i)
+		srv.store.Set(names[i], strconv.Itoa(start), 0)
 	}
 	for g := range groups {
 		for i := range 4 {
@@ -492,7 +499,9 @@ func TestListingsNeverSplitTransactions(t *testing.T) {
 	stop := make(chan struct{})
 	var committed atomic.Int64
 	var movers sync.WaitGroup
-	mover := func(seed uint64, pick func(rng *rand.Rand) (from, to string, rename bool), viaHTTP bool) {
+	// A mover moves amounts (or, if pick says how to record a rename,
+	// renames an account), committing through the store or over HTTP.
+	mover := func(seed uint64, pick func(rng *rand.Rand) (from, to string, renamed func()), viaHTTP bool) {
 		defer movers.Done()
 		rng := rand.New(rand.NewPCG(seed, 9))
 		for {
@@ -501,7 +510,8 @@ func TestListingsNeverSplitTransactions(t *testing.T) {
 				return
 			default:
 			}
-			from, to, rename := pick(rng)
+			from, to, renamed := pick(rng)
+			rename := renamed != nil
 			a, b := srv.store.Get(from), srv.store.Get(to)
 			if a == nil || from == to || (b == nil) != rename {
 				continue
@@ -525,6 +535,9 @@ func TestListingsNeverSplitTransactions(t *testing.T) {
 				switch resp := do(t, "POST", base+"/", string(body)); resp.code {
 				case 200:
 					committed.Add(1)
+					if rename {
+						renamed()
+					}
 				case 409:
 				default:
 					t.Errorf("transaction: %d %s", resp.code, resp.body)
@@ -534,18 +547,34 @@ func TestListingsNeverSplitTransactions(t *testing.T) {
 			}
 			if err := srv.store.Commit(tx); err == nil {
 				committed.Add(1)
+				if rename {
+					renamed()
+				}
 			}
 			runtime.Gosched() // leave the readers a share of the CPUs
-
 		}
 	}
-	account := func(rng *rand.Rand) string { return fmt.Sprintf("/bank/a%04d", rng.IntN(accounts*3/2)) }
-	bankPick := func(rng *rand.Rand) (string, string, bool) {
-		return account(rng), account(rng), rng.IntN(4) == 0
+	bankPick := func(rng *rand.Rand) (from, to string, renamed func()) {
+		namesMu.Lock()
+		defer namesMu.Unlock()
+		i := rng.IntN(accounts)
+		from = names[i]
+		if rng.IntN(4) > 0 {
+			return from, names[rng.IntN(accounts)], nil
+		}
+		// A new name, anywhere among the others.
+		to = fmt.Sprintf("/bank/a%04d.%d", rng.IntN(accounts), generation.Add(1))
+		return from, to, func() {
+			namesMu.Lock()
+			defer namesMu.Unlock()
+			if names[i] == from {
+				names[i] = to
+			}
+		}
 	}
-	groupPick := func(rng *rand.Rand) (string, string, bool) {
+	groupPick := func(rng *rand.Rand) (string, string, func()) {
 		g := rng.IntN(groups)
-		return fmt.Sprintf("/grp/g%03d/%d", g, rng.IntN(4)), fmt.Sprintf("/grp/g%03d/%d", g, rng.IntN(4)), false
+		return fmt.Sprintf("/grp/g%03d/%d", g, rng.IntN(4)), fmt.Sprintf("/grp/g%03d/%d", g, rng.IntN(4)), nil
 	}
 	movers.Add(4)
 	go mover(1, bankPick, true)
