@@ -66,8 +66,12 @@ func (ev *event) coalesces() bool {
 
 // barrier reports whether ev is a reply (or a listing, which is one):
 // nothing queued after it may move before it (SPEC 5, "Order").
+//
+// A reply with nothing to send, which only marks a place (a subscribe's
+// without id), is none: an event moved past it is of a later change than
+// the place it marks.
 func (ev *event) barrier() bool {
-	return ev.kind == evReply || ev.kind == evCursor && ev.sub == nil
+	return ev.kind == evReply && !ev.reply.empty() || ev.kind == evCursor && ev.sub == nil
 }
 
 // weight is what ev counts against a connection's bound: the bytes it

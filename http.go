@@ -285,7 +285,7 @@ func (s *server) serveList(w http.ResponseWriter, r *http.Request, prefix string
 		}
 		// The page holds references to the stored values; it is written
 		// as a whole listing is, a chunk of about chunkBytes at a time.
-		s.writeList(w, func() ([]item, error) {
+		err = s.writeList(w, func() ([]item, error) {
 			n, weight := 0, 0
 			for n < len(page) && (n == 0 || weight < chunkBytes) {
 				weight += len(page[n].key)
@@ -298,22 +298,33 @@ func (s *server) serveList(w http.ResponseWriter, r *http.Request, prefix string
 			page = page[n:]
 			return chunk, nil
 		})
+		if err != nil {
+			panic(http.ErrAbortHandler) // the client left, or took nothing for -write-timeout
+		}
 		return outcomeOK
 	}
 	var chunk [stateChunk]item
 	if err := s.writeList(w, func() ([]item, error) { return l.next(chunk[:0], stateChunk, chunkBytes) }); err != nil {
 		// The head is out: all that is left is to cut the answer short,
-		// which no client takes for a whole one.
+		// which no client takes for a whole one (or the client left).
 		panic(http.ErrAbortHandler)
 	}
 	return outcomeOK
 }
 
 // writeList writes a JSON array of listing items, a chunk at a time as
-// next gives them, until it gives none or fails.
+// next gives them, until it gives none or fails. A client that takes no
+// chunk for -write-timeout, or leaves, ends it: the rest is neither read
+// nor encoded.
 func (s *server) writeList(w http.ResponseWriter, next func() ([]item, error)) error {
 	buf := getBuffer()
 	defer putBuffer(buf)
+	rc := http.NewResponseController(w)
+	write := func(b []byte) error {
+		rc.SetWriteDeadline(time.Now().Add(s.cfg.writeTimeout))
+		_, err := w.Write(b)
+		return err
+	}
 	b := append(buf.AvailableBuffer(), '[')
 	for n := 0; ; n++ {
 		items, err := next()
@@ -327,11 +338,12 @@ func (s *server) writeList(w http.ResponseWriter, next func() ([]item, error)) e
 			b = append(b, ',')
 		}
 		b = appendItems(b, items, false, s.store.now())
-		w.Write(b)
+		if err := write(b); err != nil {
+			return err
+		}
 		b = b[:0]
 	}
-	w.Write(append(b, ']'))
-	return nil
+	return write(append(b, ']'))
 }
 
 // nextLink is the Link header of a page whose last item is last: the

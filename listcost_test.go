@@ -23,8 +23,8 @@ import (
 // holds a snapshot from when it starts until it is read to its end or
 // its connection closes.
 func openSnapshots(s *Store) int {
-	s.seqMu.Lock()
-	defer s.seqMu.Unlock()
+	s.snaps.mu.RLock()
+	defer s.snaps.mu.RUnlock()
 	return len(s.snaps.active)
 }
 
@@ -229,10 +229,11 @@ func TestQueuedCursorsEnd(t *testing.T) {
 	})
 
 	t.Run("state replaced", func(t *testing.T) {
-		srv.store.seqMu.Lock()
-		clear(srv.store.snaps.active) // what the subtest before left
-		srv.store.snaps.prune()
-		srv.store.seqMu.Unlock()
+		ss := &srv.store.snaps
+		ss.mu.Lock()
+		clear(ss.active) // what the subtest before left
+		ss.pruneLocked()
+		ss.mu.Unlock()
 		conn := blocked()
 		// The same subscription asks twice: the second state replaces
 		// the first, still queued.

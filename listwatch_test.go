@@ -23,8 +23,8 @@ type held struct {
 	rev   int64
 }
 
-// wsEvent is a WebSocket message of a subscription, or a reply.
-type wsEvent struct {
+// wsListMsg is a WebSocket message of a subscription, or a reply.
+type wsListMsg struct {
 	Type    string
 	Payload struct {
 		Key      string
@@ -38,9 +38,9 @@ type wsEvent struct {
 	ID json.RawMessage
 }
 
-func decodeWS(t testing.TB, msg string) wsEvent {
+func decodeWS(t testing.TB, msg string) wsListMsg {
 	t.Helper()
-	var ev wsEvent
+	var ev wsListMsg
 	if err := json.Unmarshal([]byte(msg), &ev); err != nil {
 		t.Fatalf("%v: %.200s", err, msg)
 	}

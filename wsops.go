@@ -141,8 +141,8 @@ func (c *wsConn) target(op wsOp, r *wsRequest) error {
 		if r.p.Prefix != nil {
 			r.spelled = *r.p.Prefix
 		}
-		if !strings.HasSuffix(r.spelled, "/") {
-			r.spelled += "/"
+		if r.spelled != "" && !strings.HasSuffix(r.spelled, "/") {
+			r.spelled += "/" // "" is KvServer's spelling of "/"
 		}
 	case r.p.Key == nil && op.names == namesPath:
 		return fmt.Errorf(`%s: missing "key": a key, a prefix ending with "/", or "/"`, r.typ)
@@ -468,7 +468,7 @@ func wantType(field string) string {
 	case "initial", "shallow":
 		return "true or false"
 	case "limit":
-		return fmt.Sprintf("an integer from 1 to %d", maxPage)
+		return "an integer"
 	case "check", "ops":
 		return "an array"
 	}
