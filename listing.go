@@ -49,8 +49,8 @@ type snapshots struct {
 	// in O(log u + k): an index of slots of their own, made for it.
 	order index
 	marks map[string]*slot
-	held   int64        // what undo weighs, against undoBudget
-	count  atomic.Int64 // entries in undo: a reader takes no lock while it is 0
+	held  int64        // what undo weighs, against undoBudget
+	count atomic.Int64 // entries in undo: a reader takes no lock while it is 0
 }
 
 // undo is a key's version before the transaction numbered seq changed it.
