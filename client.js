@@ -1078,10 +1078,12 @@ var AtomKV = (function () {
 
         // streamError finds out why the server refused a stream:
         // EventSource does not show the answer, so ask the same path as a
-        // plain request.
+        // plain request (a prefix for one key only: the answer is all
+        // that matters).
         async streamError(path) {
             try {
-                await this.request('GET', path, {headers: {Accept: 'application/json'}, ok: [404]});
+                const one = path.endsWith('/') ? {query: 'limit=1'} : {};
+                await this.request('GET', path, {headers: {Accept: 'application/json'}, ok: [404], ...one});
             } catch (err) {
                 return err;
             }
