@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"os"
+	"path"
 	"slices"
 	"strings"
 	"sync"
@@ -33,8 +35,10 @@ import (
 // (kill -9: every acknowledged write, and exactly what was written; power
 // loss: every change whose record had been fsynced); the change sequence
 // never goes back below that; each key holds a version it had at some
-// point no earlier than where recovery ends; and the recovered directory
-// takes a write and starts again with it.
+// point no earlier than where recovery ends; every transaction is there
+// whole or not at all (its keys all at its version or a later one, or
+// all at one from before it); and the recovered directory takes a write
+// and starts again with it.
 
 // crashState is a directory a crash leaves after a prefix of the
 // operations, and what recovering it must give.
@@ -113,13 +117,17 @@ func lastChange(b []byte) int64 {
 		if err != nil {
 			return last
 		}
-		if body[0] == 'S' || body[0] == 'D' || body[0] == 'X' {
-			if c, _, err := decodeChange(body); err == nil {
-				last = c.seq
+		if isChange(body) {
+			if cs, _, err := decodeChanges(body); err == nil {
+				last = cs[0].seq
 			}
 		}
 	}
 }
+
+// isChange reports whether a record's body is a change: one key's ('S',
+// 'D', 'X') or a transaction's ('T').
+func isChange(body []byte) bool { return strings.IndexByte("SDXT", body[0]) >= 0 }
 
 // unsynced returns the indexes of the prefix's operations a power loss
 // may lose: the directory's entries since its last fsync, and each
@@ -213,16 +221,58 @@ func powerLoss(ops []fsOp, l loss) image {
 	return img
 }
 
-// changeLog is what a workload did: each change's key and the version
-// it left (nil: missing), in sequence order.
+// changeLog is what a workload did: the changes of each number, one
+// key's or a transaction's, each key with the version it left (nil:
+// missing), in sequence order.
 type changeLog struct {
-	first   int64 // the number of the first change
-	changes []loggedChange
+	first   int64             // the number of the first change
+	changes [][]loggedChange  // changes[i]: those numbered first+i
+	history map[string][]step // of each key, as of now (index)
 }
 
 type loggedChange struct {
 	key string
 	e   *entry
+}
+
+// step is a key's version (as version gives it) from the change
+// numbered seq on.
+type step struct {
+	seq int64
+	v   string
+}
+
+// add notes the changes numbered seq, which must be the next number.
+func (cl *changeLog) add(seq int64, cs ...loggedChange) error {
+	if len(cl.changes) == 0 && cl.first == 0 {
+		cl.first = seq
+	}
+	if want := cl.first + int64(len(cl.changes)); seq != want {
+		return fmt.Errorf("change %d after %d changes from %d: one was not recorded", seq, len(cl.changes), cl.first)
+	}
+	cl.changes = append(cl.changes, cs)
+	return nil
+}
+
+// next is the number the next change must have.
+func (cl *changeLog) next() int64 { return cl.first + int64(len(cl.changes)) }
+
+// at returns the changes numbered seq.
+func (cl *changeLog) at(seq int64) []loggedChange {
+	if seq < cl.first || seq >= cl.next() {
+		return nil
+	}
+	return cl.changes[seq-cl.first]
+}
+
+// transactions counts the numbers with more than one change.
+func (cl *changeLog) transactions() (n int) {
+	for _, cs := range cl.changes {
+		if len(cs) > 1 {
+			n++
+		}
+	}
+	return n
 }
 
 // version is how a state compares a key's version: revision, value and
@@ -238,15 +288,68 @@ func version(e *entry, now int64) string {
 // numbered n.
 func (cl *changeLog) stateAt(n, now int64) map[string]string {
 	m := map[string]string{}
-	for i := int64(0); cl.first+i <= n && i < int64(len(cl.changes)); i++ {
-		c := cl.changes[i]
-		if v := version(c.e, now); v != "" {
-			m[c.key] = v
-		} else {
-			delete(m, c.key)
+	for seq := cl.first; seq <= n && seq < cl.next(); seq++ {
+		for _, c := range cl.at(seq) {
+			if v := version(c.e, now); v != "" {
+				m[c.key] = v
+			} else {
+				delete(m, c.key)
+			}
 		}
 	}
 	return m
+}
+
+// index builds each key's history as of now: missing before the first
+// change, then each version a change left.
+func (cl *changeLog) index(now int64) {
+	cl.history = map[string][]step{}
+	for i, cs := range cl.changes {
+		for _, c := range cs {
+			if cl.history[c.key] == nil {
+				cl.history[c.key] = []step{{cl.first - 1, ""}}
+			}
+			cl.history[c.key] = append(cl.history[c.key], step{cl.first + int64(i), version(c.e, now)})
+		}
+	}
+}
+
+// inPart returns an error if got, the versions of a recovered store,
+// shows a transaction numbered up to written in part: some of its keys
+// at its version or a later one, others at a version from before it. A
+// key whose version it had both before and since (missing, say) shows
+// neither. index must have been called.
+func (cl *changeLog) inPart(got map[string]string, written int64) error {
+	for seq := cl.first; seq <= written && seq < cl.next(); seq++ {
+		cs := cl.at(seq)
+		if len(cs) < 2 {
+			continue
+		}
+		var since, before []string
+		for _, c := range cs {
+			var isSince, isBefore bool
+			for _, st := range cl.history[c.key] {
+				if st.seq > written || st.v != got[c.key] {
+					continue
+				}
+				if st.seq >= seq {
+					isSince = true
+				} else {
+					isBefore = true
+				}
+			}
+			switch {
+			case isSince && !isBefore:
+				since = append(since, c.key)
+			case isBefore && !isSince:
+				before = append(before, c.key)
+			}
+		}
+		if len(since) > 0 && len(before) > 0 {
+			return fmt.Errorf("transaction %d shows in part: %v at its version or a later one, %v at one from before it", seq, since, before)
+		}
+	}
+	return nil
 }
 
 const crashDir = "/data"
@@ -272,32 +375,83 @@ func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time
 	return m, s, d
 }
 
+// crashScale multiplies the workloads: 1, or 4 with ATOMKV_LOAD=1.
+func crashScale() int {
+	if os.Getenv("ATOMKV_LOAD") != "" {
+		return 4
+	}
+	return 1
+}
+
 // crashWorkload writes, CASes, deletes, expires and compacts on a memFS
-// in the given mode, and returns the operations it recorded and the
-// changes it made.
+// in the given mode, with transactions among the single writes, and
+// returns the operations it recorded and the changes it made. One
+// writer, each write waited for: every write of the log holds one
+// record, so where the rotations fall, and which records are last in a
+// log, do not depend on the scheduler.
 func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
 	// The test syncs itself, at known points.
 	m, s, d := startCrashData(t, mode, clk, time.Hour, newLogFirst)
 	cl := &changeLog{first: s.seq + 1}
+	last := func() int64 {
+		s.seqMu.Lock()
+		defer s.seqMu.Unlock()
+		return s.seq
+	}
 	// record notes the change just acknowledged, of key, if it made one
 	// (deleting a missing key does not).
 	record := func(key string) {
-		s.seqMu.Lock()
-		seq := s.seq
-		s.seqMu.Unlock()
-		switch seq {
-		case cl.first + int64(len(cl.changes)) - 1:
+		seq := last()
+		if seq == cl.next()-1 {
 			return
-		case cl.first + int64(len(cl.changes)):
-		default:
-			t.Fatalf("change %d after %d changes from %d: one was not recorded", seq, len(cl.changes), cl.first)
 		}
-		cl.changes = append(cl.changes, loggedChange{key, s.Get(key)})
+		if err := cl.add(seq, loggedChange{key, s.Get(key)}); err != nil {
+			t.Fatal(err)
+		}
 		m.ack(seq)
 	}
+	// commit commits a transaction and notes the change it made: each
+	// op's key at the version it left, but a delete of a missing key,
+	// which changes nothing. conflicts says that a check fails: then
+	// nothing changes.
+	commit := func(tx *txn, conflicts bool) {
+		before := last()
+		err := s.Commit(tx)
+		var conflict *conflictError
+		switch {
+		case conflicts && errors.As(err, &conflict):
+			if seq := last(); seq != before {
+				t.Fatalf("a transaction whose check failed: at change %d; want %d, no change", seq, before)
+			}
+			return
+		case conflicts:
+			t.Fatalf("a transaction whose check fails: %v; want a conflict", err)
+		case err != nil:
+			t.Fatalf("transaction %+v: %v", tx.ops, err)
+		}
+		var cs []loggedChange
+		for i, o := range tx.ops {
+			if !o.del || tx.existed[i] {
+				cs = append(cs, loggedChange{o.key, tx.versions[i]})
+			}
+		}
+		if len(cs) == 0 {
+			if seq := last(); seq != before || tx.seq != before {
+				t.Fatalf("a transaction that changes nothing: at change %d, answered %d; want %d, no change", seq, tx.seq, before)
+			}
+			return
+		}
+		if err := cl.add(tx.seq, cs...); err != nil {
+			t.Fatal(err)
+		}
+		m.ack(tx.seq)
+	}
+	rev := func(key string) int64 { return revisionOf(s.Get(key)) }
+	set := func(key, value string, ttl time.Duration) op { return op{key: key, value: value, ttl: ttl} }
+	del := func(key string) op { return op{key: key, del: true} }
 	var err error
-	for i := range 150 {
+	for i := range 150 * crashScale() {
 		key := fmt.Sprintf("/k/%d", i%13)
 		value := fmt.Sprintf(`{"i":%d,"pad":"%s"}`, i, strings.Repeat("x", i%40))
 		switch i % 8 {
@@ -316,19 +470,52 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 			}
 		case 7:
 			// A key with a second to live, and the clock moved past it:
-			// its expiry is a change too, written before the next write
-			// is acknowledged.
+			// its expiry is a change too. Deleting the key, missing now,
+			// changes nothing but waits for the expiry to be written:
+			// in a write of its own, as every change of this workload.
 			if _, err = s.Set("/short", value, time.Second); err == nil {
 				record("/short")
 				clk.Advance(2 * time.Second)
-				cl.changes = append(cl.changes, loggedChange{"/short", nil})
-				_, err = s.Set(key, value, 0)
+				if err = cl.add(cl.next(), loggedChange{"/short", nil}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err = s.Delete("/short", -1); err == nil {
+					_, err = s.Set(key, value, 0)
+				}
 			}
 		}
 		if err != nil {
 			t.Fatalf("write %d: %v", i, err)
 		}
 		record(key)
+		if i%3 == 1 {
+			// A transaction of 2 to 4 keys, some of them the single
+			// writes' too: sets with and without a TTL, deletes, checks
+			// that hold and one that fails, and two that are no change
+			// of several keys.
+			k := fmt.Sprintf("/k/%d", (i+7)%13)
+			v := func(j int) string { return fmt.Sprintf(`{"t":%d,"op":%d}`, i, j) }
+			switch i / 3 % 8 {
+			case 0:
+				commit(&txn{ops: []op{set("/t/a", v(0), 0), set(k, v(1), time.Hour)}}, false)
+			case 1:
+				commit(&txn{ops: []op{set("/t/b", v(0), 0), set("/t/c", v(1), time.Hour), del("/t/a")}}, false)
+			case 2: // checks that hold, one of a missing key
+				commit(&txn{checks: []check{{"/t/a", rev("/t/a")}, {"/t/b", rev("/t/b")}},
+					ops: []op{set("/t/a", v(0), 0), del("/t/b"), set(k, v(1), 0)}}, false)
+			case 3: // a check that fails, beside one that holds: nothing is written
+				commit(&txn{checks: []check{{"/t/a", rev("/t/a")}, {"/t/c", rev("/t/c") + 7}},
+					ops: []op{set("/t/c", v(0), 0), del("/t/a")}}, true)
+			case 4:
+				commit(&txn{ops: []op{set("/t/a", v(0), 0), set("/t/b", v(1), time.Hour), set("/t/c", v(2), 0), set("/t/d", v(3), time.Hour)}}, false)
+			case 5: // deletes of missing keys: no change, no number
+				commit(&txn{ops: []op{del("/t/none"), del("/t/none/2")}}, false)
+			case 6: // a delete of a missing key beside a set: one change, one key's record
+				commit(&txn{checks: []check{{"/t/none", noRevision}}, ops: []op{del("/t/none"), set(k, v(0), 0)}}, false)
+			case 7:
+				commit(&txn{checks: []check{{k, rev(k)}}, ops: []op{del("/t/b"), del("/t/c"), del("/t/d"), set(k, v(0), time.Hour)}}, false)
+			}
+		}
 		if mode == fsyncSecond && i%5 == 4 {
 			if err := d.syncDirty(); err != nil {
 				t.Fatal(err)
@@ -343,24 +530,92 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	places := txnPlaces(m.ops)
+	t.Logf("transaction records: %v", places)
+	if places["first in a log"] == 0 || places["last in a log"] == 0 {
+		t.Fatalf("transaction records %v; want some first in a log, after a rotation, and some last, before one", places)
+	}
 	return m.ops, cl
 }
 
-// crashWorkloadConcurrent is four writers at once, so that changes share
-// batches (group commit) and compactions run beside them: sets (some
-// with a TTL), deletes and compare-and-swaps of their own keys and of one
-// they share. The changes are read back from the records written, in
-// sequence order; each acknowledgement is marked with its value, unique,
-// and numbered from them.
+// txnPlaces counts where the transactions' records ('T') were written:
+// in all; first in a log (after a rotation); last in a log a rotation
+// ended; while a snapshot was being written (from the creation of its
+// .tmp to its rename); first after a snapshot was renamed into place.
+func txnPlaces(ops []fsOp) map[string]int {
+	places := map[string]int{}
+	var logs []int           // in the order they were created
+	first := map[int]byte{}  // of a log: the kind of its first change record
+	lastOf := map[int]byte{} // and of its last
+	snapping, renamed := false, false
+	for _, op := range ops {
+		switch op.kind {
+		case opCreate:
+			if strings.HasPrefix(path.Base(op.name), "log-") {
+				logs = append(logs, op.ino)
+			}
+			snapping = snapping || strings.HasSuffix(op.name, ".tmp")
+		case opRename:
+			snapping, renamed = false, true
+		case opWrite:
+			if !slices.Contains(logs, op.ino) {
+				continue
+			}
+			rr := newRecordReader("", bytes.NewReader(op.data), int64(len(op.data)))
+			for body, err := rr.next(); err == nil; body, err = rr.next() {
+				if !isChange(body) {
+					continue
+				}
+				if first[op.ino] == 0 {
+					first[op.ino] = body[0]
+				}
+				lastOf[op.ino] = body[0]
+				if body[0] == 'T' {
+					places["in all"]++
+					if snapping {
+						places["while a snapshot is written"]++
+					}
+					if renamed {
+						places["first after a snapshot"]++
+					}
+				}
+				renamed = false
+			}
+		}
+	}
+	for i, ino := range logs {
+		if i > 0 && first[ino] == 'T' {
+			places["first in a log"]++
+		}
+		if i < len(logs)-1 && lastOf[ino] == 'T' {
+			places["last in a log"]++
+		}
+	}
+	return places
+}
+
+// crashWorkloadConcurrent is five writers at once, so that changes share
+// batches (group commit) and compactions run beside them: four write
+// sets (some with a TTL), deletes and compare-and-swaps of their own
+// keys and of one they share; the fifth, two-key transactions of its
+// own keys and of the shared one. The changes are read back from the
+// records written, in sequence order; each acknowledgement is marked with
+// its value, unique, and numbered from them.
 func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
 	m, s, d := startCrashData(t, mode, clk, time.Millisecond, newLogFirst)
+	ack := func(value string) {
+		m.mu.Lock()
+		m.do(fsOp{kind: opAck, value: value})
+		m.mu.Unlock()
+	}
+	writes := 60 * crashScale()
 	var wg sync.WaitGroup
 	for w := range 4 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := range 60 {
+			for i := range writes {
 				key := fmt.Sprintf("/c/%d/%d", w, i%5)
 				value := fmt.Sprintf(`"%d-%d"`, w, i)
 				var err error
@@ -383,12 +638,40 @@ func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLo
 					t.Errorf("writer %d, write %d: %v", w, i, err)
 					return
 				}
-				m.mu.Lock()
-				m.do(fsOp{kind: opAck, value: value})
-				m.mu.Unlock()
+				ack(value)
 			}
 		}()
 	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := range writes {
+			a, b := fmt.Sprintf("/c/t/%d", i%3), fmt.Sprintf("/c/t/%d", (i+1)%3)
+			va, vb := fmt.Sprintf(`"t-%d-a"`, i), fmt.Sprintf(`"t-%d-b"`, i)
+			tx := &txn{}
+			switch i % 4 {
+			case 0:
+				tx.ops = []op{{key: a, value: va}, {key: b, value: vb, ttl: time.Hour}}
+			case 1: // b may be missing: then one change, one key's record
+				tx.ops = []op{{key: a, value: va}, {key: b, del: true}}
+			case 2: // checks that hold: no one else writes these keys
+				tx.checks = []check{{a, revisionOf(s.Get(a))}, {b, revisionOf(s.Get(b))}}
+				tx.ops = []op{{key: a, value: va}, {key: b, value: vb}}
+			case 3: // a check of the shared key, which the others swap: it may fail
+				tx.checks = []check{{"/shared", revisionOf(s.Get("/shared"))}}
+				tx.ops = []op{{key: "/shared", value: va}, {key: a, value: vb, ttl: time.Hour}}
+			}
+			err := s.Commit(tx)
+			if errors.Is(err, errConflict) {
+				continue
+			}
+			if err != nil {
+				t.Errorf("the transactions' writer, transaction %d: %v", i, err)
+				return
+			}
+			ack(va)
+		}
+	}()
 	wg.Wait()
 	if err := d.close(); err != nil {
 		t.Fatal(err)
@@ -408,33 +691,33 @@ func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLo
 		rr := newRecordReader("", bytes.NewReader(op.data), int64(len(op.data)))
 		n := 0 // changes in this write: a batch
 		for body, err := rr.next(); err == nil; body, err = rr.next() {
-			if body[0] != 'S' && body[0] != 'D' && body[0] != 'X' {
+			if !isChange(body) {
 				continue
 			}
 			n++
-			c, expires, err := decodeChange(body)
+			changes, expires, err := decodeChanges(body)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if cl.first == 0 {
-				cl.first = c.seq
+			var cs []loggedChange
+			for i, c := range changes {
+				if c.e != nil && expires[i] != 0 {
+					c.e.ttl = &deadline{at: expires[i], key: c.key, index: -1}
+				}
+				cs = append(cs, loggedChange{c.key, c.e})
+				if c.e != nil {
+					seqOf[c.e.value] = c.seq
+				}
 			}
-			if c.seq != cl.first+int64(len(cl.changes)) {
-				t.Fatalf("change %d written after %d from %d", c.seq, len(cl.changes), cl.first)
-			}
-			if c.e != nil && expires != 0 {
-				c.e.ttl = &deadline{at: expires, key: c.key, index: -1}
-			}
-			cl.changes = append(cl.changes, loggedChange{c.key, c.e})
-			if c.e != nil {
-				seqOf[c.e.value] = c.seq
+			if err := cl.add(changes[0].seq, cs...); err != nil {
+				t.Fatal(err)
 			}
 		}
 		if n > 0 {
 			batches, largest = batches+1, max(largest, n)
 		}
 	}
-	t.Logf("%d changes in %d batches, the largest of %d", len(cl.changes), batches, largest)
+	t.Logf("%d changes (%d transactions) in %d batches, the largest of %d", len(cl.changes), cl.transactions(), batches, largest)
 	ops := slices.Clone(m.ops)
 	for i, op := range ops {
 		if op.kind == opAck {
@@ -486,13 +769,21 @@ func checkCrashState(st crashState, cl *changeLog, mode fsyncMode, clk *fakeCloc
 	for k := range keys {
 		ok := got[k] == want[k]
 		for i := n + 1; !ok && !st.exact && i <= st.written; i++ {
-			c := cl.changes[i-cl.first]
-			ok = c.key == k && version(c.e, now) == got[k]
+			for _, c := range cl.at(i) {
+				ok = ok || c.key == k && version(c.e, now) == got[k]
+			}
 		}
 		if !ok {
 			d.close()
 			return fmt.Errorf("after change %d, %s is %q; want %q", n, k, got[k], want[k])
 		}
+	}
+	// A transaction is all or none: its keys all at its version or a
+	// later one, or all at one from before it. (Where a key holds a
+	// version later than change n, the rule above allows it key by key.)
+	if err := cl.inPart(got, st.written); err != nil {
+		d.close()
+		return fmt.Errorf("after change %d, %v", n, err)
 	}
 	// The recovered directory takes a write and starts again with it.
 	d.start()
@@ -523,6 +814,7 @@ func checkCrashState(st crashState, cl *changeLog, mode fsyncMode, clk *fakeCloc
 func crashCheck(t *testing.T, workload crashWorkloadFunc, mode fsyncMode, newLogFirst bool) (states int, failures []string) {
 	clk := newFakeClock()
 	ops, cl := workload(t, mode, clk, newLogFirst)
+	cl.index(clk.Now().UnixNano())
 	sts := crashStates(ops)
 	for _, st := range sts {
 		if err := checkCrashState(st, cl, mode, clk); err != nil {
@@ -543,7 +835,7 @@ func crashCheck(t *testing.T, workload crashWorkloadFunc, mode fsyncMode, newLog
 			}
 		}
 	}
-	t.Logf("-fsync %s: %d operations, %d crash states, %d failures", mode.String(), len(ops), len(sts), len(failures))
+	t.Logf("-fsync %s: %d operations, %d changes (%d transactions), %d crash states, %d failures", mode.String(), len(ops), len(cl.changes), cl.transactions(), len(sts), len(failures))
 	return len(sts), failures
 }
 
@@ -553,8 +845,16 @@ type crashWorkloadFunc func(t *testing.T, mode fsyncMode, clk *fakeClock, newLog
 
 // TestCrashStates enumerates the crash states of the workloads in each
 // -fsync mode and checks each one: one writer, whose every change the
-// test knows; and four at once, whose changes share batches.
+// test knows, transactions among them; and five at once, whose changes
+// share batches, one of them writing transactions. With ATOMKV_LOAD=1
+// the workloads are 4 times as long, and the five writers run with
+// -fsync never too.
 func TestCrashStates(t *testing.T) {
+	concurrentModes := []fsyncMode{fsyncAlways, fsyncSecond}
+	if crashScale() > 1 {
+		concurrentModes = append(concurrentModes, fsyncNever)
+	}
+	start := time.Now()
 	total := 0
 	for _, w := range []struct {
 		name     string
@@ -562,7 +862,7 @@ func TestCrashStates(t *testing.T) {
 		modes    []fsyncMode
 	}{
 		{"one writer", crashWorkload, []fsyncMode{fsyncAlways, fsyncSecond, fsyncNever}},
-		{"four writers", crashWorkloadConcurrent, []fsyncMode{fsyncAlways, fsyncSecond}},
+		{"five writers", crashWorkloadConcurrent, concurrentModes},
 	} {
 		for _, mode := range w.modes {
 			t.Run(w.name+", -fsync "+mode.String(), func(t *testing.T) {
@@ -578,7 +878,7 @@ func TestCrashStates(t *testing.T) {
 			})
 		}
 	}
-	t.Logf("%d crash states checked", total)
+	t.Logf("%d crash states checked in %v", total, time.Since(start).Round(100*time.Millisecond))
 }
 
 // TestCrashStatesFindReversedRotation: with the rotation order reversed
@@ -603,6 +903,10 @@ func FuzzRecordReader(f *testing.F) {
 	log := appendRecord(nil, appendHeader(nil, 'L', 1))
 	log = appendChange(log, change{key: "/a", e: &entry{value: `{"x":1}`, revision: 3}, seq: 1})
 	log = appendChange(log, change{key: "/a", why: deleted, seq: 2})
+	log = appendChanges(log, []change{
+		{key: "/a", e: &entry{value: `1`, ttl: &deadline{at: 5}}, seq: 3},
+		{key: "/b", why: deleted, seq: 3},
+	})
 	f.Add(log)
 	f.Add(log[:len(log)-3])
 	f.Add(append(slices.Clone(log), make([]byte, 20)...))
@@ -628,8 +932,11 @@ func FuzzRecordReader(f *testing.F) {
 				!bytes.Equal(body, b[off+headerSize:off+headerSize+int64(len(body))]) {
 				t.Fatalf("record at %d accepted with a checksum that fails", off)
 			}
-			if body[0] == 'S' || body[0] == 'D' || body[0] == 'X' {
-				decodeChange(body) // never panics
+			if isChange(body) {
+				changes, expires, err := decodeChanges(body) // never panics
+				if err == nil && (len(changes) == 0 || len(expires) != len(changes) || body[0] == 'T' && len(changes) < 2) {
+					t.Fatalf("record at %d: %d changes, %d deadlines from %q", off, len(changes), len(expires), body)
+				}
 			}
 			if body[0] == 'B' {
 				for rest := body[1:]; len(rest) > 0; {
