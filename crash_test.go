@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"iter"
+	"maps"
 	"os"
 	"path"
 	"slices"
@@ -894,6 +896,230 @@ func TestCrashStatesFindReversedRotation(t *testing.T) {
 		t.Fatalf("the reversed rotation order: %d failures %q; want power-loss states that refuse with the changes between missing", len(failures), failures)
 	}
 	t.Logf("the reversed order fails %d states, as: %s", len(failures), failures[0])
+}
+
+// crashTxnLog writes, on a memFS with -fsync always, three keys, then a
+// transaction of four ops (a set with a TTL, a delete, a new key, a
+// set), then `after` single writes, and closes the directory. It returns
+// the directory, the path of its newest log, each key's version before
+// the transaction, and the transaction's number.
+func crashTxnLog(t *testing.T, clk *fakeClock, after int) (img image, log string, before map[string]string, seq int64) {
+	t.Helper()
+	m, s, d := startCrashData(t, fsyncAlways, clk, time.Hour, false)
+	must := func(_ *entry, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(s.Set("/a", `{"a":1}`, 0))
+	must(s.Set("/b", `"b"`, time.Hour))
+	must(s.Set("/c", `3`, 0))
+	before = crashStoreState(s, clk)
+	tx := &txn{ops: []op{
+		{key: "/a", value: `{"a":2}`, ttl: time.Hour},
+		{key: "/b", del: true},
+		{key: "/d", value: `"new"`},
+		{key: "/c", value: `4`},
+	}}
+	if err := s.Commit(tx); err != nil {
+		t.Fatal(err)
+	}
+	for i := range after {
+		must(s.Set("/e", fmt.Sprint(i), 0))
+	}
+	if err := d.close(); err != nil {
+		t.Fatal(err)
+	}
+	img = image{}
+	var logs []string
+	for p, ino := range m.names {
+		img[p] = m.inos[ino]
+		if strings.HasPrefix(path.Base(p), "log-") {
+			logs = append(logs, p)
+		}
+	}
+	slices.Sort(logs)
+	return img, logs[len(logs)-1], before, tx.seq
+}
+
+// crashStoreState returns every key's version, as checkCrashState
+// compares them.
+func crashStoreState(s *Store, clk *fakeClock) map[string]string {
+	now := clk.Now().UnixNano()
+	m := map[string]string{}
+	s.walk(func(key string, e *entry) { m[key] = version(e, now) })
+	return m
+}
+
+// recordOffsets returns where each record of a file starts, and its end.
+func recordOffsets(b []byte) []int {
+	rr := newRecordReader("", bytes.NewReader(b), int64(len(b)))
+	offs := []int{0}
+	for _, err := rr.next(); err == nil; _, err = rr.next() {
+		offs = append(offs, int(rr.off))
+	}
+	return offs
+}
+
+// TestCrashTornTransaction: a newest log whose last record is a
+// transaction's, cut at every byte offset, or zeroes from every byte
+// offset on (as a file system that keeps a file's size but not its last
+// blocks leaves it: from a block boundary, which may fall anywhere in a
+// record), or with any byte of its body flipped (its checksum then fails
+// at the end), starts with none of the transaction's ops, the log
+// truncated where its record began; and takes the next change. So does
+// a log whose transaction's record is followed by another, zeroes from
+// inside the transaction's record on.
+func TestCrashTornTransaction(t *testing.T) {
+	clk := newFakeClock()
+	for _, after := range []int{0, 1} {
+		img, log, before, seq := crashTxnLog(t, clk, after)
+		b := img[log]
+		offs := recordOffsets(b)
+		at := offs[len(offs)-2-after]
+		if offs[len(offs)-1] != len(b) || b[at+headerSize] != 'T' {
+			t.Fatalf("the log's record at %d of %d bytes is %q; want the transaction's, 'T'", at, len(b), b[at+headerSize])
+		}
+		// recovers checks the directory with the log's tail, from the
+		// transaction's record on, replaced.
+		recovers := func(tail []byte) error {
+			damaged := maps.Clone(img)
+			damaged[log] = append(slices.Clip(b[:at]), tail...)
+			fs := memFSOf(damaged)
+			s := NewStore(0, clk)
+			d, err := loadDataFS(fs, crashDir, fsyncAlways, s, discardLogger())
+			if err != nil {
+				return fmt.Errorf("does not start: %v", err)
+			}
+			defer d.close()
+			if got := crashStoreState(s, clk); s.seq != seq-1 || !mapsEqual(got, before) {
+				return fmt.Errorf("at change %d with %v; want %d with %v: none of the transaction's ops", s.seq, got, seq-1, before)
+			}
+			if size, _ := fs.size(log); size != int64(at) {
+				return fmt.Errorf("the log is %d bytes; want %d, cut where the transaction's record began", size, at)
+			}
+			d.start()
+			if _, err := s.Set("/after", "1", 0); err != nil || s.seq != seq {
+				return fmt.Errorf("a write after: %v, at change %d; want %d", err, s.seq, seq)
+			}
+			return nil
+		}
+		tail := b[at:]
+		n := offs[len(offs)-1-after] - at // the transaction's record
+		cut := func(yield func(string, []byte) bool) {
+			for i := 1; i < n; i++ {
+				if !yield(fmt.Sprintf("%d of its %d bytes", i, n), tail[:i]) {
+					return
+				}
+			}
+		}
+		flipped := func(yield func(string, []byte) bool) {
+			for i := headerSize; i < n; i++ {
+				f := slices.Clone(tail)
+				f[i] ^= 0x20
+				if !yield(fmt.Sprintf("byte %d of its %d flipped", i, n), f) {
+					return
+				}
+			}
+		}
+		zeroes := func(yield func(string, []byte) bool) {
+			for i := 0; i < n; i++ {
+				z := append(slices.Clone(tail[:i]), make([]byte, len(tail)-i)...)
+				if !yield(fmt.Sprintf("%d of its %d bytes, then %d zeroes", i, n, len(tail)-i), z) {
+					return
+				}
+			}
+		}
+		tests := []struct {
+			name  string
+			tails iter.Seq2[string, []byte]
+		}{{"cut", cut}, {"a flipped byte of its body", flipped}, {"zeroes", zeroes}}
+		if after > 0 {
+			tests = tests[2:]
+			tests[0].name = "zeroes over the record after it"
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				var failed []string
+				tried := 0
+				for what, tail := range tt.tails {
+					tried++
+					if err := recovers(tail); err != nil {
+						failed = append(failed, fmt.Sprintf("%s: %v", what, err))
+					}
+				}
+				if len(failed) > 0 {
+					t.Errorf("%d of %d tails fail; the first and last:\n%s\n%s", len(failed), tried, failed[0], failed[len(failed)-1])
+				}
+			})
+		}
+	}
+}
+
+// TestCrashDamagedTransaction: a transaction's record damaged before the
+// end of the log, or cut in a log before the newest, stops the start
+// with the file and the offset of the record, and changes no file.
+func TestCrashDamagedTransaction(t *testing.T) {
+	clk := newFakeClock()
+	img, log, _, seq := crashTxnLog(t, clk, 2)
+	b := img[log]
+	offs := recordOffsets(b)
+	i := slices.IndexFunc(offs, func(off int) bool { return off < len(b) && b[off+headerSize] == 'T' })
+	if i < 0 || i+2 >= len(offs) {
+		t.Fatalf("the log's records at %v: want a transaction's, 'T', before the last", offs)
+	}
+	at, end := offs[i], offs[i+1]
+	body := b[at+headerSize : end]
+	_, n := binary.Uvarint(body[1:])
+	count := 1 + n // where the count of ops is; the first op's kind follows
+	if body[count] != 4 || body[count+1] != 'S' {
+		t.Fatalf("the transaction's record %q: want 4 ops, the first a set", body)
+	}
+	edited := func(edit func(body []byte) []byte) []byte {
+		rec := appendRecord(nil, edit(slices.Clone(body)))
+		return slices.Concat(b[:at], rec, b[end:])
+	}
+	flipped := func(i int) []byte {
+		c := slices.Clone(b)
+		c[i] ^= 0x20
+		return c
+	}
+	for _, tt := range []struct {
+		name  string
+		log   []byte
+		newer bool // a log after this one: this one is not the newest
+		want  string
+	}{
+		{"a flipped byte of its body", flipped(at + headerSize + 3), false, "bad record checksum"},
+		{"a flipped byte of its length", flipped(at + 1), false, "bad record header checksum"},
+		{"its last byte flipped, in a log before the newest", flipped(end - 1), true, "bad record checksum"},
+		{"cut, in a log before the newest", b[:end-3], true, fmt.Sprintf("the file ends inside a record: %d of its %d bytes", end-3-at-headerSize, end-at-headerSize)},
+		{"one op, its checksum right", edited(func(body []byte) []byte { body[count] = 1; return body }), false, "malformed transaction record"},
+		{"an unknown op, its checksum right", edited(func(body []byte) []byte { body[count+1] = 'Q'; return body }), false, `unknown op 'Q' in a transaction record`},
+		{"a byte after its last op, its checksum right", edited(func(body []byte) []byte { return append(body, 0) }), false, "malformed transaction record: bytes after its last op"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			damaged := maps.Clone(img)
+			damaged[log] = tt.log
+			if tt.newer {
+				first := seq + 1000
+				damaged[fmt.Sprintf("%s/log-%016x", crashDir, first)] = appendRecord(nil, appendHeader(nil, 'L', first))
+			}
+			fs := memFSOf(damaged)
+			_, err := loadDataFS(fs, crashDir, fsyncAlways, NewStore(0, clk), discardLogger())
+			if want := fmt.Sprintf("%s: damaged at offset %d: %s", log, at, tt.want); err == nil || err.Error() != want {
+				t.Errorf("starting: %v; want %s", err, want)
+			}
+			after := image{}
+			for p, ino := range fs.names {
+				after[p] = fs.inos[ino]
+			}
+			if after.hash() != damaged.hash() {
+				t.Errorf("a start that failed changed the files")
+			}
+		})
+	}
 }
 
 // FuzzRecordReader: whatever a file holds, reading its records never
