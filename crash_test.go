@@ -362,9 +362,19 @@ const crashDir = "/data"
 // when it is due even if the last compaction still runs (so a workload
 // makes as many every run: awaitCompaction), the 1-second fsync every
 // syncEvery instead, and the rotation order reversed if newLogFirst.
-func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time.Duration, newLogFirst bool) (*memFS, *Store, *dataDir) {
+//
+// With base not 0 the change sequence starts there rather than at a
+// random number, so that records are as long every run (a number is a
+// varint of 5 to 8 bytes) and rotations fall at the same records: the
+// directory's first snapshot, of no keys, is written as the server
+// writes it in a new directory (writeSnapshot: the same operations,
+// recorded), and the store opened on it.
+func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time.Duration, newLogFirst bool, base int64) (*memFS, *Store, *dataDir) {
 	t.Helper()
 	m := newMemFS()
+	if base != 0 {
+		seedCrashData(t, m, base)
+	}
 	s := NewStore(0, clk)
 	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
 	if err != nil {
@@ -377,6 +387,20 @@ func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time
 	d.start()
 	return m, s, d
 }
+
+// seedCrashData writes the first snapshot of a directory, of no keys, as
+// of change base, as the server writes it in a new directory.
+func seedCrashData(t *testing.T, m *memFS, base int64) {
+	t.Helper()
+	first := &dataDir{fs: m, dir: crashDir, s: NewStore(0, nil)}
+	if err := first.writeSnapshot(base); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// crashBase is where the one writer's change sequence starts: as
+// NewStore would pick, (1 + n) << 32.
+const crashBase = 0x5a5a << 32
 
 // crashScale multiplies the workloads: 1, or 4 with ATOMKV_LOAD=1.
 func crashScale() int {
@@ -395,7 +419,7 @@ func crashScale() int {
 func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
 	// The test syncs itself, at known points.
-	m, s, d := startCrashData(t, mode, clk, time.Hour, newLogFirst)
+	m, s, d := startCrashData(t, mode, clk, time.Hour, newLogFirst, crashBase)
 	cl := &changeLog{first: s.seq + 1}
 	last := func() int64 {
 		s.seqMu.Lock()
@@ -606,7 +630,7 @@ func txnPlaces(ops []fsOp) map[string]int {
 // its value, unique, and numbered from them.
 func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
-	m, s, d := startCrashData(t, mode, clk, time.Millisecond, newLogFirst)
+	m, s, d := startCrashData(t, mode, clk, time.Millisecond, newLogFirst, 0)
 	ack := func(value string) {
 		m.mu.Lock()
 		m.do(fsOp{kind: opAck, value: value})
@@ -906,7 +930,7 @@ func TestCrashStatesFindReversedRotation(t *testing.T) {
 // the transaction, and the transaction's number.
 func crashTxnLog(t *testing.T, clk *fakeClock, after int) (img image, log string, before map[string]string, seq int64) {
 	t.Helper()
-	m, s, d := startCrashData(t, fsyncAlways, clk, time.Hour, false)
+	m, s, d := startCrashData(t, fsyncAlways, clk, time.Hour, false, 0)
 	must := func(_ *entry, err error) {
 		t.Helper()
 		if err != nil {
