@@ -1147,14 +1147,16 @@ func TestCrashDamagedTransaction(t *testing.T) {
 	}
 }
 
-// TestCrashStatesSnapshotInsideTransaction: a compaction's snapshot is
-// written while writes go on, from a walk of the keys that takes no
-// lock; here its walk runs while a transaction is applied, after its
-// first key and before the others (-fsync 1s, the default). A power loss
-// that keeps the snapshot and loses the transaction's record, not yet
-// fsynced, must not leave the transaction in part.
-func TestCrashStatesSnapshotInsideTransaction(t *testing.T) {
-	_, failures := crashCheck(t, crashWorkloadSnapshotInsideTxn, fsyncSecond, false)
+// TestCrashStatesSnapshotAheadOfLog: a compaction's snapshot is written
+// while writes go on, from a walk of the keys that may see changes
+// written after its number and not yet fsynced. Here the walk starts
+// only after a write of one key and a transaction of it and a new key
+// (-fsync 1s, the default): a power loss that keeps the snapshot and
+// loses the transaction's record, not the write's, must not leave the
+// transaction in part (replaying the write takes its key back to before
+// the transaction; the new key keeps the snapshot's version).
+func TestCrashStatesSnapshotAheadOfLog(t *testing.T) {
+	_, failures := crashCheck(t, crashWorkloadSnapshotAhead, fsyncSecond, false)
 	for i, f := range failures {
 		if i == 5 {
 			t.Errorf("... and %d more", len(failures)-5)
@@ -1167,7 +1169,7 @@ func TestCrashStatesSnapshotInsideTransaction(t *testing.T) {
 // gatedClock is a clock whose Now, once armed, waits until released the
 // first time: the first to ask the time then is a compaction's snapshot
 // as its walk of the keys starts (the workload that arms it sets no TTL,
-// so that nothing else asks).
+// so that nothing else asks), which holds no lock then.
 type gatedClock struct {
 	*fakeClock
 	armed   atomic.Bool
@@ -1186,15 +1188,15 @@ func (c *gatedClock) Now() time.Time {
 	return c.fakeClock.Now()
 }
 
-// crashWorkloadSnapshotInsideTxn writes single keys until a rotation
-// starts a compaction, holds the compaction at the start of its walk of
-// the keys, and commits a transaction: when its first key is applied
-// (publish), the compaction goes on, and the transaction waits until the
-// snapshot is renamed into place.
-func crashWorkloadSnapshotInsideTxn(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
+// crashWorkloadSnapshotAhead writes single keys until a rotation starts
+// a compaction, holds the compaction at the start of its walk of the
+// keys, writes a key and commits a transaction of it and a new key, then
+// lets the compaction go on and waits for it.
+func crashWorkloadSnapshotAhead(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
 	gate := &gatedClock{fakeClock: clk, hit: make(chan struct{}), release: make(chan struct{})}
 	m := newMemFS()
+	seedCrashData(t, m, crashBase)
 	s := NewStore(0, gate)
 	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
 	if err != nil {
@@ -1203,53 +1205,25 @@ func crashWorkloadSnapshotInsideTxn(t *testing.T, mode fsyncMode, clk *fakeClock
 	d.minCompact = 1 << 8
 	d.syncEvery = time.Hour
 	d.newLogFirst = newLogFirst
-	// A rotation due while the compaction is held is put off, rather
-	// than waiting for it.
-	d.awaitCompaction = false
 	gate.armed.Store(true)
 	d.start()
 
-	renamed := make(chan struct{})
-	var renamedOnce sync.Once
-	m.mu.Lock()
-	m.fault = func(op fsOp) error { // with m.mu held
-		if op.kind == opRename && strings.HasSuffix(op.name, ".tmp") {
-			renamedOnce.Do(func() { close(renamed) })
-		}
-		return nil
-	}
-	m.mu.Unlock()
-	var txnOnce sync.Once
-	s.seqMu.Lock()
-	publish := s.publish
-	s.publish = func(c change) { // with seqMu and the change's key held
-		publish(c)
-		if c.txn != nil {
-			txnOnce.Do(func() {
-				close(gate.release)
-				<-renamed
-			})
-		}
-	}
-	s.seqMu.Unlock()
-
 	cl := &changeLog{}
-	note := func(seq int64, cs ...loggedChange) {
-		if err := cl.add(seq, cs...); err != nil {
-			t.Fatal(err)
-		}
-		m.ack(seq)
-	}
-	for i := 0; ; i++ {
-		key := fmt.Sprintf("/s/%d", i%4)
-		e, err := s.Set(key, fmt.Sprintf(`{"i":%d}`, i), 0)
+	set := func(key, value string) {
+		e, err := s.Set(key, value, 0)
 		if err != nil {
 			t.Fatal(err)
 		}
 		s.seqMu.Lock()
 		seq := s.seq
 		s.seqMu.Unlock()
-		note(seq, loggedChange{key, e})
+		if err := cl.add(seq, loggedChange{key, e}); err != nil {
+			t.Fatal(err)
+		}
+		m.ack(seq)
+	}
+	for i := 0; ; i++ {
+		set(fmt.Sprintf("/s/%d", i%4), fmt.Sprintf(`{"i":%d}`, i))
 		if i == 200 {
 			<-gate.hit // a rotation was due long ago
 		}
@@ -1260,15 +1234,19 @@ func crashWorkloadSnapshotInsideTxn(t *testing.T, mode fsyncMode, clk *fakeClock
 		}
 		break
 	}
-	tx := &txn{ops: []op{{key: "/s/0", value: `"t0"`}, {key: "/s/1", value: `"t1"`}, {key: "/s/2", del: true}, {key: "/s/new", value: `"t3"`}}}
+	// The compaction waits at the start of its walk; a rotation due
+	// meanwhile is put off (awaitCompaction is not set).
+	set("/s/0", `"before"`)
+	tx := &txn{ops: []op{{key: "/s/0", value: `"t0"`}, {key: "/t/new", value: `"t1"`}}}
 	if err := s.Commit(tx); err != nil {
 		t.Fatal(err)
 	}
-	var cs []loggedChange
-	for i, o := range tx.ops {
-		cs = append(cs, loggedChange{o.key, tx.versions[i]})
+	if err := cl.add(tx.seq, loggedChange{"/s/0", tx.versions[0]}, loggedChange{"/t/new", tx.versions[1]}); err != nil {
+		t.Fatal(err)
 	}
-	note(tx.seq, cs...)
+	m.ack(tx.seq)
+	close(gate.release)
+	d.compaction.Wait()
 	if err := d.close(); err != nil {
 		t.Fatal(err)
 	}
