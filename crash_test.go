@@ -413,9 +413,10 @@ func crashScale() int {
 // crashWorkload writes, CASes, deletes, expires and compacts on a memFS
 // in the given mode, with transactions among the single writes, and
 // returns the operations it recorded and the changes it made. One
-// writer, each write waited for: every write of the log holds one
-// record, so where the rotations fall, and which records are last in a
-// log, do not depend on the scheduler.
+// writer, each write waited for, so every write of the log holds one
+// record; with the sequence starting at crashBase, where the rotations
+// fall, and which records are first and last in a log, do not depend on
+// the scheduler.
 func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
 	// The test syncs itself, at known points.
@@ -518,8 +519,8 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 		if i%3 == 1 {
 			// A transaction of 2 to 4 keys, some of them the single
 			// writes' too: sets with and without a TTL, deletes, checks
-			// that hold and one that fails, and two that are no change
-			// of several keys.
+			// that hold; and one whose check fails, one that changes
+			// nothing, one that changes a single key.
 			k := fmt.Sprintf("/k/%d", (i+7)%13)
 			v := func(j int) string { return fmt.Sprintf(`{"t":%d,"op":%d}`, i, j) }
 			switch i / 3 % 8 {
