@@ -6,14 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"hash/crc32"
-	"hash/fnv"
 	"io"
+	"iter"
+	"maps"
 	"os"
 	"path"
 	"slices"
-	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -37,288 +38,10 @@ import (
 // (kill -9: every acknowledged write, and exactly what was written; power
 // loss: every change whose record had been fsynced); the change sequence
 // never goes back below that; each key holds a version it had at some
-// point no earlier than where recovery ends; and the recovered directory
-// takes a write and starts again with it.
-
-// opKind is a file-system operation as memFS records it.
-type opKind uint8
-
-const (
-	opCreate   opKind = iota // name, ino: a new file
-	opWrite                  // ino, data: appended
-	opTruncate               // ino, size
-	opSync                   // ino: fsync of a file
-	opRename                 // name, to
-	opRemove                 // name
-	opSyncDir                // fsync of the directory
-	opAck                    // not a file operation: the test marks that seq was acknowledged
-)
-
-type fsOp struct {
-	kind     opKind
-	ino      int
-	name, to string
-	data     []byte
-	size     int64
-	seq      int64
-	value    string // opAck: the value written, when seq is not known yet
-}
-
-func (op fsOp) String() string {
-	switch op.kind {
-	case opCreate:
-		return fmt.Sprintf("create %s (#%d)", path.Base(op.name), op.ino)
-	case opWrite:
-		return fmt.Sprintf("write #%d %d bytes", op.ino, len(op.data))
-	case opTruncate:
-		return fmt.Sprintf("truncate #%d to %d", op.ino, op.size)
-	case opSync:
-		return fmt.Sprintf("fsync #%d", op.ino)
-	case opRename:
-		return fmt.Sprintf("rename %s %s", path.Base(op.name), path.Base(op.to))
-	case opRemove:
-		return fmt.Sprintf("remove %s", path.Base(op.name))
-	case opSyncDir:
-		return "fsync dir"
-	}
-	return fmt.Sprintf("ack %d", op.seq)
-}
-
-// errInjected is the error memFS gives an operation a test chose to fail.
-var errInjected = errors.New("injected I/O error")
-
-// memFS is a file system in memory, one directory deep, that records every
-// operation. Its files are inodes, so a rename or remove of an open file
-// behaves as on disk. fault, if set, may fail an operation before it is
-// done (it is then not recorded).
-type memFS struct {
-	mu    sync.Mutex
-	names map[string]int // path -> inode
-	inos  map[int][]byte // inode -> contents
-	next  int
-	ops   []fsOp
-	fault func(op fsOp) error
-}
-
-func newMemFS() *memFS { return &memFS{names: map[string]int{}, inos: map[int][]byte{}, next: 1} }
-
-// do records op and applies it, unless fault fails it.
-func (m *memFS) do(op fsOp) error {
-	if m.fault != nil && op.kind != opAck {
-		if err := m.fault(op); err != nil {
-			return err
-		}
-	}
-	m.ops = append(m.ops, op)
-	apply(m.names, m.inos, op, -1)
-	return nil
-}
-
-// apply does op to a directory; keep >= 0 keeps only that many bytes of
-// a write (a write torn by a power loss), keep < -1 writes zeroes.
-func apply(names map[string]int, inos map[int][]byte, op fsOp, keep int) {
-	switch op.kind {
-	case opCreate:
-		names[op.name] = op.ino
-		inos[op.ino] = nil
-	case opWrite:
-		data := op.data
-		switch {
-		case keep >= 0:
-			data = data[:keep]
-		case keep < -1:
-			data = make([]byte, len(data))
-		}
-		// Appending never changes the bytes an earlier image holds (a
-		// truncation clips, so the next append copies).
-		inos[op.ino] = append(inos[op.ino], data...)
-	case opTruncate:
-		b := inos[op.ino]
-		if int64(len(b)) > op.size {
-			inos[op.ino] = slices.Clip(b[:op.size])
-		} else {
-			inos[op.ino] = append(slices.Clip(b), make([]byte, op.size-int64(len(b)))...)
-		}
-	case opRename:
-		names[op.to] = names[op.name]
-		delete(names, op.name)
-	case opRemove:
-		delete(names, op.name)
-	}
-}
-
-// ack marks, among the operations, that the change numbered seq was
-// acknowledged.
-func (m *memFS) ack(seq int64) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	m.do(fsOp{kind: opAck, seq: seq})
-}
-
-func (m *memFS) mkdirAll(string) error { return nil }
-
-func (m *memFS) lock(string) (io.Closer, error) { return io.NopCloser(nil), nil }
-
-func (m *memFS) create(p string) (dataFile, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if ino, ok := m.names[p]; ok {
-		if err := m.do(fsOp{kind: opTruncate, ino: ino}); err != nil {
-			return nil, err
-		}
-		return &memFile{fs: m, ino: ino}, nil
-	}
-	ino := m.next
-	if err := m.do(fsOp{kind: opCreate, name: p, ino: ino}); err != nil {
-		return nil, err
-	}
-	m.next++
-	return &memFile{fs: m, ino: ino}, nil
-}
-
-func (m *memFS) openAppend(p string) (dataFile, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	ino, ok := m.names[p]
-	if !ok {
-		return nil, &os.PathError{Op: "open", Path: p, Err: os.ErrNotExist}
-	}
-	return &memFile{fs: m, ino: ino}, nil
-}
-
-func (m *memFS) open(p string) (dataFile, int64, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	ino, ok := m.names[p]
-	if !ok {
-		return nil, 0, &os.PathError{Op: "open", Path: p, Err: os.ErrNotExist}
-	}
-	b := m.inos[ino]
-	return &memFile{fs: m, ino: ino, r: bytes.NewReader(b)}, int64(len(b)), nil
-}
-
-func (m *memFS) readDir(dir string) ([]string, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	var names []string
-	for p := range m.names {
-		if path.Dir(p) == dir {
-			names = append(names, path.Base(p))
-		}
-	}
-	sort.Strings(names)
-	return names, nil
-}
-
-func (m *memFS) size(p string) (int64, error) {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	ino, ok := m.names[p]
-	if !ok {
-		return 0, os.ErrNotExist
-	}
-	return int64(len(m.inos[ino])), nil
-}
-
-func (m *memFS) rename(from, to string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, ok := m.names[from]; !ok {
-		return os.ErrNotExist
-	}
-	return m.do(fsOp{kind: opRename, name: from, to: to})
-}
-
-func (m *memFS) remove(p string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	if _, ok := m.names[p]; !ok {
-		return os.ErrNotExist
-	}
-	return m.do(fsOp{kind: opRemove, name: p})
-}
-
-func (m *memFS) truncate(p string, size int64) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	ino, ok := m.names[p]
-	if !ok {
-		return os.ErrNotExist
-	}
-	return m.do(fsOp{kind: opTruncate, ino: ino, size: size})
-}
-
-func (m *memFS) syncDir(string) error {
-	m.mu.Lock()
-	defer m.mu.Unlock()
-	return m.do(fsOp{kind: opSyncDir})
-}
-
-// memFile is an open file of a memFS: appended to, or read from r.
-type memFile struct {
-	fs     *memFS
-	ino    int
-	r      *bytes.Reader
-	closed bool
-}
-
-func (f *memFile) Read(p []byte) (int, error) { return f.r.Read(p) }
-
-func (f *memFile) Write(p []byte) (int, error) {
-	f.fs.mu.Lock()
-	defer f.fs.mu.Unlock()
-	if f.closed {
-		return 0, os.ErrClosed
-	}
-	if err := f.fs.do(fsOp{kind: opWrite, ino: f.ino, data: slices.Clone(p)}); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-func (f *memFile) Sync() error {
-	f.fs.mu.Lock()
-	defer f.fs.mu.Unlock()
-	if f.closed {
-		return os.ErrClosed
-	}
-	return f.fs.do(fsOp{kind: opSync, ino: f.ino})
-}
-
-func (f *memFile) Close() error {
-	f.fs.mu.Lock()
-	defer f.fs.mu.Unlock()
-	f.closed = true
-	return nil
-}
-
-// image is a directory a crash leaves: path -> contents.
-type image map[string][]byte
-
-// memFSOf returns a file system holding img, with no operations recorded.
-func memFSOf(img image) *memFS {
-	m := newMemFS()
-	for p, b := range img {
-		m.names[p] = m.next
-		m.inos[m.next] = slices.Clone(b)
-		m.next++
-	}
-	return m
-}
-
-func (img image) hash() uint64 {
-	h := fnv.New64a()
-	names := make([]string, 0, len(img))
-	for p := range img {
-		names = append(names, p)
-	}
-	sort.Strings(names)
-	for _, p := range names {
-		fmt.Fprintf(h, "%s\x00%d\x00", p, len(img[p]))
-		h.Write(img[p])
-	}
-	return h.Sum64()
-}
+// point no earlier than where recovery ends; every transaction is there
+// whole or not at all (its keys all at its version or a later one, or
+// all at one from before it); and the recovered directory takes a write
+// and starts again with it.
 
 // crashState is a directory a crash leaves after a prefix of the
 // operations, and what recovering it must give.
@@ -397,13 +120,17 @@ func lastChange(b []byte) int64 {
 		if err != nil {
 			return last
 		}
-		if body[0] == 'S' || body[0] == 'D' || body[0] == 'X' {
-			if c, _, err := decodeChange(body); err == nil {
-				last = c.seq
+		if isChange(body) {
+			if cs, _, err := decodeChanges(body); err == nil {
+				last = cs[0].seq
 			}
 		}
 	}
 }
+
+// isChange reports whether a record's body is a change: one key's ('S',
+// 'D', 'X') or a transaction's ('T').
+func isChange(body []byte) bool { return strings.IndexByte("SDXT", body[0]) >= 0 }
 
 // unsynced returns the indexes of the prefix's operations a power loss
 // may lose: the directory's entries since its last fsync, and each
@@ -497,16 +224,58 @@ func powerLoss(ops []fsOp, l loss) image {
 	return img
 }
 
-// changeLog is what a workload did: each change's key and the version
-// it left (nil: missing), in sequence order.
+// changeLog is what a workload did: the changes of each number, one
+// key's or a transaction's, each key with the version it left (nil:
+// missing), in sequence order.
 type changeLog struct {
-	first   int64 // the number of the first change
-	changes []loggedChange
+	first   int64             // the number of the first change
+	changes [][]loggedChange  // changes[i]: those numbered first+i
+	history map[string][]step // of each key, as of now (index)
 }
 
 type loggedChange struct {
 	key string
 	e   *entry
+}
+
+// step is a key's version (as version gives it) from the change
+// numbered seq on.
+type step struct {
+	seq int64
+	v   string
+}
+
+// add notes the changes numbered seq, which must be the next number.
+func (cl *changeLog) add(seq int64, cs ...loggedChange) error {
+	if len(cl.changes) == 0 && cl.first == 0 {
+		cl.first = seq
+	}
+	if want := cl.first + int64(len(cl.changes)); seq != want {
+		return fmt.Errorf("change %d after %d changes from %d: one was not recorded", seq, len(cl.changes), cl.first)
+	}
+	cl.changes = append(cl.changes, cs)
+	return nil
+}
+
+// next is the number the next change must have.
+func (cl *changeLog) next() int64 { return cl.first + int64(len(cl.changes)) }
+
+// at returns the changes numbered seq.
+func (cl *changeLog) at(seq int64) []loggedChange {
+	if seq < cl.first || seq >= cl.next() {
+		return nil
+	}
+	return cl.changes[seq-cl.first]
+}
+
+// transactions counts the numbers with more than one change.
+func (cl *changeLog) transactions() (n int) {
+	for _, cs := range cl.changes {
+		if len(cs) > 1 {
+			n++
+		}
+	}
+	return n
 }
 
 // version is how a state compares a key's version: revision, value and
@@ -522,15 +291,68 @@ func version(e *entry, now int64) string {
 // numbered n.
 func (cl *changeLog) stateAt(n, now int64) map[string]string {
 	m := map[string]string{}
-	for i := int64(0); cl.first+i <= n && i < int64(len(cl.changes)); i++ {
-		c := cl.changes[i]
-		if v := version(c.e, now); v != "" {
-			m[c.key] = v
-		} else {
-			delete(m, c.key)
+	for seq := cl.first; seq <= n && seq < cl.next(); seq++ {
+		for _, c := range cl.at(seq) {
+			if v := version(c.e, now); v != "" {
+				m[c.key] = v
+			} else {
+				delete(m, c.key)
+			}
 		}
 	}
 	return m
+}
+
+// index builds each key's history as of now: missing before the first
+// change, then each version a change left.
+func (cl *changeLog) index(now int64) {
+	cl.history = map[string][]step{}
+	for i, cs := range cl.changes {
+		for _, c := range cs {
+			if cl.history[c.key] == nil {
+				cl.history[c.key] = []step{{cl.first - 1, ""}}
+			}
+			cl.history[c.key] = append(cl.history[c.key], step{cl.first + int64(i), version(c.e, now)})
+		}
+	}
+}
+
+// inPart returns an error if got, the versions of a recovered store,
+// shows a transaction numbered up to written in part: some of its keys
+// at its version or a later one, others at a version from before it. A
+// key whose version it had both before and since (missing, say) shows
+// neither. index must have been called.
+func (cl *changeLog) inPart(got map[string]string, written int64) error {
+	for seq := cl.first; seq <= written && seq < cl.next(); seq++ {
+		cs := cl.at(seq)
+		if len(cs) < 2 {
+			continue
+		}
+		var since, before []string
+		for _, c := range cs {
+			var isSince, isBefore bool
+			for _, st := range cl.history[c.key] {
+				if st.seq > written || st.v != got[c.key] {
+					continue
+				}
+				if st.seq >= seq {
+					isSince = true
+				} else {
+					isBefore = true
+				}
+			}
+			switch {
+			case isSince && !isBefore:
+				since = append(since, c.key)
+			case isBefore && !isSince:
+				before = append(before, c.key)
+			}
+		}
+		if len(since) > 0 && len(before) > 0 {
+			return fmt.Errorf("transaction %d shows in part: %v at its version or a later one, %v at one from before it", seq, since, before)
+		}
+	}
+	return nil
 }
 
 const crashDir = "/data"
@@ -540,9 +362,19 @@ const crashDir = "/data"
 // when it is due even if the last compaction still runs (so a workload
 // makes as many every run: awaitCompaction), the 1-second fsync every
 // syncEvery instead, and the rotation order reversed if newLogFirst.
-func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time.Duration, newLogFirst bool) (*memFS, *Store, *dataDir) {
+//
+// With base not 0 the change sequence starts there rather than at a
+// random number, so that records are as long every run (a number is a
+// varint of 5 to 8 bytes) and rotations fall at the same records: the
+// directory's first snapshot, of no keys, is written as the server
+// writes it in a new directory (writeSnapshot: the same operations,
+// recorded), and the store opened on it.
+func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time.Duration, newLogFirst bool, base int64) (*memFS, *Store, *dataDir) {
 	t.Helper()
 	m := newMemFS()
+	if base != 0 {
+		seedCrashData(t, m, base)
+	}
 	s := NewStore(0, clk)
 	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
 	if err != nil {
@@ -556,32 +388,98 @@ func startCrashData(t *testing.T, mode fsyncMode, clk *fakeClock, syncEvery time
 	return m, s, d
 }
 
+// seedCrashData writes the first snapshot of a directory, of no keys, as
+// of change base, as the server writes it in a new directory.
+func seedCrashData(t *testing.T, m *memFS, base int64) {
+	t.Helper()
+	first := &dataDir{fs: m, dir: crashDir, s: NewStore(0, nil)}
+	if err := first.writeSnapshot(base); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// crashBase is where the one writer's change sequence starts: as
+// NewStore would pick, (1 + n) << 32.
+const crashBase = 0x5a5a << 32
+
+// crashScale multiplies the workloads: 1, or 4 with ATOMKV_LOAD=1.
+func crashScale() int {
+	if os.Getenv("ATOMKV_LOAD") != "" {
+		return 4
+	}
+	return 1
+}
+
 // crashWorkload writes, CASes, deletes, expires and compacts on a memFS
-// in the given mode, and returns the operations it recorded and the
-// changes it made.
+// in the given mode, with transactions among the single writes, and
+// returns the operations it recorded and the changes it made. One
+// writer, each write waited for, so every write of the log holds one
+// record; with the sequence starting at crashBase, where the rotations
+// fall, and which records are first and last in a log, do not depend on
+// the scheduler.
 func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
 	// The test syncs itself, at known points.
-	m, s, d := startCrashData(t, mode, clk, time.Hour, newLogFirst)
+	m, s, d := startCrashData(t, mode, clk, time.Hour, newLogFirst, crashBase)
 	cl := &changeLog{first: s.seq + 1}
+	last := func() int64 {
+		s.seqMu.Lock()
+		defer s.seqMu.Unlock()
+		return s.seq
+	}
 	// record notes the change just acknowledged, of key, if it made one
 	// (deleting a missing key does not).
 	record := func(key string) {
-		s.seqMu.Lock()
-		seq := s.seq
-		s.seqMu.Unlock()
-		switch seq {
-		case cl.first + int64(len(cl.changes)) - 1:
+		seq := last()
+		if seq == cl.next()-1 {
 			return
-		case cl.first + int64(len(cl.changes)):
-		default:
-			t.Fatalf("change %d after %d changes from %d: one was not recorded", seq, len(cl.changes), cl.first)
 		}
-		cl.changes = append(cl.changes, loggedChange{key, s.Get(key)})
+		if err := cl.add(seq, loggedChange{key, s.Get(key)}); err != nil {
+			t.Fatal(err)
+		}
 		m.ack(seq)
 	}
+	// commit commits a transaction and notes the change it made: each
+	// op's key at the version it left, but a delete of a missing key,
+	// which changes nothing. conflicts says that a check fails: then
+	// nothing changes.
+	commit := func(tx *txn, conflicts bool) {
+		before := last()
+		err := s.Commit(tx)
+		var conflict *conflictError
+		switch {
+		case conflicts && errors.As(err, &conflict):
+			if seq := last(); seq != before {
+				t.Fatalf("a transaction whose check failed: at change %d; want %d, no change", seq, before)
+			}
+			return
+		case conflicts:
+			t.Fatalf("a transaction whose check fails: %v; want a conflict", err)
+		case err != nil:
+			t.Fatalf("transaction %+v: %v", tx.ops, err)
+		}
+		var cs []loggedChange
+		for i, o := range tx.ops {
+			if !o.del || tx.existed[i] {
+				cs = append(cs, loggedChange{o.key, tx.versions[i]})
+			}
+		}
+		if len(cs) == 0 {
+			if seq := last(); seq != before || tx.seq != before {
+				t.Fatalf("a transaction that changes nothing: at change %d, answered %d; want %d, no change", seq, tx.seq, before)
+			}
+			return
+		}
+		if err := cl.add(tx.seq, cs...); err != nil {
+			t.Fatal(err)
+		}
+		m.ack(tx.seq)
+	}
+	rev := func(key string) int64 { return revisionOf(s.Get(key)) }
+	set := func(key, value string, ttl time.Duration) op { return op{key: key, value: value, ttl: ttl} }
+	del := func(key string) op { return op{key: key, del: true} }
 	var err error
-	for i := range 150 {
+	for i := range 150 * crashScale() {
 		key := fmt.Sprintf("/k/%d", i%13)
 		value := fmt.Sprintf(`{"i":%d,"pad":"%s"}`, i, strings.Repeat("x", i%40))
 		switch i % 8 {
@@ -600,19 +498,52 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 			}
 		case 7:
 			// A key with a second to live, and the clock moved past it:
-			// its expiry is a change too, written before the next write
-			// is acknowledged.
+			// its expiry is a change too. Deleting the key, missing now,
+			// changes nothing but waits for the expiry to be written:
+			// in a write of its own, as every change of this workload.
 			if _, err = s.Set("/short", value, time.Second); err == nil {
 				record("/short")
 				clk.Advance(2 * time.Second)
-				cl.changes = append(cl.changes, loggedChange{"/short", nil})
-				_, err = s.Set(key, value, 0)
+				if err = cl.add(cl.next(), loggedChange{"/short", nil}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err = s.Delete("/short", -1); err == nil {
+					_, err = s.Set(key, value, 0)
+				}
 			}
 		}
 		if err != nil {
 			t.Fatalf("write %d: %v", i, err)
 		}
 		record(key)
+		if i%3 == 1 {
+			// A transaction of 2 to 4 keys, some of them the single
+			// writes' too: sets with and without a TTL, deletes, checks
+			// that hold; and one whose check fails, one that changes
+			// nothing, one that changes a single key.
+			k := fmt.Sprintf("/k/%d", (i+7)%13)
+			v := func(j int) string { return fmt.Sprintf(`{"t":%d,"op":%d}`, i, j) }
+			switch i / 3 % 8 {
+			case 0:
+				commit(&txn{ops: []op{set("/t/a", v(0), 0), set(k, v(1), time.Hour)}}, false)
+			case 1:
+				commit(&txn{ops: []op{set("/t/b", v(0), 0), set("/t/c", v(1), time.Hour), del("/t/a")}}, false)
+			case 2: // checks that hold, one of a missing key
+				commit(&txn{checks: []check{{"/t/a", rev("/t/a")}, {"/t/b", rev("/t/b")}},
+					ops: []op{set("/t/a", v(0), 0), del("/t/b"), set(k, v(1), 0)}}, false)
+			case 3: // a check that fails, beside one that holds: nothing is written
+				commit(&txn{checks: []check{{"/t/a", rev("/t/a")}, {"/t/c", rev("/t/c") + 7}},
+					ops: []op{set("/t/c", v(0), 0), del("/t/a")}}, true)
+			case 4:
+				commit(&txn{ops: []op{set("/t/a", v(0), 0), set("/t/b", v(1), time.Hour), set("/t/c", v(2), 0), set("/t/d", v(3), time.Hour)}}, false)
+			case 5: // deletes of missing keys: no change, no number
+				commit(&txn{ops: []op{del("/t/none"), del("/t/none/2")}}, false)
+			case 6: // a delete of a missing key beside a set: one change, one key's record
+				commit(&txn{checks: []check{{"/t/none", noRevision}}, ops: []op{del("/t/none"), set(k, v(0), 0)}}, false)
+			case 7:
+				commit(&txn{checks: []check{{k, rev(k)}}, ops: []op{del("/t/b"), del("/t/c"), del("/t/d"), set(k, v(0), time.Hour)}}, false)
+			}
+		}
 		if mode == fsyncSecond && i%5 == 4 {
 			if err := d.syncDirty(); err != nil {
 				t.Fatal(err)
@@ -627,24 +558,92 @@ func crashWorkload(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst boo
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	places := txnPlaces(m.ops)
+	t.Logf("transaction records: %v", places)
+	if places["first in a log"] == 0 || places["last in a log"] == 0 {
+		t.Fatalf("transaction records %v; want some first in a log, after a rotation, and some last, before one", places)
+	}
 	return m.ops, cl
 }
 
-// crashWorkloadConcurrent is four writers at once, so that changes share
-// batches (group commit) and compactions run beside them: sets (some
-// with a TTL), deletes and compare-and-swaps of their own keys and of one
-// they share. The changes are read back from the records written, in
-// sequence order; each acknowledgement is marked with its value, unique,
-// and numbered from them.
+// txnPlaces counts where the transactions' records ('T') were written:
+// in all; first in a log (after a rotation); last in a log a rotation
+// ended; while a snapshot was being written (from the creation of its
+// .tmp to its rename); first after a snapshot was renamed into place.
+func txnPlaces(ops []fsOp) map[string]int {
+	places := map[string]int{}
+	var logs []int           // in the order they were created
+	first := map[int]byte{}  // of a log: the kind of its first change record
+	lastOf := map[int]byte{} // and of its last
+	snapping, renamed := false, false
+	for _, op := range ops {
+		switch op.kind {
+		case opCreate:
+			if strings.HasPrefix(path.Base(op.name), "log-") {
+				logs = append(logs, op.ino)
+			}
+			snapping = snapping || strings.HasSuffix(op.name, ".tmp")
+		case opRename:
+			snapping, renamed = false, true
+		case opWrite:
+			if !slices.Contains(logs, op.ino) {
+				continue
+			}
+			rr := newRecordReader("", bytes.NewReader(op.data), int64(len(op.data)))
+			for body, err := rr.next(); err == nil; body, err = rr.next() {
+				if !isChange(body) {
+					continue
+				}
+				if first[op.ino] == 0 {
+					first[op.ino] = body[0]
+				}
+				lastOf[op.ino] = body[0]
+				if body[0] == 'T' {
+					places["in all"]++
+					if snapping {
+						places["while a snapshot is written"]++
+					}
+					if renamed {
+						places["first after a snapshot"]++
+					}
+				}
+				renamed = false
+			}
+		}
+	}
+	for i, ino := range logs {
+		if i > 0 && first[ino] == 'T' {
+			places["first in a log"]++
+		}
+		if i < len(logs)-1 && lastOf[ino] == 'T' {
+			places["last in a log"]++
+		}
+	}
+	return places
+}
+
+// crashWorkloadConcurrent is five writers at once, so that changes share
+// batches (group commit) and compactions run beside them: four write
+// sets (some with a TTL), deletes and compare-and-swaps of their own
+// keys and of one they share; the fifth, two-key transactions of its
+// own keys and of the shared one. The changes are read back from the
+// records written, in sequence order; each acknowledgement is marked with
+// its value, unique, and numbered from them.
 func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
 	t.Helper()
-	m, s, d := startCrashData(t, mode, clk, time.Millisecond, newLogFirst)
+	m, s, d := startCrashData(t, mode, clk, time.Millisecond, newLogFirst, 0)
+	ack := func(value string) {
+		m.mu.Lock()
+		m.do(fsOp{kind: opAck, value: value})
+		m.mu.Unlock()
+	}
+	writes := 60 * crashScale()
 	var wg sync.WaitGroup
 	for w := range 4 {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			for i := range 60 {
+			for i := range writes {
 				key := fmt.Sprintf("/c/%d/%d", w, i%5)
 				value := fmt.Sprintf(`"%d-%d"`, w, i)
 				var err error
@@ -667,12 +666,40 @@ func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLo
 					t.Errorf("writer %d, write %d: %v", w, i, err)
 					return
 				}
-				m.mu.Lock()
-				m.do(fsOp{kind: opAck, value: value})
-				m.mu.Unlock()
+				ack(value)
 			}
 		}()
 	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for i := range writes {
+			a, b := fmt.Sprintf("/c/t/%d", i%3), fmt.Sprintf("/c/t/%d", (i+1)%3)
+			va, vb := fmt.Sprintf(`"t-%d-a"`, i), fmt.Sprintf(`"t-%d-b"`, i)
+			tx := &txn{}
+			switch i % 4 {
+			case 0:
+				tx.ops = []op{{key: a, value: va}, {key: b, value: vb, ttl: time.Hour}}
+			case 1: // b may be missing: then one change, one key's record
+				tx.ops = []op{{key: a, value: va}, {key: b, del: true}}
+			case 2: // checks that hold: no one else writes these keys
+				tx.checks = []check{{a, revisionOf(s.Get(a))}, {b, revisionOf(s.Get(b))}}
+				tx.ops = []op{{key: a, value: va}, {key: b, value: vb}}
+			case 3: // a check of the shared key, which the others swap: it may fail
+				tx.checks = []check{{"/shared", revisionOf(s.Get("/shared"))}}
+				tx.ops = []op{{key: "/shared", value: va}, {key: a, value: vb, ttl: time.Hour}}
+			}
+			err := s.Commit(tx)
+			if errors.Is(err, errConflict) {
+				continue
+			}
+			if err != nil {
+				t.Errorf("the transactions' writer, transaction %d: %v", i, err)
+				return
+			}
+			ack(va)
+		}
+	}()
 	wg.Wait()
 	if err := d.close(); err != nil {
 		t.Fatal(err)
@@ -692,33 +719,33 @@ func crashWorkloadConcurrent(t *testing.T, mode fsyncMode, clk *fakeClock, newLo
 		rr := newRecordReader("", bytes.NewReader(op.data), int64(len(op.data)))
 		n := 0 // changes in this write: a batch
 		for body, err := rr.next(); err == nil; body, err = rr.next() {
-			if body[0] != 'S' && body[0] != 'D' && body[0] != 'X' {
+			if !isChange(body) {
 				continue
 			}
 			n++
-			c, expires, err := decodeChange(body)
+			changes, expires, err := decodeChanges(body)
 			if err != nil {
 				t.Fatal(err)
 			}
-			if cl.first == 0 {
-				cl.first = c.seq
+			var cs []loggedChange
+			for i, c := range changes {
+				if c.e != nil && expires[i] != 0 {
+					c.e.ttl = &deadline{at: expires[i], key: c.key, index: -1}
+				}
+				cs = append(cs, loggedChange{c.key, c.e})
+				if c.e != nil {
+					seqOf[c.e.value] = c.seq
+				}
 			}
-			if c.seq != cl.first+int64(len(cl.changes)) {
-				t.Fatalf("change %d written after %d from %d", c.seq, len(cl.changes), cl.first)
-			}
-			if c.e != nil && expires != 0 {
-				c.e.ttl = &deadline{at: expires, key: c.key, index: -1}
-			}
-			cl.changes = append(cl.changes, loggedChange{c.key, c.e})
-			if c.e != nil {
-				seqOf[c.e.value] = c.seq
+			if err := cl.add(changes[0].seq, cs...); err != nil {
+				t.Fatal(err)
 			}
 		}
 		if n > 0 {
 			batches, largest = batches+1, max(largest, n)
 		}
 	}
-	t.Logf("%d changes in %d batches, the largest of %d", len(cl.changes), batches, largest)
+	t.Logf("%d changes (%d transactions) in %d batches, the largest of %d", len(cl.changes), cl.transactions(), batches, largest)
 	ops := slices.Clone(m.ops)
 	for i, op := range ops {
 		if op.kind == opAck {
@@ -770,13 +797,21 @@ func checkCrashState(st crashState, cl *changeLog, mode fsyncMode, clk *fakeCloc
 	for k := range keys {
 		ok := got[k] == want[k]
 		for i := n + 1; !ok && !st.exact && i <= st.written; i++ {
-			c := cl.changes[i-cl.first]
-			ok = c.key == k && version(c.e, now) == got[k]
+			for _, c := range cl.at(i) {
+				ok = ok || c.key == k && version(c.e, now) == got[k]
+			}
 		}
 		if !ok {
 			d.close()
 			return fmt.Errorf("after change %d, %s is %q; want %q", n, k, got[k], want[k])
 		}
+	}
+	// A transaction is all or none: its keys all at its version or a
+	// later one, or all at one from before it. (Where a key holds a
+	// version later than change n, the rule above allows it key by key.)
+	if err := cl.inPart(got, st.written); err != nil {
+		d.close()
+		return fmt.Errorf("after change %d, %v", n, err)
 	}
 	// The recovered directory takes a write and starts again with it.
 	d.start()
@@ -807,6 +842,7 @@ func checkCrashState(st crashState, cl *changeLog, mode fsyncMode, clk *fakeCloc
 func crashCheck(t *testing.T, workload crashWorkloadFunc, mode fsyncMode, newLogFirst bool) (states int, failures []string) {
 	clk := newFakeClock()
 	ops, cl := workload(t, mode, clk, newLogFirst)
+	cl.index(clk.Now().UnixNano())
 	sts := crashStates(ops)
 	for _, st := range sts {
 		if err := checkCrashState(st, cl, mode, clk); err != nil {
@@ -827,7 +863,7 @@ func crashCheck(t *testing.T, workload crashWorkloadFunc, mode fsyncMode, newLog
 			}
 		}
 	}
-	t.Logf("-fsync %s: %d operations, %d crash states, %d failures", mode.String(), len(ops), len(sts), len(failures))
+	t.Logf("-fsync %s: %d operations, %d changes (%d transactions), %d crash states, %d failures", mode.String(), len(ops), len(cl.changes), cl.transactions(), len(sts), len(failures))
 	return len(sts), failures
 }
 
@@ -837,8 +873,16 @@ type crashWorkloadFunc func(t *testing.T, mode fsyncMode, clk *fakeClock, newLog
 
 // TestCrashStates enumerates the crash states of the workloads in each
 // -fsync mode and checks each one: one writer, whose every change the
-// test knows; and four at once, whose changes share batches.
+// test knows, transactions among them; and five at once, whose changes
+// share batches, one of them writing transactions. With ATOMKV_LOAD=1
+// the workloads are 4 times as long, and the five writers run with
+// -fsync never too.
 func TestCrashStates(t *testing.T) {
+	concurrentModes := []fsyncMode{fsyncAlways, fsyncSecond}
+	if crashScale() > 1 {
+		concurrentModes = append(concurrentModes, fsyncNever)
+	}
+	start := time.Now()
 	total := 0
 	for _, w := range []struct {
 		name     string
@@ -846,7 +890,7 @@ func TestCrashStates(t *testing.T) {
 		modes    []fsyncMode
 	}{
 		{"one writer", crashWorkload, []fsyncMode{fsyncAlways, fsyncSecond, fsyncNever}},
-		{"four writers", crashWorkloadConcurrent, []fsyncMode{fsyncAlways, fsyncSecond}},
+		{"five writers", crashWorkloadConcurrent, concurrentModes},
 	} {
 		for _, mode := range w.modes {
 			t.Run(w.name+", -fsync "+mode.String(), func(t *testing.T) {
@@ -862,7 +906,7 @@ func TestCrashStates(t *testing.T) {
 			})
 		}
 	}
-	t.Logf("%d crash states checked", total)
+	t.Logf("%d crash states checked in %v", total, time.Since(start).Round(100*time.Millisecond))
 }
 
 // TestCrashStatesFindReversedRotation: with the rotation order reversed
@@ -880,6 +924,338 @@ func TestCrashStatesFindReversedRotation(t *testing.T) {
 	t.Logf("the reversed order fails %d states, as: %s", len(failures), failures[0])
 }
 
+// crashTxnLog writes, on a memFS with -fsync always, three keys, then a
+// transaction of four ops (a set with a TTL, a delete, a new key, a
+// set), then `after` single writes, and closes the directory. It returns
+// the directory, the path of its newest log, each key's version before
+// the transaction, and the transaction's number.
+func crashTxnLog(t *testing.T, clk *fakeClock, after int) (img image, log string, before map[string]string, seq int64) {
+	t.Helper()
+	m, s, d := startCrashData(t, fsyncAlways, clk, time.Hour, false, 0)
+	must := func(_ *entry, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(s.Set("/a", `{"a":1}`, 0))
+	must(s.Set("/b", `"b"`, time.Hour))
+	must(s.Set("/c", `3`, 0))
+	before = crashStoreState(s, clk)
+	tx := &txn{ops: []op{
+		{key: "/a", value: `{"a":2}`, ttl: time.Hour},
+		{key: "/b", del: true},
+		{key: "/d", value: `"new"`},
+		{key: "/c", value: `4`},
+	}}
+	if err := s.Commit(tx); err != nil {
+		t.Fatal(err)
+	}
+	for i := range after {
+		must(s.Set("/e", fmt.Sprint(i), 0))
+	}
+	if err := d.close(); err != nil {
+		t.Fatal(err)
+	}
+	img = image{}
+	var logs []string
+	for p, ino := range m.names {
+		img[p] = m.inos[ino]
+		if strings.HasPrefix(path.Base(p), "log-") {
+			logs = append(logs, p)
+		}
+	}
+	slices.Sort(logs)
+	return img, logs[len(logs)-1], before, tx.seq
+}
+
+// crashStoreState returns every key's version, as checkCrashState
+// compares them.
+func crashStoreState(s *Store, clk *fakeClock) map[string]string {
+	now := clk.Now().UnixNano()
+	m := map[string]string{}
+	s.walk(func(key string, e *entry) { m[key] = version(e, now) })
+	return m
+}
+
+// recordOffsets returns where each record of a file starts, and its end.
+func recordOffsets(b []byte) []int {
+	rr := newRecordReader("", bytes.NewReader(b), int64(len(b)))
+	offs := []int{0}
+	for _, err := rr.next(); err == nil; _, err = rr.next() {
+		offs = append(offs, int(rr.off))
+	}
+	return offs
+}
+
+// TestCrashTornTransaction: a newest log whose last record is a
+// transaction's, cut at every byte offset, or zeroes from every byte
+// offset on (as a file system that keeps a file's size but not its last
+// blocks leaves it: from a block boundary, which may fall anywhere in a
+// record), or with any byte of its body flipped (its checksum then fails
+// at the end), starts with none of the transaction's ops, the log
+// truncated where its record began; and takes the next change. So does
+// a log whose transaction's record is followed by another, zeroes from
+// inside the transaction's record on.
+func TestCrashTornTransaction(t *testing.T) {
+	clk := newFakeClock()
+	for _, after := range []int{0, 1} {
+		img, log, before, seq := crashTxnLog(t, clk, after)
+		b := img[log]
+		offs := recordOffsets(b)
+		at := offs[len(offs)-2-after]
+		if offs[len(offs)-1] != len(b) || b[at+headerSize] != 'T' {
+			t.Fatalf("the log's record at %d of %d bytes is %q; want the transaction's, 'T'", at, len(b), b[at+headerSize])
+		}
+		// recovers checks the directory with the log's tail, from the
+		// transaction's record on, replaced.
+		recovers := func(tail []byte) error {
+			damaged := maps.Clone(img)
+			damaged[log] = append(slices.Clip(b[:at]), tail...)
+			fs := memFSOf(damaged)
+			s := NewStore(0, clk)
+			d, err := loadDataFS(fs, crashDir, fsyncAlways, s, discardLogger())
+			if err != nil {
+				return fmt.Errorf("does not start: %v", err)
+			}
+			defer d.close()
+			if got := crashStoreState(s, clk); s.seq != seq-1 || !mapsEqual(got, before) {
+				return fmt.Errorf("at change %d with %v; want %d with %v: none of the transaction's ops", s.seq, got, seq-1, before)
+			}
+			if size, _ := fs.size(log); size != int64(at) {
+				return fmt.Errorf("the log is %d bytes; want %d, cut where the transaction's record began", size, at)
+			}
+			d.start()
+			if _, err := s.Set("/after", "1", 0); err != nil || s.seq != seq {
+				return fmt.Errorf("a write after: %v, at change %d; want %d", err, s.seq, seq)
+			}
+			return nil
+		}
+		tail := b[at:]
+		n := offs[len(offs)-1-after] - at // the transaction's record
+		cut := func(yield func(string, []byte) bool) {
+			for i := 1; i < n; i++ {
+				if !yield(fmt.Sprintf("%d of its %d bytes", i, n), tail[:i]) {
+					return
+				}
+			}
+		}
+		flipped := func(yield func(string, []byte) bool) {
+			for i := headerSize; i < n; i++ {
+				f := slices.Clone(tail)
+				f[i] ^= 0x20
+				if !yield(fmt.Sprintf("byte %d of its %d flipped", i, n), f) {
+					return
+				}
+			}
+		}
+		zeroes := func(yield func(string, []byte) bool) {
+			for i := 0; i < n; i++ {
+				z := append(slices.Clone(tail[:i]), make([]byte, len(tail)-i)...)
+				if !yield(fmt.Sprintf("%d of its %d bytes, then %d zeroes", i, n, len(tail)-i), z) {
+					return
+				}
+			}
+		}
+		tests := []struct {
+			name  string
+			tails iter.Seq2[string, []byte]
+		}{{"cut", cut}, {"a flipped byte of its body", flipped}, {"zeroes", zeroes}}
+		if after > 0 {
+			tests = tests[2:]
+			tests[0].name = "zeroes over the record after it"
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				var failed []string
+				tried := 0
+				for what, tail := range tt.tails {
+					tried++
+					if err := recovers(tail); err != nil {
+						failed = append(failed, fmt.Sprintf("%s: %v", what, err))
+					}
+				}
+				if len(failed) > 0 {
+					t.Errorf("%d of %d tails fail; the first and last:\n%s\n%s", len(failed), tried, failed[0], failed[len(failed)-1])
+				}
+			})
+		}
+	}
+}
+
+// TestCrashDamagedTransaction: a transaction's record damaged before the
+// end of the log, or cut in a log before the newest, stops the start
+// with the file and the offset of the record, and changes no file.
+func TestCrashDamagedTransaction(t *testing.T) {
+	clk := newFakeClock()
+	img, log, _, seq := crashTxnLog(t, clk, 2)
+	b := img[log]
+	offs := recordOffsets(b)
+	i := slices.IndexFunc(offs, func(off int) bool { return off < len(b) && b[off+headerSize] == 'T' })
+	if i < 0 || i+2 >= len(offs) {
+		t.Fatalf("the log's records at %v: want a transaction's, 'T', before the last", offs)
+	}
+	at, end := offs[i], offs[i+1]
+	body := b[at+headerSize : end]
+	_, n := binary.Uvarint(body[1:])
+	count := 1 + n // where the count of ops is; the first op's kind follows
+	if body[count] != 4 || body[count+1] != 'S' {
+		t.Fatalf("the transaction's record %q: want 4 ops, the first a set", body)
+	}
+	edited := func(edit func(body []byte) []byte) []byte {
+		rec := appendRecord(nil, edit(slices.Clone(body)))
+		return slices.Concat(b[:at], rec, b[end:])
+	}
+	flipped := func(i int) []byte {
+		c := slices.Clone(b)
+		c[i] ^= 0x20
+		return c
+	}
+	for _, tt := range []struct {
+		name  string
+		log   []byte
+		newer bool // a log after this one: this one is not the newest
+		want  string
+	}{
+		{"a flipped byte of its body", flipped(at + headerSize + 3), false, "bad record checksum"},
+		{"a flipped byte of its length", flipped(at + 1), false, "bad record header checksum"},
+		{"its last byte flipped, in a log before the newest", flipped(end - 1), true, "bad record checksum"},
+		{"cut, in a log before the newest", b[:end-3], true, fmt.Sprintf("the file ends inside a record: %d of its %d bytes", end-3-at-headerSize, end-at-headerSize)},
+		{"one op, its checksum right", edited(func(body []byte) []byte { body[count] = 1; return body }), false, "malformed transaction record"},
+		{"an unknown op, its checksum right", edited(func(body []byte) []byte { body[count+1] = 'Q'; return body }), false, `unknown op 'Q' in a transaction record`},
+		{"a byte after its last op, its checksum right", edited(func(body []byte) []byte { return append(body, 0) }), false, "malformed transaction record: bytes after its last op"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			damaged := maps.Clone(img)
+			damaged[log] = tt.log
+			if tt.newer {
+				first := seq + 1000
+				damaged[fmt.Sprintf("%s/log-%016x", crashDir, first)] = appendRecord(nil, appendHeader(nil, 'L', first))
+			}
+			fs := memFSOf(damaged)
+			_, err := loadDataFS(fs, crashDir, fsyncAlways, NewStore(0, clk), discardLogger())
+			if want := fmt.Sprintf("%s: damaged at offset %d: %s", log, at, tt.want); err == nil || err.Error() != want {
+				t.Errorf("starting: %v; want %s", err, want)
+			}
+			after := image{}
+			for p, ino := range fs.names {
+				after[p] = fs.inos[ino]
+			}
+			if after.hash() != damaged.hash() {
+				t.Errorf("a start that failed changed the files")
+			}
+		})
+	}
+}
+
+// TestCrashStatesSnapshotAheadOfLog: a compaction's snapshot is written
+// while writes go on, from a walk of the keys that may see changes
+// written after its number and not yet fsynced. Here the walk starts
+// only after a write of one key and a transaction of it and a new key
+// (-fsync 1s, the default): a power loss that keeps the snapshot and
+// loses the transaction's record, not the write's, must not leave the
+// transaction in part (replaying the write takes its key back to before
+// the transaction; the new key keeps the snapshot's version).
+func TestCrashStatesSnapshotAheadOfLog(t *testing.T) {
+	_, failures := crashCheck(t, crashWorkloadSnapshotAhead, fsyncSecond, false)
+	for i, f := range failures {
+		if i == 5 {
+			t.Errorf("... and %d more", len(failures)-5)
+			break
+		}
+		t.Error(f)
+	}
+}
+
+// gatedClock is a clock whose Now, once armed, waits until released the
+// first time: the first to ask the time then is a compaction's snapshot
+// as its walk of the keys starts (the workload that arms it sets no TTL,
+// so that nothing else asks), which holds no lock then.
+type gatedClock struct {
+	*fakeClock
+	armed   atomic.Bool
+	once    sync.Once
+	hit     chan struct{} // closed when the gate is reached
+	release chan struct{}
+}
+
+func (c *gatedClock) Now() time.Time {
+	if c.armed.Load() {
+		c.once.Do(func() {
+			close(c.hit)
+			<-c.release
+		})
+	}
+	return c.fakeClock.Now()
+}
+
+// crashWorkloadSnapshotAhead writes single keys until a rotation starts
+// a compaction, holds the compaction at the start of its walk of the
+// keys, writes a key and commits a transaction of it and a new key, then
+// lets the compaction go on and waits for it.
+func crashWorkloadSnapshotAhead(t *testing.T, mode fsyncMode, clk *fakeClock, newLogFirst bool) ([]fsOp, *changeLog) {
+	t.Helper()
+	gate := &gatedClock{fakeClock: clk, hit: make(chan struct{}), release: make(chan struct{})}
+	m := newMemFS()
+	seedCrashData(t, m, crashBase)
+	s := NewStore(0, gate)
+	d, err := loadDataFS(m, crashDir, mode, s, discardLogger())
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.minCompact = 1 << 8
+	d.syncEvery = time.Hour
+	d.newLogFirst = newLogFirst
+	gate.armed.Store(true)
+	d.start()
+
+	cl := &changeLog{}
+	set := func(key, value string) {
+		e, err := s.Set(key, value, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.seqMu.Lock()
+		seq := s.seq
+		s.seqMu.Unlock()
+		if err := cl.add(seq, loggedChange{key, e}); err != nil {
+			t.Fatal(err)
+		}
+		m.ack(seq)
+	}
+	for i := 0; ; i++ {
+		set(fmt.Sprintf("/s/%d", i%4), fmt.Sprintf(`{"i":%d}`, i))
+		if i == 200 {
+			<-gate.hit // a rotation was due long ago
+		}
+		select {
+		case <-gate.hit:
+		default:
+			continue
+		}
+		break
+	}
+	// The compaction waits at the start of its walk; a rotation due
+	// meanwhile is put off (awaitCompaction is not set).
+	set("/s/0", `"before"`)
+	tx := &txn{ops: []op{{key: "/s/0", value: `"t0"`}, {key: "/t/new", value: `"t1"`}}}
+	if err := s.Commit(tx); err != nil {
+		t.Fatal(err)
+	}
+	if err := cl.add(tx.seq, loggedChange{"/s/0", tx.versions[0]}, loggedChange{"/t/new", tx.versions[1]}); err != nil {
+		t.Fatal(err)
+	}
+	m.ack(tx.seq)
+	close(gate.release)
+	d.compaction.Wait()
+	if err := d.close(); err != nil {
+		t.Fatal(err)
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.ops, cl
+}
+
 // FuzzRecordReader: whatever a file holds, reading its records never
 // panics, every record it returns has the checksum its header says, and
 // every error names the file and the offset.
@@ -887,6 +1263,10 @@ func FuzzRecordReader(f *testing.F) {
 	log := appendRecord(nil, appendHeader(nil, 'L', 1))
 	log = appendChange(log, change{key: "/a", e: &entry{value: `{"x":1}`, revision: 3}, seq: 1})
 	log = appendChange(log, change{key: "/a", why: deleted, seq: 2})
+	log = appendChanges(log, []change{
+		{key: "/a", e: &entry{value: `1`, ttl: &deadline{at: 5}}, seq: 3},
+		{key: "/b", why: deleted, seq: 3},
+	})
 	f.Add(log)
 	f.Add(log[:len(log)-3])
 	f.Add(append(slices.Clone(log), make([]byte, 20)...))
@@ -912,8 +1292,11 @@ func FuzzRecordReader(f *testing.F) {
 				!bytes.Equal(body, b[off+headerSize:off+headerSize+int64(len(body))]) {
 				t.Fatalf("record at %d accepted with a checksum that fails", off)
 			}
-			if body[0] == 'S' || body[0] == 'D' || body[0] == 'X' {
-				decodeChange(body) // never panics
+			if isChange(body) {
+				changes, expires, err := decodeChanges(body) // never panics
+				if err == nil && (len(changes) == 0 || len(expires) != len(changes) || body[0] == 'T' && len(changes) < 2) {
+					t.Fatalf("record at %d: %d changes, %d deadlines from %q", off, len(changes), len(expires), body)
+				}
 			}
 			if body[0] == 'B' {
 				for rest := body[1:]; len(rest) > 0; {
