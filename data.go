@@ -579,11 +579,12 @@ func (d *dataDir) rotate(upTo int64) error {
 // version newer than upTo, or missing if deleted since. Either way the
 // log after upTo holds those changes, and replaying a record sets a key
 // to what it says whatever it was: the snapshot plus that log is the
-// store, as a snapshot taken at upTo would be. (A version in the
-// snapshot is one already written to the log, but perhaps not yet
-// durable there: if a power failure then loses its record, the snapshot
-// keeps it, which is allowed: no acknowledged write is lost, and no
-// revision goes back.)
+// store, as a snapshot taken at upTo would be. A version in the snapshot
+// is one already written to the log, but perhaps not yet durable there:
+// the log is made durable before the snapshot is renamed into place
+// (writeSnapshot), or a power failure could keep the snapshot and lose
+// the record, and replay an older change of the key over it (a key of a
+// transaction gone back, its other keys not: TestCrashStatesSnapshotAheadOfLog).
 func (d *dataDir) compact(upTo int64) {
 	defer d.compaction.Done()
 	defer d.compacting.Store(false)
@@ -709,6 +710,18 @@ func (d *dataDir) writeSnapshot(upTo int64) error {
 	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
+	}
+	if err == nil {
+		// The walk read versions whose records may not be durable yet
+		// (-fsync 1s, never): a power failure that kept the snapshot and
+		// lost them from the log would replay older changes of those keys
+		// over it, and show a transaction in part. So the log is made
+		// durable up to here before the snapshot can count.
+		d.syncMu.Lock()
+		if d.synced.f != nil {
+			err = d.sync(d.synced)
+		}
+		d.syncMu.Unlock()
 	}
 	if err == nil {
 		err = d.fs.rename(tmp, path)

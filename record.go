@@ -281,6 +281,7 @@ type recordReader struct {
 	path string
 	r    *bufio.Reader
 	off  int64 // of the next record
+	at   int64 // of the record next read last: what damage names
 	size int64
 	body []byte
 }
@@ -293,7 +294,7 @@ func newRecordReader(path string, r io.Reader, size int64) *recordReader {
 
 // damaged is the error of damage at the current record.
 func (rr *recordReader) damaged(what string) error {
-	return fmt.Errorf("%s: damaged at offset %d: %s", rr.path, rr.off, what)
+	return fmt.Errorf("%s: damaged at offset %d: %s", rr.path, rr.at, what)
 }
 
 // tornError is a file that ends inside a record: a torn tail where a
@@ -329,6 +330,7 @@ func (rr *recordReader) torn(format string, args ...any) error {
 // at the end of the file; an error wrapping errTorn if the file ends
 // inside a record; or damage.
 func (rr *recordReader) next() ([]byte, error) {
+	rr.at = rr.off
 	left := rr.size - rr.off
 	switch {
 	case left == 0:
@@ -345,9 +347,10 @@ func (rr *recordReader) next() ([]byte, error) {
 	}
 	n := int64(binary.LittleEndian.Uint32(h[0:]))
 	if crc32.Checksum(h[:8], castagnoli) != binary.LittleEndian.Uint32(h[8:]) {
-		if h == [headerSize]byte{} && rr.zeroToEnd() {
+		if h[headerSize-1] == 0 && rr.zeroToEnd() {
 			// A crash after the file grew and before its data landed
-			// leaves zeroes.
+			// leaves zeroes, from the start of a block: anywhere in a
+			// record, its header included.
 			return nil, rr.torn("zeroes to the end")
 		}
 		return nil, rr.damaged("bad record header checksum")
@@ -365,9 +368,10 @@ func (rr *recordReader) next() ([]byte, error) {
 		return nil, fmt.Errorf("reading %s at offset %d: %w", rr.path, rr.off, err)
 	}
 	if crc32.Checksum(rr.body, castagnoli) != binary.LittleEndian.Uint32(h[4:]) {
-		if n == left-headerSize {
+		if n == left-headerSize || rr.body[n-1] == 0 && rr.zeroToEnd() {
 			// The very last record, whole in length but not in
-			// content: a write the crash cut, as far as anyone can tell.
+			// content, or zeroes from inside it to the end: a write the
+			// crash cut, as far as anyone can tell.
 			return nil, rr.torn("the last record's checksum fails")
 		}
 		return nil, rr.damaged("bad record checksum")
