@@ -5,10 +5,13 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"maps"
 	"net"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -161,24 +164,24 @@ type sessionStep struct {
 
 // docSessions returns the worked sessions of a Markdown text: the fenced
 // blocks whose first line begins with start ("> {" for the WebSocket,
-// "> curl" for HTTP).
+// "> curl" for HTTP), or with a note "(given: curl …; curl …)" that sets
+// up the store, followed by such a line.
 func docSessions(text, start string) [][]sessionStep {
 	var sessions [][]sessionStep
 	var cur []sessionStep
-	fenced, session := false, false
+	fenced := false
 	note, noteLine := "", 0 // a note in progress
 	for i, line := range strings.Split(text, "\n") {
 		if strings.HasPrefix(strings.TrimSpace(line), "```") {
-			if fenced && session {
+			if fenced && isSession(cur, start) {
 				sessions = append(sessions, cur)
 			}
-			fenced, session, cur = !fenced, false, nil
+			fenced, cur, note = !fenced, nil, ""
 			continue
 		}
-		if !fenced || !session && (len(cur) > 0 || !strings.HasPrefix(line, start)) {
+		if !fenced {
 			continue
 		}
-		session = true
 		switch trimmed := strings.TrimSpace(line); {
 		case note != "" || strings.HasPrefix(trimmed, "("):
 			if note == "" {
@@ -198,6 +201,15 @@ func docSessions(text, start string) [][]sessionStep {
 		}
 	}
 	return sessions
+}
+
+// isSession reports whether the steps of a fenced block are a session
+// that starts with start, after a "given:" note if any.
+func isSession(steps []sessionStep, start string) bool {
+	if len(steps) > 0 && steps[0].kind == '!' && strings.HasPrefix(steps[0].text, "given:") {
+		steps = steps[1:]
+	}
+	return len(steps) > 0 && steps[0].kind == start[0] && strings.HasPrefix(steps[0].text, start[2:])
 }
 
 // A session compares what the server sends with what a worked session
@@ -234,11 +246,11 @@ func changeNumbers(line string) ([]int64, string) {
 // compare checks a line received against the one the session shows.
 func (s *session) compare(at, got, want string) {
 	s.t.Helper()
-	gotSeqs, gotRest := changeNumbers(got)
-	wantSeqs, wantRest := changeNumbers(want)
-	if gotRest != wantRest || len(gotSeqs) != len(wantSeqs) {
+	if !s.alike(got, want) {
 		s.t.Fatalf("%s: the server sent\n\t%s\nwhere the session shows\n\t%s", at, got, want)
 	}
+	gotSeqs, _ := changeNumbers(got)
+	wantSeqs, _ := changeNumbers(want)
 	for i, g := range gotSeqs {
 		if s.first[0] == 0 {
 			s.first = [2]int64{g, wantSeqs[i]}
@@ -248,6 +260,14 @@ func (s *session) compare(at, got, want string) {
 				at, g, g-s.first[0], wantSeqs[i]-s.first[1], want)
 		}
 	}
+}
+
+// alike reports whether a line received is the one the session shows
+// but for change numbers and TTLs (see session).
+func (s *session) alike(got, want string) bool {
+	gotSeqs, gotRest := changeNumbers(got)
+	wantSeqs, wantRest := changeNumbers(want)
+	return gotRest == wantRest && len(gotSeqs) == len(wantSeqs)
 }
 
 // received turns a change number the session shows into this run's.
@@ -310,6 +330,7 @@ func TestDocsWebSocketSessions(t *testing.T) {
 func TestDocsCurlSessions(t *testing.T) {
 	n := docsSessions(t, "> curl", func(s *session, url string, steps []sessionStep) {
 		var out *bufio.Reader // what the last command prints
+		head := false         // out is in the head curl -i prints
 		var stream net.Conn
 		defer func() {
 			if stream != nil {
@@ -329,9 +350,10 @@ func TestDocsCurlSessions(t *testing.T) {
 				}
 				if !c.stream {
 					r := c.do(s.t, url)
-					out = bufio.NewReader(strings.NewReader(r.body))
+					out, head = bufio.NewReader(strings.NewReader(c.print(r))), c.head
 					continue
 				}
+				head = false
 				stream, out = c.open(s.t, url)
 			case '<':
 				if out == nil {
@@ -341,6 +363,12 @@ func TestDocsCurlSessions(t *testing.T) {
 					stream.SetReadDeadline(time.Now().Add(10 * time.Second))
 				}
 				line, err := out.ReadString('\n')
+				for head && line != "\n" && !s.alike(strings.TrimSuffix(line, "\n"), st.text) {
+					line, err = out.ReadString('\n') // a line of curl -i's head the session leaves out
+				}
+				if line == "\n" {
+					head = false
+				}
 				if err != nil && line == "" {
 					s.t.Fatalf("%s: %v; the session shows %q", at, err, st.text)
 				}
@@ -367,7 +395,8 @@ func TestDocsCurlSessions(t *testing.T) {
 func (s *session) meanwhile(at, url, note string, interrupt func()) {
 	s.t.Helper()
 	for part := range strings.SplitSeq(note, ";") {
-		part = strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(part), "meanwhile:"))
+		part = strings.TrimSpace(part)
+		part = strings.TrimSpace(strings.TrimPrefix(strings.TrimPrefix(part, "meanwhile:"), "given:"))
 		switch {
 		case part == "^C" && interrupt != nil:
 			interrupt()
@@ -386,11 +415,33 @@ func (s *session) meanwhile(at, url, note string, interrupt func()) {
 }
 
 // A curlCommand is the one form of curl command the sessions show: curl
-// [-N] [-X METHOD] [-H 'Name: value']... [-d BODY] localhost:8000/path.
+// [-N] [-s] [-i] [-X METHOD] [-H 'Name: value']... [-d BODY]
+// localhost:8000/path. With -i the response's head is printed first, as
+// net/http writes it (headers sorted by name); a session may leave out
+// any line of the head, but shows those it keeps in order.
 type curlCommand struct {
 	method, path, body string
 	headers            map[string]string
 	stream             bool // -N and Accept: text/event-stream
+	head               bool // -i
+}
+
+// print is what the command prints of a response.
+func (c curlCommand) print(r response) string {
+	if !c.head {
+		return r.body
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "HTTP/1.1 %d %s\n", r.code, http.StatusText(r.code))
+	names := slices.Sorted(maps.Keys(r.header))
+	for _, name := range names {
+		for _, v := range r.header[name] {
+			fmt.Fprintf(&b, "%s: %s\n", name, v)
+		}
+	}
+	b.WriteString("\n")
+	b.WriteString(r.body)
+	return b.String()
 }
 
 // parseCurl reads a curl command, its words split as a shell would split
@@ -410,6 +461,8 @@ func parseCurl(cmd string) (curlCommand, error) {
 		switch w := words[i]; {
 		case w == "-N":
 			noBuffer = true
+		case w == "-s" || w == "-i" || w == "-si":
+			c.head = c.head || strings.Contains(w, "i")
 		case (w == "-X" || w == "-H" || w == "-d") && i+1 < len(words):
 			i++
 			switch w {
