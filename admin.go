@@ -1,8 +1,9 @@
 // The admin listener (-admin-addr): what an operator needs, on a port of
 // its own so that no key can collide with it. /healthz for load
 // balancers, /metrics in the Prometheus text format (written by hand:
-// standard library only), /debug/vars (expvar) and /debug/pprof/, and
-// at / the console, a page that shows the store live.
+// standard library only), /debug/vars (expvar) and /debug/pprof/, on a
+// node of a cluster /cluster (its etcd, as JSON), and at / the console,
+// a page that shows the store live.
 //
 // The counters are atomics that requests and writers add to; nothing on
 // a request's path takes a lock for them.
@@ -48,12 +49,14 @@ var consoleHTML string
 
 // handleConsole answers the console: one page that loads client.js from
 // the main listener and shows its keys live, with /metrics of this
-// listener as sparklines. The page takes the main listener's URL from its
-// ?server= query, or else from mainURL.
+// listener as sparklines, and on a node its etcd (/cluster). The page
+// takes the main listener's URL from its ?server= query, or else from
+// mainURL.
 func (s *server) handleConsole(w http.ResponseWriter, r *http.Request) {
 	page := strings.NewReplacer(
 		"{{MAIN}}", html.EscapeString(s.mainURL(r)),
 		"{{TOKENS}}", strconv.FormatBool(s.access != nil),
+		"{{NODE}}", strconv.FormatBool(s.cluster != nil),
 	).Replace(consoleHTML)
 	w.Header().Set("Content-Type", "text/html; charset=utf-8")
 	w.Header().Set("Cache-Control", "no-cache")
