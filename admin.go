@@ -199,7 +199,7 @@ func etcdErrorOf(err error) int {
 		err   error
 		label int
 	}{
-		{errOutcomeUnknown, etcdErrOutcomeUnknown}, // before unavailable: it may wrap what a member said
+		{errOutcomeUnknown, etcdErrOutcomeUnknown}, // first: what a member said, which it wraps, may match another
 		{errEtcdUnavailable, etcdErrUnavailable},
 		{errEtcdTooLarge, etcdErrTooLarge},
 		{errEtcdTooManyOps, etcdErrTooManyOps},
