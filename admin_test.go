@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http/httptest"
@@ -22,6 +24,7 @@ type promSample struct {
 var (
 	promName   = regexp.MustCompile(`^[a-zA-Z_:][a-zA-Z0-9_:]*$`)
 	promLine   = regexp.MustCompile(`^([^{ ]+)(\{[^}]*\})? (\S+)$`)
+	promLe     = regexp.MustCompile(`,?le="[^"]*"`)
 	promLabels = regexp.MustCompile(`^\{([a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")(,[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*")*\}$`)
 )
 
@@ -71,13 +74,25 @@ func parseProm(t *testing.T, text string) map[string]float64 {
 		}
 		samples[m[1]+m[2]] = v
 	}
+	// A histogram's series: its name and labels but le.
+	series := func(b promSample) string {
+		labels := strings.Replace(promLe.ReplaceAllString(b.labels, ""), "{,", "{", 1)
+		if labels == "{}" {
+			labels = ""
+		}
+		return strings.TrimSuffix(b.name, "_bucket") + labels
+	}
 	for i, b := range buckets {
-		if i > 0 && buckets[i-1].name == b.name && b.value < buckets[i-1].value {
+		if i > 0 && series(buckets[i-1]) == series(b) && b.value < buckets[i-1].value {
 			t.Errorf("%s%s = %v, less than the bucket before: not cumulative", b.name, b.labels, b.value)
 		}
-		if b.labels == `{le="+Inf"}` {
-			if count := samples[strings.TrimSuffix(b.name, "_bucket")+"_count"]; count != b.value {
-				t.Errorf("%s +Inf bucket %v; count %v", b.name, b.value, count)
+		if strings.Contains(b.labels, `le="+Inf"`) {
+			name, labels, _ := strings.Cut(series(b), "{")
+			if labels != "" {
+				labels = "{" + labels
+			}
+			if count := samples[name+"_count"+labels]; count != b.value {
+				t.Errorf("%s%s +Inf bucket %v; count %v", b.name, b.labels, b.value, count)
 			}
 		}
 	}
@@ -319,4 +334,202 @@ func TestLogFormat(t *testing.T) {
 	if _, err := parseConfig([]string{"-log-format", "xml"}, func(string) string { return "" }, io.Discard); err == nil {
 		t.Error("-log-format xml: no error")
 	}
+}
+
+// clusterStateOf reads a node's GET /cluster from its admin listener.
+func clusterStateOf(t *testing.T, admin string) clusterState {
+	t.Helper()
+	r := mustDo(t, 200, "GET", admin+"/cluster", "")
+	var st clusterState
+	if err := json.Unmarshal([]byte(r.body), &st); err != nil {
+		t.Fatalf("/cluster: %s: %v", r.body, err)
+	}
+	return st
+}
+
+// TestClusterMetrics: a node's /metrics and /cluster on a real etcd of
+// three members, read before and after each step, move as the step
+// should make them: writes and reads counted by kind, without an error;
+// each refusal counted by its kind; a second node cut off while etcd
+// compacts resyncs once; the member under the node's watch killed: the
+// watch reconnects through another, requests tried there first are sent
+// again, and no request fails; the quorum lost: reads fail as
+// unavailable and the node is unhealthy until etcd is back.
+func TestClusterMetrics(t *testing.T) {
+	t.Parallel()
+	c := startEtcd(t, 3)
+	prefix := newPrefix()
+	// The node prefers a follower, whose loss costs no election.
+	follower := (c.leader() + 1) % 3
+	eps := c.endpoints()
+	var others []int
+	for i := range eps {
+		if i != follower {
+			others = append(others, i)
+		}
+	}
+	n := startNode(t, []string{eps[follower], eps[others[0]], eps[others[1]]}, prefix, "-write-timeout", "2s")
+	admin := httptest.NewServer(n.srv.adminRoutes())
+	t.Cleanup(admin.Close)
+	waitFor(t, "the node healthy", func() bool { return n.health().code == 200 })
+	trips := func(kind string) string { return `atomkv_etcd_request_duration_seconds_count{kind="` + kind + `"}` }
+	errs := func(label string) string { return `atomkv_etcd_errors_total{error="` + label + `"}` }
+	// moved checks how far each metric moved between two scrapes: by
+	// exactly want, or (atLeast) by want or more.
+	type move struct {
+		metric  string
+		want    float64
+		atLeast bool
+	}
+	moved := func(step string, before, after map[string]float64, moves ...move) {
+		t.Helper()
+		for _, m := range moves {
+			if _, ok := after[m.metric]; !ok {
+				t.Errorf("%s: no %s in /metrics", step, m.metric)
+				continue
+			}
+			got := after[m.metric] - before[m.metric]
+			if got != m.want && !(m.atLeast && got > m.want) {
+				at := ""
+				if m.atLeast {
+					at = " or more"
+				}
+				t.Errorf("%s: %s moved by %v; want %v%s", step, m.metric, got, m.want, at)
+			}
+		}
+	}
+	noErrors := func() []move {
+		var m []move
+		for _, e := range etcdErrorNames {
+			m = append(m, move{errs(e), 0, false})
+		}
+		return m
+	}
+	lagged := func(m map[string]float64) {
+		t.Helper()
+		if lag := m["atomkv_etcd_watch_lag_revisions"]; lag < 0 || lag != max(0, m["atomkv_etcd_revision"]-m["atomkv_etcd_applied_revision"]) {
+			t.Errorf("lag %v; etcd's revision %v, applied %v", lag, m["atomkv_etcd_revision"], m["atomkv_etcd_applied_revision"])
+		}
+	}
+
+	// Writes and reads: each request its round trip, by kind.
+	before := scrape(t, admin.URL)
+	for i := range 3 {
+		mustDo(t, 200, "POST", n.url+fmt.Sprintf("/m/%d", i), `1`)
+	}
+	mustDo(t, 200, "DELETE", n.url+"/m/2", "")
+	mustDo(t, 200, "PUT", n.url+"/m/0", `2`, "X-Revision", "1")
+	txn := mustDo(t, 200, "POST", n.url+"/", `{"ops":[{"op":"set","key":"/m/a","value":1},{"op":"set","key":"/m/b","value":1}]}`)
+	for range 5 {
+		mustDo(t, 200, "GET", n.url+"/m/0", "")
+	}
+	after := scrape(t, admin.URL)
+	moved("writes and reads", before, after, append(noErrors(),
+		move{trips("put"), 3, false}, move{trips("delete"), 1, false}, move{trips("txn"), 2, false},
+		move{trips("lease"), 0, false}, move{trips("range"), 1, true},
+		move{"atomkv_etcd_read_rounds_total", 1, true}, move{"atomkv_etcd_retries_total", 0, false})...)
+	seq, _ := strconv.ParseInt(txn.header.Get("X-Seq"), 10, 64)
+	if after["atomkv_etcd_revision"] < float64(seq) || after["atomkv_etcd_applied_revision"] < float64(seq) {
+		t.Errorf("after a write at revision %d: etcd's revision %v, applied %v; want both at least that",
+			seq, after["atomkv_etcd_revision"], after["atomkv_etcd_applied_revision"])
+	}
+	if after["atomkv_etcd_healthy"] != 1 {
+		t.Errorf("atomkv_etcd_healthy %v; want 1", after["atomkv_etcd_healthy"])
+	}
+	lagged(after)
+	waitFor(t, "no lag once the view caught up", func() bool {
+		m := scrape(t, admin.URL)
+		return m["atomkv_etcd_watch_lag_revisions"] == 0
+	})
+
+	// Refusals, through the node's own client: each counted by its kind.
+	j := n.srv.cluster
+	ctx := etcdCtx(t)
+	before = scrape(t, admin.URL)
+	if err := j.c.leaseRevoke(ctx, 1); !errors.Is(err, errEtcdLeaseNotFound) {
+		t.Errorf("revoking lease 1: %v; want %v", err, errEtcdLeaseNotFound)
+	}
+	tooMany := etcdTxn{Compare: make([]etcdCompare, 129)}
+	for i := range tooMany.Compare {
+		tooMany.Compare[i] = etcdCompare{Target: "VERSION", Key: []byte("/elsewhere"), Version: 1}
+	}
+	if _, err := j.c.txn(ctx, tooMany); !errors.Is(err, errEtcdTooManyOps) {
+		t.Errorf("a txn of 129 compares: %v; want %v", err, errEtcdTooManyOps)
+	}
+	big := etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: []byte("/elsewhere"), Value: make([]byte, 2<<20)}}}}
+	if _, err := j.c.txn(ctx, big); !errors.Is(err, errEtcdTooLarge) {
+		t.Errorf("a put of 2 MiB: %v; want %v", err, errEtcdTooLarge)
+	}
+	twice := etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: []byte("/elsewhere")}}, {Put: &etcdPut{Key: []byte("/elsewhere")}}}}
+	if _, err := j.c.txn(ctx, twice); !errors.Is(err, errEtcdDuplicateKey) {
+		t.Errorf("a txn writing a key twice: %v; want %v", err, errEtcdDuplicateKey)
+	}
+	compactAt(t, c, seq)
+	if _, err := j.c.rangeKeys(ctx, etcdRange{Key: []byte("/elsewhere"), Revision: 1}); !errors.Is(err, errEtcdCompacted) {
+		t.Errorf("a range at revision 1 after a compaction: %v; want %v", err, errEtcdCompacted)
+	}
+	after = scrape(t, admin.URL)
+	moved("refusals", before, after, move{errs("lease_not_found"), 1, false}, move{errs("too_many_ops"), 1, false},
+		move{errs("too_large"), 1, false}, move{errs("other"), 1, false}, move{errs("compacted"), 1, false},
+		move{errs("unavailable"), 0, false}, move{errs("outcome_unknown"), 0, false}, move{"atomkv_etcd_retries_total", 0, false})
+	if st := clusterStateOf(t, admin.URL); st.LastError == nil || !strings.Contains(st.LastError.Error, "compacted") {
+		t.Errorf("/cluster's last error after a range of a compacted revision: %+v", st.LastError)
+	}
+
+	// A second node, through a proxy, cut off while the prefix changes
+	// and etcd compacts its history: it reads the prefix again, once.
+	p := newEtcdProxy(t, c, others[0])
+	m := startNode(t, []string{p.url}, prefix)
+	madmin := httptest.NewServer(m.srv.adminRoutes())
+	t.Cleanup(madmin.Close)
+	before = scrape(t, madmin.URL)
+	p.cutOff()
+	mustDo(t, 200, "POST", n.url+"/m/cut", `1`)
+	compactAt(t, c, etcdPutAll(t, c.newClient(), "/elsewhere", "1"))
+	p.cut.Store(false)
+	waitFor(t, "the node cut off to resync", func() bool {
+		return scrape(t, madmin.URL)["atomkv_etcd_resyncs_total"] == before["atomkv_etcd_resyncs_total"]+1
+	})
+	after = scrape(t, madmin.URL)
+	moved("a resync", before, after, move{"atomkv_etcd_watch_reconnects_total", 1, true}, move{"atomkv_etcd_resyncs_total", 1, false})
+	lagged(after)
+
+	// The member under the node's watch killed: the watch reopens through
+	// another; what was tried there first goes again; nothing fails.
+	if st := clusterStateOf(t, admin.URL); st.Watch != eps[follower] || st.Requests != eps[follower] || !st.Healthy {
+		t.Fatalf("/cluster before a member is killed: %+v; want the watch and requests on %s, healthy", st, eps[follower])
+	}
+	before = scrape(t, admin.URL)
+	c.kill(follower)
+	waitFor(t, "the watch on another member", func() bool {
+		st := clusterStateOf(t, admin.URL)
+		return st.Watch != "" && st.Watch != eps[follower] && st.Healthy
+	})
+	mustDo(t, 200, "POST", n.url+"/m/after", `1`)
+	mustDo(t, 200, "GET", n.url+"/m/after", "")
+	after = scrape(t, admin.URL)
+	moved("a member killed", before, after, move{"atomkv_etcd_watch_reconnects_total", 1, true},
+		move{"atomkv_etcd_retries_total", 1, true}, move{errs("unavailable"), 0, false}, move{errs("outcome_unknown"), 0, false})
+	st := clusterStateOf(t, admin.URL)
+	if st.Endpoints[0].URL != eps[follower] || st.Endpoints[0].Failures == 0 || st.LastError == nil {
+		t.Errorf("/cluster after %s was killed: %+v; want its failures counted, and a last error", eps[follower], st)
+	}
+
+	// The quorum lost: a read fails as unavailable, the node is
+	// unhealthy; back once etcd is.
+	before = after
+	c.kill(others[0])
+	if r := do(t, "GET", n.url+"/m/after", ""); r.code != 503 {
+		t.Errorf("GET without a quorum: %d %s; want 503", r.code, r.body)
+	}
+	waitFor(t, "atomkv_etcd_healthy 0", func() bool { return scrape(t, admin.URL)["atomkv_etcd_healthy"] == 0 })
+	if clusterStateOf(t, admin.URL).Healthy {
+		t.Errorf("/cluster says healthy without a quorum")
+	}
+	after = scrape(t, admin.URL)
+	moved("the quorum lost", before, after, move{errs("unavailable"), 1, true})
+	c.start(follower, others[0])
+	waitFor(t, "atomkv_etcd_healthy 1", func() bool { return scrape(t, admin.URL)["atomkv_etcd_healthy"] == 1 })
+	mustDo(t, 200, "GET", n.url+"/m/after", "")
+	lagged(scrape(t, admin.URL))
 }

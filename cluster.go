@@ -101,6 +101,9 @@ type etcdJournal struct {
 	reads  readBarrier // rounds of linearizable reads of etcd's revision
 	fences readBarrier // rounds of fence writes
 	leases leaseCache
+
+	reconnects atomic.Int64 // watches opened after the first, for /metrics
+	resyncs    atomic.Int64 // reads of the prefix after a compaction, for /metrics
 }
 
 // etcdMarker is the etcd key, under the prefix, that an expiry puts in
@@ -316,6 +319,7 @@ func (j *etcdJournal) follow(from int64) {
 	defer j.workers.Done()
 	key, end := j.keyRange()
 	restart := true // the history starts at from: it holds nothing before
+	opened := false
 	for wait := time.Duration(0); j.ctx.Err() == nil; wait = min(max(2*wait, 50*time.Millisecond), 2*time.Second) {
 		select {
 		case <-time.After(wait):
@@ -335,6 +339,10 @@ func (j *etcdJournal) follow(from int64) {
 			j.s.historyFrom(from) // the changes before the state read at start come first
 		}
 		restart = false
+		if opened {
+			j.reconnects.Add(1)
+		}
+		opened = true
 		// The watch outlives the context it was opened with (etcdClient
 		// ties only the opening to it): close ends it here, or next would
 		// wait for a message a quiet prefix never sends.
@@ -351,6 +359,9 @@ func (j *etcdJournal) follow(from int64) {
 				break
 			}
 			if err != nil {
+				if !errors.Is(err, errWatchClosed) {
+					j.c.stats.noteError(w.endpoint, err)
+				}
 				break
 			}
 			if last := j.receive(r, w.header.Revision); last > 0 {
@@ -513,6 +524,7 @@ func (j *etcdJournal) resync(compactedAt int64) int64 {
 				changes = append(changes, change{key: k, why: why})
 			}
 		}
+		j.resyncs.Add(1)
 		j.log.Warn("etcd: history compacted while the node could not watch; read the prefix again", "compacted", compactedAt, "revision", rev, "changed", len(changes))
 		if len(changes) > 0 {
 			for i := range changes {

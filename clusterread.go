@@ -245,6 +245,7 @@ func (j *etcdJournal) unstall() {
 	j.mu.Unlock()
 	if stalled && w != nil {
 		j.log.Warn("etcd: the watch brought nothing in time; watching again", "after", limit, "revision", applied, "owed", owed)
+		j.c.stats.noteError(w.endpoint, fmt.Errorf("the watch brought nothing for %v: watching again", limit))
 		w.Close()
 	}
 }
@@ -262,12 +263,12 @@ func (j *etcdJournal) appliedAt() int64 {
 
 // fence writes the fence key and returns its revision.
 func (j *etcdJournal) fence(ctx context.Context) (int64, error) {
-	w, err := j.send(ctx, etcdTxn{Success: []etcdOp{{Put: &etcdPut{Key: j.key(etcdFence)}}}})
+	r, err := etcdCall[etcdAnswer](ctx, j.c, tripFence, "/v3/kv/put", false, &etcdPut{Key: j.key(etcdFence)})
 	if err != nil {
 		return 0, err
 	}
-	j.owe(w.revision)
-	return w.revision, nil
+	j.owe(r.Header.Revision)
+	return r.Header.Revision, nil
 }
 
 // current returns once the view holds every change etcd committed before

@@ -174,25 +174,22 @@ type etcdWritten struct {
 // (most writes: POST, DELETE), which etcd 3.4 runs at about half the
 // cost of the same in a txn; else as a txn.
 func (j *etcdJournal) send(ctx context.Context, req etcdTxn) (*etcdWritten, error) {
-	type header struct {
-		Header etcdHeader `json:"header"`
-	}
 	if len(req.Compare) == 0 && len(req.Success) == 1 {
 		switch op := req.Success[0]; {
 		case op.Put != nil:
 			r, err := etcdCall[struct {
-				header
+				etcdAnswer
 				PrevKV *etcdKV `json:"prev_kv"`
-			}](ctx, j.c, "/v3/kv/put", false, op.Put)
+			}](ctx, j.c, tripPut, "/v3/kv/put", false, op.Put)
 			if err != nil {
 				return nil, err
 			}
 			return &etcdWritten{revision: r.Header.Revision, succeeded: true, prev: []*etcdKV{r.PrevKV}}, nil
 		case op.Delete != nil:
 			r, err := etcdCall[struct {
-				header
+				etcdAnswer
 				PrevKVs []etcdKV `json:"prev_kvs"`
-			}](ctx, j.c, "/v3/kv/deleterange", false, op.Delete)
+			}](ctx, j.c, tripDelete, "/v3/kv/deleterange", false, op.Delete)
 			if err != nil {
 				return nil, err
 			}

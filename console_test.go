@@ -56,6 +56,7 @@ func TestConsolePage(t *testing.T) {
 		for _, want := range []string{
 			`<meta name="atomkv-main" content="` + tc.main + `">`,
 			`<meta name="atomkv-tokens" content="` + tc.tokens + `">`,
+			`<meta name="atomkv-node" content="false">`,
 		} {
 			if !strings.Contains(body, want) {
 				t.Errorf("%v, reached as %s: the page lacks %s", tc.args, tc.host, want)
@@ -429,4 +430,77 @@ func screenshot(t *testing.T, ctx context.Context, chromium, url, ready, then st
 	websocket.JSON.Send(ws, map[string]any{"id": id + 1, "method": "Browser.close"})
 	cmd.Wait()
 	return shot.Data
+}
+
+// TestConsoleCluster drives the console of a node on a three-member etcd
+// in headless Chromium (testdata/consolecluster.html): it shows the
+// node's etcd (its prefix; each member, the one requests go to and the
+// one the watch is on; healthy; the view's revision against etcd's, the
+// lag; reconnects, resyncs; the last error) and its figures; a write
+// moves the revision; the member under the watch killed, the watch moves
+// and the member's failures and the error show; without a quorum the
+// node shows out of reach, then healthy once etcd is back. A server
+// alone shows nothing of etcd.
+func TestConsoleCluster(t *testing.T) {
+	t.Parallel()
+	chromium := needTool(t, "chromium", "chromium")
+	c := startEtcd(t, 3)
+	// The node prefers a follower, whose loss costs no election.
+	leader := c.leader()
+	order := []int{(leader + 1) % 3, (leader + 2) % 3, leader}
+	var endpoints []string
+	for _, i := range order {
+		endpoints = append(endpoints, c.endpoints()[i])
+	}
+	n := startNode(t, endpoints, newPrefix(), "-write-timeout", "2s")
+	single, singleURL := newTestServer(t)
+
+	harness, err := os.ReadFile("testdata/consolecluster.html")
+	if err != nil {
+		t.Fatal(err)
+	}
+	eps, _ := json.Marshal(endpoints)
+	harness = bytes.ReplaceAll(harness, []byte("{{SERVER}}"), []byte(n.url))
+	harness = bytes.ReplaceAll(harness, []byte("{{SINGLE}}"), []byte(singleURL))
+	harness = bytes.ReplaceAll(harness, []byte("{{ENDPOINTS}}"), eps)
+	mux := http.NewServeMux()
+	mux.Handle("/", n.srv.adminRoutes())
+	mux.Handle("/single/", http.StripPrefix("/single", single.adminRoutes()))
+	mux.HandleFunc("GET /harness", func(w http.ResponseWriter, r *http.Request) { w.Write(harness) })
+	mux.HandleFunc("POST /write", func(w http.ResponseWriter, r *http.Request) {
+		key, _ := io.ReadAll(r.Body)
+		resp, err := http.Post(n.url+string(key), "application/json", strings.NewReader("1"))
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadGateway)
+			return
+		}
+		resp.Body.Close()
+		w.WriteHeader(resp.StatusCode)
+	})
+	mux.HandleFunc("POST /kill", func(w http.ResponseWriter, r *http.Request) {
+		i, err := strconv.Atoi(r.URL.Query().Get("member"))
+		if err != nil || i < 0 || i >= len(order) {
+			http.Error(w, "member: want 0, 1 or 2", 400)
+			return
+		}
+		c.kill(order[i])
+	})
+	mux.HandleFunc("POST /start", func(w http.ResponseWriter, r *http.Request) { c.start(order...) })
+	report := reports(mux)
+	pages := httptest.NewServer(mux)
+	defer pages.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	log := startChromium(t, ctx, chromium, pages.URL+"/harness")
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("chromium console:\n%s", consoleLines(log.String()))
+		}
+	})
+	checkResults(t, pageResults(t, ctx, report), []string{
+		"a node shows its etcd", "a write moves the revision",
+		"a member killed: the watch moves, and its failures and the last error show",
+		"no quorum: out of reach, then healthy again", "a server alone shows no etcd",
+	})
 }

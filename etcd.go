@@ -30,6 +30,10 @@
 // a txn, a compacted revision, an unknown lease: gRPC's client-error
 // codes) is the same from every member: it is returned at once, as an
 // *etcdError that errors.Is errEtcdRefused and its own sentinel.
+//
+// retry counts, for /metrics, every attempt by what it was for (its
+// latency too), every error a request ends with, and every attempt sent
+// again (etcdStats): atomics, on the one path every request takes.
 
 package main
 
@@ -149,6 +153,7 @@ func (e *etcdCompactedError) Is(target error) bool { return target == errEtcdCom
 type etcdClient struct {
 	endpoints []string // "http(s)://host:port", in the order preferred
 	http      *http.Client
+	stats     etcdStats
 	// down[i] is when endpoint i is tried first again (unix nanos), after
 	// fails[i] failures in a row: retryDown, doubled for each further one
 	// up to 32 times, so a dead member costs little and a revived one is
@@ -214,28 +219,33 @@ func (c *etcdClient) markDown(i int) {
 	c.down[i].Store(time.Now().Add(c.retryDown << (n - 1)).UnixNano())
 }
 
-// etcdCall POSTs in to path on c and returns the answer; idempotent says
-// whether the request may be applied twice.
-func etcdCall[T any](ctx context.Context, c *etcdClient, path string, idempotent bool, in any) (*T, error) {
+// etcdCall POSTs in to path on c and returns the answer; trip is what
+// /metrics counts it as; idempotent says whether the request may be
+// applied twice.
+func etcdCall[T any](ctx context.Context, c *etcdClient, trip etcdTrip, path string, idempotent bool, in any) (*T, error) {
 	body, err := json.Marshal(in)
 	if err != nil {
 		return nil, err
 	}
 	var out *T
-	err = c.retry(ctx, idempotent, func(ctx context.Context, i int) (bool, error) {
+	err = c.retry(ctx, trip, idempotent, func(ctx context.Context, i int) (bool, error) {
 		out = new(T) // nothing kept from a broken attempt
 		return c.try(ctx, c.endpoints[i]+path, body, out)
 	})
 	if err != nil {
 		return nil, err
 	}
+	if h, ok := any(out).(etcdHeaded); ok {
+		c.stats.saw(h.header().Revision)
+	}
 	return out, nil
 }
 
 // retry makes attempt on the members in turn, as the file's comment says,
 // until one succeeds, an error ends it, or ctx is done. An attempt says
-// whether its request may have left.
-func (c *etcdClient) retry(ctx context.Context, idempotent bool, attempt func(ctx context.Context, i int) (sent bool, err error)) error {
+// whether its request may have left. Each attempt is a round trip of
+// kind trip for /metrics, and the error retry ends with is counted.
+func (c *etcdClient) retry(ctx context.Context, trip etcdTrip, idempotent bool, attempt func(ctx context.Context, i int) (sent bool, err error)) error {
 	last := ctx.Err()
 	for round := 0; ; round++ {
 		for _, i := range c.order() {
@@ -243,30 +253,97 @@ func (c *etcdClient) retry(ctx context.Context, idempotent bool, attempt func(ct
 			if idempotent {
 				try, cancel = context.WithTimeout(ctx, c.tryTimeout)
 			}
+			start := time.Now()
 			sent, err := attempt(try, i)
+			c.stats.trips[trip].observe(time.Since(start))
 			cancel()
+			if err != nil {
+				c.stats.noteError(c.endpoints[i], err)
+			}
 			switch {
 			case err == nil:
 				c.fails[i].Store(0)
 				c.down[i].Store(0)
 				return nil
 			case errors.Is(err, errEtcdRefused):
-				return err
+				return c.stats.failed(err)
 			case sent && !idempotent && !etcdNotApplied(err):
-				return fmt.Errorf("%w: %w", errOutcomeUnknown, err)
+				return c.stats.failed(fmt.Errorf("%w: %w", errOutcomeUnknown, err))
 			case ctx.Err() != nil:
-				return fmt.Errorf("%w: %w", errEtcdUnavailable, err)
+				return c.stats.failed(fmt.Errorf("%w: %w", errEtcdUnavailable, err))
 			}
 			c.markDown(i)
+			c.stats.retries.Add(1)
 			last = err
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("%w: %w", errEtcdUnavailable, cmp.Or(last, ctx.Err()))
+			return c.stats.failed(fmt.Errorf("%w: %w", errEtcdUnavailable, cmp.Or(last, ctx.Err())))
 		case <-time.After(min(50*time.Millisecond<<round, time.Second)):
 		}
 	}
 }
+
+// An etcdTrip is what a round trip to etcd was for: the kind label of
+// /metrics' atomkv_etcd_request_duration_seconds.
+type etcdTrip int
+
+const (
+	tripRange  etcdTrip = iota // a read: keys, a page of the prefix, etcd's revision
+	tripTxn                    // a transaction, an expiry, a read in a txn
+	tripPut                    // a write of one key on no condition
+	tripDelete                 // a delete of one key on no condition
+	tripLease                  // a lease granted or revoked
+	tripWatch                  // a watch opened, until etcd says it is created
+	tripFence                  // a fence written (clusterread.go)
+	tripOther                  // status, compaction
+	etcdTrips
+)
+
+var etcdTripNames = [etcdTrips]string{"range", "txn", "put", "delete", "lease", "watch", "fence", "other"}
+
+// etcdStats is what a client counts for /metrics and the console: atomics
+// that each round trip adds to, and the last error, kept only when one
+// comes.
+type etcdStats struct {
+	trips    [etcdTrips]histogram   // each attempt, by what it was for
+	errors   [etcdErrs]atomic.Int64 // requests that failed, by why
+	retries  atomic.Int64           // attempts that failed and were sent again
+	revision atomic.Int64           // etcd's latest revision, as far as answers said
+	last     atomic.Pointer[etcdLastError]
+}
+
+// An etcdLastError is the last error a request or the watch met: when,
+// at which member, and what it was.
+type etcdLastError struct {
+	At       time.Time `json:"at"`
+	Endpoint string    `json:"endpoint"`
+	Error    string    `json:"error"`
+}
+
+// failed counts a request that ended with err, and returns err.
+func (s *etcdStats) failed(err error) error {
+	s.errors[etcdErrorOf(err)].Add(1)
+	return err
+}
+
+// noteError keeps err, met at endpoint, as the last error.
+func (s *etcdStats) noteError(endpoint string, err error) {
+	s.last.Store(&etcdLastError{At: time.Now(), Endpoint: endpoint, Error: err.Error()})
+}
+
+// saw records that etcd's revision was rev when it answered.
+func (s *etcdStats) saw(rev int64) {
+	for {
+		cur := s.revision.Load()
+		if rev <= cur || s.revision.CompareAndSwap(cur, rev) {
+			return
+		}
+	}
+}
+
+// etcdHeaded is an answer that carries etcd's header.
+type etcdHeaded interface{ header() etcdHeader }
 
 // try POSTs body to u and decodes the answer into out. sent says whether
 // the request may have left: until the transport had a connection for
@@ -315,6 +392,14 @@ type etcdHeader struct {
 	Revision int64  `json:"revision,string"`
 }
 
+// etcdAnswer is an answer of which only the header is read (a put's, a
+// delete's, a fence's).
+type etcdAnswer struct {
+	Header etcdHeader `json:"header"`
+}
+
+func (a *etcdAnswer) header() etcdHeader { return a.Header }
+
 // An etcdKV is a key as etcd keeps it. Version counts its changes since
 // it was created (1 when new, 0 when missing).
 type etcdKV struct {
@@ -347,8 +432,10 @@ type etcdRangeResponse struct {
 	Count  int64      `json:"count,string"` // the keys in the range, whatever Limit
 }
 
+func (r *etcdRangeResponse) header() etcdHeader { return r.Header }
+
 func (c *etcdClient) rangeKeys(ctx context.Context, r etcdRange) (*etcdRangeResponse, error) {
-	return etcdCall[etcdRangeResponse](ctx, c, "/v3/kv/range", true, r)
+	return etcdCall[etcdRangeResponse](ctx, c, tripRange, "/v3/kv/range", true, r)
 }
 
 // rangePages reads [key, end) in pages of at most limit keys, all at the
@@ -448,13 +535,15 @@ type etcdTxnResponse struct {
 	} `json:"responses"`
 }
 
+func (r *etcdTxnResponse) header() etcdHeader { return r.Header }
+
 // txn runs t: as a read if it only reads, else as a write.
 func (c *etcdClient) txn(ctx context.Context, t etcdTxn) (*etcdTxnResponse, error) {
 	reads := true
 	for _, op := range slices.Concat(t.Success, t.Failure) {
 		reads = reads && op.Range != nil
 	}
-	return etcdCall[etcdTxnResponse](ctx, c, "/v3/kv/txn", reads, t)
+	return etcdCall[etcdTxnResponse](ctx, c, tripTxn, "/v3/kv/txn", reads, t)
 }
 
 // leaseGrant grants a lease of ttl seconds; etcd picks its id, and may
@@ -464,7 +553,7 @@ func (c *etcdClient) leaseGrant(ctx context.Context, ttl int64) (id, granted int
 		ID  int64 `json:"ID,omitempty,string"`
 		TTL int64 `json:"TTL,string"`
 	}
-	resp, err := etcdCall[lease](ctx, c, "/v3/lease/grant", false, lease{TTL: ttl})
+	resp, err := etcdCall[lease](ctx, c, tripLease, "/v3/lease/grant", false, lease{TTL: ttl})
 	if err != nil {
 		return 0, 0, err
 	}
@@ -475,7 +564,7 @@ func (c *etcdClient) leaseGrant(ctx context.Context, ttl int64) (id, granted int
 // sent again after any failure, so errEtcdLeaseNotFound may answer an
 // attempt of its own that did revoke it: either way the lease is gone.
 func (c *etcdClient) leaseRevoke(ctx context.Context, id int64) error {
-	_, err := etcdCall[struct{}](ctx, c, "/v3/lease/revoke", true, struct {
+	_, err := etcdCall[struct{}](ctx, c, tripLease, "/v3/lease/revoke", true, struct {
 		ID int64 `json:"ID,string"`
 	}{id})
 	return err
@@ -484,7 +573,7 @@ func (c *etcdClient) leaseRevoke(ctx context.Context, id int64) error {
 // compact drops the history before revision, and returns once it is
 // gone. Nodes never compact (etcd's auto-compaction does); tests do.
 func (c *etcdClient) compact(ctx context.Context, revision int64) error {
-	_, err := etcdCall[struct{}](ctx, c, "/v3/kv/compaction", true, struct {
+	_, err := etcdCall[struct{}](ctx, c, tripOther, "/v3/kv/compaction", true, struct {
 		Revision int64 `json:"revision,string"`
 		Physical bool  `json:"physical"`
 	}{revision, true})
@@ -500,10 +589,12 @@ type etcdStatus struct {
 	Errors  []string   `json:"errors"`
 }
 
+func (s *etcdStatus) header() etcdHeader { return s.Header }
+
 // status asks the member the next request goes to; while it has no
 // leader it says "no leader".
 func (c *etcdClient) status(ctx context.Context) (*etcdStatus, error) {
-	return etcdCall[etcdStatus](ctx, c, "/v3/maintenance/status", true, struct{}{})
+	return etcdCall[etcdStatus](ctx, c, tripOther, "/v3/maintenance/status", true, struct{}{})
 }
 
 // etcdTLSConfig builds the TLS configuration of https endpoints from PEM

@@ -67,15 +67,17 @@ func (r *etcdWatchResponse) progress() bool {
 // between values, until the headers come; after them, what is written
 // reaches etcd's watch.
 type etcdWatch struct {
-	header etcdHeader // of the "created" message: Revision is the store's when the watch began
-	body   *io.PipeWriter
-	resp   *http.Response
-	dec    *json.Decoder
-	cancel context.CancelFunc // ends the request
-	mu     sync.Mutex         // held while writing body
-	fed    chan struct{}      // closed once the blanks are written
-	closed atomic.Bool
-	err    error // what ended the stream, for every later next
+	header   etcdHeader // of the "created" message: Revision is the store's when the watch began
+	endpoint string     // the member it is open on
+	stats    *etcdStats // of the client: each message's revision is etcd's
+	body     *io.PipeWriter
+	resp     *http.Response
+	dec      *json.Decoder
+	cancel   context.CancelFunc // ends the request
+	mu       sync.Mutex         // held while writing body
+	fed      chan struct{}      // closed once the blanks are written
+	closed   atomic.Bool
+	err      error // what ended the stream, for every later next
 }
 
 // watch opens a watch on the first member that answers, and returns once
@@ -89,19 +91,20 @@ func (c *etcdClient) watch(ctx context.Context, create etcdWatchCreate) (*etcdWa
 		return nil, err
 	}
 	var w *etcdWatch
-	err = c.retry(ctx, true, func(ctx context.Context, i int) (bool, error) {
-		w, err = c.openWatch(ctx, c.endpoints[i]+"/v3/watch", first)
+	err = c.retry(ctx, tripWatch, true, func(ctx context.Context, i int) (bool, error) {
+		w, err = c.openWatch(ctx, c.endpoints[i], first)
 		return true, err
 	})
 	return w, err
 }
 
-// openWatch opens a watch at u and reads its "created" message.
-func (c *etcdClient) openWatch(ctx context.Context, u string, first []byte) (*etcdWatch, error) {
+// openWatch opens a watch on the member at endpoint and reads its
+// "created" message.
+func (c *etcdClient) openWatch(ctx context.Context, endpoint string, first []byte) (*etcdWatch, error) {
 	stream, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	stop := context.AfterFunc(ctx, cancel)
 	pr, pw := io.Pipe()
-	w := &etcdWatch{body: pw, cancel: cancel, fed: make(chan struct{})}
+	w := &etcdWatch{endpoint: endpoint, stats: &c.stats, body: pw, cancel: cancel, fed: make(chan struct{})}
 	answered := make(chan struct{})
 	w.mu.Lock()
 	go func() {
@@ -126,7 +129,7 @@ func (c *etcdClient) openWatch(ctx context.Context, u string, first []byte) (*et
 		}
 	}()
 	var err error
-	w.resp, err = c.post(stream, u, pr)
+	w.resp, err = c.post(stream, endpoint+"/v3/watch", pr)
 	close(answered)
 	if err == nil {
 		w.dec = json.NewDecoder(w.resp.Body)
@@ -184,6 +187,7 @@ func (w *etcdWatch) next() (*etcdWatchResponse, error) {
 	if w.err = err; err != nil {
 		return nil, err
 	}
+	w.stats.saw(r.Header.Revision)
 	return r, nil
 }
 
