@@ -12,6 +12,7 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -127,7 +128,7 @@ func (o chaosOutcome) String() string {
 
 // chaosOp is one operation of a group's history, with its outcome.
 type chaosOp struct {
-	linOp
+	kvOp
 	group   int
 	outcome chaosOutcome
 	answer  string // the request and what came back, for messages
@@ -182,7 +183,7 @@ func (c *chaosClient) loop(ctx context.Context) {
 // it in etcd's history). Values are unique in the run.
 func (c *chaosClient) next() *chaosOp {
 	v := c.run.values.Add(1) * 10
-	o := &chaosOp{group: c.group, linOp: linOp{client: c.id, key: c.rnd.IntN(linKeys), value: v}}
+	o := &chaosOp{group: c.group, kvOp: kvOp{client: c.id, key: c.rnd.IntN(linKeys), value: v}}
 	switch r := c.rnd.IntN(20); {
 	case r < 7:
 		o.kind = linGet
@@ -243,7 +244,7 @@ func (c *chaosClient) send(o *chaosOp) {
 		b, err = io.ReadAll(resp.Body)
 		resp.Body.Close()
 	}
-	o.return_ = int64(c.run.since())
+	o.ret = int64(c.run.since())
 	if err != nil {
 		o.answer += err.Error()
 		o.outcome = unknown
@@ -295,7 +296,7 @@ func (c *chaosClient) send(o *chaosOp) {
 		c.run.problem("%s: %v", o.answer, err)
 		return
 	}
-	c.seen.saw(&o.linOp)
+	c.seen.saw(&o.kvOp)
 	if o.kind == linSet || o.kind == linDelete || o.ok {
 		c.run.acked()
 	}
@@ -932,20 +933,20 @@ func checkChaosWrites(t *testing.T, run *chaosRun, h chaosHistory) {
 	t.Helper()
 	counts := map[string]int{}
 	for g, ops := range run.ops {
-		var history []linOp
-		var ambiguous []linOp // deletes whose outcome is unknown: etcd's history cannot tell them apart
+		var history []kvOp
+		var ambiguous []kvOp // deletes whose outcome is unknown: etcd's history cannot tell them apart
 		for _, o := range ops {
 			counts[o.outcome.String()]++
 			if o.kind == linGet || o.kind == linDelete {
 				switch {
 				case o.outcome == answered:
-					history = append(history, o.linOp)
+					history = append(history, o.kvOp)
 				case o.kind == linDelete && o.outcome == committed:
 					o.existed = -1
-					history = append(history, o.linOp)
+					history = append(history, o.kvOp)
 				case o.kind == linDelete && o.outcome == unknown:
-					o.existed, o.return_ = -1, math.MaxInt64
-					ambiguous = append(ambiguous, o.linOp)
+					o.existed, o.ret = -1, math.MaxInt64
+					ambiguous = append(ambiguous, o.kvOp)
 				}
 				continue
 			}
@@ -966,13 +967,13 @@ func checkChaosWrites(t *testing.T, run *chaosRun, h chaosHistory) {
 			}
 			switch {
 			case o.outcome == answered:
-				history = append(history, o.linOp)
+				history = append(history, o.kvOp)
 			case applied:
 				if o.outcome == unknown {
 					counts["unknown, applied"]++
-					o.return_ = math.MaxInt64 // it took effect at some time after its call
+					o.ret = math.MaxInt64 // it took effect at some time after its call
 				}
-				history = append(history, o.linOp)
+				history = append(history, o.kvOp)
 			case o.outcome == unknown:
 				counts["unknown, not applied"]++
 			}
@@ -1047,13 +1048,13 @@ func chaosApplied(o *chaosOp, h chaosHistory) (bool, error) {
 // checkGroup checks a group's history for linearizability, each delete
 // whose outcome is unknown taken as applied or not, every way, until one
 // passes.
-func checkGroup(t *testing.T, g int, history, ambiguous []linOp) {
+func checkGroup(t *testing.T, g int, history, ambiguous []kvOp) {
 	t.Helper()
 	if len(ambiguous) > 8 {
 		t.Errorf("group %d: %d deletes of unknown outcome; the check tries every subset, and stops at 8", g, len(ambiguous))
 		return
 	}
-	slices.SortFunc(history, func(a, b linOp) int { return cmpInt64(a.call, b.call) })
+	slices.SortFunc(history, func(a, b kvOp) int { return cmp.Compare(a.call, b.call) })
 	began := time.Now()
 	for subset := 0; subset < 1<<len(ambiguous); subset++ {
 		h := slices.Clone(history)
@@ -1062,12 +1063,12 @@ func checkGroup(t *testing.T, g int, history, ambiguous []linOp) {
 				h = append(h, o)
 			}
 		}
-		if linearizable(h) {
+		if linearizableKV(h) {
 			t.Logf("group %d: %d operations linearizable (%d deletes of unknown outcome; checked in %v)", g, len(h), len(ambiguous), time.Since(began).Round(time.Millisecond))
 			// Not vacuous: a read of a value never written fails it.
-			if i := slices.IndexFunc(h, func(o linOp) bool { return o.kind == linGet && o.read.present }); g == 0 && i >= 0 {
+			if i := slices.IndexFunc(h, func(o kvOp) bool { return o.kind == linGet && o.read.present }); g == 0 && i >= 0 {
 				h[i].read.value = -7
-				if linearizable(h) {
+				if linearizableKV(h) {
 					t.Errorf("group %d: the history with a read of a value never written is linearizable: the check is vacuous", g)
 				}
 			}
@@ -1123,4 +1124,15 @@ func reportChaos(t *testing.T, run *chaosRun, faults []chaosFault, followers []*
 		t.Logf("%s: %d connections, %d changes, resumed %d times, the longest %d ms from its connection's end to synced",
 			f.name, f.connections, len(f.changes), len(f.resumed), worst.Milliseconds())
 	}
+}
+
+// linearizableKV reports whether a history of the store is linearizable
+// from the empty store (checkLinearizable, the one checker).
+func linearizableKV(history []kvOp) bool {
+	ops := make([]linOp[linState], len(history))
+	for i, o := range history {
+		ops[i] = o.lin()
+	}
+	ok, _ := checkLinearizable(linState{}, ops)
+	return ok
 }
