@@ -723,17 +723,27 @@ func (s *Store) replay(changes []change) {
 }
 
 // walk calls fn with every key that holds a value and its version, as
-// readers see them: with -data, versions in the data files. A snapshot
-// of the data files is written from it. Range is not a snapshot, which
-// the data files allow for (see dataDir.compact).
+// readers see them (with -data, versions in the data files), in key
+// order: it reads the index a chunk at a time. A snapshot of the data
+// files is written from it, so a snapshot is in key order, and loading
+// it inserts each key at the index's right edge (index search), twice as
+// fast as in the map's order. The walk is not a snapshot, which the data
+// files allow for (see dataDir.compact).
 func (s *Store) walk(fn func(key string, e *entry)) {
 	now := s.now()
-	s.keys.Range(func(k, v any) bool {
-		if e := v.(*slot).load(); e != nil && (e.ttl == nil || e.ttl.at > now) {
-			fn(k.(string), e)
+	var buf [stateChunk]*slot
+	for from := ""; ; {
+		slots := s.order.read(buf[:0], from, "", len(buf))
+		for _, sl := range slots {
+			if e := sl.load(); e != nil && (e.ttl == nil || e.ttl.at > now) {
+				fn(sl.key, e)
+			}
 		}
-		return true
-	})
+		if len(slots) < len(buf) {
+			return
+		}
+		from = slots[len(slots)-1].key + "\x00" // the smallest key after it
+	}
 }
 
 // Len returns the number of keys that hold a value.
