@@ -97,22 +97,30 @@ type pageResult struct {
 // Chromium, and returns what the page POSTs to /report.
 func browse(t *testing.T, chromium string, mux *http.ServeMux, flags ...string) []pageResult {
 	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	return pageResults(t, ctx, openPage(t, ctx, chromium, mux, flags...))
+}
+
+// openPage serves mux (its GET / is the page) and opens it in headless
+// Chromium until ctx is done or the test ends, and hands on what the page
+// POSTs to /report: browse, for a test that does its part while the page
+// runs.
+func openPage(t *testing.T, ctx context.Context, chromium string, mux *http.ServeMux, flags ...string) <-chan []byte {
+	t.Helper()
 	report := reports(mux)
 	mux.HandleFunc("GET /scenarios.js", func(w http.ResponseWriter, r *http.Request) {
 		http.ServeFile(w, r, "testdata/scenarios.js")
 	})
 	pages := httptest.NewServer(mux)
-	defer pages.Close()
-
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
+	t.Cleanup(pages.Close)
 	log := startChromium(t, ctx, chromium, pages.URL+"/", flags...)
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("chromium console:\n%s", consoleLines(log.String()))
 		}
 	})
-	return pageResults(t, ctx, report)
+	return report
 }
 
 // reports serves POST /report on mux, where a test page posts its

@@ -444,7 +444,15 @@ func TestClusterRecipeCaddy(t *testing.T) {
 	t.Parallel()
 	caddy := needTool(t, "caddy", "caddy")
 	r := startClusterRecipe(t)
+	throughBalancer(t, r, startClusterCaddy(t, caddy, r))
+}
 
+// startClusterCaddy runs Caddy in front of the recipe's nodes,
+// configured by its Caddyfile (with the test's ports), on HTTPS from
+// Caddy's own certificate authority, and waits until it serves. The
+// test's end stops it.
+func startClusterCaddy(t *testing.T, caddy string, r *clusterRecipe) *balancer {
+	t.Helper()
 	dir := t.TempDir()
 	recipe := filepath.Join(dir, "cluster.Caddyfile")
 	os.WriteFile(recipe, []byte(r.files["Caddyfile"]), 0o644)
@@ -499,7 +507,7 @@ import %s
 	}
 	b.said = said
 	b.waitServing(t, "Caddy")
-	throughBalancer(t, r, b)
+	return b
 }
 
 // TestClusterRecipeNginx runs the recipe with nginx in front, configured
