@@ -318,39 +318,11 @@ func chaosTxnBody(o *chaosOp) string {
 	return `{"check":[` + strings.Join(checks, ",") + `],"ops":[` + strings.Join(ops, ",") + `]}`
 }
 
-// chaosTxnAnswer reads a transaction's answer: {seq, revisions} if it
-// was applied, else {conflicts}.
-func chaosTxnAnswer(o *chaosOp, applied bool, b []byte) error {
-	var a struct {
-		Seq       int64
-		Revisions map[string]int64
-		Conflicts []struct {
-			Value    json.RawMessage
-			Revision int64
-		}
-	}
-	if err := json.Unmarshal(b, &a); err != nil {
-		return err
-	}
-	o.ok, o.seq = applied, a.Seq
-	if applied {
-		for _, w := range o.writes {
-			rev, ok := a.Revisions[chaosKey(o.group, w.key)]
-			if !ok {
-				return fmt.Errorf("no revision of %s", chaosKey(o.group, w.key))
-			}
-			o.revs = append(o.revs, rev)
-		}
-		return nil
-	}
-	for _, c := range a.Conflicts {
-		v, err := linValOf(c.Value, c.Revision)
-		if err != nil {
-			return err
-		}
-		o.conflicts = append(o.conflicts, v)
-	}
-	return nil
+// chaosTxnAnswer reads a transaction's answer, as linTxnAnswer does, on
+// the keys of the op's group.
+func chaosTxnAnswer(o *chaosOp, applied bool, b []byte) (err error) {
+	o.seq, err = readTxnAnswer(&o.kvOp, applied, b, func(k int) string { return chaosKey(o.group, k) })
+	return err
 }
 
 // moveHTTP moves money in the bank (bank_test.go's moves, each a Go

@@ -522,36 +522,12 @@ func TestClusterRecipeNginx(t *testing.T) {
 	certFile, keyFile, roots := testCertificate(t, dir)
 	// The recipe with the test's ports, and the lines a user edits made
 	// this test's, as TestProxyNginx does.
-	site := r.files["nginx.conf"]
-	for _, s := range [][2]string{
+	cmd := nginxCommand(t, nginx, dir, "deploy/cluster/nginx.conf", r.files["nginx.conf"], [][2]string{
 		{"    listen 443 ssl http2;\n", fmt.Sprintf("    listen 127.0.0.1:%d ssl http2;\n", port)},
 		{"    listen [::]:443 ssl http2;\n", ""},
 		{"/etc/letsencrypt/live/kv.example.com/fullchain.pem", certFile},
 		{"/etc/letsencrypt/live/kv.example.com/privkey.pem", keyFile},
-	} {
-		if !strings.Contains(site, s[0]) {
-			t.Fatalf("deploy/cluster/nginx.conf no longer has %q", s[0])
-		}
-		site = strings.Replace(site, s[0], s[1], 1)
-	}
-	os.WriteFile(filepath.Join(dir, "atomkv.conf"), []byte(site), 0o644)
-	config := fmt.Sprintf(`daemon off;
-master_process off;
-pid %[1]s/nginx.pid;
-error_log %[1]s/error.log notice;
-events { worker_connections 1024; }
-http {
-	access_log off;
-	client_body_temp_path %[1]s/body;
-	proxy_temp_path %[1]s/proxy;
-	fastcgi_temp_path %[1]s/fastcgi;
-	uwsgi_temp_path %[1]s/uwsgi;
-	scgi_temp_path %[1]s/scgi;
-	include %[1]s/atomkv.conf;
-}
-`, dir)
-	os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(config), 0o644)
-	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
+	})
 	// nginx takes a dead node out when a request fails to connect to it,
 	// and sends that request on to another node: nothing to wait for.
 	b := &balancer{proxied: newProxied(fmt.Sprintf("https://127.0.0.1:%d", port), roots, nil, 0, 0), name: "nginx"}

@@ -599,7 +599,15 @@ func linTxnBody(o *kvOp) string {
 // applied, else {conflicts} (HTTP's 409 body, or the WebSocket's
 // conflict payload).
 func linTxnAnswer(o *kvOp, applied bool, b []byte) error {
+	_, err := readTxnAnswer(o, applied, b, linKey)
+	return err
+}
+
+// readTxnAnswer is linTxnAnswer for a model whose key k is named key(k), and
+// returns the transaction's seq if it applied.
+func readTxnAnswer(o *kvOp, applied bool, b []byte, key func(int) string) (seq int64, err error) {
 	var a struct {
+		Seq       int64
 		Revisions map[string]int64
 		Conflicts []struct {
 			Key      string
@@ -608,33 +616,33 @@ func linTxnAnswer(o *kvOp, applied bool, b []byte) error {
 		}
 	}
 	if err := json.Unmarshal(b, &a); err != nil {
-		return err
+		return 0, err
 	}
 	o.ok = applied
 	if applied {
 		if len(a.Revisions) != len(o.writes) {
-			return fmt.Errorf("revisions of %d keys; want %d", len(a.Revisions), len(o.writes))
+			return 0, fmt.Errorf("revisions of %d keys; want %d", len(a.Revisions), len(o.writes))
 		}
 		for _, w := range o.writes {
-			rev, ok := a.Revisions[linKey(w.key)]
+			rev, ok := a.Revisions[key(w.key)]
 			if !ok {
-				return fmt.Errorf("no revision of %s", linKey(w.key))
+				return 0, fmt.Errorf("no revision of %s", key(w.key))
 			}
 			o.revs = append(o.revs, rev)
 		}
-		return nil
+		return a.Seq, nil
 	}
 	if len(a.Conflicts) == 0 {
-		return fmt.Errorf("a conflict without conflicts")
+		return 0, fmt.Errorf("a conflict without conflicts")
 	}
 	for _, c := range a.Conflicts {
 		v, err := linValOf(c.Value, c.Revision)
 		if err != nil {
-			return err
+			return 0, err
 		}
 		o.conflicts = append(o.conflicts, v)
 	}
-	return nil
+	return 0, nil
 }
 
 // linWS does operations over the WebSocket connection p.

@@ -157,38 +157,14 @@ func TestProxyNginx(t *testing.T) {
 	certFile, keyFile, roots := testCertificate(t, dir)
 	// The recipe with this test's address, certificate and upstream (the
 	// lines a user edits) and its timeouts scaled down; nothing else.
-	site := string(recipe)
-	for _, r := range [][2]string{
+	cmd := nginxCommand(t, nginx, dir, "deploy/nginx.conf", string(recipe), [][2]string{
 		{m[0], fmt.Sprintf("\n        proxy_read_timeout %[1]dms;\n        proxy_send_timeout %[1]dms;\n", idle.Milliseconds())},
 		{"    listen 443 ssl http2;\n", fmt.Sprintf("    listen 127.0.0.1:%d ssl http2;\n", port)},
 		{"    listen [::]:443 ssl http2;\n", ""},
 		{"/etc/letsencrypt/live/kv.example.com/fullchain.pem", certFile},
 		{"/etc/letsencrypt/live/kv.example.com/privkey.pem", keyFile},
 		{"proxy_pass http://127.0.0.1:8000;", "proxy_pass " + srv.url + ";"},
-	} {
-		if !strings.Contains(site, r[0]) {
-			t.Fatalf("deploy/nginx.conf no longer has %q", r[0])
-		}
-		site = strings.Replace(site, r[0], r[1], 1)
-	}
-	os.WriteFile(filepath.Join(dir, "atomkv.conf"), []byte(site), 0o644)
-	config := fmt.Sprintf(`daemon off;
-master_process off;
-pid %[1]s/nginx.pid;
-error_log %[1]s/error.log notice;
-events { worker_connections 1024; }
-http {
-	access_log off;
-	client_body_temp_path %[1]s/body;
-	proxy_temp_path %[1]s/proxy;
-	fastcgi_temp_path %[1]s/fastcgi;
-	uwsgi_temp_path %[1]s/uwsgi;
-	scgi_temp_path %[1]s/scgi;
-	include %[1]s/atomkv.conf;
-}
-`, dir)
-	os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(config), 0o644)
-	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
+	})
 	runProxy(t, cmd, filepath.Join(dir, "error.log"))
 	p := newProxied(fmt.Sprintf("https://127.0.0.1:%d", port), roots, srv, testHeartbeat, idle)
 	p.waitServing(t, "nginx")
@@ -712,3 +688,37 @@ const proxyFrame = `<!doctype html>
 })();
 </script>
 `
+
+// nginxCommand writes, in dir, an nginx configuration whose server is
+// site, the recipe (named so in a failure) with each edit {old, new}
+// made once: the lines a user edits made the test's, which fails if the
+// recipe no longer has one. It returns the command that runs nginx in the
+// foreground, its log in dir/error.log.
+func nginxCommand(t *testing.T, nginx, dir, recipe, site string, edits [][2]string) *exec.Cmd {
+	t.Helper()
+	for _, e := range edits {
+		if !strings.Contains(site, e[0]) {
+			t.Fatalf("%s no longer has %q", recipe, e[0])
+		}
+		site = strings.Replace(site, e[0], e[1], 1)
+	}
+	os.WriteFile(filepath.Join(dir, "atomkv.conf"), []byte(site), 0o644)
+	config := fmt.Sprintf(`daemon off;
+master_process off;
+pid %[1]s/nginx.pid;
+error_log %[1]s/error.log notice;
+events { worker_connections 1024; }
+http {
+	access_log off;
+	client_body_temp_path %[1]s/body;
+	proxy_temp_path %[1]s/proxy;
+	fastcgi_temp_path %[1]s/fastcgi;
+	uwsgi_temp_path %[1]s/uwsgi;
+	scgi_temp_path %[1]s/scgi;
+	include %[1]s/atomkv.conf;
+}
+`, dir)
+	os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(config), 0o644)
+	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
+	return cmd
+}
