@@ -346,20 +346,20 @@ func (d *dataDir) write(b *batch) bool {
 	}
 	d.logBytes += int64(len(d.buf))
 	d.logSize.Add(int64(len(d.buf)))
+	// An fsync of the log under way elsewhere (the syncer's with -fsync
+	// 1s, a snapshot's in every mode: writeSnapshot) ends first: if it
+	// fails, what the log holds is not known, and nothing more may be
+	// acknowledged. (With 1s the flusher waits so at most one fsync a
+	// second.)
+	d.syncMu.Lock()
 	if d.fsync == fsyncSecond {
-		// An fsync of the syncer's under way ends first: if it fails,
-		// what the log holds is not known, and nothing more may be
-		// acknowledged. (The flusher waits so at most one fsync a second.)
-		d.syncMu.Lock()
 		d.dirty = true
 	}
 	err := d.failure()
 	if err == nil {
 		d.settle(b)
 	}
-	if d.fsync == fsyncSecond {
-		d.syncMu.Unlock()
-	}
+	d.syncMu.Unlock()
 	if err != nil {
 		d.fail(err, b)
 		return false
@@ -719,7 +719,9 @@ func (d *dataDir) writeSnapshot(upTo int64) error {
 		// durable up to here before the snapshot can count.
 		d.syncMu.Lock()
 		if d.synced.f != nil {
-			err = d.sync(d.synced)
+			if err = d.sync(d.synced); err != nil {
+				d.breakWith(err) // before the flusher, waiting for syncMu, acknowledges more
+			}
 		}
 		d.syncMu.Unlock()
 	}
