@@ -270,15 +270,7 @@ func (c *stateCursor) next(out *[]event) (more bool) {
 	items, hi := s.readRange(c.sn, buf[:0], c.from, prefixEnd(path), stateChunk)
 	weight := 0
 	for _, it := range items {
-		if it.sl == nil { // deleted after the cursor's point: its change follows
-			if e := s.unexpired(it.e); e != nil {
-				*out = append(*out, event{sub: c.sub, kind: evState, key: it.key, e: e})
-			}
-		} else {
-			it.sl.mu.Lock()
-			*out = c.state(*out, it.key, it.sl, false)
-			it.sl.mu.Unlock()
-		}
+		*out = c.item(*out, it)
 		if weight += stateWeight(*out); weight >= chunkBytes {
 			c.from = it.key + "\x00" // the rest of the range, next time
 			return true
@@ -286,6 +278,34 @@ func (c *stateCursor) next(out *[]event) (more bool) {
 	}
 	c.from = hi
 	return hi != ""
+}
+
+// item appends the state of a key of the whole state, as readRange read
+// it from the index.
+func (c *stateCursor) item(out []event, it rangeItem) []event {
+	s := c.s
+	if it.sl == nil { // deleted after the cursor's point: its change follows
+		if e := s.unexpired(it.e); e != nil {
+			out = append(out, event{sub: c.sub, kind: evState, key: it.key, e: e})
+		}
+		return out
+	}
+	it.sl.mu.Lock()
+	if it.sl.cur.Load() != tombstone {
+		out = c.state(out, it.key, it.sl, false)
+		it.sl.mu.Unlock()
+		return out
+	}
+	// Deleted since the index was read, and perhaps written again, in a
+	// slot of its own: its state is that slot's. (The dead slot's is
+	// missing, and would drop the pending change that wrote the key
+	// again: TestStateOfDeadSlot, TestResumeAtRandomCuts.)
+	it.sl.mu.Unlock()
+	sl := s.lock(it.key)
+	out = c.state(out, it.key, sl, false)
+	s.release(s.localJournal(), sl)
+	sl.mu.Unlock()
+	return out
 }
 
 // stateWeight is what the last state of out weighs, about: its key and

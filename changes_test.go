@@ -291,6 +291,31 @@ func sseRequest(t *testing.T, url string) *http.Request {
 	return req
 }
 
+// TestStateOfDeadSlot: a whole state reads the index a chunk at a time,
+// then each key's version with its slot locked. A key deleted and written
+// again between the two lives in a new slot; its state is the new slot's
+// version, not the dead slot's missing one, which would also drop the
+// pending change that wrote it again: the subscriber would never hold the
+// key. (Found by TestResumeAtRandomCuts, one run in ten.)
+func TestStateOfDeadSlot(t *testing.T) {
+	s := NewStore(0, nil)
+	s.Set("/p/k", "1", 0)
+	v, _ := s.keys.Load("/p/k")
+	dead := v.(*slot)
+	sub := &subscription{path: "/p/", q: new(coalescer)}
+	s.Subscribe(sub, fromScratch, nil)
+	_, front := sub.q.drain()
+	c := front.(*stateCursor)
+	defer c.drop()
+	// Between the cursor's read of the index and its read of the key:
+	s.Delete("/p/k", -1)
+	s.Set("/p/k", "2", 0)
+	out := c.item(nil, rangeItem{key: "/p/k", sl: dead})
+	if len(out) != 1 || out[0].e == nil || out[0].e.value != "2" {
+		t.Fatalf("the state of a key written again in a new slot: %v; want its new version, 2", out)
+	}
+}
+
 // TestResumeAtRandomCuts: while writers set, delete and expire keys, 50
 // subscribers read their streams, each cut off after a random number of
 // bytes (mid-event, mid-batch, mid-state), and resume from the last id
