@@ -526,6 +526,12 @@ func TestClusterMetrics(t *testing.T) {
 	if clusterStateOf(t, admin.URL).Healthy {
 		t.Errorf("/cluster says healthy without a quorum")
 	}
+	// The GET's 503 may have come from the node's knowing its watch
+	// closed, before any request failed; the watchdog's next round, at
+	// the latest, fails as unavailable.
+	waitFor(t, "an unavailable etcd counted", func() bool {
+		return scrape(t, admin.URL)[errs("unavailable")] > before[errs("unavailable")]
+	})
 	after = scrape(t, admin.URL)
 	moved("the quorum lost", before, after, move{errs("unavailable"), 1, true})
 	c.start(follower, others[0])
