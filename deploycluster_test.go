@@ -456,28 +456,7 @@ func startClusterCaddy(t *testing.T, caddy string, r *clusterRecipe) *balancer {
 	dir := t.TempDir()
 	recipe := filepath.Join(dir, "cluster.Caddyfile")
 	os.WriteFile(recipe, []byte(r.files["Caddyfile"]), 0o644)
-	port := freePort(t)
-	// The recipe with the test's ports, imported under the global options
-	// of a test, as TestProxyCaddy does.
-	config := fmt.Sprintf(`{
-	admin off
-	local_certs
-	skip_install_trust
-	default_bind 127.0.0.1
-	http_port %d
-	https_port %d
-	storage file_system %s
-}
-import %s
-`, freePort(t), port, filepath.Join(dir, "data"), recipe)
-	os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(config), 0o644)
-	base := fmt.Sprintf("https://127.0.0.1:%d", port)
-	cmd := exec.Command(caddy, "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
-	cmd.Env = []string{
-		"PATH=" + os.Getenv("PATH"), "HOME=" + dir,
-		"XDG_DATA_HOME=" + filepath.Join(dir, "xdg-data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "xdg-config"),
-		"ATOMKV_SITE=" + base,
-	}
+	cmd, base := caddyCommand(t, caddy, dir, recipe)
 	said := runBalancer(t, cmd, "")
 	root := filepath.Join(dir, "data", "pki", "authorities", "local", "root.crt")
 	var roots *x509.CertPool

@@ -85,30 +85,8 @@ func TestProxyCaddy(t *testing.T) {
 	srv := startUpstream(t)
 
 	dir := t.TempDir()
-	port := freePort(t)
 	recipe, _ := filepath.Abs("deploy/Caddyfile")
-	// The recipe as it is, imported under the global options of a test:
-	// no admin endpoint, Caddy's own CA, loopback and free ports, every
-	// file in the test's directory.
-	config := fmt.Sprintf(`{
-	admin off
-	local_certs
-	skip_install_trust
-	default_bind 127.0.0.1
-	http_port %d
-	https_port %d
-	storage file_system %s
-}
-import %s
-`, freePort(t), port, filepath.Join(dir, "data"), recipe)
-	os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(config), 0o644)
-	base := fmt.Sprintf("https://127.0.0.1:%d", port)
-	cmd := exec.Command(caddy, "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
-	cmd.Env = []string{
-		"PATH=" + os.Getenv("PATH"), "HOME=" + dir,
-		"XDG_DATA_HOME=" + filepath.Join(dir, "xdg-data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "xdg-config"),
-		"ATOMKV_SITE=" + base, "ATOMKV_UPSTREAM=" + strings.TrimPrefix(srv.url, "http://"),
-	}
+	cmd, base := caddyCommand(t, caddy, dir, recipe, "ATOMKV_UPSTREAM="+strings.TrimPrefix(srv.url, "http://"))
 	runProxy(t, cmd, "")
 
 	// Caddy makes its CA, then the site's certificate, then serves.
@@ -721,4 +699,34 @@ http {
 	os.WriteFile(filepath.Join(dir, "nginx.conf"), []byte(config), 0o644)
 	cmd := exec.Command(nginx, "-p", dir, "-c", filepath.Join(dir, "nginx.conf"), "-e", filepath.Join(dir, "error.log"))
 	return cmd
+}
+
+// caddyCommand returns the command that runs Caddy on the recipe (a
+// Caddyfile's absolute path) as it is, imported under the global options
+// of a test: no admin endpoint, Caddy's own CA, loopback and free ports,
+// every file in dir; and the site's base URL, which the recipe reads as
+// ATOMKV_SITE. env adds to Caddy's environment.
+func caddyCommand(t *testing.T, caddy, dir, recipe string, env ...string) (*exec.Cmd, string) {
+	t.Helper()
+	port := freePort(t)
+	config := fmt.Sprintf(`{
+	admin off
+	local_certs
+	skip_install_trust
+	default_bind 127.0.0.1
+	http_port %d
+	https_port %d
+	storage file_system %s
+}
+import %s
+`, freePort(t), port, filepath.Join(dir, "data"), recipe)
+	os.WriteFile(filepath.Join(dir, "Caddyfile"), []byte(config), 0o644)
+	base := fmt.Sprintf("https://127.0.0.1:%d", port)
+	cmd := exec.Command(caddy, "run", "--config", filepath.Join(dir, "Caddyfile"), "--adapter", "caddyfile")
+	cmd.Env = append([]string{
+		"PATH=" + os.Getenv("PATH"), "HOME=" + dir,
+		"XDG_DATA_HOME=" + filepath.Join(dir, "xdg-data"), "XDG_CONFIG_HOME=" + filepath.Join(dir, "xdg-config"),
+		"ATOMKV_SITE=" + base,
+	}, env...)
+	return cmd, base
 }
